@@ -1,0 +1,19 @@
+"""fastbp: fast backpropagation for multilayer perceptrons, one API on NumPy, Numba and CuPy."""
+
+from __future__ import annotations
+
+from . import callbacks, datasets, optim
+from .backends import available_backends, backend_status, get_backend, set_backend, use_backend
+from .callbacks import Callback, EarlyStopping, ModelCheckpoint
+from .gradcheck import gradcheck
+from .io import load
+from .layers import MLP, Dense
+from .trainer import History, Trainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MLP", "Dense", "Trainer", "History", "Callback", "EarlyStopping", "ModelCheckpoint",
+    "available_backends", "backend_status", "get_backend", "set_backend", "use_backend",
+    "gradcheck", "load", "datasets", "optim", "callbacks", "__version__",
+]

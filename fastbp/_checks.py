@@ -1,0 +1,78 @@
+"""Input checks shared by the public entry points. Messages name the argument, what was expected and
+what came; every check runs before anything is changed."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import numpy as np
+
+
+def suggest(name: str, choices: Any) -> str:
+    """' (did you mean 'x'?)' for the nearest choice, or ''."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_choice(value: Any, choices: Any, argument: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{argument} must be a string, one of {list(choices)}, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{argument} must be one of {list(choices)}, got {value!r}{suggest(value, choices)}")
+    return value
+
+
+def check_positive_int(value: Any, argument: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{argument} must be a positive integer, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{argument} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_nonneg_float(value: Any, argument: str, upper: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{argument} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not np.isfinite(value) or value < 0 or (upper is not None and value >= upper):
+        bound = f"in [0, {upper})" if upper is not None else ">= 0"
+        raise ValueError(f"{argument} must be a finite number {bound}, got {value!r}")
+    return value
+
+
+def check_positive_float(value: Any, argument: str) -> float:
+    value = check_nonneg_float(value, argument)
+    if value == 0:
+        raise ValueError(f"{argument} must be > 0, got {value!r}")
+    return value
+
+
+def host_array(x: Any, argument: str) -> np.ndarray:
+    """``x`` as a host numpy array (device arrays are copied back), rejecting non-numeric dtypes."""
+    if hasattr(x, "__cuda_array_interface__") and hasattr(x, "get"):
+        x = x.get()
+    try:
+        arr = np.asarray(x)
+    except (ValueError, TypeError) as exc:
+        raise TypeError(f"{argument} must be a numeric array, could not convert: {exc}") from exc
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{argument} must be a numeric (bool, int or float) array, got dtype {arr.dtype}")
+    return arr
+
+
+def check_features(X: Any, n_in: int, argument: str = "X") -> np.ndarray:
+    """A (B, n_in) array of finite numbers, B >= 1, as a host numpy array.
+
+    Integer and bool X are accepted and cast to the model's float dtype by the caller.
+    """
+    arr = host_array(X, argument)
+    if arr.ndim != 2:
+        raise ValueError(f"{argument} must be 2-D (samples, {n_in} features), got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{argument} is empty: it has 0 samples")
+    if arr.shape[1] != n_in:
+        raise ValueError(f"{argument} must have {n_in} features (columns), got shape {arr.shape}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise ValueError(f"{argument} contains NaN or infinite values")
+    return arr

@@ -1,0 +1,174 @@
+"""Activations and their derivatives, side by side in one table.
+
+Each activation is written against an array module ``xp`` (numpy or cupy) and works in place where it
+can. ``forward(xp, Z, out, work)`` writes g(Z) into ``out`` (which may be Z itself).
+``backward(xp, delta, Z, A, work, work2)`` multiplies ``delta`` in place by g'(z), using what the forward pass
+kept: activations whose derivative is a function of the output (``saves == 'A'``) let the forward pass
+overwrite Z with A, so only one buffer per layer is kept; the others (``saves == 'Z'``) keep Z.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+LEAKY_SLOPE = 0.01
+_GELU_C = math.sqrt(2.0 / math.pi)
+_GELU_K = 0.044715
+
+
+@dataclass(frozen=True)
+class Activation:
+    """One activation: its forward, the in-place multiply by its derivative, and what g' needs."""
+
+    name: str
+    forward: Callable[[Any, Any, Any, Any], Any]
+    backward: Callable[[Any, Any, Any, Any, Any, Any], Any]
+    saves: str  # 'A': g' is computed from the output; 'Z': from the pre-activation
+    init: str  # default initializer family: 'he' or 'glorot'
+    forward_scratch: bool = False  # forward needs one scratch buffer shaped like Z
+    backward_scratch: int = 1  # scratch buffers the backward needs (0, 1 or 2)
+
+
+# ---------------------------------------------------------------- forward: out = g(Z)
+def _identity_f(xp, Z, out, work):
+    if out is not Z:
+        xp.copyto(out, Z)
+    return out
+
+
+def _relu_f(xp, Z, out, work):
+    return xp.maximum(Z, 0, out=out)
+
+
+def _leaky_f(xp, Z, out, work):
+    # max(z, 0.01 z) equals leaky_relu for a slope below 1
+    xp.multiply(Z, LEAKY_SLOPE, out=work)
+    return xp.maximum(Z, work, out=out)
+
+
+def _sigmoid_f(xp, Z, out, work):
+    # 1 / (1 + exp(-z)); exp overflows to inf for z << 0 which gives the right limit 0
+    xp.negative(Z, out=out)
+    with _errstate(xp):
+        xp.exp(out, out=out)
+    out += 1
+    return xp.reciprocal(out, out=out)
+
+
+def _tanh_f(xp, Z, out, work):
+    return xp.tanh(Z, out=out)
+
+
+def _gelu_f(xp, Z, out, work):
+    # 0.5 z (1 + tanh(c (z + k z^3)))
+    xp.multiply(Z, Z, out=work)
+    work *= _GELU_K
+    work += 1
+    work *= Z
+    work *= _GELU_C
+    xp.tanh(work, out=work)
+    work += 1
+    work *= 0.5
+    return xp.multiply(Z, work, out=out)
+
+
+def _silu_f(xp, Z, out, work):
+    _sigmoid_f(xp, Z, work, None)
+    return xp.multiply(Z, work, out=out)
+
+
+# ---------------------------------------------------------------- backward: delta *= g'(z)
+def _identity_b(xp, delta, Z, A, work, work2):
+    return delta
+
+
+def _relu_b(xp, delta, Z, A, work, work2):
+    xp.greater(A, 0, out=work)
+    return xp.multiply(delta, work, out=delta)
+
+
+def _leaky_b(xp, delta, Z, A, work, work2):
+    # g'(z) = 1 for z > 0 else 0.01; A > 0 exactly when z > 0
+    xp.greater(A, 0, out=work)
+    work *= 1 - LEAKY_SLOPE
+    work += LEAKY_SLOPE
+    return xp.multiply(delta, work, out=delta)
+
+
+def _sigmoid_b(xp, delta, Z, A, work, work2):
+    # g' = a (1 - a)
+    xp.subtract(1, A, out=work)
+    work *= A
+    return xp.multiply(delta, work, out=delta)
+
+
+def _tanh_b(xp, delta, Z, A, work, work2):
+    # g' = 1 - a^2
+    xp.multiply(A, A, out=work)
+    xp.subtract(1, work, out=work)
+    return xp.multiply(delta, work, out=delta)
+
+
+def _gelu_b(xp, delta, Z, A, work, work2):
+    # With u = c (z + k z^3) and t = tanh(u):
+    #   g' = 0.5 (1 + t) + 0.5 z (1 - t^2) c (1 + 3k z^2) = 0.5 (1 + t) [1 + (1 - t) c z (1 + 3k z^2)]
+    xp.multiply(Z, Z, out=work2)
+    work2 *= 3 * _GELU_K
+    work2 += 1
+    work2 *= Z
+    work2 *= _GELU_C  # c z (1 + 3k z^2)
+    xp.multiply(Z, Z, out=work)
+    work *= _GELU_K
+    work += 1
+    work *= Z
+    work *= _GELU_C
+    xp.tanh(work, out=work)  # t
+    work += 1  # 1 + t
+    delta *= work
+    delta *= 0.5
+    xp.subtract(2, work, out=work)  # 1 - t
+    work *= work2
+    work += 1
+    return xp.multiply(delta, work, out=delta)
+
+
+def _silu_b(xp, delta, Z, A, work, work2):
+    # s = sigmoid(z); g' = s (1 + z (1 - s))
+    _sigmoid_f(xp, Z, work, None)
+    delta *= work  # delta * s
+    xp.subtract(1, work, out=work)
+    work *= Z
+    work += 1
+    return xp.multiply(delta, work, out=delta)
+
+
+class _errstate:
+    """numpy.errstate(over='ignore') where xp supports it; a no-op elsewhere."""
+
+    def __init__(self, xp):
+        self._ctx = xp.errstate(over="ignore") if hasattr(xp, "errstate") else None
+
+    def __enter__(self):
+        if self._ctx is not None:
+            self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    a.name: a
+    for a in (
+        Activation("identity", _identity_f, _identity_b, saves="A", init="glorot", backward_scratch=0),
+        Activation("relu", _relu_f, _relu_b, saves="A", init="he"),
+        Activation("leaky_relu", _leaky_f, _leaky_b, saves="A", init="he", forward_scratch=True),
+        Activation("sigmoid", _sigmoid_f, _sigmoid_b, saves="A", init="glorot"),
+        Activation("tanh", _tanh_f, _tanh_b, saves="A", init="glorot"),
+        Activation("gelu", _gelu_f, _gelu_b, saves="Z", init="he", forward_scratch=True, backward_scratch=2),
+        Activation("silu", _silu_f, _silu_b, saves="Z", init="he", forward_scratch=True),
+    )
+}

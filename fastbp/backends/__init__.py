@@ -1,0 +1,134 @@
+"""Backend registry: which array libraries work here, and which one is active.
+
+The active backend is a process-wide default (``set_backend``) that a ``use_backend`` block overrides
+for the current context only (a ContextVar), so threads and async tasks can each choose their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+from .base import LOSSES, Backend
+
+__all__ = [
+    "Backend",
+    "BackendUnavailable",
+    "LOSSES",
+    "available_backends",
+    "backend_status",
+    "get_backend",
+    "resolve_backend",
+    "set_backend",
+    "use_backend",
+]
+
+#: Every backend fastbp knows, best first: 'auto' picks the first available.
+#: Each entry is the module whose ``create()`` returns the backend or raises BackendUnavailable.
+_MODULES: dict[str, str] = {
+    "numpy": "fastbp.backends.numpy_backend",
+}
+_PREFERENCE = ("cupy", "numba", "numpy")
+
+
+class BackendUnavailable(RuntimeError):
+    """A known backend that cannot run here; the message says why."""
+
+
+_instances: dict[str, Backend] = {}
+_reasons: dict[str, str] = {}
+_default: Backend | None = None
+_override: ContextVar[Backend | None] = ContextVar("fastbp_backend", default=None)
+
+
+def _load(name: str) -> Backend | None:
+    """Create (once) and return the backend, or None with the reason recorded."""
+    if name in _instances:
+        return _instances[name]
+    if name in _reasons:
+        return None
+    try:
+        module = importlib.import_module(_MODULES[name])
+        backend = module.create()
+    except BackendUnavailable as exc:
+        _reasons[name] = str(exc)
+        return None
+    except ImportError as exc:
+        _reasons[name] = f"import failed: {exc}"
+        return None
+    _instances[name] = backend
+    return backend
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that work on this machine, best first."""
+    return [name for name in _PREFERENCE if name in _MODULES and _load(name) is not None]
+
+
+def backend_status() -> dict[str, str]:
+    """For every known backend name: 'available' or the reason it is not."""
+    status = {}
+    for name in _PREFERENCE:
+        if name not in _MODULES:
+            status[name] = "not implemented in this version of fastbp"
+        elif _load(name) is not None:
+            status[name] = "available"
+        else:
+            status[name] = _reasons[name]
+    return status
+
+
+def resolve_backend(backend: str | Backend | None) -> Backend:
+    """The Backend for a name, 'auto', a Backend instance, or None (the active one).
+
+    Raises:
+        ValueError: for an unknown name, or a known backend that is not available here (with why).
+    """
+    if backend is None:
+        return get_backend()
+    if isinstance(backend, Backend):
+        return backend
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a name or a Backend, got {type(backend).__name__}")
+    name = backend.strip().lower()
+    if name == "auto":
+        return _load(available_backends()[0])  # type: ignore[return-value]
+    if name not in _PREFERENCE:
+        raise ValueError(
+            f"backend must be one of {list(_PREFERENCE) + ['auto']}, got {backend!r}"
+        )
+    if name not in _MODULES:
+        raise ValueError(f"backend {name!r} is not available: not implemented in this version of fastbp")
+    loaded = _load(name)
+    if loaded is None:
+        raise ValueError(f"backend {name!r} is not available: {_reasons[name]}")
+    return loaded
+
+
+def set_backend(backend: str | Backend = "auto") -> Backend:
+    """Set the process-wide default backend ('numpy', 'numba', 'cupy' or 'auto'); returns it."""
+    global _default
+    _default = resolve_backend(backend)
+    return _default
+
+
+def get_backend() -> Backend:
+    """The active backend: the innermost ``use_backend`` block's, else the default ('auto' at first)."""
+    active = _override.get()
+    if active is not None:
+        return active
+    if _default is None:
+        return set_backend("auto")
+    return _default
+
+
+@contextlib.contextmanager
+def use_backend(backend: str | Backend) -> Iterator[Backend]:
+    """Make ``backend`` active inside the block, for this context only; restored on exit."""
+    token = _override.set(resolve_backend(backend))
+    try:
+        yield _override.get()  # type: ignore[misc]
+    finally:
+        _override.reset(token)

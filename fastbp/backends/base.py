@@ -1,0 +1,326 @@
+"""The Backend base class: the op set of DESIGN section 3, written against ``self.xp``.
+
+With ``xp = numpy`` this is the reference implementation. An accelerated backend subclasses it, sets
+``xp`` and overrides only the ops it makes faster; every other op is inherited and so stays correct.
+
+Ops that produce arrays take optional ``out`` buffers. The model passes buffers it keeps across steps,
+so a training step allocates nothing large; called without them, an op allocates what it returns.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..activations import ACTIVATIONS, Activation
+
+LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")
+
+
+class Backend:
+    """One array library and the training ops written against it."""
+
+    #: Registry name ('numpy', 'numba', 'cupy').
+    name: str = "base"
+    #: The array module the ops are written against.
+    xp: Any = np
+
+    def __repr__(self) -> str:
+        return f"<fastbp backend {self.name!r}>"
+
+    # ------------------------------------------------------------------ memory
+    def asarray(self, x: Any, dtype: Any = None) -> Any:
+        """Return ``x`` as an array of this backend (no copy when it already is one of that dtype)."""
+        return self.xp.asarray(x, dtype=dtype)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        """Return ``x`` as a host numpy array."""
+        return np.asarray(x)
+
+    def empty(self, shape: Any, dtype: Any) -> Any:
+        return self.xp.empty(shape, dtype=dtype)
+
+    def zeros(self, shape: Any, dtype: Any) -> Any:
+        return self.xp.zeros(shape, dtype=dtype)
+
+    def synchronize(self) -> None:
+        """Wait for queued work to finish (a no-op on synchronous CPU backends)."""
+
+    def is_array(self, x: Any) -> bool:
+        """Whether ``x`` is an array of this backend."""
+        return isinstance(x, self.xp.ndarray)
+
+    def to_float(self, x: Any) -> float:
+        """A 0-d array (or scalar) of this backend as a Python float: the one device-to-host read."""
+        return float(x)
+
+    def take_rows(self, X: Any, idx: Any, out: Any = None) -> Any:
+        """Rows ``X[idx]``, into ``out`` when given (the minibatch gather)."""
+        return self.xp.take(X, idx, axis=0, out=out)
+
+    def matmul(self, A: Any, B: Any, out: Any = None) -> Any:
+        return self.xp.matmul(A, B, out=out)
+
+    # ------------------------------------------------------------------ layers
+    def dense_forward(
+        self,
+        X: Any,
+        W: Any,
+        b: Any,
+        activation: str,
+        A_out: Any = None,
+        Z_out: Any = None,
+        work: Any = None,
+    ) -> tuple[Any, Any]:
+        """Z = X W + b, A = g(Z); returns (A, Z).
+
+        When g' can be computed from A (``Activation.saves == 'A'``), A is written over Z and the
+        same array is returned twice; otherwise Z is kept in ``Z_out`` and A is written to ``A_out``.
+        """
+        act = ACTIVATIONS[activation]
+        xp = self.xp
+        Z = xp.matmul(X, W, out=Z_out)
+        Z += b
+        if work is None and act.forward_scratch:
+            work = xp.empty_like(Z)
+        if act.saves == "A":
+            A = act.forward(xp, Z, Z, work)
+            return A, A
+        if A_out is None:
+            A_out = xp.empty_like(Z)
+        A = act.forward(xp, Z, A_out, work)
+        return A, Z
+
+    def dense_grads(self, delta: Any, A_prev: Any, dW_out: Any = None, db_out: Any = None) -> tuple[Any, Any]:
+        """Parameter gradients of a layer from its delta."""
+        xp = self.xp
+        dW = xp.matmul(A_prev.T, delta, out=dW_out)  # eq. (3): sum over the batch of outer products
+        db = xp.sum(delta, axis=0, out=db_out)  # eq. (4)
+        return dW, db
+
+    def backprop_dense(
+        self,
+        delta_next: Any,
+        W_next: Any,
+        Z: Any,
+        A: Any,
+        A_prev: Any,
+        activation: str,
+        delta_out: Any = None,
+        dW_out: Any = None,
+        db_out: Any = None,
+        work: Any = None,
+        work2: Any = None,
+    ) -> tuple[Any, Any, Any]:
+        """Eqs. (2), (3), (4) for one hidden layer: returns (delta, dW, db).
+
+        Args:
+            delta_next: delta of the layer above, (B, n_next).
+            W_next: weights of the layer above, (n_out, n_next).
+            Z, A: what ``dense_forward`` returned for this layer.
+            A_prev: this layer's input, (B, n_in).
+            activation: this layer's activation name.
+        """
+        act: Activation = ACTIVATIONS[activation]
+        xp = self.xp
+        delta = xp.matmul(delta_next, W_next.T, out=delta_out)
+        if act.name != "identity":
+            if work is None:
+                work = xp.empty_like(delta)
+            if work2 is None and act.backward_scratch == 2:
+                work2 = xp.empty_like(delta)
+            act.backward(xp, delta, Z, A, work, work2)  # eq. (2): delta *= g'(z)
+        dW, db = self.dense_grads(delta, A_prev, dW_out, db_out)
+        return delta, dW, db
+
+    # ------------------------------------------------------------------ losses
+    def output_delta(self, Z_L: Any, y: Any, loss: str, delta_out: Any = None) -> tuple[Any, Any]:
+        """Eq. (1) fused with the loss: returns (loss as a 0-d array, delta_L = dC/dZ_L).
+
+        ``y`` is prepared by ``fastbp.losses.prepare_targets``: integer labels (B,) or targets shaped
+        like Z_L, in Z_L's dtype.
+        """
+        xp = self.xp
+        B = Z_L.shape[0]
+        if loss == "cross_entropy":
+            # softmax(z) - onehot(y), stably: exp(z - max z) / sum
+            m = xp.max(Z_L, axis=1, keepdims=True)
+            E = xp.subtract(Z_L, m, out=delta_out)
+            xp.exp(E, out=E)
+            s = xp.sum(E, axis=1, keepdims=True)
+            logsum = xp.log(s)
+            logsum += m  # log-sum-exp of each row
+            E /= s  # softmax
+            if y.ndim == 1:
+                rows = xp.arange(B)
+                z_y = Z_L[rows, y]
+                value = xp.mean(logsum[:, 0] - z_y)
+                E[rows, y] -= 1
+            else:
+                # soft or one-hot targets: c = sum_k y_k (lse - z_k); dc/dz = softmax * sum(y) - y
+                value = xp.sum(y * (logsum - Z_L)) / B
+                E *= xp.sum(y, axis=1, keepdims=True)
+                E -= y
+            E /= B
+            return value, E
+        if loss == "binary_cross_entropy":
+            # c = max(z, 0) - z y + log(1 + exp(-|z|)); dc/dz = sigmoid(z) - y
+            n = Z_L.size
+            e = xp.exp(-xp.abs(Z_L))
+            value = xp.sum(xp.maximum(Z_L, 0) - Z_L * y + xp.log1p(e)) / n
+            delta = xp.add(e, 1, out=delta_out)
+            xp.reciprocal(delta, out=delta)  # 1 / (1 + e)
+            neg = Z_L < 0
+            # sigmoid(z) = 1/(1+e) for z >= 0 and e/(1+e) for z < 0
+            delta[neg] *= e[neg]
+            delta -= y
+            delta /= n
+            return value, delta
+        if loss == "mse":
+            n = Z_L.size
+            diff = xp.subtract(Z_L, y, out=delta_out)
+            value = xp.vdot(diff.ravel(), diff.ravel()) / n
+            diff *= 2.0 / n
+            return value, diff
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+
+    def loss_value(self, Z_L: Any, y: Any, loss: str) -> Any:
+        """The mean loss alone, as a 0-d array (evaluation: no delta)."""
+        value, _ = self.output_delta(Z_L, y, loss)
+        return value
+
+    def correct_count(self, Z_L: Any, y: Any, loss: str) -> Any:
+        """Number of correct predictions, as a 0-d array (classification losses)."""
+        xp = self.xp
+        if loss == "cross_entropy":
+            pred = xp.argmax(Z_L, axis=1)
+            target = y if y.ndim == 1 else xp.argmax(y, axis=1)
+            return xp.sum(pred == target)
+        if loss == "binary_cross_entropy":
+            return xp.sum((Z_L > 0) == (y > 0.5))
+        raise ValueError(f"accuracy is defined for classification losses, not {loss!r}")
+
+    # ------------------------------------------------------------------ optimizer updates (in place)
+    def sgd_update(
+        self,
+        p: Any,
+        g: Any,
+        buf: Any,
+        work: Any,
+        lr: float,
+        momentum: float,
+        dampening: float,
+        nesterov: bool,
+        weight_decay: float,
+        first: bool,
+    ) -> None:
+        """One SGD step on one parameter, as torch.optim.SGD: p -= lr * (momentum-smoothed g + wd p)."""
+        xp = self.xp
+        if weight_decay:
+            xp.multiply(p, weight_decay, out=work)
+            work += g
+            g = work
+        if momentum:
+            if first:
+                xp.copyto(buf, g)
+            else:
+                buf *= momentum
+                if dampening:
+                    buf += (1 - dampening) * g
+                else:
+                    buf += g
+            if nesterov:
+                if g is work:
+                    work += momentum * buf
+                else:
+                    xp.multiply(buf, momentum, out=work)
+                    work += g
+                g = work
+            else:
+                g = buf
+        xp.multiply(g, lr, out=work)
+        p -= work
+
+    def adam_update(
+        self,
+        p: Any,
+        g: Any,
+        m: Any,
+        v: Any,
+        work: Any,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        step: int,
+        weight_decay: float,
+        decoupled: bool,
+    ) -> None:
+        """One Adam (or AdamW, ``decoupled=True``) step on one parameter, as torch.optim.Adam/AdamW."""
+        xp = self.xp
+        if weight_decay:
+            if decoupled:
+                p *= 1 - lr * weight_decay
+            else:
+                xp.multiply(p, weight_decay, out=work)
+                work += g
+                g = work
+        # m = beta1 m + (1 - beta1) g ; v = beta2 v + (1 - beta2) g^2
+        m *= beta1
+        m += (1 - beta1) * g
+        v *= beta2
+        v += (1 - beta2) * (g * g)
+        bias1 = 1 - beta1**step
+        bias2_sqrt = (1 - beta2**step) ** 0.5
+        # p -= (lr / bias1) * m / (sqrt(v) / sqrt(bias2) + eps)
+        xp.sqrt(v, out=work)
+        work /= bias2_sqrt
+        work += eps
+        xp.divide(m, work, out=work)
+        work *= lr / bias1
+        p -= work
+
+    def rmsprop_update(
+        self,
+        p: Any,
+        g: Any,
+        sq: Any,
+        buf: Any,
+        work: Any,
+        lr: float,
+        alpha: float,
+        eps: float,
+        momentum: float,
+        weight_decay: float,
+    ) -> None:
+        """One RMSProp step on one parameter, as torch.optim.RMSprop (not centered)."""
+        xp = self.xp
+        if weight_decay:
+            xp.multiply(p, weight_decay, out=work)
+            work += g
+            g = work
+        sq *= alpha
+        sq += (1 - alpha) * (g * g)
+        # work = g / (sqrt(sq) + eps); g may live in work, so divide in the right order
+        if g is work:
+            work /= xp.sqrt(sq) + eps
+        else:
+            xp.sqrt(sq, out=work)
+            work += eps
+            xp.divide(g, work, out=work)
+        if momentum:
+            buf *= momentum
+            buf += work
+            xp.multiply(buf, lr, out=work)
+        else:
+            work *= lr
+        p -= work
+
+    def sum_of_squares(self, x: Any) -> Any:
+        """sum(x^2) as a 0-d array (for global-norm clipping)."""
+        flat = x.ravel()
+        return self.xp.vdot(flat, flat)
+
+    def all_finite(self, x: Any) -> bool:
+        return bool(self.xp.isfinite(x).all())

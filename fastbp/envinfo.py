@@ -1,0 +1,116 @@
+"""What this machine is: versions, the BLAS libraries and their kernels, threads, the GPU."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from importlib import metadata
+from typing import Any
+
+from .backends import backend_status
+
+_PACKAGES = ("numpy", "scipy", "numba", "cupy-cuda12x", "cupy-cuda13x", "torch", "threadpoolctl", "tqdm")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def blas_info() -> list[dict[str, Any]]:
+    """The BLAS libraries loaded in this process, with kernel (architecture) and thread counts.
+
+    Needs threadpoolctl; returns [] without it. numpy's (and, when numba is available, scipy's, which
+    numba's matmul uses) libraries are loaded first so they are listed.
+    """
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return []
+    import numpy  # noqa: F401
+
+    try:
+        import scipy.linalg  # noqa: F401
+    except ImportError:
+        pass
+    keys = ("internal_api", "version", "architecture", "num_threads", "threading_layer", "filepath")
+    return [{k: info.get(k) for k in keys} for info in threadpool_info()]
+
+
+def gpu_info() -> dict[str, Any] | None:
+    """The first CUDA device's name, memory and driver, through CuPy; None when none is usable."""
+    try:
+        import cupy
+
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        free, total = cupy.cuda.runtime.memGetInfo()
+        return {
+            "name": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
+            "memory_total_gib": round(total / 2**30, 1),
+            "memory_free_gib": round(free / 2**30, 1),
+            "compute_capability": f"{props['major']}.{props['minor']}",
+            "driver": cupy.cuda.runtime.driverGetVersion(),
+            "runtime": cupy.cuda.runtime.runtimeGetVersion(),
+        }
+    except Exception:
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """Everything a benchmark figure needs beside it."""
+    from . import __version__
+
+    return {
+        "fastbp": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "packages": {name: _version(name) for name in _PACKAGES},
+        "backends": backend_status(),
+        "blas": blas_info(),
+        "gpu": gpu_info(),
+        "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
+                                               "OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "NUMBA_CACHE_DIR")},
+    }
+
+
+def format_environment(env: dict[str, Any]) -> str:
+    lines = [
+        f"fastbp {env['fastbp']}  python {env['python']}  {env['platform']}",
+        f"cpu: {env['cpu']} ({env['cpu_count']} logical cores)",
+        "packages: " + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v),
+        "backends:",
+    ]
+    lines += [f"  {name:6s} {why}" for name, why in env["backends"].items()]
+    if env["blas"]:
+        lines.append("BLAS:")
+        for b in env["blas"]:
+            lines.append(f"  {b['internal_api']} {b['version']} kernel={b['architecture']} "
+                         f"threads={b['num_threads']} ({os.path.basename(str(b['filepath']))})")
+    else:
+        lines.append("BLAS: unknown (pip install threadpoolctl to see the library and its kernel)")
+    gpu = env["gpu"]
+    lines.append(f"gpu: {gpu['name']}, {gpu['memory_total_gib']} GiB, cc {gpu['compute_capability']}, "
+                 f"driver {gpu['driver']}" if gpu else "gpu: none usable")
+    set_vars = {k: v for k, v in env["env"].items() if v is not None}
+    shown = ", ".join(f"{k}={v}" for k, v in set_vars.items()) or "no BLAS/thread variables set"
+    lines.append(f"environment: {shown}")
+    if env["env"].get("OPENBLAS_CORETYPE"):
+        lines.append("warning: OPENBLAS_CORETYPE is set; it forces an older OpenBLAS kernel and slows BLAS. "
+                     "Unset it (and OPENBLAS_L2_SIZE) for benchmarks.")
+    return "\n".join(lines)

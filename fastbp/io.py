@@ -1,0 +1,123 @@
+"""Model files: .npz archives of plain arrays plus JSON metadata, written atomically, read without pickle.
+
+Layout: ``W0, b0, W1, b1, ...`` and ``__meta__`` (JSON text as uint8 bytes) holding the format name and
+version, the activations and the dtype. A file is written to a temporary file in the target folder,
+fsynced and moved into place with os.replace, so a crash never leaves a partial file.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends import Backend
+
+FORMAT = "fastbp-model"
+VERSION = 1
+_META = "__meta__"
+
+
+def write_npz_atomic(path: Any, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+    """Write ``arrays`` and ``meta`` to ``path`` (.npz) atomically; returns the final path."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ValueError(f"path {str(path)!r}: folder {str(folder)!r} does not exist")
+    payload = dict(arrays)
+    payload[_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_npz(path: Any, expected_format: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read an archive written by ``write_npz_atomic`` (no pickle); check its format and version.
+
+    Raises:
+        ValueError: for a missing, truncated, corrupt or foreign file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"path {str(path)!r} does not exist or is not a file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError, _io.UnsupportedOperation) as exc:
+        raise ValueError(f"{str(path)!r} is not a readable fastbp file: {exc}") from exc
+    raw = arrays.pop(_META, None)
+    if raw is None or raw.dtype != np.uint8 or raw.ndim != 1:
+        raise ValueError(f"{str(path)!r} is not a fastbp file: no metadata")
+    try:
+        meta = json.loads(raw.tobytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{str(path)!r} has corrupt metadata: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != expected_format:
+        raise ValueError(f"{str(path)!r} is not a {expected_format} file (format {meta.get('format')!r})"
+                         if isinstance(meta, dict) else f"{str(path)!r} has corrupt metadata")
+    if meta.get("version") != VERSION:
+        raise ValueError(f"{str(path)!r} has format version {meta.get('version')!r}; this fastbp reads {VERSION}")
+    return arrays, meta
+
+
+def model_arrays(model: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The arrays and metadata that describe a model."""
+    arrays = {}
+    for i, layer in enumerate(model.layers):
+        arrays[f"W{i}"] = model.backend.to_numpy(layer.W)
+        arrays[f"b{i}"] = model.backend.to_numpy(layer.b)
+    meta = {"format": FORMAT, "version": VERSION, "dtype": model.dtype.name,
+            "activations": model.activations, "sizes": model.sizes}
+    return arrays, meta
+
+
+def save_model(model: Any, path: Any) -> Path:
+    """Save a model (bit-exact) to ``path``; returns the path written."""
+    arrays, meta = model_arrays(model)
+    return write_npz_atomic(path, arrays, meta)
+
+
+def model_from_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any], backend: Any, where: str) -> Any:
+    """Rebuild an MLP after checking that the arrays match the metadata."""
+    from .layers import MLP
+
+    acts = meta.get("activations")
+    dtype = meta.get("dtype")
+    if not isinstance(acts, list) or not acts or dtype not in ("float32", "float64"):
+        raise ValueError(f"{where} has invalid model metadata")
+    layers = []
+    for i, act in enumerate(acts):
+        W, b = arrays.get(f"W{i}"), arrays.get(f"b{i}")
+        if W is None or b is None:
+            raise ValueError(f"{where} lacks the arrays of layer {i}")
+        if W.dtype.name != dtype or b.dtype.name != dtype or W.ndim != 2 or b.shape != (W.shape[1],):
+            raise ValueError(f"{where}: layer {i} has shapes {W.shape}, {b.shape} or dtype {W.dtype} "
+                             f"that do not match its metadata")
+        layers.append((W, b, act))
+    try:
+        return MLP.from_weights(layers, dtype=dtype, backend=backend)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where} does not describe a valid model: {exc}") from exc
+
+
+def load(path: Any, backend: str | Backend | None = None) -> Any:
+    """Load a model saved with ``MLP.save``, onto ``backend`` (None: the active backend)."""
+    arrays, meta = read_npz(path, FORMAT)
+    return model_from_arrays(arrays, meta, backend, repr(str(path)))

@@ -1,0 +1,298 @@
+"""Dense layers and the MLP that stacks them. Layers hold arrays of their backend and call its ops;
+they never do array math of their own."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ._checks import check_choice, check_features, check_positive_int
+from .activations import ACTIVATIONS
+from .backends import Backend, resolve_backend
+from .dtypes import resolve_dtype
+from .init import INITIALIZERS, initialize
+from .losses import check_loss, prepare_targets
+
+_MAX_WORKSPACES = 4  # batch sizes whose buffers are kept: the batch, the last partial batch, eval sizes
+_INFER_CHUNK = 16384  # rows per forward pass at inference, to bound the memory of big inputs
+
+
+class Dense:
+    """One fully connected layer: Z = X W + b, A = g(Z).
+
+    Attributes:
+        W: weights (n_in, n_out) on the model's backend.
+        b: bias (n_out,).
+        activation: the activation's name.
+    """
+
+    def __init__(self, W: Any, b: Any, activation: str) -> None:
+        check_choice(activation, ACTIVATIONS, "activation")
+        if W.ndim != 2 or b.shape != (W.shape[1],):
+            raise ValueError(f"Dense needs W (n_in, n_out) and b (n_out,), got {W.shape} and {b.shape}")
+        self.W = W
+        self.b = b
+        self.activation = activation
+
+    @property
+    def n_in(self) -> int:
+        return int(self.W.shape[0])
+
+    @property
+    def n_out(self) -> int:
+        return int(self.W.shape[1])
+
+    def __repr__(self) -> str:
+        return f"Dense({self.n_in}, {self.n_out}, activation={self.activation!r})"
+
+
+class _Workspace:
+    """Buffers of one batch size, reused across steps: Z (or A written over Z), separate A where g'
+    needs Z, delta, and scratch for the activations."""
+
+    def __init__(self, backend: Backend, layers: list[Dense], batch: int, dtype: np.dtype) -> None:
+        self.Z, self.A, self.delta, self.work, self.work2 = [], [], [], [], []
+        for layer in layers:
+            shape = (batch, layer.n_out)
+            self.Z.append(backend.empty(shape, dtype))
+            act = ACTIVATIONS[layer.activation]
+            self.A.append(backend.empty(shape, dtype) if act.saves == "Z" else None)
+            self.delta.append(backend.empty(shape, dtype))
+            self.work.append(backend.empty(shape, dtype) if act.forward_scratch or act.backward_scratch else None)
+            self.work2.append(backend.empty(shape, dtype) if act.backward_scratch == 2 else None)
+
+
+class MLP:
+    """A multilayer perceptron: Dense layers with one hidden activation, an identity output layer.
+
+    Args:
+        sizes: layer widths, input first and output last, e.g. [64, 128, 64, 10].
+        activation: the hidden layers' activation, or one name per hidden layer.
+        dtype: 'float32' or 'float64'.
+        seed: seed of the numpy Generator the weights are drawn from (on the host).
+        init: 'auto' (He for relu-like activations, Glorot otherwise) or one of
+            'he_normal', 'he_uniform', 'glorot_normal', 'glorot_uniform'.
+        backend: a backend name, 'auto', a Backend, or None for the active one.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        activation: str | Sequence[str] = "relu",
+        dtype: Any = "float32",
+        seed: int | None = 0,
+        init: str = "auto",
+        backend: str | Backend | None = None,
+    ) -> None:
+        sizes = _check_sizes(sizes)
+        hidden = len(sizes) - 2
+        if isinstance(activation, str):
+            activations = [activation] * hidden
+        else:
+            activations = list(activation)
+            if len(activations) != hidden:
+                raise ValueError(
+                    f"activation must be one name or one per hidden layer ({hidden}), got {len(activations)}"
+                )
+        for act in activations:
+            check_choice(act, ACTIVATIONS, "activation")
+        activations.append("identity")
+        if init != "auto":
+            check_choice(init, INITIALIZERS, "init")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise TypeError(f"seed must be an integer or None, got {seed!r}")
+        self.dtype = resolve_dtype(dtype)
+        self.backend = resolve_backend(backend)
+        rng = np.random.default_rng(seed)
+        weights = []
+        for n_in, n_out, act in zip(sizes[:-1], sizes[1:], activations):
+            name = init if init != "auto" else f"{ACTIVATIONS[act].init}_normal"
+            weights.append((initialize(name, n_in, n_out, rng), np.zeros(n_out), act))
+        self._set_layers(weights)
+
+    # ------------------------------------------------------------------ construction helpers
+    def _set_layers(self, weights: list[tuple[np.ndarray, np.ndarray, str]]) -> None:
+        bk = self.backend
+        self.layers = [
+            Dense(bk.asarray(np.ascontiguousarray(W, dtype=self.dtype)),
+                  bk.asarray(np.ascontiguousarray(b, dtype=self.dtype)), act)
+            for W, b, act in weights
+        ]
+        self._workspaces: OrderedDict[int, _Workspace] = OrderedDict()
+        self._grads: list[Any] | None = None
+
+    @classmethod
+    def from_weights(
+        cls, weights: Sequence[tuple[Any, Any, str]], dtype: Any = None, backend: str | Backend | None = None
+    ) -> MLP:
+        """An MLP from (W, b, activation) per layer, arrays of any backend; the last activation must be
+        'identity'."""
+        if not weights:
+            raise ValueError("weights must hold at least one (W, b, activation) layer")
+        host = [(np.asarray(_to_host(W)), np.asarray(_to_host(b)), act) for W, b, act in weights]
+        if host[-1][2] != "identity":
+            raise ValueError(f"the output layer's activation must be 'identity', got {host[-1][2]!r}")
+        for (W, _, _), (W_next, _, _) in zip(host[:-1], host[1:]):
+            if W.ndim != 2 or W_next.ndim != 2 or W.shape[1] != W_next.shape[0]:
+                raise ValueError(f"layer shapes do not chain: {W.shape} then {W_next.shape}")
+        model = cls.__new__(cls)
+        model.dtype = resolve_dtype(dtype if dtype is not None else host[0][0].dtype)
+        model.backend = resolve_backend(backend)
+        model._set_layers(host)
+        return model
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def sizes(self) -> list[int]:
+        return [self.layers[0].n_in] + [layer.n_out for layer in self.layers]
+
+    @property
+    def activations(self) -> list[str]:
+        return [layer.activation for layer in self.layers]
+
+    @property
+    def n_params(self) -> int:
+        return sum(layer.n_in * layer.n_out + layer.n_out for layer in self.layers)
+
+    def parameters(self) -> list[Any]:
+        """[W1, b1, W2, b2, ...] on the model's backend (the live arrays, updated in place)."""
+        return [p for layer in self.layers for p in (layer.W, layer.b)]
+
+    def get_weights(self) -> list[np.ndarray]:
+        """Copies of the parameters as host numpy arrays, in ``parameters()`` order."""
+        return [np.array(self.backend.to_numpy(p), copy=True) for p in self.parameters()]
+
+    def set_weights(self, weights: Sequence[Any]) -> None:
+        """Overwrite the parameters (in place) from arrays of the same shapes, in ``parameters()`` order."""
+        params = self.parameters()
+        if len(weights) != len(params):
+            raise ValueError(f"weights must hold {len(params)} arrays, got {len(weights)}")
+        host = [np.asarray(_to_host(w)) for w in weights]
+        for i, (w, p) in enumerate(zip(host, params)):
+            if w.shape != p.shape:
+                raise ValueError(f"weights[{i}] must have shape {p.shape}, got {w.shape}")
+            if not np.isfinite(w).all():
+                raise ValueError(f"weights[{i}] contains NaN or infinite values")
+        for w, p in zip(host, params):
+            p[...] = self.backend.asarray(w.astype(self.dtype))
+
+    def __repr__(self) -> str:
+        return (f"MLP(sizes={self.sizes}, activations={self.activations[:-1]}, dtype='{self.dtype.name}', "
+                f"backend='{self.backend.name}')")
+
+    # ------------------------------------------------------------------ forward and gradients
+    def forward(self, X: Any) -> Any:
+        """The network's output (logits for classification) as an array of the model's backend."""
+        X = self._device_input(X)
+        outputs = [self._forward_rows(X[i:i + _INFER_CHUNK]) for i in range(0, X.shape[0], _INFER_CHUNK)]
+        return outputs[0] if len(outputs) == 1 else self.backend.xp.concatenate(outputs)
+
+    def _forward_rows(self, X: Any) -> Any:
+        A = X
+        for layer in self.layers:
+            A, _ = self.backend.dense_forward(A, layer.W, layer.b, layer.activation)
+        return A
+
+    def loss_and_grads(self, X: Any, y: Any, loss: str = "cross_entropy") -> tuple[float, list[Any]]:
+        """The mean loss on (X, y) and its gradients, in ``parameters()`` order (fresh arrays)."""
+        loss = check_loss(loss)
+        Xd, yd = self.prepare_batch(X, y, loss)
+        value, grads, _ = self._loss_and_grads(Xd, yd, loss)
+        return self.backend.to_float(value), [g.copy() for g in grads]
+
+    def prepare_batch(self, X: Any, y: Any, loss: str) -> tuple[Any, Any]:
+        """Check (X, y) for this model and ``loss``; return them as arrays of the model's backend."""
+        X_host = check_features(X, self.layers[0].n_in)
+        y_host = prepare_targets(y, loss, self.layers[-1].n_out, X_host.shape[0], self.dtype)
+        return self.backend.asarray(X_host, self.dtype), self.backend.asarray(y_host)
+
+    def _device_input(self, X: Any) -> Any:
+        if self.backend.is_array(X) and X.dtype == self.dtype and X.ndim == 2 and X.shape[1] == self.sizes[0]:
+            return X
+        return self.backend.asarray(check_features(X, self.layers[0].n_in), self.dtype)
+
+    def _workspace(self, batch: int) -> _Workspace:
+        ws = self._workspaces.get(batch)
+        if ws is None:
+            if len(self._workspaces) >= _MAX_WORKSPACES:
+                self._workspaces.popitem(last=False)
+            ws = self._workspaces[batch] = _Workspace(self.backend, self.layers, batch, self.dtype)
+        else:
+            self._workspaces.move_to_end(batch)
+        return ws
+
+    def grad_buffers(self) -> list[Any]:
+        """The model's gradient buffers, in ``parameters()`` order, reused by every step."""
+        if self._grads is None:
+            self._grads = [self.backend.empty(p.shape, self.dtype) for p in self.parameters()]
+        return self._grads
+
+    def _loss_and_grads(self, X: Any, y: Any, loss: str) -> tuple[Any, list[Any], Any]:
+        """The training hot path, on prepared backend arrays: forward, eq. (1), then eqs. (2)-(4) top down.
+
+        Returns the loss as a 0-d backend array, the model's gradient buffers and the network's output
+        (both overwritten by the next call).
+        """
+        bk = self.backend
+        ws = self._workspace(X.shape[0])
+        grads = self.grad_buffers()
+        layers = self.layers
+        inputs, Zs, As = [X], [], []
+        for i, layer in enumerate(layers):
+            A, Z = bk.dense_forward(inputs[-1], layer.W, layer.b, layer.activation,
+                                    A_out=ws.A[i], Z_out=ws.Z[i], work=ws.work[i])
+            inputs.append(A)
+            Zs.append(Z)
+            As.append(A)
+        top = len(layers) - 1
+        value, delta = bk.output_delta(As[top], y, loss, delta_out=ws.delta[top])  # eq. (1)
+        bk.dense_grads(delta, inputs[top], dW_out=grads[2 * top], db_out=grads[2 * top + 1])
+        for i in range(top - 1, -1, -1):
+            layer = layers[i]
+            delta, _, _ = bk.backprop_dense(
+                delta, layers[i + 1].W, Zs[i], As[i], inputs[i], layer.activation,
+                delta_out=ws.delta[i], dW_out=grads[2 * i], db_out=grads[2 * i + 1],
+                work=ws.work[i], work2=ws.work2[i],
+            )
+        return value, grads, As[top]
+
+    # ------------------------------------------------------------------ moving and saving
+    def to(self, backend: str | Backend) -> MLP:
+        """Move the parameters to another backend (bit-exact); returns self."""
+        target = resolve_backend(backend)
+        if target is self.backend:
+            return self
+        host = [(self.backend.to_numpy(layer.W), self.backend.to_numpy(layer.b), layer.activation)
+                for layer in self.layers]
+        self.backend = target
+        self._set_layers(host)
+        return self
+
+    def copy(self, dtype: Any = None, backend: str | Backend | None = None) -> MLP:
+        """An independent copy, optionally in another dtype or on another backend."""
+        weights = [(layer.W, layer.b, layer.activation) for layer in self.layers]
+        return MLP.from_weights(weights, dtype=dtype if dtype is not None else self.dtype,
+                                backend=backend if backend is not None else self.backend)
+
+    def save(self, path: Any) -> None:
+        """Write the model to an .npz file atomically (see ``fastbp.io``)."""
+        from .io import save_model
+
+        save_model(self, path)
+
+
+def _check_sizes(sizes: Any) -> list[int]:
+    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__"):
+        raise TypeError(f"sizes must be a sequence of layer widths, got {type(sizes).__name__}")
+    if len(sizes) < 2:
+        raise ValueError(f"sizes must name at least the input and output widths, got {list(sizes)}")
+    return [check_positive_int(n, f"sizes[{i}]") for i, n in enumerate(sizes)]
+
+
+def _to_host(x: Any) -> Any:
+    if hasattr(x, "__cuda_array_interface__") and hasattr(x, "get"):
+        return x.get()
+    return x

@@ -1,0 +1,70 @@
+"""The command line, run in-process through fastbp.cli.main and once as `python -m fastbp`."""
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastbp as fb
+from fastbp.cli import main
+
+
+def test_default_train_on_digits_reaches_97_percent(capsys, tmp_path):
+    code = main(["train", "--save", str(tmp_path / "digits.npz")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert re.search(r"^backend: \w+", out, re.M)
+    assert out.count("epoch ") == 30
+    accuracy = float(re.search(r"^test accuracy: (0\.\d{3})$", out, re.M).group(1))
+    assert accuracy >= 0.97, out
+    assert re.search(r"^training time: [\d.]+ s", out, re.M)
+    model = fb.load(tmp_path / "digits.npz")
+    assert model.sizes == [64, 128, 64, 10]
+
+
+def test_train_options_and_csv_data(capsys, tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((120, 3))
+    y = (X[:, 0] > 0).astype(int)
+    np.savetxt(tmp_path / "d.csv", np.column_stack([X, y]), delimiter=",", header="a,b,c,label", comments="")
+    code = main(["train", "--data", str(tmp_path / "d.csv"), "--label-column", "label", "--hidden", "8",
+                 "--activation", "tanh", "--optimizer", "sgd", "--lr", "0.1", "--epochs", "5",
+                 "--batch-size", "16", "--backend", "numpy", "--dtype", "float64", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "backend: numpy" in out and "epoch " not in out
+    assert "preprocessing: standardize" in out and "[3, 8, 2]" in out
+    assert float(re.search(r"test accuracy: ([\d.]+)", out).group(1)) > 0.8
+
+
+def test_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed")
+    assert main(["train", "--epochs", "2", "--quiet", "--plot", str(tmp_path / "curves.png")]) == 0
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["train", "--backend", "tpu"], "backend must be one of"),
+    (["train", "--data", "/nonexistent/file.csv"], "does not exist"),
+    (["train", "--test-size", "1.5"], "test-size"),
+])
+def test_user_mistakes_exit_2_with_one_line(capsys, argv, match):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(match, err), err
+
+
+@pytest.mark.parametrize("argv", [["train", "--epochs", "0"], ["train", "--hidden", "12,x"], ["fly"]])
+def test_argument_errors_exit_2(argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+
+
+def test_info_and_module_entry_point():
+    result = subprocess.run([sys.executable, "-m", "fastbp", "info"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "backends:" in result.stdout and "numpy  available" in result.stdout
+    assert re.search(r"^cpu: ", result.stdout, re.M)
