@@ -1,14 +1,525 @@
-"""``fastbp bench``: placeholder until the benchmark harness lands (issue 3)."""
+"""``fastbp bench``: training-step speed against the GEMM floor, a naive NumPy step and PyTorch.
+
+Every figure is a median over interleaved repetitions: each repetition times every candidate once, in
+turn, so a slow moment of a shared machine hits all of them alike. Ratios are taken between figures of
+the same run.
+
+The GEMM floor (DESIGN section 1) is the time of exactly the step's matrix products, with the same
+library, dtype and operand layouts as the step, called one by one: forward X W per layer; backward
+A_prev^T delta per layer and delta W^T for every layer but the first. No implementation of the same math
+can train the step faster.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 
+#: Named configs: layer sizes (input first) and batch. GPU-only configs are run only on a GPU backend.
+CONFIGS: dict[str, dict[str, Any]] = {
+    "small": {"sizes": [64, 128, 128, 10], "batch": 64},
+    "mnist": {"sizes": [784, 1024, 1024, 10], "batch": 256},
+    "wide": {"sizes": [2048, 2048, 2048, 2048, 2048], "batch": 1024},
+    "large": {"sizes": [4096, 4096, 4096, 4096, 4096], "batch": 8192, "gpu_only": True},
+    "narrow": {"sizes": [64, 64, 64, 64, 64, 10], "batch": 65536, "gpu_only": True},
+}
+
+LR = 1e-3
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+def gemm_list(sizes: Sequence[int], batch: int) -> list[dict[str, Any]]:
+    """The matrix products of one training step, per layer, as (m, k, n) with their role.
+
+    Layer l (1-based) maps n_{l-1} -> n_l. Forward: (B, n_{l-1}) @ (n_{l-1}, n_l). Backward: the weight
+    gradient (n_{l-1}, B) @ (B, n_l) for every layer, and the input gradient (B, n_l) @ (n_l, n_{l-1})
+    for every layer but the first, whose input needs no gradient.
+    """
+    gemms = []
+    for l, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
+        gemms.append({"layer": l, "role": "forward", "m": batch, "k": n_in, "n": n_out})
+        gemms.append({"layer": l, "role": "weight_grad", "m": n_in, "k": batch, "n": n_out})
+        if l > 1:
+            gemms.append({"layer": l, "role": "input_grad", "m": batch, "k": n_out, "n": n_in})
+    return gemms
+
+
+def gemm_flops(g: dict[str, Any]) -> int:
+    return 2 * g["m"] * g["k"] * g["n"]
+
+
+def step_flops(sizes: Sequence[int], batch: int) -> int:
+    """FLOPs of one training step: 6 B n_in n_out per layer, 4 B n_in n_out for the first."""
+    return sum(gemm_flops(g) for g in gemm_list(sizes, batch))
+
+
+def forward_flops(sizes: Sequence[int], batch: int) -> int:
+    return sum(2 * batch * a * b for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+def backward_flops(sizes: Sequence[int], batch: int) -> int:
+    return step_flops(sizes, batch) - forward_flops(sizes, batch)
+
+
+# ------------------------------------------------------------------------------------------ timing
+@dataclass
+class Candidate:
+    """One thing to time: ``fn`` runs one unit of work (it synchronizes a GPU itself)."""
+
+    name: str
+    backend: str  # a fastbp backend, 'numpy-naive' or 'torch-cpu' / 'torch-cuda'
+    fn: Callable[[], Any]
+    flops: int
+    floor: str | None = None  # the floor this one is compared with: 'step', 'forward', 'backward'
+    family: str = ""  # the thread pools it keeps busy; defaults to ``backend``
+    inner: int = 1
+    samples: list[float] = field(default_factory=list)
+    first_call_s: float | None = None
+
+
+def _calibrate(c: Candidate, min_time: float) -> None:
+    start = time.perf_counter()
+    c.fn()
+    c.first_call_s = time.perf_counter() - start
+    start = time.perf_counter()
+    c.fn()
+    once = max(time.perf_counter() - start, 1e-7)
+    c.inner = max(1, min(1000, int(min_time / once)))
+
+
+def run_interleaved(cands: list[Candidate], reps: int, min_time: float, settle: float = 0.25) -> None:
+    """Calibrate each candidate, then time them in turn, ``reps`` rounds.
+
+    Candidates are grouped by thread-pool family. Idle pool threads keep spinning for a while after their
+    last job (OpenBLAS for about 0.1 s, OpenMP runtimes likewise) and steal the cores from whichever
+    library runs next, so the run pauses ``settle`` seconds whenever the family changes.
+    """
+    cands = sorted(cands, key=lambda c: c.family or c.backend)
+    last = None
+    for c in cands:
+        if last is not None and (c.family or c.backend) != last:
+            time.sleep(settle)
+        _calibrate(c, min_time)
+        last = c.family or c.backend
+    for _ in range(reps):
+        for c in cands:
+            family = c.family or c.backend
+            if family != last:
+                time.sleep(settle)
+                last = family
+            start = time.perf_counter()
+            for _ in range(c.inner):
+                c.fn()
+            c.samples.append((time.perf_counter() - start) / c.inner)
+
+
+def summarize(c: Candidate, batch: int) -> dict[str, Any]:
+    med = statistics.median(c.samples)
+    return {
+        "name": c.name, "backend": c.backend, "median_s": med, "min_s": min(c.samples), "max_s": max(c.samples),
+        "reps": len(c.samples), "inner": c.inner, "first_call_s": c.first_call_s, "flops": c.flops,
+        "gflops": c.flops / med / 1e9 if c.flops else None, "samples_per_s": batch / med, "floor": c.floor,
+    }
+
+
+# ------------------------------------------------------------------------------------------ candidates
+def _labels(rng: np.random.Generator, batch: int, n_out: int) -> np.ndarray:
+    return rng.integers(0, n_out, batch)
+
+
+def fastbp_candidates(backend: Any, sizes: list[int], batch: int, dtype: str,
+                      ops: bool = True) -> tuple[list[Candidate], dict[str, Any]]:
+    """The fastbp candidates for one backend and dtype, and the compile/first-call facts."""
+    import fastbp as fb
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((batch, sizes[0]))
+    y = _labels(rng, batch, sizes[-1])
+    sync = backend.synchronize
+    info: dict[str, Any] = {}
+    warmup = getattr(backend, "warmup", None)
+    if warmup is not None:
+        start = time.perf_counter()
+        warmup()
+        info["compile_s"] = time.perf_counter() - start
+    cands = []
+    for opt_name, opt in (("sgd", fb.optim.SGD(lr=LR)), ("adam", fb.optim.Adam(lr=LR))):
+        model = fb.MLP(sizes, activation="relu", dtype=dtype, seed=0, backend=backend)
+        trainer = fb.Trainer(model, loss="cross_entropy", optimizer=opt, batch_size=batch)
+        Xd, yd = model.prepare_batch(X, y, "cross_entropy")
+
+        def step(trainer=trainer, Xd=Xd, yd=yd):
+            trainer._step(Xd, yd)
+            sync()
+
+        cands.append(Candidate(f"step_{opt_name}", backend.name, step, step_flops(sizes, batch), "step"))
+    model = fb.MLP(sizes, activation="relu", dtype=dtype, seed=0, backend=backend)
+    Xd, yd = model.prepare_batch(X, y, "cross_entropy")
+
+    def forward():
+        model.forward(Xd)
+        sync()
+
+    cands.append(Candidate("forward", backend.name, forward, forward_flops(sizes, batch), "forward"))
+    if ops:
+        cands += _op_candidates(model, backend, Xd, yd, sizes, batch)
+    return cands, info
+
+
+def _op_candidates(model: Any, backend: Any, Xd: Any, yd: Any, sizes: list[int], batch: int) -> list[Candidate]:
+    """The step split per op: dense_forward over all layers, the output delta, backprop_dense over all
+    layers (with the top layer's dense_grads), and the optimizer updates."""
+    import fastbp as fb
+
+    sync = backend.synchronize
+    trace = model._forward_train(Xd)
+    _, delta = model._output_delta(trace, yd, "cross_entropy")
+    grads = model._backward(trace, delta)
+    params = model.parameters()
+    # Updates run on copies so the model's weights (which the other ops read) stay put.
+    copies = [p.copy() for p in params]
+    sgd, adam = fb.optim.SGD(lr=LR), fb.optim.Adam(lr=LR)
+
+    def op_forward():
+        model._forward_train(Xd)
+        sync()
+
+    def op_delta():
+        model._output_delta(trace, yd, "cross_entropy")
+        sync()
+
+    def op_backward():
+        model._backward(trace, delta)
+        sync()
+
+    def op_sgd():
+        sgd.step(copies, grads, backend)
+        sync()
+
+    def op_adam():
+        adam.step(copies, grads, backend)
+        sync()
+
+    name = backend.name
+    return [
+        Candidate("op:dense_forward", name, op_forward, forward_flops(sizes, batch), "forward"),
+        Candidate("op:output_delta", name, op_delta, 0),
+        Candidate("op:backprop_dense", name, op_backward, backward_flops(sizes, batch), "backward"),
+        Candidate("op:update_sgd", name, op_sgd, 0),
+        Candidate("op:update_adam", name, op_adam, 0),
+    ]
+
+
+def floor_candidates(backend: Any, sizes: list[int], batch: int, dtype: str) -> list[Candidate]:
+    """The GEMM floors (step, forward, backward) on the backend's own matmul, same operand layouts."""
+    rng = np.random.default_rng(1)
+    arrays = []
+    for g in gemm_list(sizes, batch):
+        # operands laid out as in the step: weight_grad multiplies a transposed activation view
+        # (A_prev^T), input_grad a transposed weight view (W^T)
+        if g["role"] == "forward":
+            a = backend.asarray(rng.standard_normal((g["m"], g["k"])), dtype)
+            b = backend.asarray(rng.standard_normal((g["k"], g["n"])), dtype)
+        elif g["role"] == "weight_grad":
+            a = backend.asarray(rng.standard_normal((g["k"], g["m"])), dtype).T
+            b = backend.asarray(rng.standard_normal((g["k"], g["n"])), dtype)
+        else:
+            a = backend.asarray(rng.standard_normal((g["m"], g["k"])), dtype)
+            b = backend.asarray(rng.standard_normal((g["n"], g["k"])), dtype).T
+        out = backend.empty((g["m"], g["n"]), dtype)
+        arrays.append((g, a, b, out))
+    matmul = backend.matmul
+    sync = backend.synchronize
+
+    def make(roles: tuple[str, ...]) -> Callable[[], None]:
+        chosen = [(a, b, out) for g, a, b, out in arrays if g["role"] in roles]
+
+        def run():
+            for a, b, out in chosen:
+                matmul(a, b, out=out)
+            sync()
+
+        return run
+
+    name = backend.name
+    return [
+        Candidate("floor:step", name, make(("forward", "weight_grad", "input_grad")), step_flops(sizes, batch)),
+        Candidate("floor:forward", name, make(("forward",)), forward_flops(sizes, batch)),
+        Candidate("floor:backward", name, make(("weight_grad", "input_grad")), backward_flops(sizes, batch)),
+    ]
+
+
+def naive_numpy_step(weights: list[list[np.ndarray]], X: np.ndarray, y: np.ndarray, lr: float) -> None:
+    """The textbook NumPy step (relu hidden, softmax cross-entropy, SGD), fresh arrays everywhere."""
+    acts = [X]
+    for i, (W, b) in enumerate(weights):
+        z = acts[-1] @ W + b
+        acts.append(np.maximum(z, 0) if i < len(weights) - 1 else z)
+    z = acts[-1]
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    p = e / e.sum(axis=1, keepdims=True)
+    onehot = np.zeros_like(p)
+    onehot[np.arange(len(y)), y] = 1
+    delta = (p - onehot) / len(y)
+    for i in range(len(weights) - 1, -1, -1):
+        W, b = weights[i]
+        dW = acts[i].T @ delta
+        db = delta.sum(axis=0)
+        if i > 0:
+            delta = (delta @ W.T) * (acts[i] > 0)
+        weights[i][0] = W - lr * dW
+        weights[i][1] = b - lr * db
+
+
+def naive_candidate(sizes: list[int], batch: int, dtype: str) -> Candidate:
+    import fastbp as fb
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((batch, sizes[0])).astype(dtype)
+    y = _labels(rng, batch, sizes[-1])
+    w = fb.MLP(sizes, dtype=dtype, seed=0, backend="numpy").get_weights()
+    weights = [[w[2 * i], w[2 * i + 1]] for i in range(len(w) // 2)]
+    return Candidate("step_sgd", "numpy-naive", lambda: naive_numpy_step(weights, X, y, LR),
+                     step_flops(sizes, batch), "step", family="numpy")
+
+
+def torch_candidates(sizes: list[int], batch: int, dtype: str, device: str,
+                     compile_model: bool = False) -> list[Candidate]:
+    """PyTorch eager (or compiled) steps with SGD and Adam, and the forward, on ``device``."""
+    import torch
+
+    tdtype = getattr(torch, dtype)
+    rng = np.random.default_rng(0)
+    X = torch.tensor(rng.standard_normal((batch, sizes[0])), dtype=tdtype, device=device)
+    y = torch.tensor(_labels(rng, batch, sizes[-1]), device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    label = f"torch-{device}" + ("-compiled" if compile_model else "")
+
+    def build():
+        layers: list[Any] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(torch.nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(torch.nn.ReLU())
+        model = torch.nn.Sequential(*layers).to(device=device, dtype=tdtype)
+        return torch.compile(model) if compile_model else model
+
+    cands = []
+    for opt_name, make_opt in (("sgd", lambda ps: torch.optim.SGD(ps, lr=LR)),
+                               ("adam", lambda ps: torch.optim.Adam(ps, lr=LR))):
+        model = build()
+        opt = make_opt(model.parameters())
+
+        def step(model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(X), y).backward()
+            opt.step()
+            sync()
+
+        cands.append(Candidate(f"step_{opt_name}", label, step, step_flops(sizes, batch), "step", family="torch"))
+    fwd_model = build()
+
+    def forward():
+        with torch.no_grad():
+            fwd_model(X)
+        sync()
+
+    cands.append(Candidate("forward", label, forward, forward_flops(sizes, batch), "forward", family="torch"))
+    return cands
+
+
+# ------------------------------------------------------------------------------------------ the run
+def run_config(config: str, sizes: list[int], batch: int, backends: list[Any], dtypes: list[str],
+               reps: int, min_time: float, peers: bool = True, torch_compile: bool = False,
+               ops: bool = True, settle: float = 0.25) -> list[dict[str, Any]]:
+    """Time every candidate of one config; returns the result rows with their ratios."""
+    rows: list[dict[str, Any]] = []
+    for dtype in dtypes:
+        groups: list[tuple[str, list[Candidate]]] = []
+        extra: dict[str, dict[str, Any]] = {}
+        for bk in backends:
+            cands, info = fastbp_candidates(bk, sizes, batch, dtype, ops=ops)
+            groups.append((bk.name, floor_candidates(bk, sizes, batch, dtype) + cands))
+            extra[bk.name] = info
+        peer_cands: list[Candidate] = []
+        if peers:
+            peer_cands.append(naive_candidate(sizes, batch, dtype))
+            if _torch_available():
+                peer_cands += torch_candidates(sizes, batch, dtype, "cpu")
+                if torch_compile:
+                    peer_cands += torch_candidates(sizes, batch, dtype, "cpu", compile_model=True)
+                if any(bk.name == "cupy" for bk in backends) and _torch_cuda():
+                    peer_cands += torch_candidates(sizes, batch, dtype, "cuda")
+        everything = [c for _, cs in groups for c in cs] + peer_cands
+        run_interleaved(everything, reps, min_time, settle)
+        summaries = [dict(summarize(c, batch), config=config, dtype=dtype, sizes=sizes, batch=batch,
+                          **extra.get(c.backend, {})) for c in everything]
+        rows += add_ratios(summaries)
+    return rows
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add, for one config and dtype: ratio_to_floor (median / the same backend's floor median),
+    speedup_vs_naive and speedup_vs_torch (the peer's median / this median, same measurement)."""
+    by_key = {(r["backend"], r["name"]): r for r in rows}
+    for r in rows:
+        floor = by_key.get((r["backend"], f"floor:{r['floor']}")) if r.get("floor") else None
+        r["ratio_to_floor"] = r["median_s"] / floor["median_s"] if floor else None
+        naive = by_key.get(("numpy-naive", "step_sgd"))
+        r["speedup_vs_naive"] = (naive["median_s"] / r["median_s"]
+                                 if naive and r["name"] == "step_sgd" and r["backend"] != "numpy-naive" else None)
+        torch_peer = by_key.get(("torch-cuda" if r["backend"] == "cupy" else "torch-cpu", r["name"]))
+        r["speedup_vs_torch"] = (torch_peer["median_s"] / r["median_s"]
+                                 if torch_peer and not r["backend"].startswith("torch") else None)
+    return rows
+
+
+def _torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _torch_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+# ------------------------------------------------------------------------------------------ output
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'config':7s} {'dtype':7s} {'backend':13s} {'measure':18s} {'median ms':>10s} {'min-max ms':>17s} "
+            f"{'samples/s':>10s} {'GFLOP/s':>8s} {'x floor':>8s} {'vs naive':>8s} {'vs torch':>8s}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        def fmt(v, spec):
+            return format(v, spec) if v is not None else "-"
+        lines.append(
+            f"{r['config']:7s} {r['dtype']:7s} {r['backend']:13s} {r['name']:18s} {r['median_s'] * 1e3:10.3f} "
+            f"{r['min_s'] * 1e3:8.3f}-{r['max_s'] * 1e3:<8.3f} {r['samples_per_s']:10.0f} "
+            f"{fmt(r['gflops'], '8.1f')} {fmt(r['ratio_to_floor'], '8.3f')} {fmt(r['speedup_vs_naive'], '8.2f')} "
+            f"{fmt(r['speedup_vs_torch'], '8.2f')}")
+    return "\n".join(lines)
+
+
+def warnings_for(env: dict[str, Any]) -> list[str]:
+    warns = []
+    if env["env"].get("OPENBLAS_CORETYPE"):
+        warns.append(f"OPENBLAS_CORETYPE={env['env']['OPENBLAS_CORETYPE']} is set: it forces that OpenBLAS kernel "
+                     "instead of the best one for this CPU, which slows BLAS and makes timings erratic. Run "
+                     "benchmarks as `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE fastbp bench ...`.")
+    if env["env"].get("OPENBLAS_L2_SIZE"):
+        warns.append(f"OPENBLAS_L2_SIZE={env['env']['OPENBLAS_L2_SIZE']} is set: it overrides OpenBLAS's cache "
+                     "blocking; unset it for benchmarks.")
+    if not env["blas"]:
+        warns.append("threadpoolctl is not installed: the BLAS library and kernel are not reported "
+                     "(pip install 'fastbp[bench]').")
+    return warns
+
+
+def plot(rows: list[dict[str, Any]], path: str) -> None:
+    """A bar chart of each step's and forward's ratio to its GEMM floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["ratio_to_floor"] is not None and not r["name"].startswith("op:")]
+    labels = [f"{r['config']}/{r['dtype'][5:]}\n{r['backend']}\n{r['name']}" for r in shown]
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(shown)), 4.5))
+    ax.bar(range(len(shown)), [r["ratio_to_floor"] for r in shown], color="tab:blue")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(shown)), labels, fontsize=7)
+    ax.set_ylabel("time / GEMM floor (lower is better)")
+    ax.set_title("fastbp bench: step and forward time relative to the GEMM floor")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ CLI
 def add_bench_parser(sub: Any) -> None:
-    sub.add_parser("bench", help="benchmark training steps against the GEMM floor")
+    p = sub.add_parser("bench", help="benchmark training steps against the GEMM floor and PyTorch")
+    p.add_argument("--config", action="append", choices=sorted(CONFIGS),
+                   help="named config (repeatable); default: small and mnist (+ large, narrow on a GPU)")
+    p.add_argument("--sizes", help="custom layer sizes, e.g. 784,512,10 (with --batch)")
+    p.add_argument("--batch", type=int, help="custom batch size")
+    p.add_argument("--backend", action="append", help="backend (repeatable); default: every available one")
+    p.add_argument("--dtype", action="append", choices=("float32", "float64"), help="default: float32")
+    p.add_argument("--reps", type=int, default=15, help="interleaved repetitions (default 15)")
+    p.add_argument("--min-time", type=float, default=0.02, help="seconds per timed sample (default 0.02)")
+    p.add_argument("--settle", type=float, default=0.25,
+                   help="pause between libraries' thread pools, seconds (default 0.25)")
+    p.add_argument("--no-ops", action="store_true", help="skip the per-op split")
+    p.add_argument("--no-peers", action="store_true", help="skip the naive NumPy step and PyTorch")
+    p.add_argument("--torch-compile", action="store_true", help="also time torch.compile'd PyTorch")
+    p.add_argument("--json", metavar="FILE", help="write every figure and the environment as JSON")
+    p.add_argument("--plot", metavar="FILE", help="write a PNG chart of the ratios to the floor")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    raise ValueError("fastbp bench is not implemented yet")
+    import fastbp as fb
+
+    from .envinfo import environment, format_environment
+
+    if args.reps < 1 or args.min_time <= 0:
+        raise ValueError(f"--reps must be >= 1 and --min-time > 0, got {args.reps} and {args.min_time}")
+    names = args.backend or fb.available_backends()
+    backends = [fb.backends.resolve_backend(n) for n in names]
+    on_gpu = any(bk.name == "cupy" for bk in backends)
+    configs: list[tuple[str, list[int], int]] = []
+    if args.sizes or args.batch:
+        if not (args.sizes and args.batch):
+            raise ValueError("--sizes and --batch go together")
+        try:
+            sizes = [int(s) for s in args.sizes.replace(",", " ").split()]
+        except ValueError as exc:
+            raise ValueError(f"--sizes must be integers like 784,512,10, got {args.sizes!r}") from exc
+        if len(sizes) < 2 or min(sizes) < 1 or args.batch < 1:
+            raise ValueError(f"--sizes needs >= 2 positive widths and --batch > 0, got {sizes} and {args.batch}")
+        configs.append(("custom", sizes, args.batch))
+    chosen = args.config or ([] if configs else ["small", "mnist"] + (["large", "narrow"] if on_gpu else []))
+    for name in chosen:
+        cfg = CONFIGS[name]
+        if cfg.get("gpu_only") and not on_gpu:
+            raise ValueError(f"config {name!r} is sized for a GPU; run it with the cupy backend")
+        configs.append((name, cfg["sizes"], cfg["batch"]))
+    dtypes = args.dtype or ["float32"]
+
+    env = environment()
+    print(format_environment(env))
+    warns = warnings_for(env)
+    for w in warns:
+        print(f"warning: {w}")
+    rows: list[dict[str, Any]] = []
+    for name, sizes, batch in configs:
+        print(f"\nconfig {name}: sizes {sizes}, batch {batch}, dtypes {dtypes}, backends {names} ...", flush=True)
+        rows += run_config(name, sizes, batch, backends, dtypes, args.reps, args.min_time,
+                           peers=not args.no_peers, torch_compile=args.torch_compile, ops=not args.no_ops,
+                           settle=args.settle)
+    print()
+    print(format_table(rows))
+    if args.json:
+        payload = {"schema": "fastbp-bench/1", "command": "fastbp bench", "argv": vars(args),
+                   "environment": env, "warnings": warns, "results": rows}
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=1, default=str)
+        print(f"\nwrote {os.path.abspath(args.json)}")
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"wrote {os.path.abspath(args.plot)}")
+    return 0
+
+
+__all__ = ["CONFIGS", "Candidate", "gemm_list", "step_flops", "forward_flops", "backward_flops",
+           "add_ratios", "run_config", "format_table", "naive_numpy_step"]

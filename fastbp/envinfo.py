@@ -70,6 +70,18 @@ def gpu_info() -> dict[str, Any] | None:
         return None
 
 
+def torch_threads() -> int | None:
+    """PyTorch's intra-op thread count, when torch is installed (importing it only then)."""
+    if _version("torch") is None:
+        return None
+    try:
+        import torch
+
+        return int(torch.get_num_threads())
+    except Exception:
+        return None
+
+
 def environment() -> dict[str, Any]:
     """Everything a benchmark figure needs beside it."""
     from . import __version__
@@ -84,6 +96,7 @@ def environment() -> dict[str, Any]:
         "backends": backend_status(),
         "blas": blas_info(),
         "gpu": gpu_info(),
+        "torch_threads": torch_threads(),
         "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
                                                "OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "NUMBA_CACHE_DIR")},
     }
@@ -104,6 +117,8 @@ def format_environment(env: dict[str, Any]) -> str:
                          f"threads={b['num_threads']} ({os.path.basename(str(b['filepath']))})")
     else:
         lines.append("BLAS: unknown (pip install threadpoolctl to see the library and its kernel)")
+    if env.get("torch_threads") is not None:
+        lines.append(f"torch threads: {env['torch_threads']}")
     gpu = env["gpu"]
     lines.append(f"gpu: {gpu['name']}, {gpu['memory_total_gib']} GiB, cc {gpu['compute_capability']}, "
                  f"driver {gpu['driver']}" if gpu else "gpu: none usable")

@@ -266,11 +266,18 @@ class Backend:
                 xp.multiply(p, weight_decay, out=work)
                 work += g
                 g = work
-        # m = beta1 m + (1 - beta1) g ; v = beta2 v + (1 - beta2) g^2
+        # m = beta1 m + (1 - beta1) g ; v = beta2 v + (1 - beta2) g^2, through work (g may be work)
         m *= beta1
-        m += (1 - beta1) * g
         v *= beta2
-        v += (1 - beta2) * (g * g)
+        if g is work:
+            v += (1 - beta2) * (g * g)
+            m += (1 - beta1) * g
+        else:
+            xp.multiply(g, 1 - beta1, out=work)
+            m += work
+            xp.multiply(g, g, out=work)
+            work *= 1 - beta2
+            v += work
         bias1 = 1 - beta1**step
         bias2_sqrt = (1 - beta2**step) ** 0.5
         # p -= (lr / bias1) * m / (sqrt(v) / sqrt(bias2) + eps)

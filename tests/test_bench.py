@@ -1,0 +1,117 @@
+"""The benchmark harness's logic on tiny configs: FLOP counts, the floor's GEMM list, ratios, JSON."""
+
+import json
+
+import pytest
+
+from fastbp import bench
+from fastbp.cli import main
+
+
+def test_gemm_list_per_layer_first_layer_has_no_input_gradient():
+    gemms = bench.gemm_list([3, 4, 5], batch=2)
+    assert gemms == [
+        {"layer": 1, "role": "forward", "m": 2, "k": 3, "n": 4},
+        {"layer": 1, "role": "weight_grad", "m": 3, "k": 2, "n": 4},
+        {"layer": 2, "role": "forward", "m": 2, "k": 4, "n": 5},
+        {"layer": 2, "role": "weight_grad", "m": 4, "k": 2, "n": 5},
+        {"layer": 2, "role": "input_grad", "m": 2, "k": 5, "n": 4},
+    ]
+
+
+def test_flop_counts():
+    # mnist: S = 784*1024 + 1024*1024 + 1024*10 = 1,861,632 multiply-adds per sample and step
+    sizes, B = [784, 1024, 1024, 10], 256
+    S = 784 * 1024 + 1024 * 1024 + 1024 * 10
+    assert bench.forward_flops(sizes, B) == 2 * B * S
+    # backward: 4 B S, less the first layer's input gradient 2 B 784 1024
+    assert bench.backward_flops(sizes, B) == 4 * B * S - 2 * B * 784 * 1024
+    assert bench.step_flops(sizes, B) == 6 * B * S - 2 * B * 784 * 1024 == 2_448_424_960
+    assert bench.step_flops([10, 3], 4) == 2 * 4 * 10 * 3 * 2  # one layer: forward + weight gradient only
+
+
+def _row(backend, name, median, floor=None):
+    return {"backend": backend, "name": name, "median_s": median, "floor": floor}
+
+
+def test_ratio_arithmetic():
+    rows = bench.add_ratios([
+        _row("numpy", "floor:step", 0.010), _row("numpy", "floor:forward", 0.004),
+        _row("numpy", "step_sgd", 0.011, "step"), _row("numpy", "forward", 0.005, "forward"),
+        _row("numpy-naive", "step_sgd", 0.0132, "step"), _row("torch-cpu", "step_sgd", 0.022, "step"),
+        _row("torch-cpu", "forward", 0.006, "forward"),
+    ])
+    r = {(x["backend"], x["name"]): x for x in rows}
+    assert r[("numpy", "step_sgd")]["ratio_to_floor"] == pytest.approx(1.1)
+    assert r[("numpy", "forward")]["ratio_to_floor"] == pytest.approx(1.25)
+    assert r[("numpy", "step_sgd")]["speedup_vs_naive"] == pytest.approx(1.2)
+    assert r[("numpy", "step_sgd")]["speedup_vs_torch"] == pytest.approx(2.0)
+    assert r[("numpy", "forward")]["speedup_vs_torch"] == pytest.approx(1.2)
+    assert r[("numpy", "floor:step")]["ratio_to_floor"] is None
+    # peers have no floor of their own library: no ratio is invented for them
+    assert r[("torch-cpu", "step_sgd")]["ratio_to_floor"] is None
+    assert r[("numpy-naive", "step_sgd")]["speedup_vs_naive"] is None
+
+
+def test_naive_step_is_real_sgd():
+    import numpy as np
+
+    import fastbp as fb
+
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((8, 5)), rng.integers(0, 3, 8)
+    model = fb.MLP([5, 6, 3], dtype="float64", seed=0, backend="numpy")
+    w = model.get_weights()
+    weights = [[w[0], w[1]], [w[2], w[3]]]
+    bench.naive_numpy_step(weights, X, y, 0.1)
+    _, grads = model.loss_and_grads(X, y, "cross_entropy")
+    for new, old, g in zip([p for pair in weights for p in pair], w, grads):
+        np.testing.assert_allclose(new, old - 0.1 * g, rtol=1e-12, atol=1e-14)
+
+
+def test_bench_cli_writes_the_json_schema(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--sizes", "8,16,4", "--batch", "8", "--reps", "2", "--min-time", "0.0005",
+                 "--settle", "0", "--no-peers", "--dtype", "float64", "--json", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "floor:step" in text and "step_adam" in text
+    data = json.loads(out.read_text())
+    assert data["schema"] == "fastbp-bench/1"
+    env = data["environment"]
+    for key in ("cpu", "cpu_count", "blas", "packages", "python", "env", "backends", "gpu"):
+        assert key in env
+    assert "OPENBLAS_CORETYPE" in env["env"]
+    names = {(r["backend"], r["name"]) for r in data["results"]}
+    for bk in data["argv"]["backend"] or env["backends"]:
+        if env["backends"].get(bk) != "available":
+            continue
+        for name in ("floor:step", "floor:forward", "floor:backward", "step_sgd", "step_adam", "forward",
+                     "op:dense_forward", "op:output_delta", "op:backprop_dense", "op:update_sgd", "op:update_adam"):
+            assert (bk, name) in names
+    rows = {(r["backend"], r["name"]): r for r in data["results"]}
+    step = rows[("numpy", "step_sgd")]
+    assert step["flops"] == bench.step_flops([8, 16, 4], 8)
+    assert step["reps"] == 2 and step["min_s"] <= step["median_s"] <= step["max_s"]
+    assert step["ratio_to_floor"] == pytest.approx(step["median_s"] / rows[("numpy", "floor:step")]["median_s"])
+    assert step["gflops"] == pytest.approx(step["flops"] / step["median_s"] / 1e9)
+    assert step["samples_per_s"] == pytest.approx(8 / step["median_s"])
+    assert step["first_call_s"] > 0
+
+
+def test_bench_warns_about_openblas_variables():
+    env = {"env": {"OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_L2_SIZE": "1048576"}, "blas": [{}]}
+    warns = bench.warnings_for(env)
+    assert len(warns) == 2 and "env -u OPENBLAS_CORETYPE" in warns[0]
+    assert bench.warnings_for({"env": {}, "blas": [{}]}) == []
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["bench", "--sizes", "8,x", "--batch", "4"], "--sizes"),
+    (["bench", "--sizes", "8,4"], "go together"),
+    (["bench", "--config", "large"], "GPU"),
+    (["bench", "--reps", "0"], "--reps"),
+])
+def test_bench_argument_errors(capsys, argv, match):
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
