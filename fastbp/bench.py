@@ -182,10 +182,10 @@ def _op_candidates(model: Any, backend: Any, Xd: Any, yd: Any, sizes: list[int],
     sync = backend.synchronize
     trace = model._forward_train(Xd)
     _, delta = model._output_delta(trace, yd, "cross_entropy")
-    grads = model._backward(trace, delta)
-    params = model.parameters()
-    # Updates run on copies so the model's weights (which the other ops read) stay put.
-    copies = [p.copy() for p in params]
+    model._backward(trace, delta)
+    # The updates run on a copy of the flat parameter vector (what the Trainer updates), so the model's
+    # weights, which the other ops read, stay put.
+    copies, grads = [model.flat_parameters().copy()], [model.flat_grad()]
     sgd, adam = fb.optim.SGD(lr=LR), fb.optim.Adam(lr=LR)
 
     def op_forward():

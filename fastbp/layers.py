@@ -124,13 +124,16 @@ class MLP:
 
     # ------------------------------------------------------------------ construction helpers
     def _set_layers(self, weights: list[tuple[np.ndarray, np.ndarray, str]]) -> None:
+        """Lay the parameters out as views of one flat buffer, W1, b1, W2, b2, ... in order, so an
+        optimizer step is one op over one vector (and the gradients likewise)."""
         bk = self.backend
-        self.layers = [
-            Dense(bk.asarray(np.ascontiguousarray(W, dtype=self.dtype)),
-                  bk.asarray(np.ascontiguousarray(b, dtype=self.dtype)), act)
-            for W, b, act in weights
-        ]
+        host = np.concatenate([np.asarray(a, dtype=self.dtype).ravel() for W, b, _ in weights for a in (W, b)])
+        self._flat = bk.asarray(host, self.dtype)  # host is a fresh array: no caller memory is aliased
+        shapes = [np.shape(a) for W, b, _ in weights for a in (W, b)]
+        views = _views(self._flat, shapes)
+        self.layers = [Dense(views[2 * i], views[2 * i + 1], act) for i, (_, _, act) in enumerate(weights)]
         self._workspaces: OrderedDict[int, _Workspace] = OrderedDict()
+        self._flat_grad: Any = None
         self._grads: list[Any] | None = None
 
     @classmethod
@@ -234,10 +237,21 @@ class MLP:
         return ws
 
     def grad_buffers(self) -> list[Any]:
-        """The model's gradient buffers, in ``parameters()`` order, reused by every step."""
+        """The model's gradient buffers, in ``parameters()`` order, reused by every step (views of
+        ``flat_grad()``)."""
         if self._grads is None:
-            self._grads = [self.backend.empty(p.shape, self.dtype) for p in self.parameters()]
+            self._flat_grad = self.backend.zeros(self._flat.shape, self.dtype)
+            self._grads = _views(self._flat_grad, [p.shape for p in self.parameters()])
         return self._grads
+
+    def flat_parameters(self) -> Any:
+        """All parameters as one vector (W1, b1, W2, ... flattened); ``parameters()`` are views of it."""
+        return self._flat
+
+    def flat_grad(self) -> Any:
+        """All gradients as one vector, laid out like ``flat_parameters()``."""
+        self.grad_buffers()
+        return self._flat_grad
 
     def _loss_and_grads(self, X: Any, y: Any, loss: str) -> tuple[Any, list[Any], Any]:
         """The training hot path, on prepared backend arrays: forward, eq. (1), then eqs. (2)-(4) top down.
@@ -304,6 +318,16 @@ class MLP:
         from .io import save_model
 
         save_model(self, path)
+
+
+def _views(flat: Any, shapes: list[tuple[int, ...]]) -> list[Any]:
+    """Consecutive views of ``flat`` with the given shapes."""
+    views, offset = [], 0
+    for shape in shapes:
+        size = int(np.prod(shape))
+        views.append(flat[offset:offset + size].reshape(shape))
+        offset += size
+    return views
 
 
 def _check_sizes(sizes: Any) -> list[int]:

@@ -81,8 +81,11 @@ class Trainer:
 
     def _step(self, Xd: Any, yd: Any) -> tuple[Any, Any]:
         model = self.model
-        value, grads, output = model._loss_and_grads(Xd, yd, self.loss)
-        self.optimizer.step(model.parameters(), grads, model.backend)
+        fused = model.backend.train_step(model, Xd, yd, self.loss, self.optimizer)
+        if fused is not None:
+            return fused
+        value, _, output = model._loss_and_grads(Xd, yd, self.loss)
+        self.optimizer.step([model.flat_parameters()], [model.flat_grad()], model.backend)
         return value, output
 
     # ------------------------------------------------------------------ many epochs

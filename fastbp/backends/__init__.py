@@ -29,6 +29,7 @@ __all__ = [
 #: Each entry is the module whose ``create()`` returns the backend or raises BackendUnavailable.
 _MODULES: dict[str, str] = {
     "numpy": "fastbp.backends.numpy_backend",
+    "numba": "fastbp.backends.numba_backend",
 }
 _PREFERENCE = ("cupy", "numba", "numpy")
 

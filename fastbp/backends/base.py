@@ -201,6 +201,14 @@ class Backend:
             return xp.sum((Z_L > 0) == (y > 0.5))
         raise ValueError(f"accuracy is defined for classification losses, not {loss!r}")
 
+    def train_step(self, model: Any, X: Any, y: Any, loss: str, optimizer: Any) -> tuple[Any, Any] | None:
+        """A whole training step (forward, backward, update) in one op, or None where this backend has
+        none for this model and optimizer (the Trainer then runs the ops one by one).
+
+        Returns (loss as a 0-d array, the network's output) like the op-by-op path.
+        """
+        return None
+
     # ------------------------------------------------------------------ optimizer updates (in place)
     def sgd_update(
         self,

@@ -1,0 +1,230 @@
+"""The Numba backend: JIT-compiled CPU kernels that fuse everything around the GEMMs.
+
+Each op is one compiled call: its GEMMs go through BLAS (Numba's ``np.dot``, which calls SciPy's
+OpenBLAS) and the rest (bias, activation, g', the bias gradient, the loss and its delta, the optimizer
+update) happens in one pass. Small networks train through a whole-step kernel: forward, backward and
+update in one call, with no Python between the ops.
+
+Threads: the fused passes run on the calling thread and BLAS uses its own pool, so only one pool is
+ever busy; results are bit-identical from run to run. Kernels are compiled on first use and cached on
+disk (``cache=True``; set NUMBA_CACHE_DIR where the install folder is read-only and no user cache folder
+is writable); ``warmup()`` compiles them ahead of time.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from . import BackendUnavailable
+from .base import Backend
+
+#: Networks whose step does at most this many multiply-adds (batch x parameters) train through the
+#: whole-step kernel; above it the per-op path's Python overhead is negligible. Measured crossover:
+#: see README (Performance) and benchmarks.
+WHOLE_STEP_MAX_MACS = 64 * 1024 * 1024
+#: backprop_dense runs without BLAS (one pass over the batch) when n_in * n * (n_next + ...) is below
+#: this many multiply-adds per sample: BLAS call overhead dominates such tiny layers.
+SMALL_LAYER_MAX = 2048
+
+_LOSS = {"mse": 3, "binary_cross_entropy": 2}
+
+
+class NumbaBackend(Backend):
+    """Fused JIT CPU kernels; inherits numpy's memory ops and the reference for anything not fused."""
+
+    name = "numba"
+    xp = np
+
+    def __init__(self) -> None:
+        from . import _numba_kernels as k
+
+        self.k = k
+        self._empty_labels = np.zeros(0, np.int64)
+        self._empty_2d = {dt: np.zeros((0, 0), dt) for dt in (np.float32, np.float64)}
+        self._empty_1d = {dt: np.zeros(0, dt) for dt in (np.float32, np.float64)}
+
+    # ------------------------------------------------------------------ memory
+    def asarray(self, x: Any, dtype: Any = None) -> Any:
+        return np.ascontiguousarray(x, dtype=dtype)
+
+    def matmul(self, A: Any, B: Any, out: Any = None) -> Any:
+        if out is None:
+            out = np.empty((A.shape[0], B.shape[1]), dtype=np.result_type(A, B))
+        self.k.matmul(A, B, out)
+        return out
+
+    # ------------------------------------------------------------------ layers
+    def dense_forward(self, X, W, b, activation, A_out=None, Z_out=None, work=None):
+        code = self.k.CODES[activation]
+        if code not in self.k.FUSED:
+            return super().dense_forward(X, W, b, activation, A_out, Z_out, work)
+        Z = Z_out if Z_out is not None else np.empty((X.shape[0], W.shape[1]), W.dtype)
+        self.k.dense_forward(X, W, b, code, Z)
+        return Z, Z
+
+    def dense_grads(self, delta, A_prev, dW_out=None, db_out=None):
+        dW = dW_out if dW_out is not None else np.empty((A_prev.shape[1], delta.shape[1]), delta.dtype)
+        db = db_out if db_out is not None else np.empty(delta.shape[1], delta.dtype)
+        self.k.dense_grads(delta, A_prev, dW, db)
+        return dW, db
+
+    def backprop_dense(self, delta_next, W_next, Z, A, A_prev, activation, delta_out=None, dW_out=None,
+                       db_out=None, work=None, work2=None):
+        code = self.k.CODES[activation]
+        if code not in self.k.FUSED:
+            return super().backprop_dense(delta_next, W_next, Z, A, A_prev, activation, delta_out, dW_out,
+                                          db_out, work, work2)
+        B, n = A.shape
+        delta = delta_out if delta_out is not None else np.empty((B, n), A.dtype)
+        dW = dW_out if dW_out is not None else np.empty((A_prev.shape[1], n), A.dtype)
+        db = db_out if db_out is not None else np.empty(n, A.dtype)
+        if A_prev.shape[1] * n + n * delta_next.shape[1] <= SMALL_LAYER_MAX:
+            self.k.backprop_dense_small(delta_next, W_next, A, A_prev, code, delta, dW, db)
+        else:
+            self.k.backprop_dense(delta_next, W_next, A, A_prev, code, delta, dW, db)
+        return delta, dW, db
+
+    # ------------------------------------------------------------------ losses
+    def _loss_args(self, Z, y, loss):
+        if loss == "cross_entropy" and y.ndim == 1:
+            return np.ascontiguousarray(y, np.int64), self._empty_2d[Z.dtype.type], self.k.CE_LABELS
+        code = self.k.CE_SOFT if loss == "cross_entropy" else _LOSS.get(loss)
+        if code is None:
+            raise ValueError(f"unknown loss {loss!r}")
+        return self._empty_labels, y, code
+
+    def output_delta(self, Z_L, y, loss, delta_out=None):
+        delta = delta_out if delta_out is not None else np.empty_like(Z_L)
+        labels, Y, code = self._loss_args(Z_L, y, loss)
+        return self.k.output_delta(Z_L, labels, Y, code, delta), delta
+
+    # ------------------------------------------------------------------ optimizers (flat, one pass)
+    def sgd_update(self, p, g, buf, work, lr, momentum, dampening, nesterov, weight_decay, first):
+        if not (p.flags.c_contiguous and g.flags.c_contiguous):
+            return super().sgd_update(p, g, buf, work, lr, momentum, dampening, nesterov, weight_decay, first)
+        b = buf.reshape(-1) if buf is not None else self._empty_1d[p.dtype.type]
+        self.k.sgd(p.reshape(-1), g.reshape(-1), b, lr, momentum, dampening, nesterov, weight_decay, first)
+
+    def adam_update(self, p, g, m, v, work, lr, beta1, beta2, eps, step, weight_decay, decoupled):
+        if not (p.flags.c_contiguous and g.flags.c_contiguous):
+            return super().adam_update(p, g, m, v, work, lr, beta1, beta2, eps, step, weight_decay, decoupled)
+        self.k.adam(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), lr, beta1, beta2, eps, step,
+                    weight_decay, decoupled)
+
+    def rmsprop_update(self, p, g, sq, buf, work, lr, alpha, eps, momentum, weight_decay):
+        if not (p.flags.c_contiguous and g.flags.c_contiguous):
+            return super().rmsprop_update(p, g, sq, buf, work, lr, alpha, eps, momentum, weight_decay)
+        b = buf.reshape(-1) if buf is not None else self._empty_1d[p.dtype.type]
+        self.k.rmsprop(p.reshape(-1), g.reshape(-1), sq.reshape(-1), b, lr, alpha, eps, momentum, weight_decay)
+
+    # ------------------------------------------------------------------ the whole step
+    def train_step(self, model, X, y, loss, optimizer):
+        """Forward, backward and update in one compiled call, for small networks."""
+        from ..optim import SGD, Adam, RMSProp
+
+        if (X.shape[0] * model.n_params > WHOLE_STEP_MAX_MACS or type(optimizer) not in _OPTIMIZERS
+                or any(self.k.CODES[a] not in self.k.FUSED for a in model.activations)):
+            return None
+        plan = _whole_step_plan(model, X.shape[0])
+        flat, grad = model.flat_parameters(), model.flat_grad()
+        optimizer._check_state([flat], self)
+        state = optimizer.state
+        state.step += 1
+        lr = optimizer.schedule(state.step)
+        empty = self._empty_1d[flat.dtype.type]
+        if isinstance(optimizer, Adam):
+            opt = 1
+            hyper = np.array([lr, optimizer.betas[0], optimizer.betas[1], optimizer.eps, optimizer.weight_decay,
+                              1.0 if optimizer._decoupled else 0.0])
+            s1, s2 = state.slots["m"][0], state.slots["v"][0]
+        elif isinstance(optimizer, SGD):
+            opt = 0
+            hyper = np.array([lr, optimizer.momentum, optimizer.dampening, float(optimizer.nesterov),
+                              optimizer.weight_decay])
+            s1, s2 = (state.slots["momentum"][0] if optimizer.momentum else empty), empty
+        else:
+            assert isinstance(optimizer, RMSProp)
+            opt = 2
+            hyper = np.array([lr, optimizer.alpha, optimizer.eps, optimizer.momentum, optimizer.weight_decay])
+            s1 = state.slots["square_avg"][0]
+            s2 = state.slots["momentum"][0] if optimizer.momentum else empty
+        labels, Y, code = self._loss_args(X, y, loss)
+        value = self.k.train_step(X, labels, Y, code, flat, grad, plan.layout, plan.codes, plan.ws, opt, hyper,
+                                  s1, s2, state.step, state.step == 1)
+        return value, plan.output
+
+    # ------------------------------------------------------------------ compilation
+    def warmup(self) -> float:
+        """Compile (or load from the disk cache) every kernel for float32 and float64; returns seconds."""
+        import fastbp as fb
+
+        start = time.perf_counter()
+        rng = np.random.default_rng(0)
+        for dtype in ("float32", "float64"):
+            for act in self.k.CODES:
+                model = fb.MLP([3, 4, 2], activation=act, dtype=dtype, seed=0, backend=self)
+                X = rng.standard_normal((5, 3))
+                for loss, y in (("cross_entropy", rng.integers(0, 2, 5)), ("mse", rng.standard_normal((5, 2))),
+                                ("binary_cross_entropy", rng.integers(0, 2, (5, 2)).astype(float))):
+                    model.loss_and_grads(X, y, loss)
+            model = fb.MLP([3, 4, 2], dtype=dtype, seed=0, backend=self)
+            X, y = model.prepare_batch(rng.standard_normal((5, 3)), rng.integers(0, 2, 5), "cross_entropy")
+            onehot = np.eye(2, dtype=dtype)[rng.integers(0, 2, 5)]
+            for opt in (fb.optim.SGD(0.1, momentum=0.9), fb.optim.Adam(), fb.optim.RMSProp(momentum=0.5)):
+                trainer = fb.Trainer(model, optimizer=opt)
+                trainer._step(X, y)
+                trainer._step(X, onehot)
+                opt.step([model.flat_parameters()], [model.flat_grad()], self)  # the per-op path
+            # the BLAS path of backprop_dense (layers above SMALL_LAYER_MAX), and matmul
+            d_next, W_next, Z = np.zeros((40, 50), dtype), np.zeros((60, 50), dtype), np.zeros((40, 60), dtype)
+            self.backprop_dense(d_next, W_next, Z, Z, Z, "relu")
+            self.matmul(Z, W_next)
+        return time.perf_counter() - start
+
+
+_OPTIMIZERS: set[type] = set()
+
+
+class _Plan:
+    __slots__ = ("layout", "codes", "ws", "output")
+
+
+def _whole_step_plan(model: Any, batch: int) -> _Plan:
+    """The layout arrays and scratch of the whole-step kernel for this model and batch size (cached)."""
+    from . import _numba_kernels as k
+
+    cache = model.__dict__.setdefault("_numba_plans", {})
+    plan = cache.get(batch)
+    if plan is not None and plan.ws.dtype == model.dtype:
+        return plan
+    plan = _Plan()
+    rows, offset, scratch = [], 0, 0
+    for layer in model.layers:
+        n_in, n_out = layer.n_in, layer.n_out
+        rows.append((offset, offset + n_in * n_out, n_in, n_out))
+        offset += n_in * n_out + n_out
+        scratch += 2 * batch * n_out  # A (over Z), then delta
+    plan.layout = np.array(rows, dtype=np.int64)
+    plan.codes = np.array([k.CODES[a] for a in model.activations], dtype=np.int64)
+    plan.ws = np.empty(scratch, model.dtype)
+    n_top = model.layers[-1].n_out
+    top = scratch - 2 * batch * n_top
+    plan.output = plan.ws[top:top + batch * n_top].reshape(batch, n_top)
+    if len(cache) >= 4:
+        cache.pop(next(iter(cache)))
+    cache[batch] = plan
+    return plan
+
+
+def create() -> NumbaBackend:
+    try:
+        import numba  # noqa: F401
+    except ImportError as exc:
+        raise BackendUnavailable(f"numba is not installed ({exc}); pip install 'fastbp[numba]'") from exc
+    from ..optim import SGD, Adam, AdamW, RMSProp
+
+    _OPTIMIZERS.update({SGD, Adam, AdamW, RMSProp})
+    return NumbaBackend()
