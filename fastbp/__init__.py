@@ -8,12 +8,12 @@ from .callbacks import Callback, EarlyStopping, ModelCheckpoint
 from .gradcheck import gradcheck
 from .io import load
 from .layers import MLP, Dense
-from .trainer import History, Trainer
+from .trainer import DivergenceError, History, Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MLP", "Dense", "Trainer", "History", "Callback", "EarlyStopping", "ModelCheckpoint",
+    "MLP", "Dense", "Trainer", "History", "DivergenceError", "Callback", "EarlyStopping", "ModelCheckpoint",
     "available_backends", "backend_status", "get_backend", "set_backend", "use_backend",
     "gradcheck", "load", "datasets", "optim", "callbacks", "__version__",
 ]

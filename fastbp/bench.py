@@ -17,6 +17,7 @@ import json
 import os
 import statistics
 import time
+import tracemalloc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,9 +153,16 @@ def fastbp_candidates(backend: Any, sizes: list[int], batch: int, dtype: str,
         info["compile_s"] = time.perf_counter() - start
     cands = []
     for opt_name, opt in (("sgd", fb.optim.SGD(lr=LR)), ("adam", fb.optim.Adam(lr=LR))):
+        # peak host memory of building the model and trainer and taking two steps (tracemalloc sees
+        # numpy's buffers; a GPU backend's device memory is its own pool)
+        tracemalloc.start()
         model = fb.MLP(sizes, activation="relu", dtype=dtype, seed=0, backend=backend)
         trainer = fb.Trainer(model, loss="cross_entropy", optimizer=opt, batch_size=batch)
         Xd, yd = model.prepare_batch(X, y, "cross_entropy")
+        trainer._step(Xd, yd)
+        trainer._step(Xd, yd)
+        info[f"peak_mem_bytes_{opt_name}"] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
 
         def step(trainer=trainer, Xd=Xd, yd=yd):
             trainer._step(Xd, yd)
@@ -412,6 +420,19 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_latency(rows: list[dict[str, Any]]) -> str:
+    """JIT compile time (a backend's warmup) and the first step's latency, apart from steady state."""
+    lines = ["compile and first-call latency (not in the figures above), peak host memory of model + step:"]
+    for r in rows:
+        if r["name"] != "step_sgd" or r["backend"].startswith(("torch", "numpy-naive")):
+            continue
+        compile_s = f"compile {r['compile_s']:.2f} s, " if r.get("compile_s") is not None else ""
+        peak = f", peak memory {r['peak_mem_bytes_sgd'] / 2**20:.1f} MiB" if "peak_mem_bytes_sgd" in r else ""
+        lines.append(f"  {r['config']:7s} {r['dtype']:7s} {r['backend']:8s} {compile_s}first step "
+                     f"{r['first_call_s'] * 1e3:.1f} ms (steady {r['median_s'] * 1e3:.3f} ms){peak}")
+    return "\n".join(lines)
+
+
 def warnings_for(env: dict[str, Any]) -> list[str]:
     warns = []
     if env["env"].get("OPENBLAS_CORETYPE"):
@@ -509,6 +530,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            settle=args.settle)
     print()
     print(format_table(rows))
+    print()
+    print(format_latency(rows))
     if args.json:
         payload = {"schema": "fastbp-bench/1", "command": "fastbp bench", "argv": vars(args),
                    "environment": env, "warnings": warns, "results": rows}

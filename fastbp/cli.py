@@ -105,6 +105,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     wall = time.perf_counter()
     backend = fb.set_backend(args.backend)
     print(f"backend: {backend.name} (available: {', '.join(fb.available_backends())})")
+    warmup = getattr(backend, "warmup", None)
+    if warmup is not None:
+        seconds = warmup(dtypes=[args.dtype], activations=[args.activation])
+        print(f"compile: {seconds:.2f} s (JIT kernels, cached on disk for the next run; not in training time)")
     X, y, source, divisor = _load_data(args)
     if y.dtype.kind != "i":
         raise UsageError(f"fastbp train classifies: the labels of {source} must be integers")

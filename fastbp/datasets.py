@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import zlib
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,8 @@ def load_npz(path: Any, x_key: str = "X", y_key: str = "y") -> tuple[np.ndarray,
             X, y = data[x_key], data[y_key]
     except ValueError:
         raise
-    except Exception as exc:  # zipfile, OSError, EOFError ...: all mean a file we cannot read
-        raise ValueError(f"{str(p)!r} is not a readable .npz file: {exc}") from exc
+    except Exception as exc:  # a damaged archive fails in zipfile, zlib or the .npy parser, in many ways
+        raise ValueError(f"{str(p)!r} is not a readable .npz file: {type(exc).__name__}: {exc}") from exc
     return _check_xy(X, y, str(p))
 
 
@@ -71,7 +72,7 @@ def load_csv(path: Any, label_column: int | str = -1, delimiter: str = ",",
     p = _existing(path)
     try:
         text = (gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()).decode()
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
         raise ValueError(f"{str(p)!r} is not a readable text file: {exc}") from exc
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if not lines:
@@ -92,6 +93,8 @@ def load_csv(path: Any, label_column: int | str = -1, delimiter: str = ",",
     if len(widths) != 1:
         raise ValueError(f"{str(p)!r}: rows have different numbers of columns {sorted(widths)}")
     table = np.array(rows, dtype=np.float64)
+    if names is not None and len(names) != table.shape[1]:
+        raise ValueError(f"{str(p)!r}: the header names {len(names)} columns but the rows have {table.shape[1]}")
     if table.ndim != 2 or table.shape[1] < 2:
         raise ValueError(f"{str(p)!r} needs rows of equal length with at least 2 columns")
     if isinstance(label_column, str):
@@ -126,7 +129,7 @@ def read_idx(path: Any) -> np.ndarray:
     if data[:2] == b"\x1f\x8b":
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise ValueError(f"{str(p)!r} is a corrupt gzip file: {exc}") from exc
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES or data[3] == 0:
         raise ValueError(f"{str(p)!r} is not an IDX file (bad magic number)")

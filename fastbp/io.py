@@ -7,11 +7,9 @@ fsynced and moved into place with os.replace, so a crash never leaves a partial 
 
 from __future__ import annotations
 
-import io as _io
 import json
 import os
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +22,26 @@ VERSION = 1
 _META = "__meta__"
 
 
-def write_npz_atomic(path: Any, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
-    """Write ``arrays`` and ``meta`` to ``path`` (.npz) atomically; returns the final path."""
+def check_writable(path: Any, argument: str = "path") -> Path:
+    """The .npz path a file will be written to; ValueError when its folder does not exist."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{argument} must be a file path, got {type(path).__name__}")
     path = Path(path)
     if path.suffix != ".npz":
-        path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
-    folder = path.parent if str(path.parent) else Path(".")
+        path = path.with_name(path.name + ".npz")
+    folder = path.parent
     if not folder.is_dir():
-        raise ValueError(f"path {str(path)!r}: folder {str(folder)!r} does not exist")
+        raise ValueError(f"{argument} {str(path)!r}: folder {str(folder)!r} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{argument} {str(path)!r} is a folder, not a file")
+    return path
+
+
+def write_npz_atomic(path: Any, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+    """Write ``arrays`` and ``meta`` to ``path`` (.npz added when missing) atomically: a temporary file in
+    the same folder, fsync, os.replace. Returns the final path."""
+    path = check_writable(path)
+    folder = path.parent
     payload = dict(arrays)
     payload[_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
@@ -48,7 +58,7 @@ def write_npz_atomic(path: Any, arrays: dict[str, np.ndarray], meta: dict[str, A
     return path
 
 
-def read_npz(path: Any, expected_format: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def read_npz(path: Any, expected_format: str | tuple[str, ...]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read an archive written by ``write_npz_atomic`` (no pickle); check its format and version.
 
     Raises:
@@ -60,8 +70,8 @@ def read_npz(path: Any, expected_format: str) -> tuple[dict[str, np.ndarray], di
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError, _io.UnsupportedOperation) as exc:
-        raise ValueError(f"{str(path)!r} is not a readable fastbp file: {exc}") from exc
+    except Exception as exc:  # a damaged archive fails in zipfile, zlib or the .npy parser, in many ways
+        raise ValueError(f"{str(path)!r} is not a readable fastbp file: {type(exc).__name__}: {exc}") from exc
     raw = arrays.pop(_META, None)
     if raw is None or raw.dtype != np.uint8 or raw.ndim != 1:
         raise ValueError(f"{str(path)!r} is not a fastbp file: no metadata")
@@ -69,9 +79,11 @@ def read_npz(path: Any, expected_format: str) -> tuple[dict[str, np.ndarray], di
         meta = json.loads(raw.tobytes().decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{str(path)!r} has corrupt metadata: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != expected_format:
-        raise ValueError(f"{str(path)!r} is not a {expected_format} file (format {meta.get('format')!r})"
-                         if isinstance(meta, dict) else f"{str(path)!r} has corrupt metadata")
+    formats = (expected_format,) if isinstance(expected_format, str) else expected_format
+    if not isinstance(meta, dict):
+        raise ValueError(f"{str(path)!r} has corrupt metadata")
+    if meta.get("format") not in formats:
+        raise ValueError(f"{str(path)!r} is not a {' or '.join(formats)} file (format {meta.get('format')!r})")
     if meta.get("version") != VERSION:
         raise ValueError(f"{str(path)!r} has format version {meta.get('version')!r}; this fastbp reads {VERSION}")
     return arrays, meta
@@ -118,6 +130,13 @@ def model_from_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any], backe
 
 
 def load(path: Any, backend: str | Backend | None = None) -> Any:
-    """Load a model saved with ``MLP.save``, onto ``backend`` (None: the active backend)."""
-    arrays, meta = read_npz(path, FORMAT)
+    """Load a model saved with ``MLP.save`` (or the model of a training checkpoint) onto ``backend``
+    (None: the active backend)."""
+    arrays, meta = read_npz(path, (FORMAT, "fastbp-checkpoint"))
+    if meta["format"] == "fastbp-checkpoint":
+        model_meta = meta.get("model")
+        if not isinstance(model_meta, dict):
+            raise ValueError(f"{str(path)!r} has invalid checkpoint metadata")
+        arrays = {k: v for k, v in arrays.items() if not k.startswith("opt.")}
+        meta = dict(model_meta, format=FORMAT)
     return model_from_arrays(arrays, meta, backend, repr(str(path)))

@@ -7,21 +7,30 @@ accumulated on the backend and read back once per epoch.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ._checks import check_choice, check_features, check_positive_int
+from ._checks import check_choice, check_features, check_positive_float, check_positive_int
 from .callbacks import Callback
 from .layers import MLP
 from .losses import CLASSIFICATION_LOSSES, check_loss
 from .optim import Adam, Optimizer
 
 PROGRESS = ("auto", "bar", "lines", "none")
+ON_NONFINITE = ("raise", "skip")
+
+
+class DivergenceError(FloatingPointError):
+    """Training met a non-finite loss or gradient; the parameters are those before that step."""
 
 
 @dataclass
@@ -29,6 +38,8 @@ class History:
     """Per-epoch metrics of a ``fit``: ``history['loss']`` is the list of epoch losses, and so on."""
 
     epochs: list[dict[str, Any]] = field(default_factory=list)
+    #: True when Ctrl-C ended the fit early (the last row is the last completed epoch).
+    interrupted: bool = False
 
     def __getitem__(self, key: str) -> list[Any]:
         if not self.epochs or key not in self.epochs[0]:
@@ -56,37 +67,91 @@ class Trainer:
         optimizer: an ``fastbp.optim`` optimizer; default Adam(lr=1e-3).
         batch_size: rows per step; the last batch of an epoch may be smaller.
         seed: seed of the shuffling generator.
+        clip_norm: rescale each step's gradient to this global norm when it is larger (None: never).
+        on_nonfinite: what a non-finite loss or gradient does: 'raise' a DivergenceError (the parameters
+            and optimizer state stay those of the last finite step), or 'skip' the step and count it.
+
+    A Trainer (and its model) serves one thread at a time: a second thread that calls ``step`` or ``fit``
+    while the first is inside gets a RuntimeError instead of a silent race on shared buffers.
     """
 
     def __init__(self, model: MLP, loss: str = "cross_entropy", optimizer: Optimizer | None = None,
-                 batch_size: int = 64, seed: int | None = 0) -> None:
+                 batch_size: int = 64, seed: int | None = 0, clip_norm: float | None = None,
+                 on_nonfinite: str = "raise") -> None:
         if not isinstance(model, MLP):
             raise TypeError(f"model must be a fastbp.MLP, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a fastbp.optim optimizer, got {type(optimizer).__name__}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise TypeError(f"seed must be an integer or None, got {seed!r}")
         self.model = model
         self.loss = check_loss(loss)
         self.optimizer = optimizer if optimizer is not None else Adam(lr=1e-3)
         self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.clip_norm = None if clip_norm is None else check_positive_float(clip_norm, "clip_norm")
+        self.on_nonfinite = check_choice(on_nonfinite, ON_NONFINITE, "on_nonfinite")
         self.rng = np.random.default_rng(seed)
         self.epoch = 0
+        self.steps = 0
+        self.skipped_steps = 0
         self.stop_training = False
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        lock = self.model.__dict__.setdefault("_busy", threading.Lock())
+        if not lock.acquire(blocking=False):
+            raise RuntimeError("this model is being trained in another thread: a Trainer and its model serve "
+                               "one thread at a time (use one model per thread)")
+        try:
+            yield
+        finally:
+            lock.release()
 
     # ------------------------------------------------------------------ one step
     def step(self, X: Any, y: Any) -> float:
         """One optimizer step on one batch; returns the batch's loss (before the update)."""
         Xd, yd = self.model.prepare_batch(X, y, self.loss)
-        value, _ = self._step(Xd, yd)
+        with self._exclusive():
+            value, _ = self._step(Xd, yd)
         return self.model.backend.to_float(value)
 
     def _step(self, Xd: Any, yd: Any) -> tuple[Any, Any]:
+        """One step on prepared arrays: the backend's whole-step op where it has one, else the ops one by
+        one; a non-finite loss or gradient never reaches the parameters."""
         model = self.model
-        fused = model.backend.train_step(model, Xd, yd, self.loss, self.optimizer)
+        bk = model.backend
+        clip = self.clip_norm or 0.0
+        fused = bk.train_step(model, Xd, yd, self.loss, self.optimizer, clip)
         if fused is not None:
-            return fused
+            value, output, sumsq, updated = fused
+            if not updated:
+                self._nonfinite(bk.to_float(value), sumsq)
+            self.steps += 1
+            return value, output
         value, _, output = model._loss_and_grads(Xd, yd, self.loss)
-        self.optimizer.step([model.flat_parameters()], [model.flat_grad()], model.backend)
+        grad = model.flat_grad()
+        sumsq = bk.to_float(bk.sum_of_squares(grad))
+        loss_value = bk.to_float(value)
+        if not (math.isfinite(loss_value) and math.isfinite(sumsq)):
+            self._nonfinite(loss_value, sumsq)
+        else:
+            if clip:
+                coef = clip / (math.sqrt(sumsq) + 1e-6)  # as torch.nn.utils.clip_grad_norm_
+                if coef < 1.0:
+                    bk.scale(grad, coef)
+            self.optimizer.step([model.flat_parameters()], [grad], bk)
+        self.steps += 1
         return value, output
+
+    def _nonfinite(self, loss_value: float, sumsq: float) -> None:
+        if self.on_nonfinite == "skip":
+            self.skipped_steps += 1
+            return
+        what = "loss" if not math.isfinite(loss_value) else "gradient"
+        raise DivergenceError(
+            f"non-finite {what} at epoch {self.epoch}, step {self.steps + 1} (loss {loss_value}, squared "
+            f"gradient norm {sumsq}); the parameters and optimizer state are those before this step. Lower "
+            f"the learning rate, set clip_norm, or pass on_nonfinite='skip' to skip such steps.")
 
     # ------------------------------------------------------------------ many epochs
     def fit(
@@ -98,6 +163,7 @@ class Trainer:
         callbacks: Sequence[Callback] | None = None,
         shuffle: bool = True,
         progress: str = "auto",
+        interrupt_checkpoint: Any = None,
     ) -> History:
         """Train for ``epochs`` passes over (X, y); returns the History of per-epoch metrics.
 
@@ -107,6 +173,10 @@ class Trainer:
             shuffle: reshuffle the rows each epoch with the trainer's seeded generator.
             progress: 'auto' (a bar on a terminal when tqdm is installed, else a line per epoch on a
                 terminal, nothing otherwise), 'bar', 'lines' or 'none'.
+            interrupt_checkpoint: where Ctrl-C saves a checkpoint (see ``save_checkpoint``) before fit
+                returns. Ctrl-C ends fit cleanly: it returns the History with ``interrupted=True``; the
+                weights keep the interrupted epoch's steps, while the epoch count and the shuffling
+                generator are those of the last completed epoch, so a resumed fit redoes that epoch.
         """
         epochs = check_positive_int(epochs, "epochs")
         check_choice(progress, PROGRESS, "progress")
@@ -114,30 +184,45 @@ class Trainer:
         for cb in callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be fastbp Callback instances, got {type(cb).__name__}")
-        model, bk = self.model, self.model.backend
+        model = self.model
         Xd, yd = model.prepare_batch(X, y, self.loss)
         val = None
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise TypeError("validation_data must be a pair (X_val, y_val)")
             val = model.prepare_batch(validation_data[0], validation_data[1], self.loss)
+        if interrupt_checkpoint is not None:
+            from .io import check_writable
 
+            check_writable(interrupt_checkpoint, "interrupt_checkpoint")
+        history = History()
+        with self._exclusive():
+            self._fit_epochs(Xd, yd, val, epochs, callbacks, shuffle, history, progress, interrupt_checkpoint)
+        for cb in callbacks:
+            cb.on_train_end(self, history)
+        return history
+
+    def _fit_epochs(self, Xd: Any, yd: Any, val: Any, epochs: int, callbacks: list[Callback], shuffle: bool,
+                    history: History, progress: str, interrupt_checkpoint: Any) -> None:
+        bk = self.model.backend
         n = Xd.shape[0]
         bs = min(self.batch_size, n)
         batches = {size: (bk.empty((size,) + Xd.shape[1:], Xd.dtype), bk.empty((size,) + yd.shape[1:], yd.dtype))
                    for size in {bs, n % bs or bs}}
         classify = self.loss in CLASSIFICATION_LOSSES
-        history = History()
         reporter = _Reporter(progress, epochs)
         self.stop_training = False
         for cb in callbacks:
             cb.on_train_begin(self)
+        epoch_start = (self.epoch, self.rng.bit_generator.state)
         try:
             for _ in range(epochs):
+                epoch_start = (self.epoch, self.rng.bit_generator.state)
                 self.epoch += 1
                 for cb in callbacks:
                     cb.on_epoch_begin(self, self.epoch)
                 start = time.perf_counter()
+                skipped = self.skipped_steps
                 order = self.rng.permutation(n) if shuffle else np.arange(n)
                 idx = bk.asarray(order)
                 total_loss, correct = 0.0, 0
@@ -155,6 +240,8 @@ class Trainer:
                     row["accuracy"] = bk.to_float(correct) / _targets_per_row(yd, self.loss) / n
                 if val is not None:
                     row.update({f"val_{k}": v for k, v in self._evaluate(*val).items()})
+                if self.on_nonfinite == "skip":
+                    row["skipped"] = self.skipped_steps - skipped
                 row["lr"] = self.optimizer.lr
                 row["time"] = time.perf_counter() - start
                 history.epochs.append(row)
@@ -163,11 +250,30 @@ class Trainer:
                     cb.on_epoch_end(self, self.epoch, row)
                 if self.stop_training:
                     break
+        except KeyboardInterrupt:
+            history.interrupted = True
+            self.epoch, state = epoch_start
+            self.rng.bit_generator.state = state
+            if interrupt_checkpoint is not None:
+                self.save_checkpoint(interrupt_checkpoint)
         finally:
             reporter.close()
-        for cb in callbacks:
-            cb.on_train_end(self, history)
-        return history
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, path: Any) -> Path:
+        """Write the model, the optimizer (hyperparameters, schedule, state), the epoch and step counts and
+        the shuffling generator's state to one .npz file, atomically; returns the path written."""
+        from .checkpoint import save_checkpoint
+
+        return save_checkpoint(self, path)
+
+    @classmethod
+    def load_checkpoint(cls, path: Any, backend: Any = None) -> Trainer:
+        """A Trainer restored from ``save_checkpoint``, on ``backend`` (None: the active one); training
+        resumes exactly where it was saved (bit-identically on the CPU backends)."""
+        from .checkpoint import load_checkpoint
+
+        return load_checkpoint(path, backend)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, X: Any, y: Any) -> dict[str, float]:

@@ -272,13 +272,15 @@ def rmsprop(p, g, sq, buf, lr, alpha, eps, momentum, wd):
 
 # ----------------------------------------------------------------------------------- the whole step
 @njit
-def train_step(X, y_labels, Y, loss, flat, grad, layout, codes, ws, opt, hyper, s1, s2, step, first):
+def train_step(X, y_labels, Y, loss, flat, grad, layout, codes, ws, opt, hyper, s1, s2, step, first, clip):
     """Forward, backward and the optimizer update of one step, in one call (codes in FUSED).
 
     layout[l] = (offset of W_l in flat, offset of b_l, n_in, n_out). ws: one flat scratch vector holding,
     per layer, A (written over Z) then delta, each (B, n_out).
     opt: 0 SGD, 1 Adam (decoupled weight decay when hyper[5] != 0), 2 RMSProp; hyper: its hyperparameters.
-    Returns the mean loss; the network's output is left in the top layer's A.
+    clip > 0 rescales the gradient to that global norm when it is larger (as torch's clip_grad_norm_).
+    Returns (mean loss, sum of squared gradients, whether the update ran): a non-finite loss or gradient
+    leaves the parameters and the optimizer state untouched. The output is left in the top layer's A.
     """
     B = X.shape[0]
     L = layout.shape[0]
@@ -312,6 +314,11 @@ def train_step(X, y_labels, Y, loss, flat, grad, layout, codes, ws, opt, hyper, 
             np.dot(delta, flat[w0:w0 + n_in * n_out].reshape((n_in, n_out)).T, below)  # eq. (2)
             dact(below, A_in, codes[l - 1])
             delta = below
+    sumsq = sum_of_squares(grad)
+    if not (math.isfinite(value) and math.isfinite(sumsq)):
+        return value, sumsq, False
+    if clip > 0:
+        clip_grad(grad, sumsq, clip)
     # ---- the update, over the whole flat vector
     if opt == 0:
         sgd(flat, grad, s1, hyper[0], hyper[1], hyper[2], hyper[3] != 0.0, hyper[4], first)
@@ -319,4 +326,22 @@ def train_step(X, y_labels, Y, loss, flat, grad, layout, codes, ws, opt, hyper, 
         adam(flat, grad, s1, s2, hyper[0], hyper[1], hyper[2], hyper[3], step, hyper[4], hyper[5] != 0.0)
     else:
         rmsprop(flat, grad, s1, s2, hyper[0], hyper[1], hyper[2], hyper[3], hyper[4])
-    return value
+    return value, sumsq, True
+
+
+@njit
+def sum_of_squares(g):
+    """sum(g^2) of a flat vector, accumulated in float64."""
+    acc = 0.0
+    for i in range(g.size):
+        acc += g[i] * g[i]
+    return acc
+
+
+@njit
+def clip_grad(g, sumsq, max_norm):
+    """Scale g to global norm max_norm when its norm is larger: coef = max_norm / (norm + 1e-6)."""
+    coef = max_norm / (math.sqrt(sumsq) + 1e-6)
+    if coef < 1.0:
+        for i in range(g.size):
+            g[i] *= coef

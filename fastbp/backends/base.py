@@ -201,13 +201,20 @@ class Backend:
             return xp.sum((Z_L > 0) == (y > 0.5))
         raise ValueError(f"accuracy is defined for classification losses, not {loss!r}")
 
-    def train_step(self, model: Any, X: Any, y: Any, loss: str, optimizer: Any) -> tuple[Any, Any] | None:
+    def train_step(self, model: Any, X: Any, y: Any, loss: str, optimizer: Any,
+                   clip: float = 0.0) -> tuple[Any, Any, float, bool] | None:
         """A whole training step (forward, backward, update) in one op, or None where this backend has
         none for this model and optimizer (the Trainer then runs the ops one by one).
 
-        Returns (loss as a 0-d array, the network's output) like the op-by-op path.
+        ``clip`` > 0 rescales the gradient to that global norm when larger. Returns (the loss, the
+        network's output, the sum of squared gradients, whether the update ran); a non-finite loss or
+        gradient must leave the parameters and the optimizer state untouched.
         """
         return None
+
+    def scale(self, x: Any, alpha: float) -> None:
+        """x *= alpha, in place."""
+        x *= alpha
 
     # ------------------------------------------------------------------ optimizer updates (in place)
     def sgd_update(

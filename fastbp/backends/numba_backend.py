@@ -121,67 +121,62 @@ class NumbaBackend(Backend):
         self.k.rmsprop(p.reshape(-1), g.reshape(-1), sq.reshape(-1), b, lr, alpha, eps, momentum, weight_decay)
 
     # ------------------------------------------------------------------ the whole step
-    def train_step(self, model, X, y, loss, optimizer):
-        """Forward, backward and update in one compiled call, for small networks."""
-        from ..optim import SGD, Adam, RMSProp
-
-        if (X.shape[0] * model.n_params > WHOLE_STEP_MAX_MACS or type(optimizer) not in _OPTIMIZERS
-                or any(self.k.CODES[a] not in self.k.FUSED for a in model.activations)):
+    def train_step(self, model, X, y, loss, optimizer, clip=0.0):
+        """Forward, backward and update in one compiled call, for small relu-like networks."""
+        plan = _whole_step_plan(model, X.shape[0], optimizer)
+        if plan is None:
             return None
-        plan = _whole_step_plan(model, X.shape[0])
         flat, grad = model.flat_parameters(), model.flat_grad()
         optimizer._check_state([flat], self)
         state = optimizer.state
-        state.step += 1
-        lr = optimizer.schedule(state.step)
+        slots = state.slots
+        hyper = plan.hyper
+        hyper[0] = optimizer.schedule(state.step + 1)
         empty = self._empty_1d[flat.dtype.type]
-        if isinstance(optimizer, Adam):
-            opt = 1
-            hyper = np.array([lr, optimizer.betas[0], optimizer.betas[1], optimizer.eps, optimizer.weight_decay,
-                              1.0 if optimizer._decoupled else 0.0])
-            s1, s2 = state.slots["m"][0], state.slots["v"][0]
-        elif isinstance(optimizer, SGD):
-            opt = 0
-            hyper = np.array([lr, optimizer.momentum, optimizer.dampening, float(optimizer.nesterov),
-                              optimizer.weight_decay])
-            s1, s2 = (state.slots["momentum"][0] if optimizer.momentum else empty), empty
+        if plan.opt == 1:
+            s1, s2 = slots["m"][0], slots["v"][0]
+        elif plan.opt == 0:
+            s1, s2 = (slots["momentum"][0] if optimizer.momentum else empty), empty
         else:
-            assert isinstance(optimizer, RMSProp)
-            opt = 2
-            hyper = np.array([lr, optimizer.alpha, optimizer.eps, optimizer.momentum, optimizer.weight_decay])
-            s1 = state.slots["square_avg"][0]
-            s2 = state.slots["momentum"][0] if optimizer.momentum else empty
+            s1, s2 = slots["square_avg"][0], (slots["momentum"][0] if optimizer.momentum else empty)
         labels, Y, code = self._loss_args(X, y, loss)
-        value = self.k.train_step(X, labels, Y, code, flat, grad, plan.layout, plan.codes, plan.ws, opt, hyper,
-                                  s1, s2, state.step, state.step == 1)
-        return value, plan.output
+        value, sumsq, updated = self.k.train_step(X, labels, Y, code, flat, grad, plan.layout, plan.codes, plan.ws,
+                                                  plan.opt, hyper, s1, s2, state.step + 1, state.step == 0, clip)
+        if updated:
+            state.step += 1
+        return value, plan.output, sumsq, updated
 
     # ------------------------------------------------------------------ compilation
-    def warmup(self) -> float:
-        """Compile (or load from the disk cache) every kernel for float32 and float64; returns seconds."""
+    def sum_of_squares(self, x):
+        return self.k.sum_of_squares(x.reshape(-1)) if x.flags.c_contiguous else super().sum_of_squares(x)
+
+    def warmup(self, dtypes: Any = ("float32", "float64"), activations: Any = None) -> float:
+        """Compile (or load from the disk cache) the kernels for these dtypes and activations (default:
+        all): the op-by-op path, the whole-step kernel with every optimizer, and every loss. Returns the
+        seconds it took, which ``fastbp bench`` and ``fastbp train`` report apart from step times."""
         import fastbp as fb
 
         start = time.perf_counter()
         rng = np.random.default_rng(0)
-        for dtype in ("float32", "float64"):
-            for act in self.k.CODES:
+        acts = list(activations) if activations is not None else list(self.k.CODES)
+        for dtype in dtypes:
+            for act in acts:
                 model = fb.MLP([3, 4, 2], activation=act, dtype=dtype, seed=0, backend=self)
                 X = rng.standard_normal((5, 3))
                 for loss, y in (("cross_entropy", rng.integers(0, 2, 5)), ("mse", rng.standard_normal((5, 2))),
                                 ("binary_cross_entropy", rng.integers(0, 2, (5, 2)).astype(float))):
                     model.loss_and_grads(X, y, loss)
-            model = fb.MLP([3, 4, 2], dtype=dtype, seed=0, backend=self)
-            X, y = model.prepare_batch(rng.standard_normal((5, 3)), rng.integers(0, 2, 5), "cross_entropy")
-            onehot = np.eye(2, dtype=dtype)[rng.integers(0, 2, 5)]
-            for opt in (fb.optim.SGD(0.1, momentum=0.9), fb.optim.Adam(), fb.optim.RMSProp(momentum=0.5)):
-                trainer = fb.Trainer(model, optimizer=opt)
-                trainer._step(X, y)
-                trainer._step(X, onehot)
-                opt.step([model.flat_parameters()], [model.flat_grad()], self)  # the per-op path
-            # the BLAS path of backprop_dense (layers above SMALL_LAYER_MAX), and matmul
-            d_next, W_next, Z = np.zeros((40, 50), dtype), np.zeros((60, 50), dtype), np.zeros((40, 60), dtype)
-            self.backprop_dense(d_next, W_next, Z, Z, Z, "relu")
-            self.matmul(Z, W_next)
+                    X_big, y_big = rng.standard_normal((40, 60)), rng.integers(0, 2, 40)
+                # the BLAS path of backprop_dense, for layers above SMALL_LAYER_MAX
+                fb.MLP([60, 50, 2], activation=act, dtype=dtype, backend=self).loss_and_grads(X_big, y_big)
+                Xd, yd = model.prepare_batch(X, rng.integers(0, 2, 5), "cross_entropy")
+                onehot = np.eye(2, dtype=dtype)[rng.integers(0, 2, 5)]
+                for opt in (fb.optim.SGD(0.1, momentum=0.9), fb.optim.Adam(), fb.optim.RMSProp(momentum=0.5)):
+                    trainer = fb.Trainer(model, optimizer=opt)
+                    trainer._step(Xd, yd)  # the whole-step kernel (relu-like) or the op-by-op path
+                    trainer._step(Xd, onehot)
+                    opt.step([model.flat_parameters()], [model.flat_grad()], self)  # the flat update op
+            self.matmul(np.zeros((4, 3), dtype), np.zeros((3, 2), dtype))
         return time.perf_counter() - start
 
 
@@ -189,33 +184,48 @@ _OPTIMIZERS: set[type] = set()
 
 
 class _Plan:
-    __slots__ = ("layout", "codes", "ws", "output")
+    __slots__ = ("layout", "codes", "ws", "output", "opt", "hyper")
 
 
-def _whole_step_plan(model: Any, batch: int) -> _Plan:
-    """The layout arrays and scratch of the whole-step kernel for this model and batch size (cached)."""
+def _whole_step_plan(model: Any, batch: int, optimizer: Any) -> _Plan | None:
+    """What the whole-step kernel needs for this model, batch size and optimizer (cached on the model),
+    or None when the step is too large for it or uses what it does not fuse."""
     from . import _numba_kernels as k
 
     cache = model.__dict__.setdefault("_numba_plans", {})
-    plan = cache.get(batch)
-    if plan is not None and plan.ws.dtype == model.dtype:
-        return plan
-    plan = _Plan()
-    rows, offset, scratch = [], 0, 0
-    for layer in model.layers:
-        n_in, n_out = layer.n_in, layer.n_out
-        rows.append((offset, offset + n_in * n_out, n_in, n_out))
-        offset += n_in * n_out + n_out
-        scratch += 2 * batch * n_out  # A (over Z), then delta
-    plan.layout = np.array(rows, dtype=np.int64)
-    plan.codes = np.array([k.CODES[a] for a in model.activations], dtype=np.int64)
-    plan.ws = np.empty(scratch, model.dtype)
-    n_top = model.layers[-1].n_out
-    top = scratch - 2 * batch * n_top
-    plan.output = plan.ws[top:top + batch * n_top].reshape(batch, n_top)
+    key = (batch, id(optimizer), model.dtype)
+    if key in cache:
+        return cache[key]
+    plan: _Plan | None = _Plan()
+    kind = {"SGD": 0, "Adam": 1, "AdamW": 1, "RMSProp": 2}.get(type(optimizer).__name__)
+    if (batch * model.n_params > WHOLE_STEP_MAX_MACS or type(optimizer) not in _OPTIMIZERS or kind is None
+            or any(k.CODES[a] not in k.FUSED for a in model.activations)):
+        plan = None
+    else:
+        rows, offset, scratch = [], 0, 0
+        for layer in model.layers:
+            n_in, n_out = layer.n_in, layer.n_out
+            rows.append((offset, offset + n_in * n_out, n_in, n_out))
+            offset += n_in * n_out + n_out
+            scratch += 2 * batch * n_out  # A (over Z), then delta
+        plan.layout = np.array(rows, dtype=np.int64)
+        plan.codes = np.array([k.CODES[a] for a in model.activations], dtype=np.int64)
+        plan.ws = np.empty(scratch, model.dtype)
+        n_top = model.layers[-1].n_out
+        top = scratch - 2 * batch * n_top
+        plan.output = plan.ws[top:top + batch * n_top].reshape(batch, n_top)
+        plan.opt = kind
+        if kind == 0:
+            plan.hyper = np.array([0.0, optimizer.momentum, optimizer.dampening, float(optimizer.nesterov),
+                                   optimizer.weight_decay])
+        elif kind == 1:
+            plan.hyper = np.array([0.0, optimizer.betas[0], optimizer.betas[1], optimizer.eps,
+                                   optimizer.weight_decay, 1.0 if optimizer._decoupled else 0.0])
+        else:
+            plan.hyper = np.array([0.0, optimizer.alpha, optimizer.eps, optimizer.momentum, optimizer.weight_decay])
     if len(cache) >= 4:
         cache.pop(next(iter(cache)))
-    cache[batch] = plan
+    cache[key] = plan
     return plan
 
 

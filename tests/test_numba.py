@@ -1,0 +1,107 @@
+"""What is particular to the numba backend: the whole-step kernel equals the op-by-op path, results are
+bit-identical from run to run, both backprop kernels agree, and the disk cache goes where it is told."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import assert_close
+
+import fastbp as fb
+
+pytestmark = pytest.mark.skipif("numba" not in fb.available_backends(),
+                                reason=f"numba backend unavailable: {fb.backend_status()['numba']}")
+
+OPTIMIZERS = {
+    "sgd": lambda: fb.optim.SGD(lr=0.05),
+    "sgd_nesterov_wd": lambda: fb.optim.SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "adam": lambda: fb.optim.Adam(lr=0.01, weight_decay=0.01),
+    "adamw": lambda: fb.optim.AdamW(lr=0.01, weight_decay=0.1),
+    "rmsprop_momentum": lambda: fb.optim.RMSProp(lr=0.01, momentum=0.5, weight_decay=0.01),
+}
+
+
+def _targets(rng, loss, B, n):
+    if loss == "cross_entropy":
+        return rng.integers(0, n, B)
+    if loss == "cross_entropy_onehot":
+        return np.eye(n)[rng.integers(0, n, B)]
+    if loss == "binary_cross_entropy":
+        return rng.integers(0, 2, (B, n)).astype(float)
+    return rng.standard_normal((B, n))
+
+
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("loss", ["cross_entropy", "cross_entropy_onehot", "binary_cross_entropy", "mse"])
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "identity"])
+def test_whole_step_kernel_equals_the_op_by_op_path(monkeypatch, opt, loss, act):
+    from fastbp.backends import numba_backend
+
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((12, 5))
+    y = _targets(rng, loss, 12, 3)
+    loss_name = "cross_entropy" if loss.startswith("cross") else loss
+    results = []
+    for limit in (numba_backend.WHOLE_STEP_MAX_MACS, 0):  # whole-step kernel, then op by op
+        monkeypatch.setattr(numba_backend, "WHOLE_STEP_MAX_MACS", limit)
+        model = fb.MLP([5, 7, 6, 3], activation=act, dtype="float64", seed=1, backend="numba")
+        trainer = fb.Trainer(model, loss=loss_name, optimizer=OPTIMIZERS[opt](), batch_size=4, seed=0)
+        history = trainer.fit(X, y, epochs=2, progress="none")
+        results.append((model.get_weights(), history["loss"]))
+    (w_whole, loss_whole), (w_ops, loss_ops) = results
+    assert_close(loss_whole, loss_ops, "float64")
+    for a, b in zip(w_whole, w_ops):
+        assert_close(a, b, "float64", rtol=1e-11, atol=1e-13)
+    assert not np.allclose(w_whole[0], fb.MLP([5, 7, 6, 3], seed=1, dtype="float64").get_weights()[0])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("sizes,batch", [([20, 32, 16, 4], 16), ([300, 256, 128, 10], 96)])
+def test_training_is_bit_identical_from_run_to_run(dtype, sizes, batch):
+    """Kernels, BLAS threads and all: the same inputs give the same bits, each of five times."""
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((3 * batch, sizes[0])), rng.integers(0, sizes[-1], 3 * batch)
+    runs = []
+    for _ in range(5):
+        model = fb.MLP(sizes, dtype=dtype, seed=2, backend="numba")
+        fb.Trainer(model, optimizer=fb.optim.Adam(1e-3), batch_size=batch, seed=4).fit(X, y, epochs=2,
+                                                                                      progress="none")
+        runs.append(model.get_weights())
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "identity"])
+def test_small_and_blas_backprop_kernels_agree(dtype, act):
+    from fastbp.backends import _numba_kernels as k
+
+    rng = np.random.default_rng(1)
+    B, n_in, n, n_next = 9, 6, 5, 4
+    A_prev = rng.standard_normal((B, n_in)).astype(dtype)
+    A = np.maximum(rng.standard_normal((B, n)), 0).astype(dtype) if act != "identity" else (
+        rng.standard_normal((B, n)).astype(dtype))
+    delta_next = rng.standard_normal((B, n_next)).astype(dtype)
+    W_next = rng.standard_normal((n, n_next)).astype(dtype)
+    outs = []
+    for kernel in (k.backprop_dense_small, k.backprop_dense):
+        delta, dW, db = np.empty((B, n), dtype), np.empty((n_in, n), dtype), np.empty(n, dtype)
+        kernel(delta_next, W_next, A, A_prev, k.CODES[act], delta, dW, db)
+        outs.append((delta, dW, db))
+    for a, b in zip(*outs):
+        assert_close(a, b, dtype, atol=1e-6 if dtype == "float32" else 1e-13)
+
+
+def test_warmup_reports_seconds_and_the_cache_goes_to_numba_cache_dir(tmp_path):
+    cache = tmp_path / "numba-cache"
+    code = ("import fastbp as fb; s = fb.backends.resolve_backend('numba').warmup(dtypes=['float64'], "
+            "activations=['relu']); print(s)")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.strip()) > 0
+    index_files = list(cache.rglob("*.nbi"))
+    assert any("_numba_kernels" in p.name for p in index_files), index_files

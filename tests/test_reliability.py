@@ -1,0 +1,285 @@
+"""Divergence, clipping, checkpoints (atomic, validated, resumable), interrupts, memory, threads."""
+
+import threading
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+from conftest import assert_close
+
+import fastbp as fb
+from fastbp import datasets, optim
+from fastbp.io import write_npz_atomic
+
+
+@pytest.fixture
+def data():
+    X, y = datasets.make_classification(n_samples=200, n_features=6, n_classes=3, seed=1)
+    return datasets.standardize(X)[0], y
+
+
+def _all_finite(arrays):
+    return all(np.isfinite(a).all() for a in arrays)
+
+
+# ---------------------------------------------------------------------------------------- divergence
+def test_divergence_raises_and_keeps_the_last_finite_parameters(backend, data):
+    X, y = data
+    model = fb.MLP([6, 16, 3], seed=0, backend=backend)
+    trainer = fb.Trainer(model, optimizer=optim.SGD(lr=1e30), batch_size=50)
+    with pytest.raises(fb.DivergenceError, match="non-finite .* at epoch 1"):
+        trainer.fit(X, y, epochs=5, progress="none")
+    weights = model.get_weights()
+    state = trainer.optimizer.state_dict()
+    assert _all_finite(weights)
+    # training on diverges again, and each rejected step leaves parameters and state finite
+    with pytest.raises(fb.DivergenceError):
+        trainer.fit(X, y, epochs=5, progress="none")
+    assert _all_finite(model.get_weights())
+    assert _all_finite([v for k, v in trainer.optimizer.state_dict().items() if k != "step"])
+    assert trainer.optimizer.state_dict()["step"] >= state["step"]
+
+
+def test_divergence_can_skip_and_count(backend, data):
+    X, y = data
+    model = fb.MLP([6, 16, 3], seed=0, backend=backend)
+    trainer = fb.Trainer(model, optimizer=optim.Adam(lr=1e-3), batch_size=50, on_nonfinite="skip")
+    before = model.get_weights()
+    bad = X.copy()
+    bad[:50] *= 1e38  # float32 overflow: this batch's loss is not finite
+    history = trainer.fit(bad, y, epochs=2, shuffle=False, progress="none")
+    assert history["skipped"] == [1, 1]
+    assert trainer.skipped_steps == 2
+    assert trainer.optimizer.state.step == 6  # 8 batches, 2 skipped
+    after = model.get_weights()
+    assert _all_finite(after) and not np.array_equal(after[0], before[0])
+
+
+def test_gradient_clipping_matches_torch_semantics(backend, data):
+    X, y = data
+    model = fb.MLP([6, 8, 3], dtype="float64", seed=0, backend=backend)
+    _, grads = model.loss_and_grads(X[:32], y[:32], "cross_entropy")
+    norm = np.sqrt(sum(float(np.sum(backend.to_numpy(g) ** 2)) for g in grads))
+    before = model.get_weights()
+    clip = norm / 4
+    trainer = fb.Trainer(model, optimizer=optim.SGD(lr=1.0), batch_size=32, clip_norm=clip)
+    trainer.step(X[:32], y[:32])
+    coef = clip / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_
+    for w0, w1, g in zip(before, model.get_weights(), grads):
+        assert_close(w1, w0 - coef * backend.to_numpy(g), "float64", atol=1e-14)
+    # a norm under the limit leaves the gradient alone
+    model2 = fb.MLP([6, 8, 3], dtype="float64", seed=0, backend=backend)
+    fb.Trainer(model2, optimizer=optim.SGD(lr=1.0), clip_norm=norm * 2).step(X[:32], y[:32])
+    for w0, w1, g in zip(before, model2.get_weights(), grads):
+        assert_close(w1, w0 - backend.to_numpy(g), "float64", atol=1e-14)
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("make_opt", [
+    lambda: optim.Adam(lr=optim.LinearWarmup(optim.Cosine(1e-2, 40), 5)),
+    lambda: optim.SGD(lr=0.05, momentum=0.9, nesterov=True),
+    lambda: optim.RMSProp(lr=1e-3, momentum=0.5),
+], ids=["adam_schedule", "sgd_nesterov", "rmsprop"])
+def test_resume_is_bit_identical(backend, data, tmp_path, make_opt):
+    X, y = data
+    straight = fb.MLP([6, 16, 3], seed=4, backend=backend)
+    t1 = fb.Trainer(straight, optimizer=make_opt(), batch_size=32, seed=9)
+    h1 = t1.fit(X, y, epochs=4, progress="none")
+
+    first = fb.MLP([6, 16, 3], seed=4, backend=backend)
+    t2 = fb.Trainer(first, optimizer=make_opt(), batch_size=32, seed=9)
+    t2.fit(X, y, epochs=2, progress="none")
+    path = t2.save_checkpoint(tmp_path / "ckpt.npz")
+    resumed = fb.Trainer.load_checkpoint(path, backend=backend)
+    assert resumed.epoch == 2 and resumed.steps == t2.steps
+    h2 = resumed.fit(X, y, epochs=2, progress="none")
+    for a, b in zip(straight.get_weights(), resumed.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert h2["loss"] == h1["loss"][2:]
+    assert h2["epoch"] == [3, 4]
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.npz"]
+    # the model alone loads from a checkpoint too
+    for a, b in zip(fb.load(path).get_weights(), first.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def _checkpoint(tmp_path):
+    model = fb.MLP([4, 5, 2], seed=0)
+    trainer = fb.Trainer(model, batch_size=8)
+    rng = np.random.default_rng(0)
+    trainer.fit(rng.standard_normal((16, 4)), rng.integers(0, 2, 16), epochs=1, progress="none")
+    return trainer.save_checkpoint(tmp_path / "good.npz")
+
+
+def test_corrupt_checkpoints_are_rejected(tmp_path):
+    good = _checkpoint(tmp_path)
+    raw = good.read_bytes()
+    cases = {
+        "truncated.npz": raw[: len(raw) // 2],
+        "empty.npz": b"",
+        "garbage.npz": bytes(range(256)) * 10,
+    }
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError):
+            fb.Trainer.load_checkpoint(tmp_path / name)
+    with pytest.raises(ValueError, match="fastbp-checkpoint"):
+        fb.Trainer.load_checkpoint(fb.MLP([2, 2]).save(tmp_path / "model.npz") or tmp_path / "model.npz")
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, __meta__=np.array([object()], dtype=object))
+    with pytest.raises(ValueError):
+        fb.Trainer.load_checkpoint(pickled)
+    # valid archive, inconsistent content
+    with np.load(good) as d:
+        arrays = {k: d[k] for k in d.files}
+    import json
+
+    meta = json.loads(arrays.pop("__meta__").tobytes())
+    for mutate, match in [
+        (lambda a, m: a.update({"opt.m.0": a["opt.m.0"][:-1]}), "optimizer state"),
+        (lambda a, m: m.update({"version": 99}), "version"),
+        (lambda a, m: m["optimizer"].update({"type": "Lion"}), "Lion"),
+        (lambda a, m: m.update({"rng": {"bit_generator": "MT19937", "state": 3}}), "checkpoint"),
+        (lambda a, m: m["trainer"].update({"epoch": -1}), "counts"),
+        (lambda a, m: a.pop("W1"), "layer 1"),
+    ]:
+        a2, m2 = dict(arrays), json.loads(json.dumps(meta))
+        mutate(a2, m2)
+        bad = write_npz_atomic(tmp_path / "bad.npz", a2, m2)
+        with pytest.raises(ValueError, match=match):
+            fb.Trainer.load_checkpoint(bad)
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    good = _checkpoint(tmp_path)
+    before = good.read_bytes()
+
+    def broken_savez(f, **arrays):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", broken_savez)
+    model = fb.MLP([4, 5, 2], seed=1)
+    with pytest.raises(OSError, match="disk full"):
+        fb.Trainer(model).save_checkpoint(good)
+    assert good.read_bytes() == before  # the old file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.npz"]  # no temporary left
+    with pytest.raises(ValueError, match="folder"):
+        fb.Trainer(model).save_checkpoint(tmp_path / "missing" / "c.npz")
+
+
+# ---------------------------------------------------------------------------------------- interrupts
+def test_ctrl_c_ends_fit_cleanly_with_a_checkpoint(backend, data, tmp_path, monkeypatch):
+    X, y = data
+    model = fb.MLP([6, 16, 3], seed=0, backend=backend)
+    trainer = fb.Trainer(model, batch_size=20, seed=3)
+    real_step = trainer._step
+    calls = {"n": 0}
+
+    def step(Xd, yd):
+        calls["n"] += 1
+        if calls["n"] == 25:  # in the third epoch (10 steps an epoch)
+            raise KeyboardInterrupt
+        return real_step(Xd, yd)
+
+    monkeypatch.setattr(trainer, "_step", step)
+    history = trainer.fit(X, y, epochs=5, progress="none", interrupt_checkpoint=tmp_path / "int.npz")
+    assert history.interrupted and len(history) == 2 and trainer.epoch == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int.npz"]
+    resumed = fb.Trainer.load_checkpoint(tmp_path / "int.npz", backend=backend)
+    assert resumed.epoch == 2
+    for a, b in zip(resumed.model.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert resumed.fit(X, y, epochs=1, progress="none")["epoch"] == [3]
+    # the model is free again after the interrupt
+    trainer.step(X[:5], y[:5])
+
+
+# ---------------------------------------------------------------------------------------- memory
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_steady_state_training_allocates_nothing_new(backend, opt):
+    if backend.name == "cupy":
+        pytest.skip("host tracemalloc does not see device memory")
+    rng = np.random.default_rng(0)
+    model = fb.MLP([30, 64, 32, 5], seed=0, backend=backend)
+    trainer = fb.Trainer(model, optimizer=optim.SGD(0.01, momentum=0.9) if opt == "sgd" else optim.Adam())
+    Xd, yd = model.prepare_batch(rng.standard_normal((64, 30)), rng.integers(0, 5, 64), "cross_entropy")
+    for _ in range(20):
+        trainer._step(Xd, yd)
+    tracemalloc.start()
+    for _ in range(100):
+        trainer._step(Xd, yd)
+    current_1, peak_1 = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    for _ in range(100):
+        trainer._step(Xd, yd)
+    current_2, peak_2 = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    # 200 steps: the peak of the second hundred is no higher than the first's, and nothing accumulates
+    assert peak_2 <= peak_1 + 1024, (peak_1, peak_2)
+    assert current_2 - current_1 < 1024, (current_1, current_2)
+    # and the per-step temporaries are small next to the model's buffers
+    assert peak_2 - current_1 < 64 * 1024
+
+
+# ---------------------------------------------------------------------------------------- threads
+def test_a_trainer_refuses_a_second_thread(data):
+    X, y = data
+    model = fb.MLP([6, 8, 3], seed=0)
+    trainer = fb.Trainer(model, batch_size=50)
+    inside, release = threading.Event(), threading.Event()
+
+    class Hold(fb.Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            inside.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=lambda: trainer.fit(X, y, epochs=1, callbacks=[Hold()], progress="none"))
+    worker.start()
+    assert inside.wait(10)
+    before = model.get_weights()
+    with pytest.raises(RuntimeError, match="another thread"):
+        trainer.step(X[:10], y[:10])
+    with pytest.raises(RuntimeError, match="another thread"):
+        fb.Trainer(model).fit(X, y, epochs=1, progress="none")  # a second Trainer on the same model too
+    release.set()
+    worker.join(10)
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)  # the refused calls changed nothing
+    trainer.step(X[:10], y[:10])  # and it works again afterwards
+
+
+def test_separate_models_train_in_parallel_threads(data):
+    X, y = data
+    results = {}
+
+    def train(seed):
+        with fb.use_backend("numpy"):
+            model = fb.MLP([6, 8, 3], seed=seed)
+            fb.Trainer(model, batch_size=20).fit(X, y, epochs=2, progress="none")
+            results[seed] = model.get_weights()
+
+    threads = [threading.Thread(target=train, args=(s,)) for s in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for seed in (0, 1):
+        model = fb.MLP([6, 8, 3], seed=seed, backend="numpy")
+        fb.Trainer(model, batch_size=20).fit(X, y, epochs=2, progress="none")
+        for a, b in zip(results[seed], model.get_weights()):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_trainer_argument_checks():
+    model = fb.MLP([2, 2])
+    with pytest.raises(ValueError, match="clip_norm"):
+        fb.Trainer(model, clip_norm=0)
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        fb.Trainer(model, on_nonfinite="ignore")
+    with pytest.raises(TypeError, match="seed"):
+        fb.Trainer(model, seed="zero")
+    with pytest.raises(ValueError, match="interrupt_checkpoint"):
+        fb.Trainer(model).fit(np.ones((2, 2)), [0, 1], interrupt_checkpoint="/nonexistent/dir/c.npz")
+    time.sleep(0)
