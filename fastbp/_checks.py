@@ -76,3 +76,14 @@ def check_features(X: Any, n_in: int, argument: str = "X") -> np.ndarray:
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise ValueError(f"{argument} contains NaN or infinite values")
     return arr
+
+
+def check_seed(seed: Any, argument: str = "seed", allow_none: bool = True) -> int | None:
+    """An integer seed in [0, 2**32) (or None where allowed)."""
+    if seed is None and allow_none:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"{argument} must be an integer{' or None' if allow_none else ''}, got {seed!r}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"{argument} must be in [0, 2**32), got {seed}")
+    return int(seed)

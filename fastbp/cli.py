@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -40,6 +40,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {text!r}") from exc
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {text!r}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -50,9 +60,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a mistake in one line (and exit code 2), without the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog.split()[0]} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastbp", description="Fast backpropagation for MLPs.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="fastbp", description="Fast backpropagation for MLPs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = sub.add_parser("train", help="train an MLP (default: the bundled digits)")
     train.add_argument("--data", help="data file: .npz (X, y), .csv (labels in --label-column) or IDX images")
@@ -67,13 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_positive_int, default=64)
     train.add_argument("--backend", default="auto", help="numpy | numba | cupy | auto (default)")
     train.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=_seed, default=0, help="seed of the split, the weights and the shuffling")
     train.add_argument("--test-size", type=float, default=0.25, help="held-out fraction (default 0.25)")
     train.add_argument("--preprocess", choices=("auto", "none", "standardize", "scale"), default="auto",
                        help="auto: pixels/16 for digits, /255 for IDX, standardize other files")
     train.add_argument("--save", metavar="FILE", help="save the trained model (.npz)")
     train.add_argument("--plot", metavar="FILE", help="save loss and accuracy curves as PNG (needs matplotlib)")
     train.add_argument("--quiet", action="store_true", help="no per-epoch progress")
+    train.add_argument("--checkpoint", metavar="FILE",
+                       help="write a training checkpoint (.npz) at the end, and on Ctrl-C")
+    train.add_argument("--resume", metavar="FILE",
+                       help="continue from a checkpoint for --epochs more epochs (its model and optimizer "
+                            "replace --hidden, --activation, --optimizer, --lr, --dtype)")
 
     info = sub.add_parser("info", help="versions, backends, BLAS, threads, GPU")
     info.add_argument("--json", action="store_true", help="print JSON")
@@ -102,6 +124,8 @@ def _load_data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str, f
 def cmd_train(args: argparse.Namespace) -> int:
     import fastbp as fb
 
+    from .io import save_model
+
     wall = time.perf_counter()
     backend = fb.set_backend(args.backend)
     print(f"backend: {backend.name} (available: {', '.join(fb.available_backends())})")
@@ -129,35 +153,50 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"data: {source}: {X.shape[0]} samples, {X.shape[1]} features, {classes} classes; "
           f"train {len(y_train)}, test {len(y_test)}; preprocessing: {mode}")
 
-    model = fb.MLP([X.shape[1], *args.hidden, classes], activation=args.activation, dtype=args.dtype,
-                   seed=args.seed)
-    opt_cls = OPTIMIZERS[args.optimizer]
-    kwargs: dict[str, Any] = {"lr": args.lr}
-    if args.optimizer in ("sgd", "rmsprop"):
-        kwargs["momentum"] = args.momentum
-    optimizer = opt_cls(**kwargs)
-    trainer = fb.Trainer(model, loss="cross_entropy", optimizer=optimizer, batch_size=args.batch_size,
-                         seed=args.seed)
-    print(f"model: {model.sizes} {args.activation}, {model.n_params} parameters, {args.dtype}; "
-          f"{args.optimizer} lr {args.lr}, batch {args.batch_size}, {args.epochs} epochs")
+    if args.resume:
+        trainer = fb.Trainer.load_checkpoint(args.resume, backend=backend)
+        model = trainer.model
+        if model.sizes[0] != X.shape[1] or model.sizes[-1] < classes:
+            raise UsageError(f"checkpoint {args.resume} holds a {model.sizes} network; the data has "
+                             f"{X.shape[1]} features and {classes} classes")
+        print(f"resumed from {args.resume} at epoch {trainer.epoch}")
+    else:
+        model = fb.MLP([X.shape[1], *args.hidden, classes], activation=args.activation, dtype=args.dtype,
+                       seed=args.seed)
+        kwargs: dict[str, Any] = {"lr": args.lr}
+        if args.optimizer in ("sgd", "rmsprop"):
+            kwargs["momentum"] = args.momentum
+        trainer = fb.Trainer(model, loss="cross_entropy", optimizer=OPTIMIZERS[args.optimizer](**kwargs),
+                             batch_size=args.batch_size, seed=args.seed)
+    print(f"model: {model.sizes} {model.activations[0]}, {model.n_params} parameters, {model.dtype.name}; "
+          f"{type(trainer.optimizer).__name__} lr {trainer.optimizer.lr:g}, batch {trainer.batch_size}, "
+          f"{args.epochs} epochs")
+    if args.checkpoint:
+        from .io import check_writable
+
+        check_writable(args.checkpoint, "--checkpoint")
     progress = "none" if args.quiet else ("auto" if sys.stderr.isatty() else "lines")
     start = time.perf_counter()
     history = trainer.fit(X_train, y_train, epochs=args.epochs, validation_data=(X_test, y_test),
-                          progress=progress)
+                          progress=progress, interrupt_checkpoint=args.checkpoint)
     train_time = time.perf_counter() - start
+    if history.interrupted:
+        saved = f"; checkpoint in {args.checkpoint}" if args.checkpoint else ""
+        print(f"interrupted: {len(history)} epochs completed{saved}", file=sys.stderr)
+    elif args.checkpoint:
+        print(f"saved checkpoint to {trainer.save_checkpoint(args.checkpoint)}")
     result = trainer.evaluate(X_test, y_test)
     print(f"test loss: {result['loss']:.4f}")
     print(f"test accuracy: {result['accuracy']:.3f}")
     if args.save:
-        path = model.save(args.save) or args.save
-        print(f"saved model to {path}")
+        print(f"saved model to {save_model(model, args.save)}")
     if args.plot:
         _plot(history, args.plot)
         print(f"saved plot to {args.plot}")
     epoch_time = sum(history["time"])
     print(f"training time: {epoch_time:.2f} s in {len(history)} epochs (fit {train_time:.2f} s, "
           f"wall {time.perf_counter() - wall:.2f} s)")
-    return 0
+    return 130 if history.interrupted else 0
 
 
 def _plot(history: Any, path: str) -> None:
@@ -205,8 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"train": cmd_train, "info": cmd_info, "bench": _cmd_bench}
     try:
         return commands[args.command](args)
-    except (UsageError, ValueError, TypeError) as exc:
-        print(f"fastbp {args.command}: error: {exc}", file=sys.stderr)
+    except (UsageError, ValueError, TypeError, OSError) as exc:
+        message = " ".join(str(exc).split())  # one line
+        print(f"fastbp {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fastbp {args.command}: interrupted", file=sys.stderr)

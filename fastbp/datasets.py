@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import check_nonneg_float, check_positive_int
+from ._checks import check_nonneg_float, check_positive_int, check_seed
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -247,6 +247,7 @@ def train_test_split(X: Any, y: Any, test_size: float = 0.25, seed: int = 0,
     if y.shape[:1] != (n,) or n < 2:
         raise ValueError(f"X and y must have the same number (>= 2) of rows, got {n} and {y.shape[:1]}")
     test_size = check_nonneg_float(test_size, "test_size", upper=1.0)
+    seed = check_seed(seed, allow_none=False)
     n_test = int(np.ceil(test_size * n))
     n_train = n - n_test
     if n_test == 0 or n_train == 0:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import check_choice, check_features, check_positive_int
+from ._checks import check_choice, check_features, check_positive_int, check_seed
 from .activations import ACTIVATIONS
 from .backends import Backend, resolve_backend
 from .dtypes import resolve_dtype
@@ -111,8 +111,7 @@ class MLP:
         activations.append("identity")
         if init != "auto":
             check_choice(init, INITIALIZERS, "init")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-            raise TypeError(f"seed must be an integer or None, got {seed!r}")
+        check_seed(seed)
         self.dtype = resolve_dtype(dtype)
         self.backend = resolve_backend(backend)
         rng = np.random.default_rng(seed)
@@ -313,11 +312,11 @@ class MLP:
         return MLP.from_weights(weights, dtype=dtype if dtype is not None else self.dtype,
                                 backend=backend if backend is not None else self.backend)
 
-    def save(self, path: Any) -> None:
-        """Write the model to an .npz file atomically (see ``fastbp.io``)."""
+    def save(self, path: Any) -> Any:
+        """Write the model to an .npz file atomically (see ``fastbp.io``); returns the path written."""
         from .io import save_model
 
-        save_model(self, path)
+        return save_model(self, path)
 
 
 def _views(flat: Any, shapes: list[tuple[int, ...]]) -> list[Any]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import check_choice, check_features, check_positive_float, check_positive_int
+from ._checks import check_choice, check_features, check_positive_float, check_positive_int, check_seed
 from .callbacks import Callback
 from .layers import MLP
 from .losses import CLASSIFICATION_LOSSES, check_loss
@@ -82,8 +82,7 @@ class Trainer:
             raise TypeError(f"model must be a fastbp.MLP, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a fastbp.optim optimizer, got {type(optimizer).__name__}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-            raise TypeError(f"seed must be an integer or None, got {seed!r}")
+        check_seed(seed)
         self.model = model
         self.loss = check_loss(loss)
         self.optimizer = optimizer if optimizer is not None else Adam(lr=1e-3)

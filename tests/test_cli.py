@@ -56,7 +56,8 @@ def test_user_mistakes_exit_2_with_one_line(capsys, argv, match):
     assert len(err.splitlines()) == 1 and re.search(match, err), err
 
 
-@pytest.mark.parametrize("argv", [["train", "--epochs", "0"], ["train", "--hidden", "12,x"], ["fly"]])
+@pytest.mark.parametrize("argv", [["train", "--epochs", "0"], ["train", "--hidden", "12,x"], ["fly"],
+                                  ["train", "--seed", "-3"]])
 def test_argument_errors_exit_2(argv):
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -68,3 +69,34 @@ def test_info_and_module_entry_point():
     assert result.returncode == 0, result.stderr
     assert "backends:" in result.stdout and "numpy  available" in result.stdout
     assert re.search(r"^cpu: ", result.stdout, re.M)
+
+
+def test_checkpoint_and_resume(capsys, tmp_path):
+    ckpt = tmp_path / "run.npz"
+    assert main(["train", "--epochs", "2", "--quiet", "--checkpoint", str(ckpt), "--backend", "numpy"]) == 0
+    assert ckpt.exists()
+    assert main(["train", "--epochs", "3", "--quiet", "--resume", str(ckpt), "--backend", "numpy"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "at epoch 2" in out
+    resumed = fb.Trainer.load_checkpoint(ckpt)
+    assert resumed.epoch == 2  # resuming without --checkpoint leaves the file alone
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["train", "--save", "/nonexistent/dir/m.npz", "--epochs", "1", "--quiet"], "does not exist"),
+    (["train", "--checkpoint", "/nonexistent/dir/c.npz", "--epochs", "1"], "--checkpoint"),
+    (["train", "--resume", "/nonexistent/c.npz"], "does not exist"),
+    (["train", "--optimizer", "sgd", "--momentum", "1.5"], "momentum"),
+])
+def test_more_user_mistakes(capsys, argv, match):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err, err
+
+
+def test_argparse_mistakes_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--epochs", "zero"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--epochs" in err
