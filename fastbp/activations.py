@@ -160,6 +160,9 @@ class _errstate:
             self._ctx.__exit__(*exc)
 
 
+#: Integer codes of the activations, shared by the compiled kernels (Numba and CUDA).
+CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "gelu": 5, "silu": 6}
+
 ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in (

@@ -163,6 +163,9 @@ def fastbp_candidates(backend: Any, sizes: list[int], batch: int, dtype: str,
         trainer._step(Xd, yd)
         info[f"peak_mem_bytes_{opt_name}"] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
+        if hasattr(backend, "memory_in_use"):
+            backend.synchronize()
+            info[f"device_mem_bytes_{opt_name}"] = backend.memory_in_use()
 
         def step(trainer=trainer, Xd=Xd, yd=yd):
             trainer._step(Xd, yd)
@@ -347,7 +350,7 @@ def torch_candidates(sizes: list[int], batch: int, dtype: str, device: str,
 # ------------------------------------------------------------------------------------------ the run
 def run_config(config: str, sizes: list[int], batch: int, backends: list[Any], dtypes: list[str],
                reps: int, min_time: float, peers: bool = True, torch_compile: bool = False,
-               ops: bool = True, settle: float = 0.25) -> list[dict[str, Any]]:
+               ops: bool = True, settle: float = 0.25, tf32: bool = False) -> list[dict[str, Any]]:
     """Time every candidate of one config; returns the result rows with their ratios."""
     rows: list[dict[str, Any]] = []
     for dtype in dtypes:
@@ -358,17 +361,21 @@ def run_config(config: str, sizes: list[int], batch: int, backends: list[Any], d
             groups.append((bk.name, floor_candidates(bk, sizes, batch, dtype) + cands))
             extra[bk.name] = info
         peer_cands: list[Candidate] = []
+        on_cpu = any(bk.name != "cupy" for bk in backends)
+        on_gpu = any(bk.name == "cupy" for bk in backends)
         if peers:
-            peer_cands.append(naive_candidate(sizes, batch, dtype))
+            if on_cpu:
+                peer_cands.append(naive_candidate(sizes, batch, dtype))
             if _torch_available():
-                peer_cands += torch_candidates(sizes, batch, dtype, "cpu")
-                if torch_compile:
-                    peer_cands += torch_candidates(sizes, batch, dtype, "cpu", compile_model=True)
-                if any(bk.name == "cupy" for bk in backends) and _torch_cuda():
-                    peer_cands += torch_candidates(sizes, batch, dtype, "cuda")
+                devices = (["cpu"] if on_cpu else []) + (["cuda"] if on_gpu and _torch_cuda() else [])
+                for device in devices:
+                    peer_cands += torch_candidates(sizes, batch, dtype, device)
+                    if torch_compile:
+                        peer_cands += torch_candidates(sizes, batch, dtype, device, compile_model=True)
         everything = [c for _, cs in groups for c in cs] + peer_cands
         run_interleaved(everything, reps, min_time, settle)
-        summaries = [dict(summarize(c, batch), config=config, dtype=dtype, sizes=sizes, batch=batch,
+        label = f"{dtype}+tf32" if tf32 and dtype == "float32" else dtype
+        summaries = [dict(summarize(c, batch), config=config, dtype=label, sizes=sizes, batch=batch,
                           **extra.get(c.backend, {})) for c in everything]
         rows += add_ratios(summaries)
     return rows
@@ -427,7 +434,9 @@ def format_latency(rows: list[dict[str, Any]]) -> str:
         if r["name"] != "step_sgd" or r["backend"].startswith(("torch", "numpy-naive")):
             continue
         compile_s = f"compile {r['compile_s']:.2f} s, " if r.get("compile_s") is not None else ""
-        peak = f", peak memory {r['peak_mem_bytes_sgd'] / 2**20:.1f} MiB" if "peak_mem_bytes_sgd" in r else ""
+        peak = f", peak host memory {r['peak_mem_bytes_sgd'] / 2**20:.1f} MiB" if "peak_mem_bytes_sgd" in r else ""
+        if r.get("device_mem_bytes_sgd") is not None:
+            peak += f", device pool {r['device_mem_bytes_sgd'] / 2**20:.1f} MiB"
         lines.append(f"  {r['config']:7s} {r['dtype']:7s} {r['backend']:8s} {compile_s}first step "
                      f"{r['first_call_s'] * 1e3:.1f} ms (steady {r['median_s'] * 1e3:.3f} ms){peak}")
     return "\n".join(lines)
@@ -484,6 +493,8 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--no-ops", action="store_true", help="skip the per-op split")
     p.add_argument("--no-peers", action="store_true", help="skip the naive NumPy step and PyTorch")
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile'd PyTorch")
+    p.add_argument("--tf32", action="store_true",
+                   help="float32 GEMMs on TF32 tensor cores (cupy and torch-cuda; the floor too)")
     p.add_argument("--json", metavar="FILE", help="write every figure and the environment as JSON")
     p.add_argument("--plot", metavar="FILE", help="write a PNG chart of the ratios to the floor")
 
@@ -516,6 +527,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"config {name!r} is sized for a GPU; run it with the cupy backend")
         configs.append((name, cfg["sizes"], cfg["batch"]))
     dtypes = args.dtype or ["float32"]
+    if args.tf32:
+        if not on_gpu:
+            raise ValueError("--tf32 needs the cupy backend")
+        for bk in backends:
+            if hasattr(bk, "set_tf32"):
+                bk.set_tf32(True)
+        if _torch_available():
+            import torch
+
+            torch.backends.cuda.matmul.allow_tf32 = True
 
     env = environment()
     print(format_environment(env))
@@ -527,7 +548,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"\nconfig {name}: sizes {sizes}, batch {batch}, dtypes {dtypes}, backends {names} ...", flush=True)
         rows += run_config(name, sizes, batch, backends, dtypes, args.reps, args.min_time,
                            peers=not args.no_peers, torch_compile=args.torch_compile, ops=not args.no_ops,
-                           settle=args.settle)
+                           settle=args.settle, tf32=args.tf32)
     print()
     print(format_table(rows))
     print()

@@ -129,8 +129,7 @@ class Trainer:
             return value, output
         value, _, output = model._loss_and_grads(Xd, yd, self.loss)
         grad = model.flat_grad()
-        sumsq = bk.to_float(bk.sum_of_squares(grad))
-        loss_value = bk.to_float(value)
+        loss_value, sumsq = bk.to_floats(value, bk.sum_of_squares(grad))
         if not (math.isfinite(loss_value) and math.isfinite(sumsq)):
             self._nonfinite(loss_value, sumsq)
         else:

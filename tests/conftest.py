@@ -30,7 +30,11 @@ def assert_close(actual, expected, dtype="float64", rtol=None, atol=None, err_ms
     )
 
 
-@pytest.fixture(params=BACKENDS)
+# cupy runs only where a CUDA device is usable; its cases carry the gpu marker (`pytest -m gpu`).
+BACKEND_PARAMS = [pytest.param(b, marks=pytest.mark.gpu) if b == "cupy" else b for b in BACKENDS]
+
+
+@pytest.fixture(params=BACKEND_PARAMS)
 def backend(request):
     return resolve_backend(request.param)
 

@@ -9,13 +9,15 @@ import zipfile
 import numpy as np
 import pytest
 from conftest import BACKENDS
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-import fastbp as fb
-from fastbp import datasets
-from fastbp.activations import ACTIVATIONS
-from fastbp.backends import resolve_backend
+hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed: the property tests are skipped")
+from hypothesis import HealthCheck, given, settings  # noqa: E402, I001
+from hypothesis import strategies as st  # noqa: E402
+
+import fastbp as fb  # noqa: E402
+from fastbp import datasets  # noqa: E402
+from fastbp.activations import ACTIVATIONS  # noqa: E402
+from fastbp.backends import resolve_backend  # noqa: E402
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 LOSSES = ["mse", "cross_entropy", "binary_cross_entropy"]

@@ -30,6 +30,7 @@ __all__ = [
 _MODULES: dict[str, str] = {
     "numpy": "fastbp.backends.numpy_backend",
     "numba": "fastbp.backends.numba_backend",
+    "cupy": "fastbp.backends.cupy_backend",
 }
 _PREFERENCE = ("cupy", "numba", "numpy")
 
@@ -45,14 +46,15 @@ _override: ContextVar[Backend | None] = ContextVar("fastbp_backend", default=Non
 
 
 def _load(name: str) -> Backend | None:
-    """Create (once) and return the backend, or None with the reason recorded."""
+    """Create (once) and return the backend ('cupy:1' names a device), or None with the reason recorded."""
     if name in _instances:
         return _instances[name]
     if name in _reasons:
         return None
+    base, _, device = name.partition(":")
     try:
-        module = importlib.import_module(_MODULES[name])
-        backend = module.create()
+        module = importlib.import_module(_MODULES[base])
+        backend = module.create(int(device)) if device else module.create()
     except BackendUnavailable as exc:
         _reasons[name] = str(exc)
         return None
@@ -96,12 +98,16 @@ def resolve_backend(backend: str | Backend | None) -> Backend:
     name = backend.strip().lower()
     if name == "auto":
         return _load(available_backends()[0])  # type: ignore[return-value]
-    if name not in _PREFERENCE:
-        raise ValueError(
-            f"backend must be one of {list(_PREFERENCE) + ['auto']}, got {backend!r}"
-        )
-    if name not in _MODULES:
-        raise ValueError(f"backend {name!r} is not available: not implemented in this version of fastbp")
+    base, _, device = name.partition(":")
+    if base == "cupy" and device:
+        if not device.isdigit():
+            raise ValueError(f"backend 'cupy:N' needs a device number N >= 0, got {backend!r}")
+        name = "cupy" if int(device) == 0 else f"cupy:{int(device)}"
+    elif name not in _PREFERENCE:
+        from .._checks import suggest
+
+        raise ValueError(f"backend must be one of {list(_PREFERENCE) + ['auto', 'cupy:N']}, got {backend!r}"
+                         f"{suggest(name, _PREFERENCE)}")
     loaded = _load(name)
     if loaded is None:
         raise ValueError(f"backend {name!r} is not available: {_reasons[name]}")

@@ -21,18 +21,16 @@ import math
 import numpy as np
 from numba import njit as _njit
 
+from ..activations import CODES
+
 # error_model="numpy": no zero-division checks, so loops vectorize.
 njit = functools.partial(_njit, cache=True, error_model="numpy")
 
-IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH, GELU, SILU = range(7)
-CODES = {"identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU, "sigmoid": SIGMOID, "tanh": TANH,
-         "gelu": GELU, "silu": SILU}
+IDENTITY, RELU, LEAKY_RELU = CODES["identity"], CODES["relu"], CODES["leaky_relu"]
 FUSED = (IDENTITY, RELU, LEAKY_RELU)
 CE_LABELS, CE_SOFT, BCE, MSE = range(4)
 
 _SLOPE = 0.01
-_GELU_C = math.sqrt(2.0 / math.pi)
-_GELU_K = 0.044715
 
 
 # ----------------------------------------------------------------------------------- fused passes

@@ -212,6 +212,10 @@ class Backend:
         """
         return None
 
+    def to_floats(self, *xs: Any) -> tuple[float, ...]:
+        """Several 0-d arrays as Python floats, read back together (one transfer on a GPU)."""
+        return tuple(self.to_float(x) for x in xs)
+
     def scale(self, x: Any, alpha: float) -> None:
         """x *= alpha, in place."""
         x *= alpha

@@ -1,0 +1,55 @@
+"""The CUDA sources of the cupy backend: where they are, and every template instantiation they provide.
+
+No CuPy here: the same list drives CuPy's lazy compilation (``RawModule(name_expressions=...)``) and the
+nvcc compile check that runs on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..activations import CODES
+
+DTYPES = {"float32": "float", "float64": "double"}
+_ACTS = sorted(CODES.values())
+
+
+def kernel_dir() -> Path:
+    """The folder holding the .cu files: ``fastbp/kernels`` in an installed wheel, ``kernels/`` at the
+    top of the source tree."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "kernels", here.parent / "kernels"):
+        if (candidate / "dense.cu").is_file():
+            return candidate
+    raise FileNotFoundError(f"fastbp's CUDA sources (dense.cu, ...) are in neither {here / 'kernels'} nor "
+                            f"{here.parent / 'kernels'}")
+
+
+def name_expressions(file: str) -> list[str]:
+    """Every kernel instantiation that ``file`` provides, as C++ name expressions."""
+    names = []
+    for ctype in DTYPES.values():
+        if file == "dense.cu":
+            names += [f"bias_act<{ctype}, {a}>" for a in _ACTS]
+            names += [f"dact_colsum<{ctype}, {a}>" for a in _ACTS]
+            names.append(f"sum_partials<{ctype}>")
+        elif file == "loss.cu":
+            names += [f"softmax_ce<{ctype}>", f"bce_rows<{ctype}>", f"mse_rows<{ctype}>", f"reduce_rows<{ctype}>"]
+        elif file == "optim.cu":
+            names += [f"sgd<{ctype}>", f"adam<{ctype}>", f"rmsprop<{ctype}>", f"sumsq_partial<{ctype}>",
+                      f"scale<{ctype}>"]
+        else:
+            raise ValueError(f"unknown kernel file {file!r}")
+    return names
+
+
+FILES = ("dense.cu", "loss.cu", "optim.cu")
+
+
+def instantiation_unit(file: str) -> str:
+    """A translation unit that includes ``file`` and instantiates every name expression, for nvcc."""
+    path = kernel_dir() / file
+    lines = [f'#include "{path}"', "", "void fastbp_instantiate_all() {"]
+    lines += [f"    (void)&{name};" for name in name_expressions(file)]
+    lines.append("}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,300 @@
+"""The CuPy backend: training on NVIDIA GPUs.
+
+GEMMs go through cuBLAS (``cupy.matmul``; TF32 for float32 by ``set_tf32(True)``); everything around
+them is one fused CUDA kernel from kernels/*.cu: the bias + activation epilogue, the backward pass that
+applies g' and reduces the bias gradient (deterministic block reductions), the output delta fused with
+its loss, and the optimizer updates. The kernels are compiled lazily by ``cupy.RawModule`` from an
+explicit instantiation list (``cuda_sources.name_expressions``) the first time they are needed, never
+at import, and CuPy caches the binaries on disk (CUPY_CACHE_DIR, by default ~/.cupy/kernel_cache).
+
+After the first step of a given batch size, a step allocates nothing new: its buffers are the model's
+workspace, and the few temporaries (reduction partials) are reused blocks of CuPy's memory pool.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+from ..activations import ACTIVATIONS, CODES
+from . import BackendUnavailable
+from .base import Backend
+from .cuda_sources import DTYPES, kernel_dir, name_expressions
+
+_THREADS = 256
+
+
+def _on_device(method):
+    """Run a backend method with the backend's device current (for 'cupy:N' with N > 0)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.device:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+class CupyBackend(Backend):
+    """CuPy arrays on one CUDA device, cuBLAS GEMMs and fused CUDA kernels."""
+
+    name = "cupy"
+
+    def __init__(self, device_id: int = 0) -> None:
+        import cupy
+
+        self.xp = cupy
+        self.device_id = device_id
+        self.device = cupy.cuda.Device(device_id)
+        self._modules: dict[str, Any] = {}
+        self._kernels: dict[tuple[str, str], Any] = {}
+        with self.device:
+            self._sm_count = self.device.attributes["MultiProcessorCount"]
+
+    def __repr__(self) -> str:
+        return f"<fastbp backend 'cupy' on device {self.device_id}>"
+
+    # ------------------------------------------------------------------ kernels
+    def _kernel(self, file: str, template: str, dtype: Any, act: int = 0) -> Any:
+        """The compiled kernel ``template`` ({T}: the C type, {ACT}: the activation code) from ``file``."""
+        name = template.replace("{T}", DTYPES[np.dtype(dtype).name]).replace("{ACT}", str(act))
+        kernel = self._kernels.get((file, name))
+        if kernel is None:
+            module = self._modules.get(file)
+            if module is None:
+                source = (kernel_dir() / file).read_text()
+                module = self.xp.RawModule(code=source, options=("--std=c++17", f"-I{kernel_dir()}"),
+                                           name_expressions=name_expressions(file))
+                self._modules[file] = module
+            kernel = self._kernels[(file, name)] = module.get_function(name)
+        return kernel
+
+    def _grid(self, total: int) -> int:
+        return max(1, min((total + _THREADS - 1) // _THREADS, self._sm_count * 32))
+
+    def _acc_dtype(self, dtype: Any) -> Any:
+        return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+
+    # ------------------------------------------------------------------ memory
+    @_on_device
+    def asarray(self, x: Any, dtype: Any = None) -> Any:
+        try:
+            return self.xp.ascontiguousarray(self.xp.asarray(x, dtype=dtype))
+        except self.xp.cuda.memory.OutOfMemoryError as exc:
+            raise self._oom(np.asarray(x).size * np.dtype(dtype or np.asarray(x).dtype).itemsize) from exc
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return self.xp.asnumpy(x)
+
+    @_on_device
+    def empty(self, shape: Any, dtype: Any) -> Any:
+        try:
+            return self.xp.empty(shape, dtype=dtype)
+        except self.xp.cuda.memory.OutOfMemoryError as exc:
+            raise self._oom(int(np.prod(shape)) * np.dtype(dtype).itemsize) from exc
+
+    @_on_device
+    def zeros(self, shape: Any, dtype: Any) -> Any:
+        out = self.empty(shape, dtype)
+        out.fill(0)
+        return out
+
+    def _oom(self, nbytes: int) -> MemoryError:
+        pool = self.xp.get_default_memory_pool()
+        pool.free_all_blocks()
+        free, total = self.xp.cuda.runtime.memGetInfo()
+        return MemoryError(f"out of GPU memory on device {self.device_id}: asked for {nbytes / 2**20:.1f} MiB, "
+                           f"{free / 2**20:.1f} MiB free of {total / 2**20:.1f} MiB (the fastbp pool holds "
+                           f"{pool.total_bytes() / 2**20:.1f} MiB); use a smaller batch or model")
+
+    @_on_device
+    def synchronize(self) -> None:
+        self.xp.cuda.get_current_stream().synchronize()
+
+    def to_float(self, x: Any) -> float:
+        return float(x)
+
+    @_on_device
+    def to_floats(self, *xs: Any) -> tuple[float, ...]:
+        xp = self.xp
+        values = xp.stack([xp.asarray(x, dtype=np.float64).reshape(()) for x in xs]).get()
+        return tuple(float(v) for v in values)
+
+    @_on_device
+    def take_rows(self, X: Any, idx: Any, out: Any = None) -> Any:
+        return self.xp.take(X, idx, axis=0, out=out)
+
+    @_on_device
+    def matmul(self, A: Any, B: Any, out: Any = None) -> Any:
+        return self.xp.matmul(A, B, out=out)
+
+    def set_tf32(self, enabled: bool) -> None:
+        """Let cuBLAS run float32 GEMMs on TF32 tensor cores (faster, ~1e-3 relative precision)."""
+        from cupy._core import _routines_linalg as linalg
+
+        linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT)
+
+    def memory_in_use(self) -> int:
+        """Bytes of device memory held by CuPy's pool (in use and cached)."""
+        return int(self.xp.get_default_memory_pool().total_bytes())
+
+    # ------------------------------------------------------------------ layers
+    @_on_device
+    def dense_forward(self, X, W, b, activation, A_out=None, Z_out=None, work=None):
+        act = ACTIVATIONS[activation]
+        Z = self.xp.matmul(X, W, out=Z_out)
+        A = Z if act.saves == "A" else (A_out if A_out is not None else self.xp.empty_like(Z))
+        total = Z.size
+        self._kernel("dense.cu", "bias_act<{T}, {ACT}>", Z.dtype, CODES[activation])(
+            (self._grid(total),), (_THREADS,), (Z, b, A, np.int64(total), np.int32(Z.shape[1])))
+        return A, Z
+
+    def _dact_colsum(self, delta, S, code, db):
+        """delta *= g'(S) (code != identity) and db = column sums of delta, deterministic."""
+        rows, n = delta.shape
+        col_tiles = (n + 31) // 32
+        slabs = max(1, min((4 * self._sm_count + col_tiles - 1) // col_tiles, (rows + 7) // 8))
+        rows_per_slab = (rows + slabs - 1) // slabs
+        slabs = (rows + rows_per_slab - 1) // rows_per_slab
+        partial = self.xp.empty((slabs, n), self._acc_dtype(delta.dtype))
+        self._kernel("dense.cu", "dact_colsum<{T}, {ACT}>", delta.dtype, code)(
+            (col_tiles, slabs), (32, 8),
+            (delta, S if S is not None else delta, partial, np.int32(rows), np.int32(n), np.int32(rows_per_slab)))
+        self._kernel("dense.cu", "sum_partials<{T}>", delta.dtype)(
+            (self._grid(n),), (_THREADS,), (partial, db, np.int32(slabs), np.int32(n)))
+
+    @_on_device
+    def dense_grads(self, delta, A_prev, dW_out=None, db_out=None):
+        dW = self.xp.matmul(A_prev.T, delta, out=dW_out)  # eq. (3)
+        db = db_out if db_out is not None else self.xp.empty(delta.shape[1], delta.dtype)
+        self._dact_colsum(delta, None, CODES["identity"], db)  # eq. (4)
+        return dW, db
+
+    @_on_device
+    def backprop_dense(self, delta_next, W_next, Z, A, A_prev, activation, delta_out=None, dW_out=None,
+                       db_out=None, work=None, work2=None):
+        xp = self.xp
+        delta = xp.matmul(delta_next, W_next.T, out=delta_out)  # eq. (2), the product
+        db = db_out if db_out is not None else xp.empty(delta.shape[1], delta.dtype)
+        S = A if ACTIVATIONS[activation].saves == "A" else Z
+        self._dact_colsum(delta, S, CODES[activation], db)  # eq. (2) * g'(z), and eq. (4)
+        dW = xp.matmul(A_prev.T, delta, out=dW_out)  # eq. (3)
+        return delta, dW, db
+
+    # ------------------------------------------------------------------ losses
+    @_on_device
+    def output_delta(self, Z_L, y, loss, delta_out=None):
+        xp = self.xp
+        rows, C = Z_L.shape
+        delta = delta_out if delta_out is not None else xp.empty_like(Z_L)
+        acc = self._acc_dtype(Z_L.dtype)
+        row_loss = xp.empty(rows, acc)
+        blocks = (rows * 32 + _THREADS - 1) // _THREADS
+        if loss == "cross_entropy":
+            soft = y.ndim == 2
+            labels = y if not soft else xp.empty(0, np.int64)
+            targets = y if soft else Z_L  # unused when labels are given
+            self._kernel("loss.cu", "softmax_ce<{T}>", Z_L.dtype)(
+                (blocks,), (_THREADS,), (Z_L, labels, targets, delta, row_loss, np.int32(rows), np.int32(C),
+                                         np.int32(soft)))
+            scale = 1.0 / rows
+        elif loss in ("binary_cross_entropy", "mse"):
+            name = "bce_rows<{T}>" if loss == "binary_cross_entropy" else "mse_rows<{T}>"
+            self._kernel("loss.cu", name, Z_L.dtype)(
+                (blocks,), (_THREADS,), (Z_L, y, delta, row_loss, np.int32(rows), np.int32(C)))
+            scale = 1.0 / (rows * C)
+        else:
+            raise ValueError(f"unknown loss {loss!r}")
+        value = xp.empty((), acc)
+        self._kernel("loss.cu", "reduce_rows<{T}>", acc)(
+            (1,), (1024,), (row_loss, np.int64(rows), acc(scale), value))
+        return value, delta
+
+    # ------------------------------------------------------------------ optimizers (one pass each)
+    def _flat(self, *arrays):
+        return [a.reshape(-1) if a is not None else None for a in arrays]
+
+    @_on_device
+    def sgd_update(self, p, g, buf, work, lr, momentum, dampening, nesterov, weight_decay, first):
+        p, g, buf = self._flat(p, g, buf)
+        buf = buf if buf is not None else p  # unused without momentum
+        self._kernel("optim.cu", "sgd<{T}>", p.dtype)(
+            (self._grid(p.size),), (_THREADS,),
+            (p, g, buf, np.int64(p.size), np.float64(lr), np.float64(momentum), np.float64(dampening),
+             np.int32(nesterov), np.float64(weight_decay), np.int32(first)))
+
+    @_on_device
+    def adam_update(self, p, g, m, v, work, lr, beta1, beta2, eps, step, weight_decay, decoupled):
+        p, g, m, v = self._flat(p, g, m, v)
+        self._kernel("optim.cu", "adam<{T}>", p.dtype)(
+            (self._grid(p.size),), (_THREADS,),
+            (p, g, m, v, np.int64(p.size), np.float64(lr), np.float64(beta1), np.float64(beta2), np.float64(eps),
+             np.float64(1 - beta1**step), np.float64((1 - beta2**step) ** 0.5), np.float64(weight_decay),
+             np.int32(decoupled)))
+
+    @_on_device
+    def rmsprop_update(self, p, g, sq, buf, work, lr, alpha, eps, momentum, weight_decay):
+        p, g, sq, buf = self._flat(p, g, sq, buf)
+        buf = buf if buf is not None else p  # unused without momentum
+        self._kernel("optim.cu", "rmsprop<{T}>", p.dtype)(
+            (self._grid(p.size),), (_THREADS,),
+            (p, g, sq, buf, np.int64(p.size), np.float64(lr), np.float64(alpha), np.float64(eps),
+             np.float64(momentum), np.float64(weight_decay)))
+
+    @_on_device
+    def sum_of_squares(self, x):
+        x = x.reshape(-1)
+        acc = self._acc_dtype(x.dtype)
+        blocks = 256  # fixed, so the summation order (and the bits) never change
+        partial = self.xp.empty(blocks, acc)
+        self._kernel("optim.cu", "sumsq_partial<{T}>", x.dtype)(
+            (blocks,), (_THREADS,), (x, np.int64(x.size), partial))
+        out = self.xp.empty((), acc)
+        self._kernel("loss.cu", "reduce_rows<{T}>", acc)((1,), (1024,), (partial, np.int64(blocks), acc(1.0), out))
+        return out
+
+    @_on_device
+    def scale(self, x, alpha):
+        x = x.reshape(-1)
+        self._kernel("optim.cu", "scale<{T}>", x.dtype)(
+            (self._grid(x.size),), (_THREADS,), (x, np.int64(x.size), np.float64(alpha)))
+
+    def warmup(self, dtypes: Any = ("float32", "float64"), activations: Any = None) -> float:
+        """Compile (or load from CuPy's disk cache) the kernel modules; returns seconds."""
+        import time
+
+        start = time.perf_counter()
+        with self.device:
+            for file in ("dense.cu", "loss.cu", "optim.cu"):
+                self._kernel(file, name_expressions(file)[0].replace("float", "{T}", 1), "float32")
+        return time.perf_counter() - start
+
+
+def create(device_id: int = 0) -> CupyBackend:
+    """The backend on CUDA device ``device_id``, or BackendUnavailable saying why not."""
+    try:
+        import cupy
+    except ImportError as exc:
+        raise BackendUnavailable(f"cupy is not installed ({exc}); pip install 'fastbp[cuda12]' or "
+                                 f"'fastbp[cuda13]'") from exc
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDARuntimeError: no driver, a driver too old for this CuPy, ...
+        raise BackendUnavailable(f"no usable CUDA device: {exc}") from exc
+    if count == 0:
+        raise BackendUnavailable("no CUDA device found")
+    if not 0 <= device_id < count:
+        raise BackendUnavailable(f"CUDA device {device_id} does not exist; this machine has {count}")
+    try:
+        with cupy.cuda.Device(device_id):
+            probe = cupy.arange(4, dtype=cupy.float32)
+            float(probe.sum())
+    except Exception as exc:
+        raise BackendUnavailable(f"CUDA device {device_id} is present but a test allocation failed: {exc}") from exc
+    try:
+        kernel_dir()
+    except FileNotFoundError as exc:
+        raise BackendUnavailable(str(exc)) from exc
+    return CupyBackend(device_id)

@@ -1,0 +1,114 @@
+// Shared helpers of fastbp's CUDA kernels (CUDA C++17): accumulator types, indexing, activations and
+// their derivatives, warp reductions. Included by dense.cu, loss.cu and optim.cu.
+#pragma once
+
+// Sums accumulate in float for float data and in double for double data.
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+__device__ __forceinline__ long long global_index() {
+    return static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ long long grid_stride() {
+    return static_cast<long long>(gridDim.x) * blockDim.x;
+}
+
+// Math overloads, so templates pick the float or double function explicitly.
+__device__ __forceinline__ float m_exp(float x) { return expf(x); }
+__device__ __forceinline__ double m_exp(double x) { return exp(x); }
+__device__ __forceinline__ float m_log(float x) { return logf(x); }
+__device__ __forceinline__ double m_log(double x) { return log(x); }
+__device__ __forceinline__ float m_log1p(float x) { return log1pf(x); }
+__device__ __forceinline__ double m_log1p(double x) { return log1p(x); }
+__device__ __forceinline__ float m_tanh(float x) { return tanhf(x); }
+__device__ __forceinline__ double m_tanh(double x) { return tanh(x); }
+__device__ __forceinline__ float m_sqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ double m_sqrt(double x) { return sqrt(x); }
+
+// Activation codes: the same numbers as fastbp.activations.CODES.
+enum Activation : int { IDENTITY = 0, RELU = 1, LEAKY_RELU = 2, SIGMOID = 3, TANH = 4, GELU = 5, SILU = 6 };
+
+template <typename T> __device__ __forceinline__ T sigmoid(T z) {
+    if (z >= T(0)) {
+        return T(1) / (T(1) + m_exp(-z));
+    }
+    const T e = m_exp(z);
+    return e / (T(1) + e);
+}
+
+template <typename T> struct GeluConst {
+    static constexpr T c = T(0.7978845608028654);  // sqrt(2 / pi)
+    static constexpr T k = T(0.044715);
+};
+
+// g(z)
+template <typename T, int ACT> __device__ __forceinline__ T act_forward(T z) {
+    if constexpr (ACT == RELU) {
+        return z > T(0) ? z : T(0);
+    } else if constexpr (ACT == LEAKY_RELU) {
+        return z > T(0) ? z : T(0.01) * z;
+    } else if constexpr (ACT == SIGMOID) {
+        return sigmoid(z);
+    } else if constexpr (ACT == TANH) {
+        return m_tanh(z);
+    } else if constexpr (ACT == GELU) {
+        const T u = GeluConst<T>::c * (z + GeluConst<T>::k * z * z * z);
+        return T(0.5) * z * (T(1) + m_tanh(u));
+    } else if constexpr (ACT == SILU) {
+        return z * sigmoid(z);
+    } else {
+        return z;
+    }
+}
+
+// g'(z), from what the forward pass kept: s = A for identity, relu, leaky_relu, sigmoid and tanh (A is
+// written over Z), s = Z for gelu and silu.
+template <typename T, int ACT> __device__ __forceinline__ T act_grad(T s) {
+    if constexpr (ACT == RELU) {
+        return s > T(0) ? T(1) : T(0);
+    } else if constexpr (ACT == LEAKY_RELU) {
+        return s > T(0) ? T(1) : T(0.01);
+    } else if constexpr (ACT == SIGMOID) {
+        return s * (T(1) - s);
+    } else if constexpr (ACT == TANH) {
+        return T(1) - s * s;
+    } else if constexpr (ACT == GELU) {
+        const T c = GeluConst<T>::c, k = GeluConst<T>::k;
+        const T t = m_tanh(c * (s + k * s * s * s));
+        return T(0.5) * (T(1) + t) + T(0.5) * s * (T(1) - t * t) * c * (T(1) + T(3) * k * s * s);
+    } else if constexpr (ACT == SILU) {
+        const T sg = sigmoid(s);
+        return sg * (T(1) + s * (T(1) - sg));
+    } else {
+        return T(1);
+    }
+}
+
+// Butterfly reductions over a full warp: every lane ends with the result, in a fixed order.
+template <typename A> __device__ __forceinline__ A warp_sum(A v) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        v += __shfl_xor_sync(0xffffffffu, v, offset);
+    }
+    return v;
+}
+template <typename A> __device__ __forceinline__ A warp_max(A v) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const A other = __shfl_xor_sync(0xffffffffu, v, offset);
+        v = other > v ? other : v;
+    }
+    return v;
+}
+
+// Sum of one block's values (blockDim.x a power of two, at most 1024), in a fixed order; thread 0
+// gets the result. ``shared`` holds blockDim.x values.
+template <typename A> __device__ __forceinline__ A block_sum(A v, A* shared) {
+    shared[threadIdx.x] = v;
+    __syncthreads();
+    for (unsigned stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) {
+            shared[threadIdx.x] += shared[threadIdx.x + stride];
+        }
+        __syncthreads();
+    }
+    return shared[0];
+}

@@ -1,0 +1,113 @@
+"""GPU tests of the cupy backend (the op, gradient, optimizer and training tests also run on it through
+the backend fixture). Skipped, with the reason, where no CUDA device is usable."""
+
+import numpy as np
+import pytest
+from conftest import assert_close
+
+import fastbp as fb
+from fastbp import datasets
+from fastbp.backends import resolve_backend
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif("cupy" not in fb.available_backends(),
+                       reason=f"cupy backend unavailable: {fb.backend_status()['cupy']}"),
+]
+
+
+@pytest.fixture
+def gpu():
+    return resolve_backend("cupy")
+
+
+def test_every_kernel_instantiation_compiles_and_loads(gpu):
+    from fastbp.backends.cuda_sources import FILES, name_expressions
+
+    assert gpu.warmup() >= 0
+    for file in FILES:
+        module = gpu._modules[file]
+        for name in name_expressions(file):
+            assert module.get_function(name) is not None
+
+
+def test_digits_reach_97_percent_on_the_gpu(gpu):
+    X, y = datasets.load_digits()
+    X_tr, X_te, y_tr, y_te = datasets.train_test_split(X / 16, y, test_size=0.25, seed=0)
+    model = fb.MLP([64, 128, 64, 10], seed=0, backend=gpu)
+    trainer = fb.Trainer(model, optimizer=fb.optim.Adam(1e-3), batch_size=64, seed=0)
+    trainer.fit(X_tr, y_tr, epochs=30, progress="none")
+    assert trainer.evaluate(X_te, y_te)["accuracy"] >= 0.97
+
+
+def test_memory_pool_stays_flat_over_100_steps(gpu):
+    rng = np.random.default_rng(0)
+    model = fb.MLP([256, 512, 512, 10], seed=0, backend=gpu)
+    trainer = fb.Trainer(model, optimizer=fb.optim.Adam(1e-3))
+    Xd, yd = model.prepare_batch(rng.standard_normal((128, 256)), rng.integers(0, 10, 128), "cross_entropy")
+    for _ in range(5):
+        trainer._step(Xd, yd)
+    gpu.synchronize()
+    before = gpu.memory_in_use()
+    for _ in range(100):
+        trainer._step(Xd, yd)
+    gpu.synchronize()
+    assert gpu.memory_in_use() == before
+
+
+def test_gpu_training_is_bit_identical_from_run_to_run(gpu):
+    rng = np.random.default_rng(1)
+    X, y = rng.standard_normal((512, 40)), rng.integers(0, 5, 512)
+    runs = []
+    for _ in range(3):
+        model = fb.MLP([40, 64, 64, 5], seed=2, backend=gpu)
+        fb.Trainer(model, batch_size=64, seed=3).fit(X, y, epochs=2, progress="none")
+        runs.append(model.get_weights())
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoints_move_between_gpu_and_cpu(gpu, tmp_path):
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((200, 12)), rng.integers(0, 3, 200)
+    trainer = fb.Trainer(fb.MLP([12, 16, 3], seed=0, backend=gpu), batch_size=50)
+    trainer.fit(X, y, epochs=2, progress="none")
+    path = trainer.save_checkpoint(tmp_path / "gpu.npz")
+    on_cpu = fb.Trainer.load_checkpoint(path, backend="numpy")
+    back = fb.Trainer.load_checkpoint(path, backend="cupy")
+    for a, b, c in zip(trainer.model.get_weights(), on_cpu.model.get_weights(), back.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    # training continues on the CPU from the GPU's state, close to the GPU's own continuation
+    on_cpu.fit(X, y, epochs=1, progress="none")
+    back.fit(X, y, epochs=1, progress="none")
+    for a, b in zip(on_cpu.model.get_weights(), back.model.get_weights()):
+        assert_close(a, b, "float32", rtol=1e-4, atol=1e-5)  # float32 GEMMs differ by library
+
+
+def test_out_of_memory_says_what_was_asked(gpu):
+    with pytest.raises(MemoryError, match="asked for .* MiB free of"):
+        gpu.empty((2**42,), np.float32)
+
+
+def test_device_choice(gpu):
+    assert resolve_backend("cupy:0") is gpu
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_backend("cupy:99")
+
+
+def test_tf32_option(gpu):
+    rng = np.random.default_rng(0)
+    A = gpu.asarray(rng.standard_normal((512, 512)), np.float32)
+    B = gpu.asarray(rng.standard_normal((512, 512)), np.float32)
+    exact = gpu.to_numpy(A).astype(np.float64) @ gpu.to_numpy(B).astype(np.float64)
+    try:
+        gpu.set_tf32(True)
+        tf32 = gpu.to_numpy(gpu.matmul(A, B))
+    finally:
+        gpu.set_tf32(False)
+    fp32 = gpu.to_numpy(gpu.matmul(A, B))
+    err32 = np.abs(fp32 - exact).max() / np.abs(exact).max()
+    err_tf32 = np.abs(tf32 - exact).max() / np.abs(exact).max()
+    assert err32 < 1e-5 and err_tf32 < 1e-2

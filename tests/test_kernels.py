@@ -1,0 +1,70 @@
+"""The CUDA sources compile, every instantiation of them, for sm_90 with nvcc (no GPU needed).
+
+Skipped where nvcc is absent, unless FASTBP_REQUIRE_NVCC=1 (as CI sets it), where that fails instead.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from fastbp.backends import cuda_sources
+
+NVCC = shutil.which("nvcc")
+
+
+def _nvcc_or_skip():
+    if NVCC is None:
+        if os.environ.get("FASTBP_REQUIRE_NVCC") == "1":
+            pytest.fail("FASTBP_REQUIRE_NVCC=1 but nvcc is not on the PATH")
+        pytest.skip("nvcc is not on the PATH: the CUDA compile check is skipped")
+    return NVCC
+
+
+def test_sources_are_found_and_every_file_has_instantiations():
+    folder = cuda_sources.kernel_dir()
+    for file in cuda_sources.FILES:
+        assert (folder / file).is_file()
+        names = cuda_sources.name_expressions(file)
+        assert names and len(set(names)) == len(names)
+        text = (folder / file).read_text()
+        for base in {n.split("<")[0] for n in names}:
+            assert re.search(rf"__global__ void {base}\(", text), f"{base} is not a kernel of {file}"
+
+
+@pytest.mark.parametrize("file", cuda_sources.FILES)
+def test_every_instantiation_compiles_for_sm_90(tmp_path, file):
+    nvcc = _nvcc_or_skip()
+    unit = tmp_path / f"all_{file}"
+    unit.write_text(cuda_sources.instantiation_unit(file))
+    cubin = tmp_path / f"{file}.cubin"
+    result = subprocess.run(
+        [nvcc, "-std=c++17", "-arch=sm_90", "-cubin", "-Werror", "all-warnings", "-o", str(cubin), str(unit)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    # every instantiation is in the binary (as its mangled symbol's base name)
+    symbols = cubin.read_bytes()
+    for name in cuda_sources.name_expressions(file):
+        assert name.split("<")[0].encode() in symbols
+
+
+def test_the_cupy_backend_only_launches_listed_kernels():
+    """Each kernel the backend asks CuPy for by name is in the instantiation list (compiled above)."""
+    source = (cuda_sources.kernel_dir().parent / "fastbp" / "backends" / "cupy_backend.py")
+    if not source.is_file():
+        import fastbp.backends.cupy_backend as cb
+
+        source = cb.__file__
+    text = open(source).read()
+    used = set(re.findall(r'_kernel\("(\w+\.cu)", "([\w<>, {}]+)"', text))
+    assert used, "no kernel launches found"
+    listed = {(f, n) for f in cuda_sources.FILES for n in cuda_sources.name_expressions(f)}
+    for file, template in used:
+        for ctype in cuda_sources.DTYPES.values():
+            for act in range(7):
+                name = template.replace("{T}", ctype).replace("{ACT}", str(act))
+                if "{ACT}" in template or act == 0:
+                    assert (file, name) in listed, name
