@@ -87,13 +87,11 @@ def dact(delta, A, code):
     if code == RELU:
         for i in range(B):
             for j in range(n):
-                if not A[i, j] > 0:
-                    delta[i, j] = 0
+                delta[i, j] = delta[i, j] if A[i, j] > 0 else 0
     elif code == LEAKY_RELU:
         for i in range(B):
             for j in range(n):
-                if not A[i, j] > 0:
-                    delta[i, j] *= _SLOPE
+                delta[i, j] = delta[i, j] if A[i, j] > 0 else delta[i, j] * _SLOPE
 
 
 @njit
@@ -225,6 +223,10 @@ def output_delta(Z, y_labels, Y, loss, delta):
 @njit
 def sgd(p, g, buf, lr, momentum, dampening, nesterov, wd, first):
     """torch.optim.SGD on a flat vector, one pass."""
+    if momentum == 0.0 and wd == 0.0:  # plain SGD: a loop without branches, so it vectorizes
+        for i in range(p.size):
+            p[i] -= lr * g[i]
+        return
     for i in range(p.size):
         d = g[i] + wd * p[i] if wd != 0.0 else g[i]
         if momentum != 0.0:
@@ -241,6 +243,15 @@ def adam(p, g, m, v, lr, beta1, beta2, eps, step, wd, decoupled):
     bias2_sqrt = math.sqrt(1.0 - beta2**step)
     step_size = lr / bias1
     shrink = 1.0 - lr * wd
+    if wd == 0.0:  # the common case, without branches in the loop
+        for i in range(p.size):
+            d = g[i]
+            mi = beta1 * m[i] + (1.0 - beta1) * d
+            vi = beta2 * v[i] + (1.0 - beta2) * d * d
+            m[i] = mi
+            v[i] = vi
+            p[i] -= step_size * mi / (math.sqrt(vi) / bias2_sqrt + eps)
+        return
     for i in range(p.size):
         if decoupled:
             p[i] *= shrink
@@ -329,11 +340,10 @@ def train_step(X, y_labels, Y, loss, flat, grad, layout, codes, ws, opt, hyper, 
 
 @njit
 def sum_of_squares(g):
-    """sum(g^2) of a flat vector, accumulated in float64."""
-    acc = 0.0
-    for i in range(g.size):
-        acc += g[i] * g[i]
-    return acc
+    """sum(g^2) of a flat vector, through BLAS (dot): a plain running sum is one long dependency chain
+    that cannot vectorize and costs several times more. In float32 a norm above ~1e19 overflows to inf,
+    which the divergence check then reports."""
+    return np.float64(np.dot(g, g))
 
 
 @njit
