@@ -413,14 +413,14 @@ def _torch_cuda() -> bool:
 
 # ------------------------------------------------------------------------------------------ output
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'config':7s} {'dtype':7s} {'backend':13s} {'measure':18s} {'median ms':>10s} {'min-max ms':>17s} "
+    head = (f"{'config':7s} {'dtype':7s} {'backend':18s} {'measure':18s} {'median ms':>10s} {'min-max ms':>17s} "
             f"{'samples/s':>10s} {'GFLOP/s':>8s} {'x floor':>8s} {'vs naive':>8s} {'vs torch':>8s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         def fmt(v, spec):
             return format(v, spec) if v is not None else "-"
         lines.append(
-            f"{r['config']:7s} {r['dtype']:7s} {r['backend']:13s} {r['name']:18s} {r['median_s'] * 1e3:10.3f} "
+            f"{r['config']:7s} {r['dtype']:7s} {r['backend']:18s} {r['name']:18s} {r['median_s'] * 1e3:10.3f} "
             f"{r['min_s'] * 1e3:8.3f}-{r['max_s'] * 1e3:<8.3f} {r['samples_per_s']:10.0f} "
             f"{fmt(r['gflops'], '8.1f')} {fmt(r['ratio_to_floor'], '8.3f')} {fmt(r['speedup_vs_naive'], '8.2f')} "
             f"{fmt(r['speedup_vs_torch'], '8.2f')}")
@@ -478,11 +478,11 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def add_bench_parser(sub: Any) -> None:
+def add_bench_parser(sub: Any, sizes_type: Callable[[str], list[int]]) -> None:
     p = sub.add_parser("bench", help="benchmark training steps against the GEMM floor and PyTorch")
     p.add_argument("--config", action="append", choices=sorted(CONFIGS),
                    help="named config (repeatable); default: small and mnist (+ large, narrow on a GPU)")
-    p.add_argument("--sizes", help="custom layer sizes, e.g. 784,512,10 (with --batch)")
+    p.add_argument("--sizes", type=sizes_type, help="custom layer sizes, e.g. 784,512,10 (with --batch)")
     p.add_argument("--batch", type=int, help="custom batch size")
     p.add_argument("--backend", action="append", help="backend (repeatable); default: every available one")
     p.add_argument("--dtype", action="append", choices=("float32", "float64"), help="default: float32")
@@ -513,13 +513,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.sizes or args.batch:
         if not (args.sizes and args.batch):
             raise ValueError("--sizes and --batch go together")
-        try:
-            sizes = [int(s) for s in args.sizes.replace(",", " ").split()]
-        except ValueError as exc:
-            raise ValueError(f"--sizes must be integers like 784,512,10, got {args.sizes!r}") from exc
-        if len(sizes) < 2 or min(sizes) < 1 or args.batch < 1:
-            raise ValueError(f"--sizes needs >= 2 positive widths and --batch > 0, got {sizes} and {args.batch}")
-        configs.append(("custom", sizes, args.batch))
+        if len(args.sizes) < 2 or args.batch < 1:
+            raise ValueError(f"--sizes needs >= 2 widths and --batch > 0, got {args.sizes} and {args.batch}")
+        configs.append(("custom", args.sizes, args.batch))
     chosen = args.config or ([] if configs else ["small", "mnist"] + (["large", "narrow"] if on_gpu else []))
     for name in chosen:
         cfg = CONFIGS[name]

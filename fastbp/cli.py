@@ -21,12 +21,13 @@ class UsageError(Exception):
 
 
 def _hidden_sizes(text: str) -> list[int]:
+    """Layer widths like '128,64' (commas or spaces), each positive."""
     try:
         sizes = [int(s) for s in text.replace(",", " ").split()]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"hidden sizes must be integers like '128,64', got {text!r}") from exc
-    if any(s <= 0 for s in sizes):
-        raise argparse.ArgumentTypeError(f"hidden sizes must be positive, got {text!r}")
+        raise argparse.ArgumentTypeError(f"sizes must be integers like '128,64', got {text!r}") from exc
+    if not sizes or any(s <= 0 for s in sizes):
+        raise argparse.ArgumentTypeError(f"sizes must be positive integers, got {text!r}")
     return sizes
 
 
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench import add_bench_parser
 
-    add_bench_parser(sub)
+    add_bench_parser(sub, _hidden_sizes)
     return parser
 
 

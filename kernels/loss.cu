@@ -59,11 +59,12 @@ __global__ void softmax_ce(const T* __restrict__ Z, const long long* __restrict_
     }
 }
 
-// Binary cross-entropy with logits, per element: c = max(z, 0) - z y + log(1 + exp(-|z|)),
-// dc/dz = sigmoid(z) - y; delta = dc/dz / (rows C).
-template <typename T>
-__global__ void bce_rows(const T* __restrict__ Z, const T* __restrict__ Y, T* __restrict__ delta,
-                         typename Acc<T>::type* __restrict__ row_loss, int rows, int C) {
+// The elementwise losses, one warp per row; delta = dc/dz / (rows C):
+//   LOSS 0, binary cross-entropy with logits: c = max(z, 0) - z y + log(1 + exp(-|z|)), dc/dz = sigmoid(z) - y
+//   LOSS 1, squared error: c = (z - y)^2, dc/dz = 2 (z - y)
+template <typename T, int LOSS>
+__global__ void pointwise_loss(const T* __restrict__ Z, const T* __restrict__ Y, T* __restrict__ delta,
+                               typename Acc<T>::type* __restrict__ row_loss, int rows, int C) {
     using A = typename Acc<T>::type;
     const long long warp = global_index() / 32;
     const int lane = threadIdx.x % 32;
@@ -75,34 +76,17 @@ __global__ void bce_rows(const T* __restrict__ Z, const T* __restrict__ Y, T* __
     for (int c = lane; c < C; c += 32) {
         const long long k = warp * C + c;
         const A z = static_cast<A>(Z[k]), t = static_cast<A>(Y[k]);
-        const A e = m_exp(z >= A(0) ? -z : z);
-        loss += (z > A(0) ? z : A(0)) - z * t + m_log1p(e);
-        const A sg = z >= A(0) ? A(1) / (A(1) + e) : e / (A(1) + e);
-        delta[k] = static_cast<T>((sg - t) * inv_n);
-    }
-    loss = warp_sum(loss);
-    if (lane == 0) {
-        row_loss[warp] = loss;
-    }
-}
-
-// Mean squared error over all elements: c = (z - y)^2, delta = 2 (z - y) / (rows C).
-template <typename T>
-__global__ void mse_rows(const T* __restrict__ Z, const T* __restrict__ Y, T* __restrict__ delta,
-                         typename Acc<T>::type* __restrict__ row_loss, int rows, int C) {
-    using A = typename Acc<T>::type;
-    const long long warp = global_index() / 32;
-    const int lane = threadIdx.x % 32;
-    if (warp >= rows) {
-        return;
-    }
-    const A inv_n = A(1) / (static_cast<A>(rows) * static_cast<A>(C));
-    A loss = A(0);
-    for (int c = lane; c < C; c += 32) {
-        const long long k = warp * C + c;
-        const A diff = static_cast<A>(Z[k]) - static_cast<A>(Y[k]);
-        loss += diff * diff;
-        delta[k] = static_cast<T>(A(2) * diff * inv_n);
+        A grad;
+        if constexpr (LOSS == 0) {
+            const A e = m_exp(z >= A(0) ? -z : z);
+            loss += (z > A(0) ? z : A(0)) - z * t + m_log1p(e);
+            grad = (z >= A(0) ? A(1) / (A(1) + e) : e / (A(1) + e)) - t;
+        } else {
+            const A diff = z - t;
+            loss += diff * diff;
+            grad = A(2) * diff;
+        }
+        delta[k] = static_cast<T>(grad * inv_n);
     }
     loss = warp_sum(loss);
     if (lane == 0) {

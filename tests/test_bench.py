@@ -106,9 +106,15 @@ def test_bench_warns_about_openblas_variables():
     assert bench.warnings_for({"env": {}, "blas": [{}]}) == []
 
 
+def test_bench_size_mistakes_are_argparse_errors(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--sizes", "8,x", "--batch", "4"])
+    assert exc.value.code == 2 and "--sizes" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,match", [
-    (["bench", "--sizes", "8,x", "--batch", "4"], "--sizes"),
-    (["bench", "--sizes", "8,4"], "go together"),
+    (["bench", "--sizes", "8"], "go together"),
+    (["bench", "--sizes", "8", "--batch", "4"], ">= 2 widths"),
     (["bench", "--config", "large"], "GPU"),
     (["bench", "--reps", "0"], "--reps"),
 ])

@@ -57,7 +57,7 @@ def bias_act(Z, b, code):
 @njit
 def dact_colsum(delta, A, code, db):
     """eq. (2)'s elementwise part with eq. (4): delta *= g'(z), read from A, and db = column sums of
-    delta, in one pass (codes in FUSED)."""
+    delta, in one pass (codes in FUSED; IDENTITY gives the column sums alone)."""
     B, n = delta.shape
     acc = np.zeros(n)
     if code == RELU:
@@ -94,18 +94,6 @@ def dact(delta, A, code):
                 delta[i, j] = delta[i, j] if A[i, j] > 0 else delta[i, j] * _SLOPE
 
 
-@njit
-def colsum(delta, db):
-    """eq. (4): db = column sums of delta."""
-    B, n = delta.shape
-    acc = np.zeros(n)
-    for i in range(B):
-        for j in range(n):
-            acc[j] += delta[i, j]
-    for j in range(n):
-        db[j] = acc[j]
-
-
 # ----------------------------------------------------------------------------------- layer ops
 @njit
 def matmul(A, B, out):
@@ -122,7 +110,7 @@ def dense_forward(X, W, b, code, Z):
 @njit
 def dense_grads(delta, A_prev, dW, db):
     np.dot(A_prev.T, delta, dW)  # eq. (3)
-    colsum(delta, db)  # eq. (4)
+    dact_colsum(delta, delta, IDENTITY, db)  # eq. (4): the column sums alone
 
 
 @njit
@@ -317,7 +305,7 @@ def train_step(X, y_labels, Y, loss, flat, grad, layout, codes, ws, opt, hyper, 
         w0, b0, n_in, n_out = layout[l, 0], layout[l, 1], layout[l, 2], layout[l, 3]
         A_in = ws[a_at[l - 1]:a_at[l - 1] + B * n_in].reshape((B, n_in)) if l > 0 else X
         np.dot(A_in.T, delta, grad[w0:w0 + n_in * n_out].reshape((n_in, n_out)))  # eq. (3)
-        colsum(delta, grad[b0:b0 + n_out])  # eq. (4)
+        dact_colsum(delta, delta, IDENTITY, grad[b0:b0 + n_out])  # eq. (4)
         if l > 0:
             below = ws[d_at[l - 1]:d_at[l - 1] + B * n_in].reshape((B, n_in))
             np.dot(delta, flat[w0:w0 + n_in * n_out].reshape((n_in, n_out)).T, below)  # eq. (2)

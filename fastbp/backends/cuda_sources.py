@@ -34,7 +34,8 @@ def name_expressions(file: str) -> list[str]:
             names += [f"dact_colsum<{ctype}, {a}>" for a in _ACTS]
             names.append(f"sum_partials<{ctype}>")
         elif file == "loss.cu":
-            names += [f"softmax_ce<{ctype}>", f"bce_rows<{ctype}>", f"mse_rows<{ctype}>", f"reduce_rows<{ctype}>"]
+            names += [f"softmax_ce<{ctype}>", f"pointwise_loss<{ctype}, 0>", f"pointwise_loss<{ctype}, 1>",
+                      f"reduce_rows<{ctype}>"]
         elif file == "optim.cu":
             names += [f"sgd<{ctype}>", f"adam<{ctype}>", f"rmsprop<{ctype}>", f"sumsq_partial<{ctype}>",
                       f"scale<{ctype}>"]

@@ -58,7 +58,8 @@ class CupyBackend(Backend):
 
     # ------------------------------------------------------------------ kernels
     def _kernel(self, file: str, template: str, dtype: Any, act: int = 0) -> Any:
-        """The compiled kernel ``template`` ({T}: the C type, {ACT}: the activation code) from ``file``."""
+        """The compiled kernel ``template`` from ``file``; {T} is replaced by the C type, {ACT} by ``act``
+        (an activation code, or the loss variant of pointwise_loss)."""
         name = template.replace("{T}", DTYPES[np.dtype(dtype).name]).replace("{ACT}", str(act))
         kernel = self._kernels.get((file, name))
         if kernel is None:
@@ -201,8 +202,8 @@ class CupyBackend(Backend):
                                          np.int32(soft)))
             scale = 1.0 / rows
         elif loss in ("binary_cross_entropy", "mse"):
-            name = "bce_rows<{T}>" if loss == "binary_cross_entropy" else "mse_rows<{T}>"
-            self._kernel("loss.cu", name, Z_L.dtype)(
+            variant = 0 if loss == "binary_cross_entropy" else 1
+            self._kernel("loss.cu", "pointwise_loss<{T}, {ACT}>", Z_L.dtype, variant)(
                 (blocks,), (_THREADS,), (Z_L, y, delta, row_loss, np.int32(rows), np.int32(C)))
             scale = 1.0 / (rows * C)
         else:
