@@ -112,33 +112,35 @@ class Trainer:
         Xd, yd = self.model.prepare_batch(X, y, self.loss)
         with self._exclusive():
             value, _ = self._step(Xd, yd)
-        return self.model.backend.to_float(value)
+        return math.nan if value is None else self.model.backend.to_float(value)
 
     def _step(self, Xd: Any, yd: Any) -> tuple[Any, Any]:
         """One step on prepared arrays: the backend's whole-step op where it has one, else the ops one by
-        one; a non-finite loss or gradient never reaches the parameters."""
+        one; a non-finite loss or gradient never reaches the parameters. Returns (the loss, the output),
+        or (None, None) for a step skipped as non-finite."""
         model = self.model
         bk = model.backend
         clip = self.clip_norm or 0.0
         fused = bk.train_step(model, Xd, yd, self.loss, self.optimizer, clip)
         if fused is not None:
             value, output, sumsq, updated = fused
+            self.steps += 1
             if not updated:
                 self._nonfinite(bk.to_float(value), sumsq)
-            self.steps += 1
+                return None, None
             return value, output
         value, _, output = model._loss_and_grads(Xd, yd, self.loss)
         grad = model.flat_grad()
         loss_value, sumsq = bk.to_floats(value, bk.sum_of_squares(grad))
+        self.steps += 1
         if not (math.isfinite(loss_value) and math.isfinite(sumsq)):
             self._nonfinite(loss_value, sumsq)
-        else:
-            if clip:
-                coef = clip / (math.sqrt(sumsq) + 1e-6)  # as torch.nn.utils.clip_grad_norm_
-                if coef < 1.0:
-                    bk.scale(grad, coef)
-            self.optimizer.step([model.flat_parameters()], [grad], bk)
-        self.steps += 1
+            return None, None
+        if clip:
+            coef = clip / (math.sqrt(sumsq) + 1e-6)  # as torch.nn.utils.clip_grad_norm_
+            if coef < 1.0:
+                bk.scale(grad, coef)
+        self.optimizer.step([model.flat_parameters()], [grad], bk)
         return value, output
 
     def _nonfinite(self, loss_value: float, sumsq: float) -> None:
@@ -146,6 +148,7 @@ class Trainer:
             self.skipped_steps += 1
             return
         what = "loss" if not math.isfinite(loss_value) else "gradient"
+        self.steps -= 1  # the step did not happen
         raise DivergenceError(
             f"non-finite {what} at epoch {self.epoch}, step {self.steps + 1} (loss {loss_value}, squared "
             f"gradient norm {sumsq}); the parameters and optimizer state are those before this step. Lower "
@@ -223,19 +226,24 @@ class Trainer:
                 skipped = self.skipped_steps
                 order = self.rng.permutation(n) if shuffle else np.arange(n)
                 idx = bk.asarray(order)
-                total_loss, correct = 0.0, 0
+                total_loss, correct, counted = 0.0, 0, 0
                 for s in range(0, n, bs):
                     size = min(bs, n - s)
                     xb, yb = batches[size]
                     bk.take_rows(Xd, idx[s:s + size], out=xb)
                     bk.take_rows(yd, idx[s:s + size], out=yb)
                     value, output = self._step(xb, yb)
+                    if value is None:  # skipped as non-finite: not part of the epoch's metrics
+                        continue
+                    counted += size
                     total_loss = total_loss + value * size
                     if classify:
                         correct = correct + bk.correct_count(output, yb, self.loss)
-                row: dict[str, Any] = {"epoch": self.epoch, "loss": bk.to_float(total_loss) / n}
+                # the epoch's metrics are over the rows of the steps taken (all of them unless skipped)
+                counted = counted or math.nan
+                row: dict[str, Any] = {"epoch": self.epoch, "loss": bk.to_float(total_loss) / counted}
                 if classify:
-                    row["accuracy"] = bk.to_float(correct) / _targets_per_row(yd, self.loss) / n
+                    row["accuracy"] = bk.to_float(correct) / _targets_per_row(yd, self.loss) / counted
                 if val is not None:
                     row.update({f"val_{k}": v for k, v in self._evaluate(*val).items()})
                 if self.on_nonfinite == "skip":

@@ -347,6 +347,3 @@ class Backend:
         """sum(x^2) as a 0-d array (for global-norm clipping)."""
         flat = x.ravel()
         return self.xp.vdot(flat, flat)
-
-    def all_finite(self, x: Any) -> bool:
-        return bool(self.xp.isfinite(x).all())

@@ -180,9 +180,6 @@ class NumbaBackend(Backend):
         return time.perf_counter() - start
 
 
-_OPTIMIZERS: set[type] = set()
-
-
 class _Plan:
     __slots__ = ("layout", "codes", "ws", "output", "opt", "hyper")
 
@@ -196,9 +193,11 @@ def _whole_step_plan(model: Any, batch: int, optimizer: Any) -> _Plan | None:
     key = (batch, id(optimizer), model.dtype)
     if key in cache:
         return cache[key]
+    from ..optim import SGD, Adam, AdamW, RMSProp
+
     plan: _Plan | None = _Plan()
-    kind = {"SGD": 0, "Adam": 1, "AdamW": 1, "RMSProp": 2}.get(type(optimizer).__name__)
-    if (batch * model.n_params > WHOLE_STEP_MAX_MACS or type(optimizer) not in _OPTIMIZERS or kind is None
+    kind = {SGD: 0, Adam: 1, AdamW: 1, RMSProp: 2}.get(type(optimizer))  # the kernel's update variants
+    if (batch * model.n_params > WHOLE_STEP_MAX_MACS or kind is None
             or any(k.CODES[a] not in k.FUSED for a in model.activations)):
         plan = None
     else:
@@ -234,7 +233,4 @@ def create() -> NumbaBackend:
         import numba  # noqa: F401
     except ImportError as exc:
         raise BackendUnavailable(f"numba is not installed ({exc}); pip install 'fastbp[numba]'") from exc
-    from ..optim import SGD, Adam, AdamW, RMSProp
-
-    _OPTIMIZERS.update({SGD, Adam, AdamW, RMSProp})
     return NumbaBackend()
