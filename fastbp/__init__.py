@@ -8,6 +8,7 @@ from .callbacks import Callback, EarlyStopping, ModelCheckpoint
 from .gradcheck import gradcheck
 from .io import load
 from .layers import MLP, Dense
+from .threads import get_num_threads, num_threads, set_num_threads
 from .trainer import DivergenceError, History, Trainer
 
 __version__ = "0.1.0"
@@ -16,4 +17,5 @@ __all__ = [
     "MLP", "Dense", "Trainer", "History", "DivergenceError", "Callback", "EarlyStopping", "ModelCheckpoint",
     "available_backends", "backend_status", "get_backend", "set_backend", "use_backend",
     "gradcheck", "load", "datasets", "optim", "callbacks", "__version__",
+    "get_num_threads", "set_num_threads", "num_threads",
 ]
