@@ -105,3 +105,13 @@ def test_warmup_reports_seconds_and_the_cache_goes_to_numba_cache_dir(tmp_path):
     assert float(result.stdout.strip()) > 0
     index_files = list(cache.rglob("*.nbi"))
     assert any("_numba_kernels" in p.name for p in index_files), index_files
+
+
+def test_numba_without_scipy_is_unavailable_and_says_why(monkeypatch):
+    import sys
+
+    from fastbp.backends import BackendUnavailable, numba_backend
+
+    monkeypatch.setitem(sys.modules, "scipy.linalg.cython_blas", None)  # as if scipy were not installed
+    with pytest.raises(BackendUnavailable, match="need scipy"):
+        numba_backend.create()

@@ -233,4 +233,9 @@ def create() -> NumbaBackend:
         import numba  # noqa: F401
     except ImportError as exc:
         raise BackendUnavailable(f"numba is not installed ({exc}); pip install 'fastbp[numba]'") from exc
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401  (numba's np.dot calls BLAS through it)
+    except ImportError as exc:
+        raise BackendUnavailable(f"numba's matrix products need scipy, which is not installed ({exc}); "
+                                 f"pip install 'fastbp[numba]'") from exc
     return NumbaBackend()
