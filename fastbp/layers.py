@@ -66,12 +66,13 @@ class _Workspace:
 
 
 class _Trace:
-    """What one training forward pass keeps: the workspace, each layer's input, Z and A."""
+    """What one training forward pass keeps: the workspace, a = [X, A_1, ..., A_L] (each layer's input,
+    then the output) and each layer's Z (the same array as its A where g' reads A)."""
 
-    __slots__ = ("ws", "inputs", "Z", "A")
+    __slots__ = ("ws", "a", "Z")
 
-    def __init__(self, ws: _Workspace, inputs: list[Any], Z: list[Any], A: list[Any]) -> None:
-        self.ws, self.inputs, self.Z, self.A = ws, inputs, Z, A
+    def __init__(self, ws: _Workspace, X: Any) -> None:
+        self.ws, self.a, self.Z = ws, [X], []
 
 
 class MLP:
@@ -261,34 +262,33 @@ class MLP:
         trace = self._forward_train(X)
         value, delta = self._output_delta(trace, y, loss)
         grads = self._backward(trace, delta)
-        return value, grads, trace.A[-1]
+        return value, grads, trace.a[-1]
 
     def _forward_train(self, X: Any) -> _Trace:
         """Forward pass into the batch size's workspace, keeping what the backward needs."""
         bk = self.backend
         ws = self._workspace(X.shape[0])
-        trace = _Trace(ws, [X], [], [])
+        trace = _Trace(ws, X)
         for i, layer in enumerate(self.layers):
-            A, Z = bk.dense_forward(trace.inputs[-1], layer.W, layer.b, layer.activation,
+            A, Z = bk.dense_forward(trace.a[-1], layer.W, layer.b, layer.activation,
                                     A_out=ws.A[i], Z_out=ws.Z[i], work=ws.work[i])
-            trace.inputs.append(A)
+            trace.a.append(A)
             trace.Z.append(Z)
-            trace.A.append(A)
         return trace
 
     def _output_delta(self, trace: _Trace, y: Any, loss: str) -> tuple[Any, Any]:
         top = len(self.layers) - 1
-        return self.backend.output_delta(trace.A[top], y, loss, delta_out=trace.ws.delta[top])  # eq. (1)
+        return self.backend.output_delta(trace.a[-1], y, loss, delta_out=trace.ws.delta[top])  # eq. (1)
 
     def _backward(self, trace: _Trace, delta: Any) -> list[Any]:
         """Eqs. (2)-(4) from the output delta down; returns the gradient buffers."""
         bk, ws, layers = self.backend, trace.ws, self.layers
         grads = self.grad_buffers()
         top = len(layers) - 1
-        bk.dense_grads(delta, trace.inputs[top], dW_out=grads[2 * top], db_out=grads[2 * top + 1])
+        bk.dense_grads(delta, trace.a[top], dW_out=grads[2 * top], db_out=grads[2 * top + 1])
         for i in range(top - 1, -1, -1):
             delta, _, _ = bk.backprop_dense(
-                delta, layers[i + 1].W, trace.Z[i], trace.A[i], trace.inputs[i], layers[i].activation,
+                delta, layers[i + 1].W, trace.Z[i], trace.a[i + 1], trace.a[i], layers[i].activation,
                 delta_out=ws.delta[i], dW_out=grads[2 * i], db_out=grads[2 * i + 1],
                 work=ws.work[i], work2=ws.work2[i],
             )
