@@ -119,7 +119,7 @@ def _is_number(text: str) -> bool:
     return True
 
 
-_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_TYPES: dict[int, Any] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 def read_idx(path: Any) -> np.ndarray:
@@ -247,12 +247,11 @@ def train_test_split(X: Any, y: Any, test_size: float = 0.25, seed: int = 0,
     if y.shape[:1] != (n,) or n < 2:
         raise ValueError(f"X and y must have the same number (>= 2) of rows, got {n} and {y.shape[:1]}")
     test_size = check_nonneg_float(test_size, "test_size", upper=1.0)
-    seed = check_seed(seed, allow_none=False)
+    rng = np.random.RandomState(check_seed(seed, allow_none=False))
     n_test = int(np.ceil(test_size * n))
     n_train = n - n_test
     if n_test == 0 or n_train == 0:
         raise ValueError(f"test_size {test_size} leaves an empty part for {n} rows")
-    rng = np.random.RandomState(seed)
     if stratify and y.ndim == 1 and y.dtype.kind in "iub":
         classes, y_idx = np.unique(y, return_inverse=True)
         counts = np.bincount(y_idx)

@@ -54,7 +54,11 @@ class _Workspace:
     needs Z, delta, and scratch for the activations."""
 
     def __init__(self, backend: Backend, layers: list[Dense], batch: int, dtype: np.dtype) -> None:
-        self.Z, self.A, self.delta, self.work, self.work2 = [], [], [], [], []
+        self.Z: list[Any] = []
+        self.A: list[Any] = []  # None where A is written over Z
+        self.delta: list[Any] = []
+        self.work: list[Any] = []
+        self.work2: list[Any] = []
         for layer in layers:
             shape = (batch, layer.n_out)
             self.Z.append(backend.empty(shape, dtype))
@@ -72,7 +76,9 @@ class _Trace:
     __slots__ = ("ws", "a", "Z")
 
     def __init__(self, ws: _Workspace, X: Any) -> None:
-        self.ws, self.a, self.Z = ws, [X], []
+        self.ws = ws
+        self.a: list[Any] = [X]
+        self.Z: list[Any] = []
 
 
 class MLP:

@@ -240,10 +240,10 @@ class Trainer:
                     if classify:
                         correct = correct + bk.correct_count(output, yb, self.loss)
                 # the epoch's metrics are over the rows of the steps taken (all of them unless skipped)
-                counted = counted or math.nan
-                row: dict[str, Any] = {"epoch": self.epoch, "loss": bk.to_float(total_loss) / counted}
+                rows_taken = float(counted) if counted else math.nan
+                row: dict[str, Any] = {"epoch": self.epoch, "loss": bk.to_float(total_loss) / rows_taken}
                 if classify:
-                    row["accuracy"] = bk.to_float(correct) / _targets_per_row(yd, self.loss) / counted
+                    row["accuracy"] = bk.to_float(correct) / _targets_per_row(yd, self.loss) / rows_taken
                 if val is not None:
                     row.update({f"val_{k}": v for k, v in self._evaluate(*val).items()})
                 if self.on_nonfinite == "skip":

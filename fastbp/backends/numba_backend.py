@@ -13,6 +13,7 @@ is writable); ``warmup()`` compiles them ahead of time.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -41,7 +42,7 @@ class NumbaBackend(Backend):
     def __init__(self) -> None:
         from . import _numba_kernels as k
 
-        self.k = k
+        self.k: Any = k
         self._empty_labels = np.zeros(0, np.int64)
         self._empty_2d = {dt: np.zeros((0, 0), dt) for dt in (np.float32, np.float64)}
         self._empty_1d = {dt: np.zeros(0, dt) for dt in (np.float32, np.float64)}
@@ -123,30 +124,34 @@ class NumbaBackend(Backend):
     # ------------------------------------------------------------------ the whole step
     def train_step(self, model, X, y, loss, optimizer, clip=0.0):
         """Forward, backward and update in one compiled call, for small relu-like networks."""
-        plan = _whole_step_plan(model, X.shape[0], optimizer)
+        kind = _optimizer_kinds().get(type(optimizer))
+        plan = _whole_step_plan(model, X.shape[0]) if kind is not None else None
         if plan is None:
             return None
         flat, grad = model.flat_parameters(), model.flat_grad()
         optimizer._check_state([flat], self)
         state = optimizer.state
         slots = state.slots
-        hyper = plan.hyper
-        hyper[0] = optimizer.schedule(state.step + 1)
+        lr = optimizer.schedule(state.step + 1)
         empty = self._empty_1d[flat.dtype.type]
-        if plan.opt == 1:
-            s1, s2 = slots["m"][0], slots["v"][0]
-        elif plan.opt == 0:
+        if kind == 0:
+            hyper = np.array([lr, optimizer.momentum, optimizer.dampening, float(optimizer.nesterov),
+                              optimizer.weight_decay])
             s1, s2 = (slots["momentum"][0] if optimizer.momentum else empty), empty
+        elif kind == 1:
+            hyper = np.array([lr, optimizer.betas[0], optimizer.betas[1], optimizer.eps, optimizer.weight_decay,
+                              1.0 if optimizer._decoupled else 0.0])
+            s1, s2 = slots["m"][0], slots["v"][0]
         else:
+            hyper = np.array([lr, optimizer.alpha, optimizer.eps, optimizer.momentum, optimizer.weight_decay])
             s1, s2 = slots["square_avg"][0], (slots["momentum"][0] if optimizer.momentum else empty)
         labels, Y, code = self._loss_args(X, y, loss)
         value, sumsq, updated = self.k.train_step(X, labels, Y, code, flat, grad, plan.layout, plan.codes, plan.ws,
-                                                  plan.opt, hyper, s1, s2, state.step + 1, state.step == 0, clip)
+                                                  kind, hyper, s1, s2, state.step + 1, state.step == 0, clip)
         if updated:
             state.step += 1
         return value, plan.output, sumsq, updated
 
-    # ------------------------------------------------------------------ compilation
     def sum_of_squares(self, x):
         return self.k.sum_of_squares(x.reshape(-1)) if x.flags.c_contiguous else super().sum_of_squares(x)
 
@@ -180,52 +185,48 @@ class NumbaBackend(Backend):
         return time.perf_counter() - start
 
 
-class _Plan:
-    __slots__ = ("layout", "codes", "ws", "output", "opt", "hyper")
-
-
-def _whole_step_plan(model: Any, batch: int, optimizer: Any) -> _Plan | None:
-    """What the whole-step kernel needs for this model, batch size and optimizer (cached on the model),
-    or None when the step is too large for it or uses what it does not fuse."""
-    from . import _numba_kernels as k
-
-    cache = model.__dict__.setdefault("_numba_plans", {})
-    key = (batch, id(optimizer), model.dtype)
-    if key in cache:
-        return cache[key]
+@functools.lru_cache(maxsize=1)
+def _optimizer_kinds() -> dict[type, int]:
+    """The optimizers the whole-step kernel updates with, and its code for each."""
     from ..optim import SGD, Adam, AdamW, RMSProp
 
-    plan: _Plan | None = _Plan()
-    kind = {SGD: 0, Adam: 1, AdamW: 1, RMSProp: 2}.get(type(optimizer))  # the kernel's update variants
-    if (batch * model.n_params > WHOLE_STEP_MAX_MACS or kind is None
-            or any(k.CODES[a] not in k.FUSED for a in model.activations)):
-        plan = None
-    else:
+    return {SGD: 0, Adam: 1, AdamW: 1, RMSProp: 2}
+
+
+class _Plan:
+    """The whole-step kernel's layout and scratch for one model and batch size."""
+
+    def __init__(self, model: Any, batch: int) -> None:
+        from . import _numba_kernels as k
+
         rows, offset, scratch = [], 0, 0
         for layer in model.layers:
             n_in, n_out = layer.n_in, layer.n_out
             rows.append((offset, offset + n_in * n_out, n_in, n_out))
             offset += n_in * n_out + n_out
             scratch += 2 * batch * n_out  # A (over Z), then delta
-        plan.layout = np.array(rows, dtype=np.int64)
-        plan.codes = np.array([k.CODES[a] for a in model.activations], dtype=np.int64)
-        plan.ws = np.empty(scratch, model.dtype)
+        self.layout = np.array(rows, dtype=np.int64)
+        self.codes = np.array([k.CODES[a] for a in model.activations], dtype=np.int64)
+        self.ws = np.empty(scratch, model.dtype)
         n_top = model.layers[-1].n_out
         top = scratch - 2 * batch * n_top
-        plan.output = plan.ws[top:top + batch * n_top].reshape(batch, n_top)
-        plan.opt = kind
-        if kind == 0:
-            plan.hyper = np.array([0.0, optimizer.momentum, optimizer.dampening, float(optimizer.nesterov),
-                                   optimizer.weight_decay])
-        elif kind == 1:
-            plan.hyper = np.array([0.0, optimizer.betas[0], optimizer.betas[1], optimizer.eps,
-                                   optimizer.weight_decay, 1.0 if optimizer._decoupled else 0.0])
-        else:
-            plan.hyper = np.array([0.0, optimizer.alpha, optimizer.eps, optimizer.momentum, optimizer.weight_decay])
-    if len(cache) >= 4:
-        cache.pop(next(iter(cache)))
-    cache[key] = plan
-    return plan
+        self.output = self.ws[top:top + batch * n_top].reshape(batch, n_top)
+
+
+def _whole_step_plan(model: Any, batch: int) -> _Plan | None:
+    """The whole-step plan for this model and batch size (cached on the model), or None when the step is
+    too large for the kernel or uses activations it does not fuse."""
+    from . import _numba_kernels as k
+
+    cache = model.__dict__.setdefault("_numba_plans", {})
+    key = (batch, model.dtype)
+    if key not in cache:
+        eligible = (batch * model.n_params <= WHOLE_STEP_MAX_MACS
+                    and all(k.CODES[a] in k.FUSED for a in model.activations))
+        if len(cache) >= 4:
+            cache.pop(next(iter(cache)))
+        cache[key] = _Plan(model, batch) if eligible else None
+    return cache[key]
 
 
 def create() -> NumbaBackend:
