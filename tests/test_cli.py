@@ -100,3 +100,21 @@ def test_argparse_mistakes_are_one_line(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--epochs" in err
+
+
+def test_train_on_mnist_style_idx_files(capsys, tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3, dtype=np.uint8), 40)
+    images = (rng.integers(0, 60, (120, 4, 4)) + labels[:, None, None] * 60).astype(np.uint8)
+
+    def idx(arr):
+        return bytes([0, 0, 8, arr.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in arr.shape) + arr.tobytes()
+
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(idx(images))
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx(labels))
+    code = main(["train", "--data", str(tmp_path / "train-images-idx3-ubyte"),
+                 "--labels", str(tmp_path / "train-labels-idx1-ubyte"), "--epochs", "150", "--quiet",
+                 "--hidden", "16", "--lr", "0.03", "--batch-size", "16"])
+    out = capsys.readouterr().out
+    assert code == 0 and "preprocessing: scale" in out and "16 features, 3 classes" in out
+    assert float(re.search(r"test accuracy: ([\d.]+)", out).group(1)) > 0.9

@@ -115,3 +115,21 @@ def test_numba_without_scipy_is_unavailable_and_says_why(monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy.linalg.cython_blas", None)  # as if scipy were not installed
     with pytest.raises(BackendUnavailable, match="need scipy"):
         numba_backend.create()
+
+
+def test_whole_step_follows_optimizer_changes_between_steps():
+    """The kernel reads the hyperparameters each step: a changed one, or a new optimizer, takes effect."""
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((16, 4)), rng.integers(0, 3, 16)
+    ref = fb.MLP([4, 6, 3], dtype="float64", seed=0, backend="numpy")
+    model = fb.MLP([4, 6, 3], dtype="float64", seed=0, backend="numba")
+    for m in (ref, model):
+        opt = fb.optim.SGD(lr=0.1, momentum=0.9)
+        trainer = fb.Trainer(m, optimizer=opt, batch_size=16)
+        trainer.step(X, y)
+        opt.momentum = 0.5  # changed between steps
+        trainer.step(X, y)
+        trainer2 = fb.Trainer(m, optimizer=fb.optim.Adam(lr=0.01), batch_size=16)  # a new optimizer
+        trainer2.step(X, y)
+    for a, b in zip(ref.get_weights(), model.get_weights()):
+        assert_close(a, b, "float64", atol=1e-13)
