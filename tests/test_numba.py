@@ -1,5 +1,5 @@
 """What is particular to the numba backend: the whole-step kernel equals the op-by-op path, results are
-bit-identical from run to run, both backprop kernels agree, and the disk cache goes where it is told."""
+bit-identical from run to run, and the disk cache goes where it is told."""
 
 import os
 import subprocess
@@ -44,8 +44,8 @@ def test_whole_step_kernel_equals_the_op_by_op_path(monkeypatch, opt, loss, act)
     y = _targets(rng, loss, 12, 3)
     loss_name = "cross_entropy" if loss.startswith("cross") else loss
     results = []
-    for limit in (numba_backend.WHOLE_STEP_MAX_MACS, 0):  # whole-step kernel, then op by op
-        monkeypatch.setattr(numba_backend, "WHOLE_STEP_MAX_MACS", limit)
+    for whole in (True, False):  # the whole-step kernel, then the ops one by one
+        monkeypatch.setattr(numba_backend, "WHOLE_STEP", whole)
         model = fb.MLP([5, 7, 6, 3], activation=act, dtype="float64", seed=1, backend="numba")
         trainer = fb.Trainer(model, loss=loss_name, optimizer=OPTIMIZERS[opt](), batch_size=4, seed=0)
         history = trainer.fit(X, y, epochs=2, progress="none")
@@ -72,27 +72,6 @@ def test_training_is_bit_identical_from_run_to_run(dtype, sizes, batch):
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             np.testing.assert_array_equal(a, b)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("act", ["relu", "leaky_relu", "identity"])
-def test_small_and_blas_backprop_kernels_agree(dtype, act):
-    from fastbp.backends import _numba_kernels as k
-
-    rng = np.random.default_rng(1)
-    B, n_in, n, n_next = 9, 6, 5, 4
-    A_prev = rng.standard_normal((B, n_in)).astype(dtype)
-    A = np.maximum(rng.standard_normal((B, n)), 0).astype(dtype) if act != "identity" else (
-        rng.standard_normal((B, n)).astype(dtype))
-    delta_next = rng.standard_normal((B, n_next)).astype(dtype)
-    W_next = rng.standard_normal((n, n_next)).astype(dtype)
-    outs = []
-    for kernel in (k.backprop_dense_small, k.backprop_dense):
-        delta, dW, db = np.empty((B, n), dtype), np.empty((n_in, n), dtype), np.empty(n, dtype)
-        kernel(delta_next, W_next, A, A_prev, k.CODES[act], delta, dW, db)
-        outs.append((delta, dW, db))
-    for a, b in zip(*outs):
-        assert_close(a, b, dtype, atol=1e-6 if dtype == "float32" else 1e-13)
 
 
 def test_warmup_reports_seconds_and_the_cache_goes_to_numba_cache_dir(tmp_path):

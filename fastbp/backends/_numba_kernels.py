@@ -121,35 +121,6 @@ def backprop_dense(delta_next, W_next, A, A_prev, code, delta, dW, db):
     np.dot(A_prev.T, delta, dW)  # eq. (3)
 
 
-@njit
-def backprop_dense_small(delta_next, W_next, A, A_prev, code, delta, dW, db):
-    """Eqs. (2), (3), (4) for small layers in a single pass over the batch, without BLAS: for each row,
-    delta_i = (delta_next_i W_next^T) * g'(z_i), then dW += outer(a_prev_i, delta_i), db += delta_i."""
-    B, n = delta.shape
-    n_next = delta_next.shape[1]
-    n_in = A_prev.shape[1]
-    acc_W = np.zeros((n_in, n))
-    acc_b = np.zeros(n)
-    for i in range(B):
-        for j in range(n):
-            s = 0.0
-            for k in range(n_next):
-                s += delta_next[i, k] * W_next[j, k]
-            if code != IDENTITY and not A[i, j] > 0:
-                s = s * _SLOPE if code == LEAKY_RELU else 0.0
-            delta[i, j] = s
-            acc_b[j] += s
-        for r in range(n_in):
-            a = A_prev[i, r]
-            for j in range(n):
-                acc_W[r, j] += a * delta[i, j]
-    for r in range(n_in):
-        for j in range(n):
-            dW[r, j] = acc_W[r, j]
-    for j in range(n):
-        db[j] = acc_b[j]
-
-
 # ----------------------------------------------------------------------------------- losses, eq. (1)
 @njit
 def output_delta(Z, y_labels, Y, loss, delta):
