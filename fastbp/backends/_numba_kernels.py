@@ -80,20 +80,6 @@ def dact_colsum(delta, A, code, db):
         db[j] = acc[j]
 
 
-@njit
-def dact(delta, A, code):
-    """delta *= g'(z), read from A (codes in FUSED)."""
-    B, n = delta.shape
-    if code == RELU:
-        for i in range(B):
-            for j in range(n):
-                delta[i, j] = delta[i, j] if A[i, j] > 0 else 0
-    elif code == LEAKY_RELU:
-        for i in range(B):
-            for j in range(n):
-                delta[i, j] = delta[i, j] if A[i, j] > 0 else delta[i, j] * _SLOPE
-
-
 # ----------------------------------------------------------------------------------- layer ops
 @njit
 def matmul(A, B, out):
@@ -271,16 +257,18 @@ def train_step(X, y_labels, Y, loss, flat, grad, layout, codes, ws, opt, hyper, 
     n_top = layout[L - 1, 3]
     delta = ws[d_at[L - 1]:d_at[L - 1] + B * n_top].reshape((B, n_top))
     value = output_delta(A_prev, y_labels, Y, loss, delta)
-    # ---- eqs. (2)-(4), top down
+    # ---- eqs. (2)-(4), top down; each layer's delta gets g' and yields its bias gradient in one pass
+    b_top = layout[L - 1, 1]
+    dact_colsum(delta, delta, IDENTITY, grad[b_top:b_top + n_top])  # eq. (4), top layer
     for l in range(L - 1, -1, -1):
-        w0, b0, n_in, n_out = layout[l, 0], layout[l, 1], layout[l, 2], layout[l, 3]
+        w0, n_in, n_out = layout[l, 0], layout[l, 2], layout[l, 3]
         A_in = ws[a_at[l - 1]:a_at[l - 1] + B * n_in].reshape((B, n_in)) if l > 0 else X
         np.dot(A_in.T, delta, grad[w0:w0 + n_in * n_out].reshape((n_in, n_out)))  # eq. (3)
-        dact_colsum(delta, delta, IDENTITY, grad[b0:b0 + n_out])  # eq. (4)
         if l > 0:
             below = ws[d_at[l - 1]:d_at[l - 1] + B * n_in].reshape((B, n_in))
             np.dot(delta, flat[w0:w0 + n_in * n_out].reshape((n_in, n_out)).T, below)  # eq. (2)
-            dact(below, A_in, codes[l - 1])
+            b0 = layout[l - 1, 1]
+            dact_colsum(below, A_in, codes[l - 1], grad[b0:b0 + n_in])  # eq. (2) * g', eq. (4)
             delta = below
     sumsq = sum_of_squares(grad)
     if not (math.isfinite(value) and math.isfinite(sumsq)):
