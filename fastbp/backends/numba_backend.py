@@ -4,9 +4,9 @@ Each op is one compiled call: its GEMMs go through BLAS (Numba's ``np.dot``, whi
 OpenBLAS) and the rest (bias, activation, g', the bias gradient, the loss and its delta, the optimizer
 update) happens in one pass. Training runs through a whole-step kernel: forward, backward and update in
 one call, with no Python between the ops. A single-pass backprop kernel without BLAS (delta, dW and db
-row by row) was measured too: it was slower than BLAS + the fused pass at every layer width from 4 up
-(batch 64: 2.6 vs 1.9 us at width 4, 71 vs 12.5 us at width 32), so there is no crossover to switch at
-and only the BLAS path exists.
+row by row; commit 810ad40) was measured too: it was slower than BLAS + the fused pass at every layer
+width from 4 up (batch 64: 2.6 vs 1.9 us at width 4, 71 vs 12.5 us at width 32; batch 256: 15.5 vs
+8.0 us at width 4), so there is no crossover to switch at, and only the BLAS path exists.
 
 Threads: the fused passes run on the calling thread and BLAS uses its own pool, so only one pool is
 ever busy; results are bit-identical from run to run. Kernels are compiled on first use and cached on
@@ -26,9 +26,10 @@ from . import BackendUnavailable
 from .base import Backend
 
 #: Train through the whole-step kernel wherever it applies (relu-like activations; SGD, Adam, AdamW,
-#: RMSProp). Measured on the development machine (SGD, float32), it is never slower than the ops one by
-#: one: 1.24x faster at 64-128-128-10 batch 64, 1.045x at 256-512-512-10 batch 128, 1.003x at
-#: 784-1024-1024-10 batch 256. False runs the ops one by one (for comparison and tests).
+#: RMSProp). Measured on the development machine (benchmarks/numba_whole_step.py, SGD, float32), three
+#: runs: 1.14x-1.24x faster than the ops one by one at 64-128-128-10 batch 64, 1.03x-1.05x at
+#: 256-512-512-10 batch 128, 0.995x-1.02x (within the noise) at 784-1024-1024-10 batch 256.
+#: False runs the ops one by one (for comparison and tests).
 WHOLE_STEP = True
 
 _LOSS = {"mse": 3, "binary_cross_entropy": 2}
