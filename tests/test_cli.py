@@ -118,3 +118,9 @@ def test_train_on_mnist_style_idx_files(capsys, tmp_path):
     out = capsys.readouterr().out
     assert code == 0 and "preprocessing: scale" in out and "16 features, 3 classes" in out
     assert float(re.search(r"test accuracy: ([\d.]+)", out).group(1)) > 0.9
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"fastbp {fb.__version__}"
