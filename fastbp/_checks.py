@@ -48,10 +48,16 @@ def check_positive_float(value: Any, argument: str) -> float:
     return value
 
 
+def to_host(x: Any) -> Any:
+    """A device (CuPy) array copied back to the host; anything else as it is."""
+    if hasattr(x, "__cuda_array_interface__") and hasattr(x, "get"):
+        return x.get()
+    return x
+
+
 def host_array(x: Any, argument: str) -> np.ndarray:
     """``x`` as a host numpy array (device arrays are copied back), rejecting non-numeric dtypes."""
-    if hasattr(x, "__cuda_array_interface__") and hasattr(x, "get"):
-        x = x.get()
+    x = to_host(x)
     try:
         arr = np.asarray(x)
     except (ValueError, TypeError) as exc:

@@ -26,7 +26,3 @@ def resolve_dtype(dtype: object, argument: str = "dtype") -> np.dtype:
     if resolved.name not in FLOAT_DTYPES:
         raise TypeError(f"{argument} must be one of {FLOAT_DTYPES}, got {resolved.name!r}")
     return resolved
-
-
-#: Relative tolerances that ops of a backend must meet against the NumPy reference, per dtype.
-RTOL = {"float32": 1e-5, "float64": 1e-10}

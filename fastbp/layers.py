@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import check_choice, check_features, check_positive_int, check_seed
+from ._checks import check_choice, check_features, check_positive_int, check_seed, to_host
 from .activations import ACTIVATIONS
 from .backends import Backend, resolve_backend
 from .dtypes import resolve_dtype
@@ -150,7 +150,7 @@ class MLP:
         'identity'."""
         if not weights:
             raise ValueError("weights must hold at least one (W, b, activation) layer")
-        host = [(np.asarray(_to_host(W)), np.asarray(_to_host(b)), act) for W, b, act in weights]
+        host = [(np.asarray(to_host(W)), np.asarray(to_host(b)), act) for W, b, act in weights]
         if host[-1][2] != "identity":
             raise ValueError(f"the output layer's activation must be 'identity', got {host[-1][2]!r}")
         for (W, _, _), (W_next, _, _) in zip(host[:-1], host[1:]):
@@ -188,7 +188,7 @@ class MLP:
         params = self.parameters()
         if len(weights) != len(params):
             raise ValueError(f"weights must hold {len(params)} arrays, got {len(weights)}")
-        host = [np.asarray(_to_host(w)) for w in weights]
+        host = [np.asarray(to_host(w)) for w in weights]
         for i, (w, p) in enumerate(zip(host, params)):
             if w.shape != p.shape:
                 raise ValueError(f"weights[{i}] must have shape {p.shape}, got {w.shape}")
@@ -341,9 +341,3 @@ def _check_sizes(sizes: Any) -> list[int]:
     if len(sizes) < 2:
         raise ValueError(f"sizes must name at least the input and output widths, got {list(sizes)}")
     return [check_positive_int(n, f"sizes[{i}]") for i, n in enumerate(sizes)]
-
-
-def _to_host(x: Any) -> Any:
-    if hasattr(x, "__cuda_array_interface__") and hasattr(x, "get"):
-        return x.get()
-    return x

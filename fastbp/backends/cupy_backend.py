@@ -114,9 +114,6 @@ class CupyBackend(Backend):
     def synchronize(self) -> None:
         self.xp.cuda.get_current_stream().synchronize()
 
-    def to_float(self, x: Any) -> float:
-        return float(x)
-
     @_on_device
     def to_floats(self, *xs: Any) -> tuple[float, ...]:
         xp = self.xp
