@@ -112,3 +112,93 @@ def test_whole_step_follows_optimizer_changes_between_steps():
         trainer2.step(X, y)
     for a, b in zip(ref.get_weights(), model.get_weights()):
         assert_close(a, b, "float64", atol=1e-13)
+
+
+UPDATE_CASES = {
+    "sgd": lambda: fb.optim.SGD(lr=0.1),
+    "sgd_momentum": lambda: fb.optim.SGD(lr=0.1, momentum=0.9),
+    "sgd_dampening_wd": lambda: fb.optim.SGD(lr=0.05, momentum=0.8, dampening=0.3, weight_decay=0.01),
+    "sgd_nesterov": lambda: fb.optim.SGD(lr=0.1, momentum=0.9, nesterov=True),
+    "sgd_nesterov_wd": lambda: fb.optim.SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.05),
+    "adam": lambda: fb.optim.Adam(lr=0.01),
+    "adam_wd": lambda: fb.optim.Adam(lr=0.01, betas=(0.8, 0.99), weight_decay=0.1),
+    "adamw": lambda: fb.optim.AdamW(lr=0.01, weight_decay=0.1),
+    "rmsprop": lambda: fb.optim.RMSProp(lr=0.01),
+    "rmsprop_momentum_wd": lambda: fb.optim.RMSProp(lr=0.01, momentum=0.9, weight_decay=0.01),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", sorted(UPDATE_CASES))
+def test_updates_equal_the_numpy_reference_bit_for_bit(dtype, name):
+    """The fused one-pass updates compute in the parameters' dtype with the reference's operations in
+    its order, so 7 steps of each give the very same bits as the NumPy backend."""
+    rng = np.random.default_rng(5)
+    p0 = rng.standard_normal(1003).astype(dtype)
+    grads = [rng.standard_normal(1003).astype(dtype) for _ in range(7)]
+    results = []
+    for backend in ("numba", "numpy"):
+        p, opt = p0.copy(), UPDATE_CASES[name]()
+        for g in grads:
+            opt.step([p], [g.copy()], fb.backends.resolve_backend(backend))
+        results.append(p)
+    np.testing.assert_array_equal(results[0], results[1])
+    assert not np.array_equal(results[0], p0)
+
+
+@pytest.mark.parametrize("name", ["sgd_nesterov_wd", "adamw", "rmsprop_momentum_wd"])
+def test_whole_step_update_equals_the_op_by_op_update_bit_for_bit(monkeypatch, name):
+    """The whole-step kernel applies the same update kernels to the same gradient as the ops path."""
+    from fastbp.backends import numba_backend
+
+    rng = np.random.default_rng(2)
+    X, y = rng.standard_normal((16, 6)), rng.integers(0, 3, 16)
+    weights = []
+    for whole in (True, False):
+        monkeypatch.setattr(numba_backend, "WHOLE_STEP", whole)
+        model = fb.MLP([6, 5, 3], dtype="float32", seed=0, backend="numba")
+        trainer = fb.Trainer(model, optimizer=UPDATE_CASES[name](), batch_size=16)
+        trainer.step(X, y)  # one step: both paths start from the same parameters and gradient
+        weights.append(model.get_weights())
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_trains_from_a_read_only_install(tmp_path):
+    """Installed where nothing may be written (a system site-packages, a container image), the kernels
+    compile into Numba's per-user cache and training works; the install stays untouched. As root,
+    permissions do not stop writes, so the copy is mounted read-only in a private mount namespace."""
+    import shutil
+    import stat
+
+    site = tmp_path / "site"
+    shutil.copytree(os.path.dirname(fb.__file__), site / "fastbp", ignore=shutil.ignore_patterns("__pycache__"))
+    home = tmp_path / "home"
+    home.mkdir()
+    code = ("import numpy as np, fastbp as fb; m = fb.MLP([4, 8, 3], backend='numba', seed=0); "
+            "t = fb.Trainer(m, optimizer=fb.optim.Adam(0.01)); X = np.ones((6, 4)); y = np.array([0, 1, 2, 0, 1, 2]); "
+            "first = t.step(X, y); [t.step(X, y) for _ in range(20)]; print(first, t.step(X, y))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_CACHE_DIR", "XDG_CACHE_HOME", "PYTHONPATH"))}
+    env.update(HOME=str(home), PYTHONPATH=str(site), PYTHONDONTWRITEBYTECODE="1")
+    command = [sys.executable, "-c", code]
+    if os.geteuid() == 0:
+        if shutil.which("unshare") is None:
+            pytest.skip("running as root without unshare: cannot make a read-only install")
+        probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True)
+        if probe.returncode != 0:
+            pytest.skip(f"running as root and unshare -m is not permitted: {probe.stderr.decode().strip()}")
+        mount = f"mount --bind {site} {site} && mount -o remount,bind,ro {site} {site} && exec \"$@\""
+        command = ["unshare", "-m", "--propagation", "private", "sh", "-c", mount, "sh", *command]
+    else:
+        for path in [site, *site.rglob("*")]:
+            path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    try:
+        result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    finally:
+        for path in [site, *site.rglob("*")]:
+            path.chmod(path.stat().st_mode | stat.S_IWUSR)
+    assert result.returncode == 0, result.stderr
+    first, last = (float(v) for v in result.stdout.split())
+    assert last < first  # it trained
+    assert not list(site.rglob("__pycache__")), "something was written into the install"
+    assert any("_numba_kernels" in p.name for p in (home / ".cache" / "numba").rglob("*.nbi"))

@@ -165,63 +165,85 @@ def output_delta(Z, y_labels, Y, loss, delta):
 
 
 # ----------------------------------------------------------------------------------- optimizers
+# Each update computes in the parameters' dtype with the NumPy reference's operations in its order:
+# constants (1 - beta1, lr / bias1, ...) in float64, then rounded once to the dtype, as NumPy rounds a
+# Python float scalar. The numba updates therefore equal the reference bit for bit, in float32 too, and
+# float32 loops run at float32 SIMD width.
+@njit
+def _consts(like, values):
+    """``values`` (float64) rounded to the dtype of the array ``like``."""
+    out = np.empty(len(values), like.dtype)
+    for i in range(len(values)):
+        out[i] = values[i]
+    return out
+
+
 @njit
 def sgd(p, g, buf, lr, momentum, dampening, nesterov, wd, first):
     """torch.optim.SGD on a flat vector, one pass."""
+    c = _consts(p, (float(lr), float(momentum), 1.0 - dampening, float(wd)))
+    lr_, mom, damp1, wd_ = c[0], c[1], c[2], c[3]
     if momentum == 0.0 and wd == 0.0:  # plain SGD: a loop without branches, so it vectorizes
         for i in range(p.size):
-            p[i] -= lr * g[i]
+            p[i] -= g[i] * lr_
         return
     for i in range(p.size):
-        d = g[i] + wd * p[i] if wd != 0.0 else g[i]
+        d = p[i] * wd_ + g[i] if wd != 0.0 else g[i]
         if momentum != 0.0:
-            bi = d if first else momentum * buf[i] + (1.0 - dampening) * d
+            if first:
+                bi = d
+            elif dampening != 0.0:
+                bi = buf[i] * mom + d * damp1
+            else:
+                bi = buf[i] * mom + d
             buf[i] = bi
-            d = d + momentum * bi if nesterov else bi
-        p[i] -= lr * d
+            d = buf[i] * mom + d if nesterov else bi
+        p[i] -= d * lr_
 
 
 @njit
 def adam(p, g, m, v, lr, beta1, beta2, eps, step, wd, decoupled):
     """torch.optim.Adam / AdamW on a flat vector: m, v and p together in one pass."""
-    bias1 = 1.0 - beta1**step
-    bias2_sqrt = math.sqrt(1.0 - beta2**step)
-    step_size = lr / bias1
-    shrink = 1.0 - lr * wd
+    bias1 = 1.0 - beta1 ** float(step)  # pow, as Python computes float ** int
+    c = _consts(p, (float(beta1), 1.0 - beta1, float(beta2), 1.0 - beta2, math.sqrt(1.0 - beta2 ** float(step)),
+                    float(eps), lr / bias1, 1.0 - lr * wd, float(wd)))
+    b1, omb1, b2, omb2, bias2_sqrt, eps_, step_size, shrink, wd_ = c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8]
     if wd == 0.0:  # the common case, without branches in the loop
         for i in range(p.size):
             d = g[i]
-            mi = beta1 * m[i] + (1.0 - beta1) * d
-            vi = beta2 * v[i] + (1.0 - beta2) * d * d
+            mi = m[i] * b1 + d * omb1
+            vi = v[i] * b2 + d * d * omb2
             m[i] = mi
             v[i] = vi
-            p[i] -= step_size * mi / (math.sqrt(vi) / bias2_sqrt + eps)
+            p[i] -= mi / (np.sqrt(vi) / bias2_sqrt + eps_) * step_size
         return
     for i in range(p.size):
         if decoupled:
             p[i] *= shrink
             d = g[i]
         else:
-            d = g[i] + wd * p[i]
-        mi = beta1 * m[i] + (1.0 - beta1) * d
-        vi = beta2 * v[i] + (1.0 - beta2) * d * d
+            d = p[i] * wd_ + g[i]
+        mi = m[i] * b1 + d * omb1
+        vi = v[i] * b2 + d * d * omb2
         m[i] = mi
         v[i] = vi
-        p[i] -= step_size * mi / (math.sqrt(vi) / bias2_sqrt + eps)
+        p[i] -= mi / (np.sqrt(vi) / bias2_sqrt + eps_) * step_size
 
 
 @njit
 def rmsprop(p, g, sq, buf, lr, alpha, eps, momentum, wd):
     """torch.optim.RMSprop (not centered) on a flat vector, one pass."""
+    c = _consts(p, (float(lr), float(alpha), 1.0 - alpha, float(eps), float(momentum), float(wd)))
+    lr_, a, oma, eps_, mom, wd_ = c[0], c[1], c[2], c[3], c[4], c[5]
     for i in range(p.size):
-        d = g[i] + wd * p[i]
-        si = alpha * sq[i] + (1.0 - alpha) * d * d
+        d = p[i] * wd_ + g[i] if wd != 0.0 else g[i]
+        si = sq[i] * a + d * d * oma
         sq[i] = si
-        u = d / (math.sqrt(si) + eps)
+        u = d / (np.sqrt(si) + eps_)
         if momentum != 0.0:
-            u = momentum * buf[i] + u
+            u = buf[i] * mom + u
             buf[i] = u
-        p[i] -= lr * u
+        p[i] -= u * lr_
 
 
 # ----------------------------------------------------------------------------------- the whole step
@@ -298,5 +320,6 @@ def clip_grad(g, sumsq, max_norm):
     """Scale g to global norm max_norm when its norm is larger: coef = max_norm / (norm + 1e-6)."""
     coef = max_norm / (math.sqrt(sumsq) + 1e-6)
     if coef < 1.0:
+        c = _consts(g, (coef,))[0]  # rounded to g's dtype, as the op-by-op path's scale does
         for i in range(g.size):
-            g[i] *= coef
+            g[i] *= c

@@ -9,6 +9,7 @@ so a training step allocates nothing large; called without them, an op allocates
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -298,7 +299,7 @@ class Backend:
             work *= 1 - beta2
             v += work
         bias1 = 1 - beta1**step
-        bias2_sqrt = (1 - beta2**step) ** 0.5
+        bias2_sqrt = math.sqrt(1 - beta2**step)  # as torch
         # p -= (lr / bias1) * m / (sqrt(v) / sqrt(bias2) + eps)
         xp.sqrt(v, out=work)
         work /= bias2_sqrt

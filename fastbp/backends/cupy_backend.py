@@ -14,6 +14,7 @@ workspace, and the few temporaries (reduction partials) are reused blocks of CuP
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import numpy as np
@@ -229,7 +230,7 @@ class CupyBackend(Backend):
         self._kernel("optim.cu", "adam<{T}>", p.dtype)(
             (self._grid(p.size),), (_THREADS,),
             (p, g, m, v, np.int64(p.size), np.float64(lr), np.float64(beta1), np.float64(beta2), np.float64(eps),
-             np.float64(1 - beta1**step), np.float64((1 - beta2**step) ** 0.5), np.float64(weight_decay),
+             np.float64(1 - beta1**step), np.float64(math.sqrt(1 - beta2**step)), np.float64(weight_decay),
              np.int32(decoupled)))
 
     @_on_device
