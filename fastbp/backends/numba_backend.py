@@ -215,12 +215,13 @@ def _whole_step_plan(model: Any, batch: int) -> _Plan | None:
     from . import _numba_kernels as k
 
     cache = model.__dict__.setdefault("_numba_plans", {})
-    key = (batch, model.dtype)
-    if key not in cache:
+    entry = cache.get(batch)
+    if entry is None or entry[0] is not model.dtype:  # built for another dtype
         if len(cache) >= 4:
             cache.pop(next(iter(cache)))
-        cache[key] = _Plan(model, batch) if all(k.CODES[a] in k.FUSED for a in model.activations) else None
-    return cache[key]
+        fused = all(k.CODES[a] in k.FUSED for a in model.activations)
+        entry = cache[batch] = (model.dtype, _Plan(model, batch) if fused else None)
+    return entry[1]
 
 
 def create() -> NumbaBackend:
