@@ -2,22 +2,33 @@
 // squares for clipping and divergence checks (two fixed-order stages, deterministic).
 #include "common.cuh"
 
+// The updates compute in T with the NumPy reference's operations in its order (fastbp/backends/base.py):
+// each constant (1 - beta1, lr / bias1, ...) is computed in double on the host or here and rounded to T
+// once, as NumPy rounds a Python float, and every operation is an IEEE round-to-nearest one (*_rn, never
+// fused), so the results equal the reference's bit for bit.
 template <typename T>
 __global__ void sgd(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ buf, long long n, double lr,
                     double momentum, double dampening, int nesterov, double wd, int first) {
-    using A = typename Acc<T>::type;
+    const T lr_ = static_cast<T>(lr), mom = static_cast<T>(momentum), damp1 = static_cast<T>(1.0 - dampening),
+            wd_ = static_cast<T>(wd);
     for (long long i = global_index(); i < n; i += grid_stride()) {
-        A d = static_cast<A>(g[i]);
+        T d = g[i];
         if (wd != 0.0) {
-            d += static_cast<A>(wd) * static_cast<A>(p[i]);
+            d = add_rn(mul_rn(p[i], wd_), d);
         }
         if (momentum != 0.0) {
-            const A b = first ? d : static_cast<A>(momentum) * static_cast<A>(buf[i])
-                                        + static_cast<A>(1.0 - dampening) * d;
-            buf[i] = static_cast<T>(b);
-            d = nesterov ? d + static_cast<A>(momentum) * b : b;
+            T b;
+            if (first) {
+                b = d;
+            } else if (dampening != 0.0) {
+                b = add_rn(mul_rn(buf[i], mom), mul_rn(d, damp1));
+            } else {
+                b = add_rn(mul_rn(buf[i], mom), d);
+            }
+            buf[i] = b;
+            d = nesterov ? add_rn(mul_rn(b, mom), d) : b;
         }
-        p[i] = static_cast<T>(static_cast<A>(p[i]) - static_cast<A>(lr) * d);
+        p[i] = sub_rn(p[i], mul_rn(d, lr_));
     }
 }
 
@@ -25,42 +36,47 @@ template <typename T>
 __global__ void adam(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v, long long n,
                      double lr, double beta1, double beta2, double eps, double bias1, double bias2_sqrt, double wd,
                      int decoupled) {
-    using A = typename Acc<T>::type;
-    const A step_size = static_cast<A>(lr / bias1);
-    const A shrink = static_cast<A>(1.0 - lr * wd);
+    const T b1 = static_cast<T>(beta1), omb1 = static_cast<T>(1.0 - beta1), b2 = static_cast<T>(beta2),
+            omb2 = static_cast<T>(1.0 - beta2), bias2 = static_cast<T>(bias2_sqrt), eps_ = static_cast<T>(eps),
+            step_size = static_cast<T>(lr / bias1), shrink = static_cast<T>(1.0 - lr * wd),
+            wd_ = static_cast<T>(wd);
     for (long long i = global_index(); i < n; i += grid_stride()) {
-        A pi = static_cast<A>(p[i]);
-        A d = static_cast<A>(g[i]);
-        if (decoupled) {
-            pi *= shrink;
-        } else if (wd != 0.0) {
-            d += static_cast<A>(wd) * pi;
+        T pi = p[i];
+        T d = g[i];
+        if (wd != 0.0) {
+            if (decoupled) {
+                pi = mul_rn(pi, shrink);
+            } else {
+                d = add_rn(mul_rn(pi, wd_), d);
+            }
         }
-        const A mi = static_cast<A>(beta1) * static_cast<A>(m[i]) + static_cast<A>(1.0 - beta1) * d;
-        const A vi = static_cast<A>(beta2) * static_cast<A>(v[i]) + static_cast<A>(1.0 - beta2) * d * d;
-        m[i] = static_cast<T>(mi);
-        v[i] = static_cast<T>(vi);
-        p[i] = static_cast<T>(pi - step_size * mi / (m_sqrt(vi) / static_cast<A>(bias2_sqrt) + static_cast<A>(eps)));
+        const T mi = add_rn(mul_rn(m[i], b1), mul_rn(d, omb1));
+        const T vi = add_rn(mul_rn(v[i], b2), mul_rn(mul_rn(d, d), omb2));
+        m[i] = mi;
+        v[i] = vi;
+        // p -= m / (sqrt(v) / sqrt(bias2) + eps) * (lr / bias1)
+        p[i] = sub_rn(pi, mul_rn(div_rn(mi, add_rn(div_rn(sqrt_rn(vi), bias2), eps_)), step_size));
     }
 }
 
 template <typename T>
 __global__ void rmsprop(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ sq, T* __restrict__ buf,
                         long long n, double lr, double alpha, double eps, double momentum, double wd) {
-    using A = typename Acc<T>::type;
+    const T lr_ = static_cast<T>(lr), a = static_cast<T>(alpha), oma = static_cast<T>(1.0 - alpha),
+            eps_ = static_cast<T>(eps), mom = static_cast<T>(momentum), wd_ = static_cast<T>(wd);
     for (long long i = global_index(); i < n; i += grid_stride()) {
-        A d = static_cast<A>(g[i]);
+        T d = g[i];
         if (wd != 0.0) {
-            d += static_cast<A>(wd) * static_cast<A>(p[i]);
+            d = add_rn(mul_rn(p[i], wd_), d);
         }
-        const A s = static_cast<A>(alpha) * static_cast<A>(sq[i]) + static_cast<A>(1.0 - alpha) * d * d;
-        sq[i] = static_cast<T>(s);
-        A u = d / (m_sqrt(s) + static_cast<A>(eps));
+        const T s = add_rn(mul_rn(sq[i], a), mul_rn(mul_rn(d, d), oma));
+        sq[i] = s;
+        T u = div_rn(d, add_rn(sqrt_rn(s), eps_));
         if (momentum != 0.0) {
-            u = static_cast<A>(momentum) * static_cast<A>(buf[i]) + u;
-            buf[i] = static_cast<T>(u);
+            u = add_rn(mul_rn(buf[i], mom), u);
+            buf[i] = u;
         }
-        p[i] = static_cast<T>(static_cast<A>(p[i]) - static_cast<A>(lr) * u);
+        p[i] = sub_rn(p[i], mul_rn(u, lr_));
     }
 }
 
@@ -82,8 +98,8 @@ __global__ void sumsq_partial(const T* __restrict__ x, long long n, typename Acc
 
 template <typename T>
 __global__ void scale(T* __restrict__ x, long long n, double alpha) {
-    using A = typename Acc<T>::type;
+    const T a = static_cast<T>(alpha);
     for (long long i = global_index(); i < n; i += grid_stride()) {
-        x[i] = static_cast<T>(static_cast<A>(x[i]) * static_cast<A>(alpha));
+        x[i] = mul_rn(x[i], a);
     }
 }
