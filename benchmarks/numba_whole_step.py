@@ -1,4 +1,5 @@
-"""The numba backend's whole-step kernel against its ops one by one (SGD, float32), interleaved medians:
+"""The numba backend's whole-step kernel against its ops one by one (SGD, float32): interleaved medians,
+and their ratio as the median of the per-round ratios:
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/numba_whole_step.py
 
@@ -20,8 +21,8 @@ from fastbp.backends import numba_backend
 CASES = [([64, 128, 128, 10], 64, 400), ([256, 512, 512, 10], 128, 100), ([784, 1024, 1024, 10], 256, 25)]
 
 
-def interleaved(fns: dict[str, Callable[[], object]], reps: int, warm: int = 5) -> dict[str, float]:
-    """Median microseconds of each function, timed in turn, ``reps`` rounds."""
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, warm: int = 5) -> dict[str, list[float]]:
+    """Seconds of each function per round, timed in turn, ``reps`` rounds."""
     for fn in fns.values():
         for _ in range(warm):
             fn()
@@ -31,7 +32,7 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int, warm: int = 5) 
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) * 1e6 for name, v in samples.items()}
+    return samples
 
 
 def main() -> None:
@@ -52,10 +53,11 @@ def main() -> None:
                 trainer._step(X, y)
 
             fns[label] = step
-        result = interleaved(fns, reps)
+        samples = interleaved(fns, reps)
         numba_backend.WHOLE_STEP = True
-        print(f"{str(sizes):24s} {batch:6d} {result['whole']:14.1f} {result['ops']:12.1f} "
-              f"{result['ops'] / result['whole']:9.3f}")
+        whole, ops = (statistics.median(samples[k]) * 1e6 for k in ("whole", "ops"))
+        ratio = statistics.median(o / w for o, w in zip(samples["ops"], samples["whole"]))  # per round
+        print(f"{str(sizes):24s} {batch:6d} {whole:14.1f} {ops:12.1f} {ratio:9.3f}")
 
 
 if __name__ == "__main__":

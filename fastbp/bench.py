@@ -1,8 +1,8 @@
 """``fastbp bench``: training-step speed against the GEMM floor, a naive NumPy step and PyTorch.
 
-Every figure is a median over interleaved repetitions: each repetition times every candidate once, in
-turn, so a slow moment of a shared machine hits all of them alike. Ratios are taken between figures of
-the same run.
+Every figure is a median over interleaved repetitions (rounds): each round times every candidate once,
+in turn, so a slow moment of a shared machine hits all of them alike. Ratios are medians of the per-round
+ratios between figures of the same run.
 
 The GEMM floor (DESIGN section 1) is the time of exactly the step's matrix products, with the same
 library, dtype and operand layouts as the step, called one by one: forward X W per layer; backward
@@ -128,6 +128,7 @@ def summarize(c: Candidate, batch: int) -> dict[str, Any]:
         "name": c.name, "backend": c.backend, "median_s": med, "min_s": min(c.samples), "max_s": max(c.samples),
         "reps": len(c.samples), "inner": c.inner, "first_call_s": c.first_call_s, "flops": c.flops,
         "gflops": c.flops / med / 1e9 if c.flops else None, "samples_per_s": batch / med, "floor": c.floor,
+        "samples_s": list(c.samples),
     }
 
 
@@ -382,19 +383,47 @@ def run_config(config: str, sizes: list[int], batch: int, backends: list[Any], d
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Add, for one config and dtype: ratio_to_floor (median / the same backend's floor median),
-    speedup_vs_naive and speedup_vs_torch (the peer's median / this median, same measurement)."""
+    """Add, for one config and dtype: ratio_to_floor (this time over the same backend's floor),
+    speedup_vs_naive and speedup_vs_torch (the peer's time over this time).
+
+    Each ratio is the median of the per-round ratios where both rows carry their interleaved samples
+    (a round times every candidate once, so a slow moment of the machine hits both sides of a ratio
+    alike), else the ratio of the medians. ratio_to_floor_iqr is the 25th-75th percentile of the
+    per-round ratios to the floor: how far the ratio moved during the run."""
     by_key = {(r["backend"], r["name"]): r for r in rows}
     for r in rows:
         floor = by_key.get((r["backend"], f"floor:{r['floor']}")) if r.get("floor") else None
-        r["ratio_to_floor"] = r["median_s"] / floor["median_s"] if floor else None
+        r["ratio_to_floor"] = _ratio(r, floor) if floor else None
+        r["ratio_to_floor_iqr"] = _paired_quartiles(r, floor) if floor else None
         naive = by_key.get(("numpy-naive", "step_sgd"))
-        r["speedup_vs_naive"] = (naive["median_s"] / r["median_s"]
+        r["speedup_vs_naive"] = (_ratio(naive, r)
                                  if naive and r["name"] == "step_sgd" and r["backend"] != "numpy-naive" else None)
         torch_peer = by_key.get(("torch-cuda" if r["backend"] == "cupy" else "torch-cpu", r["name"]))
-        r["speedup_vs_torch"] = (torch_peer["median_s"] / r["median_s"]
+        r["speedup_vs_torch"] = (_ratio(torch_peer, r)
                                  if torch_peer and not r["backend"].startswith("torch") else None)
     return rows
+
+
+def _per_round(a: dict[str, Any], b: dict[str, Any]) -> list[float] | None:
+    sa, sb = a.get("samples_s"), b.get("samples_s")
+    if not sa or not sb or len(sa) != len(sb):
+        return None
+    return [x / y for x, y in zip(sa, sb)]
+
+
+def _ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """a's time over b's: the median of the per-round ratios, or the ratio of medians without samples."""
+    ratios = _per_round(a, b)
+    return statistics.median(ratios) if ratios else a["median_s"] / b["median_s"]
+
+
+def _paired_quartiles(row: dict[str, Any], base: dict[str, Any]) -> list[float] | None:
+    """The 25th and 75th percentiles of row's time over base's, round by round."""
+    ratios = _per_round(row, base)
+    if not ratios or len(ratios) < 4:
+        return None
+    q = statistics.quantiles(ratios, n=4)
+    return [q[0], q[2]]
 
 
 def _torch_available() -> bool:
@@ -414,7 +443,7 @@ def _torch_cuda() -> bool:
 # ------------------------------------------------------------------------------------------ output
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'config':7s} {'dtype':7s} {'backend':18s} {'measure':18s} {'median ms':>10s} {'min-max ms':>17s} "
-            f"{'samples/s':>10s} {'GFLOP/s':>8s} {'x floor':>8s} {'vs naive':>8s} {'vs torch':>8s}")
+            f"{'samples/s':>10s} {'GFLOP/s':>8s} {'x floor (IQR)':>20s} {'vs naive':>8s} {'vs torch':>8s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         def fmt(v, spec):
@@ -422,9 +451,16 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"{r['config']:7s} {r['dtype']:7s} {r['backend']:18s} {r['name']:18s} {r['median_s'] * 1e3:10.3f} "
             f"{r['min_s'] * 1e3:8.3f}-{r['max_s'] * 1e3:<8.3f} {r['samples_per_s']:10.0f} "
-            f"{fmt(r['gflops'], '8.1f')} {fmt(r['ratio_to_floor'], '8.3f')} {fmt(r['speedup_vs_naive'], '8.2f')} "
+            f"{fmt(r['gflops'], '8.1f')} {_ratio_cell(r):>20s} {fmt(r['speedup_vs_naive'], '8.2f')} "
             f"{fmt(r['speedup_vs_torch'], '8.2f')}")
     return "\n".join(lines)
+
+
+def _ratio_cell(r: dict[str, Any]) -> str:
+    if r.get("ratio_to_floor") is None:
+        return "-"
+    iqr = r.get("ratio_to_floor_iqr")
+    return f"{r['ratio_to_floor']:.3f}" + (f" ({iqr[0]:.2f}-{iqr[1]:.2f})" if iqr else "")
 
 
 def format_latency(rows: list[dict[str, Any]]) -> str:

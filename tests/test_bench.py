@@ -53,6 +53,28 @@ def test_ratio_arithmetic():
     assert r[("numpy-naive", "step_sgd")]["speedup_vs_naive"] is None
 
 
+def test_ratios_pair_samples_of_the_same_round():
+    # the machine slows down 2x in the second half: per-repetition ratios stay 1.2, medians would mislead
+    floor = [0.010] * 4 + [0.020] * 4
+    step = [0.012] * 4 + [0.024] * 4
+    rows = bench.add_ratios([dict(_row("numba", "floor:step", 0.015), samples_s=floor),
+                             dict(_row("numba", "step_sgd", 0.018, "step"), samples_s=step)])
+    r = {x["name"]: x for x in rows}
+    assert r["step_sgd"]["ratio_to_floor_iqr"] == pytest.approx([1.2, 1.2])
+    assert r["step_sgd"]["ratio_to_floor"] == pytest.approx(1.2)  # the ratio of medians would say 0.018/0.015
+    assert r["floor:step"]["ratio_to_floor_iqr"] is None
+    # different repetition counts cannot be paired
+    rows = bench.add_ratios([dict(_row("numba", "floor:step", 0.015), samples_s=floor[:5]),
+                             dict(_row("numba", "step_sgd", 0.018, "step"), samples_s=step)])
+    unpaired = {x["name"]: x for x in rows}["step_sgd"]
+    assert unpaired["ratio_to_floor_iqr"] is None
+    assert unpaired["ratio_to_floor"] == pytest.approx(0.018 / 0.015)
+    assert "1.200 (1.20-1.20)" in bench.format_table([dict(rows[1], config="small", dtype="float32",
+                                                           samples_per_s=1.0, gflops=None, min_s=0.01, max_s=0.02,
+                                                           ratio_to_floor=1.2, ratio_to_floor_iqr=[1.2, 1.2],
+                                                           speedup_vs_naive=None, speedup_vs_torch=None)])
+
+
 def test_naive_step_is_real_sgd():
     import numpy as np
 
@@ -93,7 +115,10 @@ def test_bench_cli_writes_the_json_schema(tmp_path, capsys):
     step = rows[("numpy", "step_sgd")]
     assert step["flops"] == bench.step_flops([8, 16, 4], 8)
     assert step["reps"] == 2 and step["min_s"] <= step["median_s"] <= step["max_s"]
-    assert step["ratio_to_floor"] == pytest.approx(step["median_s"] / rows[("numpy", "floor:step")]["median_s"])
+    floor = rows[("numpy", "floor:step")]
+    assert len(step["samples_s"]) == len(floor["samples_s"]) == 2
+    per_round = [s / f for s, f in zip(step["samples_s"], floor["samples_s"])]
+    assert step["ratio_to_floor"] == pytest.approx(sum(per_round) / 2)  # the median of two rounds
     assert step["gflops"] == pytest.approx(step["flops"] / step["median_s"] / 1e9)
     assert step["samples_per_s"] == pytest.approx(8 / step["median_s"])
     assert step["first_call_s"] > 0
