@@ -223,8 +223,11 @@ class Optimizer:
         self._bind(params, backend)
 
     # -------------------------------------------------------------- the step
-    def step(self, params: list[Any], grads: list[Any], backend: Backend | None = None) -> None:
-        """Update ``params`` in place from ``grads`` (same order and shapes)."""
+    def step(self, params: list[Any], grads: list[Any], backend: Backend | None = None, gate: Any = None) -> None:
+        """Update ``params`` in place from ``grads`` (same order and shapes).
+
+        ``gate``: a guard of ``backend.nonfinite_guard``; when it is tripped the update kernels do nothing
+        (the step count still advances: the Trainer winds it back when it reads the guard)."""
         if len(params) != len(grads) or not params:
             raise ValueError(f"params and grads must be non-empty lists of equal length, "
                              f"got {len(params)} and {len(grads)}")
@@ -235,9 +238,10 @@ class Optimizer:
         state.step += 1
         lr = self.schedule(state.step)
         for i, (p, g) in enumerate(zip(params, grads)):
-            self._update(backend, i, p, g, self._work[i], lr, state)
+            self._update(backend, i, p, g, self._work[i], lr, state, gate)
 
-    def _update(self, bk: Backend, i: int, p: Any, g: Any, work: Any, lr: float, state: OptimizerState) -> None:
+    def _update(self, bk: Backend, i: int, p: Any, g: Any, work: Any, lr: float, state: OptimizerState,
+                gate: Any) -> None:
         raise NotImplementedError
 
 
@@ -255,10 +259,10 @@ class SGD(Optimizer):
         self.nesterov = bool(nesterov)
         self.slot_names = ("momentum",) if self.momentum else ()
 
-    def _update(self, bk, i, p, g, work, lr, state):
+    def _update(self, bk, i, p, g, work, lr, state, gate):
         buf = state.slots["momentum"][i] if self.momentum else None
         bk.sgd_update(p, g, buf, work, lr, self.momentum, self.dampening, self.nesterov,
-                      self.weight_decay, first=state.step == 1)
+                      self.weight_decay, first=state.step == 1, gate=gate)
 
 
 class Adam(Optimizer):
@@ -277,9 +281,9 @@ class Adam(Optimizer):
         self.eps = check_positive_float(eps, "eps")
         self.weight_decay = check_nonneg_float(weight_decay, "weight_decay")
 
-    def _update(self, bk, i, p, g, work, lr, state):
+    def _update(self, bk, i, p, g, work, lr, state, gate):
         bk.adam_update(p, g, state.slots["m"][i], state.slots["v"][i], work, lr, self.betas[0], self.betas[1],
-                       self.eps, state.step, self.weight_decay, self._decoupled)
+                       self.eps, state.step, self.weight_decay, self._decoupled, gate=gate)
 
 
 class AdamW(Adam):
@@ -304,10 +308,10 @@ class RMSProp(Optimizer):
         self.weight_decay = check_nonneg_float(weight_decay, "weight_decay")
         self.slot_names = ("square_avg", "momentum") if self.momentum else ("square_avg",)
 
-    def _update(self, bk, i, p, g, work, lr, state):
+    def _update(self, bk, i, p, g, work, lr, state, gate):
         buf = state.slots["momentum"][i] if self.momentum else None
         bk.rmsprop_update(p, g, state.slots["square_avg"][i], buf, work, lr, self.alpha, self.eps,
-                          self.momentum, self.weight_decay)
+                          self.momentum, self.weight_decay, gate=gate)
 
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSProp}

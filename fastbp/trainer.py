@@ -26,6 +26,10 @@ from .losses import CLASSIFICATION_LOSSES, check_loss
 from .optim import Adam, Optimizer
 
 PROGRESS = ("auto", "bar", "lines", "none")
+#: On a backend with deferred checks (a GPU), how many steps may pass between reads of the non-finite
+#: guard. Steps after a non-finite one change nothing (their updates are gated off on the device), so a
+#: longer interval costs only wasted work after a divergence, never correctness.
+DEFERRED_CHECK_STEPS = 32
 ON_NONFINITE = ("raise", "skip")
 
 
@@ -94,6 +98,9 @@ class Trainer:
         self.steps = 0
         self.skipped_steps = 0
         self.stop_training = False
+        self._guard: Any = None  # the device-side non-finite guard (backends with deferred checks)
+        self._guard_backend: Any = None
+        self._unchecked = 0  # steps taken since the guard was last read
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -112,43 +119,72 @@ class Trainer:
         Xd, yd = self.model.prepare_batch(X, y, self.loss)
         with self._exclusive():
             value, _ = self._step(Xd, yd)
+            self._check_deferred()
         return math.nan if value is None else self.model.backend.to_float(value)
 
     def _step(self, Xd: Any, yd: Any) -> tuple[Any, Any]:
         """One step on prepared arrays: the backend's whole-step op where it has one, else the ops one by
         one; a non-finite loss or gradient never reaches the parameters. Returns (the loss, the output),
-        or (None, None) for a step skipped as non-finite."""
+        or (None, None) for a step skipped as non-finite.
+
+        The check reads (loss, gradient norm) to the host each step, except on backends with deferred
+        checks (GPUs) in 'raise' mode: there a guard on the device gates the update off, and
+        ``_check_deferred`` reads it every DEFERRED_CHECK_STEPS steps and at each epoch's end."""
         model = self.model
         bk = model.backend
         clip = self.clip_norm or 0.0
         fused = bk.train_step(model, Xd, yd, self.loss, self.optimizer, clip)
         if fused is not None:
             value, output, sumsq, updated = fused
-            self.steps += 1
             if not updated:
                 self._nonfinite(bk.to_float(value), sumsq)
                 return None, None
+            self.steps += 1
             return value, output
         value, _, output = model._loss_and_grads(Xd, yd, self.loss)
         grad = model.flat_grad()
-        loss_value, sumsq = bk.to_floats(value, bk.sum_of_squares(grad))
+        sumsq = bk.sum_of_squares(grad)
+        gate = None
+        if bk.deferred_checks and self.on_nonfinite == "raise":
+            if self._guard is None or self._guard_backend is not bk:
+                self._guard, self._guard_backend = bk.guard_state(), bk
+            gate = self._guard
+            bk.nonfinite_guard(value, sumsq, gate, self.steps + 1)
+            self._unchecked += 1
+        else:
+            loss_value, sq = bk.to_floats(value, sumsq)
+            if not (math.isfinite(loss_value) and math.isfinite(sq)):
+                self._nonfinite(loss_value, sq)
+                return None, None
         self.steps += 1
-        if not (math.isfinite(loss_value) and math.isfinite(sumsq)):
-            self._nonfinite(loss_value, sumsq)
-            return None, None
         if clip:
-            coef = clip / (math.sqrt(sumsq) + 1e-6)  # as torch.nn.utils.clip_grad_norm_
-            if coef < 1.0:
-                bk.scale(grad, coef)
-        self.optimizer.step([model.flat_parameters()], [grad], bk)
+            bk.clip_by_norm(grad, sumsq, clip, gate)
+        self.optimizer.step([model.flat_parameters()], [grad], bk, gate=gate)
         return value, output
 
+    def _check_deferred(self) -> None:
+        """Read the device guard of the steps since the last read. When one of them was non-finite, its
+        update and every later one did nothing; wind the step counts back to it and raise."""
+        if not self._unchecked:
+            return
+        self._unchecked = 0
+        tripped, step, loss_value, sumsq = (float(v) for v in self.model.backend.to_numpy(self._guard))
+        if not tripped:
+            return
+        self._guard = None  # a fresh guard for any training after the error
+        undone = self.steps - int(step) + 1  # the non-finite step and those after it
+        self.steps -= undone
+        if self.optimizer.state is not None:
+            self.optimizer.state.step -= undone
+        self._nonfinite(loss_value, sumsq)
+
     def _nonfinite(self, loss_value: float, sumsq: float) -> None:
+        """A non-finite step that changed nothing: count it as skipped, or raise."""
         if self.on_nonfinite == "skip":
+            self.steps += 1
             self.skipped_steps += 1
             return
         what = "loss" if not math.isfinite(loss_value) else "gradient"
-        self.steps -= 1  # the step did not happen
         raise DivergenceError(
             f"non-finite {what} at epoch {self.epoch}, step {self.steps + 1} (loss {loss_value}, squared "
             f"gradient norm {sumsq}); the parameters and optimizer state are those before this step. Lower "
@@ -233,12 +269,15 @@ class Trainer:
                     bk.take_rows(Xd, idx[s:s + size], out=xb)
                     bk.take_rows(yd, idx[s:s + size], out=yb)
                     value, output = self._step(xb, yb)
+                    if self._unchecked >= DEFERRED_CHECK_STEPS:
+                        self._check_deferred()
                     if value is None:  # skipped as non-finite: not part of the epoch's metrics
                         continue
                     counted += size
                     total_loss = total_loss + value * size
                     if classify:
                         correct = correct + bk.correct_count(output, yb, self.loss)
+                self._check_deferred()
                 # the epoch's metrics are over the rows of the steps taken (all of them unless skipped)
                 rows_taken = float(counted) if counted else math.nan
                 row: dict[str, Any] = {"epoch": self.epoch, "loss": bk.to_float(total_loss) / rows_taken}
@@ -257,6 +296,7 @@ class Trainer:
                 if self.stop_training:
                     break
         except KeyboardInterrupt:
+            self._check_deferred()  # a divergence before the interrupt is reported, not saved over
             history.interrupted = True
             self.epoch, state = epoch_start
             self.rng.bit_generator.state = state

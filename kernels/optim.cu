@@ -6,9 +6,17 @@
 // each constant (1 - beta1, lr / bias1, ...) is computed in double on the host or here and rounded to T
 // once, as NumPy rounds a Python float, and every operation is an IEEE round-to-nearest one (*_rn, never
 // fused), so the results equal the reference's bit for bit.
+//
+// gate points at a guard of nonfinite_guard below: when it is tripped (gate[0] != 0), the update does
+// nothing. The Trainer thus keeps a non-finite step out of the parameters without reading anything back
+// to the host; it reads the guard every few steps.
 template <typename T>
 __global__ void sgd(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ buf, long long n, double lr,
-                    double momentum, double dampening, int nesterov, double wd, int first) {
+                    double momentum, double dampening, int nesterov, double wd, int first,
+                    const double* __restrict__ gate) {
+    if (gate[0] != 0.0) {
+        return;
+    }
     const T lr_ = static_cast<T>(lr), mom = static_cast<T>(momentum), damp1 = static_cast<T>(1.0 - dampening),
             wd_ = static_cast<T>(wd);
     for (long long i = global_index(); i < n; i += grid_stride()) {
@@ -35,7 +43,10 @@ __global__ void sgd(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ 
 template <typename T>
 __global__ void adam(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v, long long n,
                      double lr, double beta1, double beta2, double eps, double bias1, double bias2_sqrt, double wd,
-                     int decoupled) {
+                     int decoupled, const double* __restrict__ gate) {
+    if (gate[0] != 0.0) {
+        return;
+    }
     const T b1 = static_cast<T>(beta1), omb1 = static_cast<T>(1.0 - beta1), b2 = static_cast<T>(beta2),
             omb2 = static_cast<T>(1.0 - beta2), bias2 = static_cast<T>(bias2_sqrt), eps_ = static_cast<T>(eps),
             step_size = static_cast<T>(lr / bias1), shrink = static_cast<T>(1.0 - lr * wd),
@@ -61,7 +72,11 @@ __global__ void adam(T* __restrict__ p, const T* __restrict__ g, T* __restrict__
 
 template <typename T>
 __global__ void rmsprop(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ sq, T* __restrict__ buf,
-                        long long n, double lr, double alpha, double eps, double momentum, double wd) {
+                        long long n, double lr, double alpha, double eps, double momentum, double wd,
+                        const double* __restrict__ gate) {
+    if (gate[0] != 0.0) {
+        return;
+    }
     const T lr_ = static_cast<T>(lr), a = static_cast<T>(alpha), oma = static_cast<T>(1.0 - alpha),
             eps_ = static_cast<T>(eps), mom = static_cast<T>(momentum), wd_ = static_cast<T>(wd);
     for (long long i = global_index(); i < n; i += grid_stride()) {
@@ -101,5 +116,41 @@ __global__ void scale(T* __restrict__ x, long long n, double alpha) {
     const T a = static_cast<T>(alpha);
     for (long long i = global_index(); i < n; i += grid_stride()) {
         x[i] = mul_rn(x[i], a);
+    }
+}
+
+// The deferred non-finite check, one thread: unless guard is tripped already, trip it when the loss or the
+// gradient's sum of squares is not finite, and record [1, step, loss, sum of squares].
+template <typename T>
+__global__ void nonfinite_guard(const T* __restrict__ loss, const T* __restrict__ sumsq, double* __restrict__ guard,
+                                long long step) {
+    if (blockIdx.x == 0 && threadIdx.x == 0 && guard[0] == 0.0) {
+        const double l = static_cast<double>(loss[0]);
+        const double s = static_cast<double>(sumsq[0]);
+        if (!(isfinite(l) && isfinite(s))) {
+            guard[0] = 1.0;
+            guard[1] = static_cast<double>(step);
+            guard[2] = l;
+            guard[3] = s;
+        }
+    }
+}
+
+// Global-norm clipping on the device: x *= max_norm / (sqrt(sumsq) + 1e-6) when that is below 1 (as
+// torch.nn.utils.clip_grad_norm_; the coefficient in double, rounded to T once, as on the host path);
+// nothing when gate is tripped.
+template <typename T>
+__global__ void clip_by_norm(T* __restrict__ x, long long n, const T* __restrict__ sumsq, double max_norm,
+                             const double* __restrict__ gate) {
+    if (gate[0] != 0.0) {
+        return;
+    }
+    const double coef = max_norm / (sqrt(static_cast<double>(sumsq[0])) + 1e-6);
+    if (coef >= 1.0) {
+        return;
+    }
+    const T c = static_cast<T>(coef);
+    for (long long i = global_index(); i < n; i += grid_stride()) {
+        x[i] = mul_rn(x[i], c);
     }
 }

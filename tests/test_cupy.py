@@ -111,3 +111,47 @@ def test_tf32_option(gpu):
     err32 = np.abs(fp32 - exact).max() / np.abs(exact).max()
     err_tf32 = np.abs(tf32 - exact).max() / np.abs(exact).max()
     assert err32 < 1e-5 and err_tf32 < 1e-2
+
+
+def test_training_steps_read_nothing_back_from_the_gpu(gpu, monkeypatch):
+    """The non-finite check runs on the device: a 70-step epoch reads back the guard every
+    DEFERRED_CHECK_STEPS steps and at the epoch's end, plus the epoch's metrics, not once per step."""
+    import fastbp.trainer as trainer_module
+
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((70 * 16, 20)), rng.integers(0, 4, 70 * 16)
+    model = fb.MLP([20, 32, 4], seed=0, backend=gpu)
+    trainer = fb.Trainer(model, optimizer=fb.optim.Adam(1e-3), batch_size=16, clip_norm=1.0)
+    reads = []
+    for name in ("to_numpy", "to_float", "to_floats"):
+        original = getattr(gpu, name)
+        monkeypatch.setattr(gpu, name, lambda *a, _o=original, _n=name: reads.append(_n) or _o(*a))
+    trainer.fit(X, y, epochs=1, progress="none")
+    guard_reads = reads.count("to_numpy")
+    every = trainer_module.DEFERRED_CHECK_STEPS
+    assert guard_reads == 70 // every + (70 % every > 0)  # every 32 steps, then at the epoch's end
+    assert len(reads) - guard_reads <= 2  # the epoch's loss and accuracy
+
+
+def test_a_diverging_step_on_the_gpu_leaves_the_state_before_it(gpu, monkeypatch):
+    import fastbp.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "DEFERRED_CHECK_STEPS", 1000)  # read the guard at the epoch's end only
+    rng = np.random.default_rng(1)
+    X, y = rng.standard_normal((160, 12)), rng.integers(0, 3, 160)
+    bad = X.copy()
+    bad[50] *= 1e38  # overflows in float32: the fourth batch of 16 is not finite
+    model = fb.MLP([12, 16, 3], seed=0, backend=gpu)
+    trainer = fb.Trainer(model, optimizer=fb.optim.Adam(1e-2), batch_size=16)
+    with pytest.raises(fb.DivergenceError, match="at epoch 1, step 4 "):
+        trainer.fit(bad, y, epochs=1, shuffle=False, progress="none")
+    assert trainer.steps == 3 and trainer.optimizer.state.step == 3
+    # the same three clean steps, taken alone, give the very same parameters and moments
+    ref = fb.MLP([12, 16, 3], seed=0, backend=gpu)
+    ref_trainer = fb.Trainer(ref, optimizer=fb.optim.Adam(1e-2), batch_size=16)
+    ref_trainer.fit(X[:48], y[:48], epochs=1, shuffle=False, progress="none")
+    for a, b in zip(model.get_weights(), ref.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    got, want = trainer.optimizer.state_dict(), ref_trainer.optimizer.state_dict()
+    for key in want:
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))

@@ -61,6 +61,86 @@ def test_divergence_can_skip_and_count(backend, data):
     assert trainer.skipped_steps == 3
 
 
+# The deferred check (GPU backends): the guard trips on the device and gates the updates off; the host reads
+# it every few steps. These tests run it on the NumPy reference, whose guard and gates follow the same
+# contract, against the per-step check.
+def _deferred(monkeypatch, on):
+    backend = fb.backends.resolve_backend("numpy")
+    monkeypatch.setattr(backend, "deferred_checks", on)
+    return backend
+
+
+DEFERRED_OPTIMIZERS = {
+    "sgd_momentum": lambda: optim.SGD(lr=0.05, momentum=0.9),
+    "adam": lambda: optim.Adam(lr=0.01),
+    "rmsprop": lambda: optim.RMSProp(lr=0.01, momentum=0.5),
+}
+
+
+@pytest.mark.parametrize("opt", sorted(DEFERRED_OPTIMIZERS))
+def test_deferred_checks_train_exactly_like_per_step_checks(monkeypatch, data, opt):
+    X, y = data
+    results = []
+    for on in (False, True):
+        backend = _deferred(monkeypatch, on)
+        model = fb.MLP([6, 16, 3], seed=0, backend=backend)
+        trainer = fb.Trainer(model, optimizer=DEFERRED_OPTIMIZERS[opt](), batch_size=16, clip_norm=0.5, seed=3)
+        history = trainer.fit(X, y, epochs=2, progress="none")
+        results.append((model.get_weights(), history["loss"], trainer.steps, trainer.optimizer.state.step))
+    (w_sync, loss_sync, steps_sync, opt_sync), (w_def, loss_def, steps_def, opt_def) = results
+    for a, b in zip(w_sync, w_def):
+        np.testing.assert_array_equal(a, b)
+    assert loss_sync == loss_def and steps_sync == steps_def == opt_sync == opt_def == 26
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("opt", sorted(DEFERRED_OPTIMIZERS))
+def test_deferred_divergence_reports_the_step_and_keeps_the_state_before_it(monkeypatch, data, opt):
+    """A non-finite batch at step 4 of 13: the guard is read only at the epoch's end, after 9 more steps
+    ran gated; the error, the parameters, the optimizer state and the step counts are those of the
+    per-step check."""
+    import fastbp.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "DEFERRED_CHECK_STEPS", 1000)
+    X, y = data
+    bad = X.copy()
+    bad[50] *= 1e38  # float32 overflow in row 50, which is in the fourth batch of 16 (no shuffling)
+    outcomes = []
+    for on in (False, True):
+        backend = _deferred(monkeypatch, on)
+        model = fb.MLP([6, 16, 3], seed=0, backend=backend)
+        trainer = fb.Trainer(model, optimizer=DEFERRED_OPTIMIZERS[opt](), batch_size=16)
+        trainer.fit(X, y, epochs=1, progress="none")
+        with pytest.raises(fb.DivergenceError) as error:
+            trainer.fit(bad, y, epochs=1, shuffle=False, progress="none")
+        outcomes.append((str(error.value), model.get_weights(), trainer.optimizer.state_dict(), trainer.steps))
+        # training goes on from there once the data is clean again
+        trainer.fit(X, y, epochs=1, progress="none")
+        assert trainer.steps == 13 + 3 + 13 and _all_finite(model.get_weights())
+    (msg_sync, w_sync, st_sync, steps_sync), (msg_def, w_def, st_def, steps_def) = outcomes
+    assert "at epoch 2, step 17" in msg_sync and msg_def == msg_sync
+    assert steps_sync == steps_def == 16 and st_sync["step"] == st_def["step"] == 16
+    for a, b in zip(w_sync, w_def):
+        np.testing.assert_array_equal(a, b)
+    for key in st_sync:
+        np.testing.assert_array_equal(st_sync[key], st_def[key])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_deferred_check_reads_the_guard_after_a_single_step(monkeypatch, data):
+    X, y = data
+    backend = _deferred(monkeypatch, True)
+    model = fb.MLP([6, 16, 3], seed=0, backend=backend)
+    trainer = fb.Trainer(model, optimizer=optim.Adam(), batch_size=16)
+    before = model.get_weights()
+    with pytest.raises(fb.DivergenceError, match="step 1 "):
+        trainer.step(np.full((4, 6), 1e38), y[:4])  # overflows in float32
+    assert trainer.steps == 0 and trainer.optimizer.state.step == 0
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert np.isfinite(trainer.step(X[:16], y[:16])) and trainer.steps == 1
+
+
 def test_gradient_clipping_matches_torch_semantics(backend, data):
     X, y = data
     model = fb.MLP([6, 8, 3], dtype="float64", seed=0, backend=backend)

@@ -234,8 +234,12 @@ class Backend:
         nesterov: bool,
         weight_decay: float,
         first: bool,
+        gate: Any = None,
     ) -> None:
-        """One SGD step on one parameter, as torch.optim.SGD: p -= lr * (momentum-smoothed g + wd p)."""
+        """One SGD step on one parameter, as torch.optim.SGD: p -= lr * (momentum-smoothed g + wd p).
+        Nothing happens when ``gate`` (a guard, see ``nonfinite_guard``) is tripped."""
+        if self._gate_closed(gate):
+            return
         xp = self.xp
         if weight_decay:
             xp.multiply(p, weight_decay, out=work)
@@ -276,8 +280,12 @@ class Backend:
         step: int,
         weight_decay: float,
         decoupled: bool,
+        gate: Any = None,
     ) -> None:
-        """One Adam (or AdamW, ``decoupled=True``) step on one parameter, as torch.optim.Adam/AdamW."""
+        """One Adam (or AdamW, ``decoupled=True``) step on one parameter, as torch.optim.Adam/AdamW;
+        nothing when ``gate`` is tripped."""
+        if self._gate_closed(gate):
+            return
         xp = self.xp
         if weight_decay:
             if decoupled:
@@ -320,8 +328,12 @@ class Backend:
         eps: float,
         momentum: float,
         weight_decay: float,
+        gate: Any = None,
     ) -> None:
-        """One RMSProp step on one parameter, as torch.optim.RMSprop (not centered)."""
+        """One RMSProp step on one parameter, as torch.optim.RMSprop (not centered); nothing when
+        ``gate`` is tripped."""
+        if self._gate_closed(gate):
+            return
         xp = self.xp
         if weight_decay:
             xp.multiply(p, weight_decay, out=work)
@@ -348,3 +360,34 @@ class Backend:
         """sum(x^2) as a 0-d array (for global-norm clipping)."""
         flat = x.ravel()
         return self.xp.vdot(flat, flat)
+
+    def clip_by_norm(self, grad: Any, sumsq: Any, max_norm: float, gate: Any = None) -> None:
+        """Scale ``grad`` to global norm ``max_norm`` when its norm sqrt(sumsq) is larger, by
+        max_norm / (norm + 1e-6) as torch.nn.utils.clip_grad_norm_; nothing when ``gate`` is tripped."""
+        if self._gate_closed(gate):
+            return
+        coef = max_norm / (math.sqrt(self.to_float(sumsq)) + 1e-6)
+        if coef < 1.0:
+            self.scale(grad, coef)
+
+    # ------------------------------------------------------------------ the deferred non-finite check
+    #: Whether the Trainer checks each step's loss and gradient for non-finite values on the backend,
+    #: reading the verdict back every few steps, instead of reading both to the host every step. True on
+    #: GPU backends, where a read per step would stall the queue; on the CPU a read costs nothing.
+    deferred_checks: bool = False
+
+    def guard_state(self) -> Any:
+        """A fresh guard for ``nonfinite_guard``: float64 [tripped, step, loss, sum of squares], zeros."""
+        return self.zeros((4,), np.float64)
+
+    def nonfinite_guard(self, value: Any, sumsq: Any, guard: Any, step: int) -> None:
+        """Trip ``guard``, unless it is tripped already, when the loss ``value`` or the gradient's sum of
+        squares ``sumsq`` is not finite, and record the step number and both values. Updates gated by a
+        tripped guard do nothing. A device backend does this on the device, without a host read."""
+        if guard[0] == 0:
+            loss, sq = self.to_floats(value, sumsq)
+            if not (math.isfinite(loss) and math.isfinite(sq)):
+                guard[:] = (1.0, step, loss, sq)
+
+    def _gate_closed(self, gate: Any) -> bool:
+        return gate is not None and bool(gate[0] != 0)

@@ -38,7 +38,7 @@ def name_expressions(file: str) -> list[str]:
                       f"reduce_rows<{ctype}>"]
         elif file == "optim.cu":
             names += [f"sgd<{ctype}>", f"adam<{ctype}>", f"rmsprop<{ctype}>", f"sumsq_partial<{ctype}>",
-                      f"scale<{ctype}>"]
+                      f"scale<{ctype}>", f"nonfinite_guard<{ctype}>", f"clip_by_norm<{ctype}>"]
         else:
             raise ValueError(f"unknown kernel file {file!r}")
     return names

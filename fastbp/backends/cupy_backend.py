@@ -51,6 +51,7 @@ class CupyBackend(Backend):
         self.device = cupy.cuda.Device(device_id)
         self._modules: dict[str, Any] = {}
         self._kernels: dict[tuple[str, str], Any] = {}
+        self._open_gate: Any = None  # an untripped guard, for ungated updates
         with self.device:
             self._sm_count = self.device.attributes["MultiProcessorCount"]
 
@@ -215,32 +216,55 @@ class CupyBackend(Backend):
     def _flat(self, *arrays):
         return [a.reshape(-1) if a is not None else None for a in arrays]
 
+    def _gate(self, gate):
+        """The guard the update kernels read (an untripped one for an ungated update)."""
+        if gate is not None:
+            return gate
+        if self._open_gate is None:
+            self._open_gate = self.xp.zeros(1, np.float64)
+        return self._open_gate
+
     @_on_device
-    def sgd_update(self, p, g, buf, work, lr, momentum, dampening, nesterov, weight_decay, first):
+    def sgd_update(self, p, g, buf, work, lr, momentum, dampening, nesterov, weight_decay, first, gate=None):
         p, g, buf = self._flat(p, g, buf)
         buf = buf if buf is not None else p  # unused without momentum
         self._kernel("optim.cu", "sgd<{T}>", p.dtype)(
             (self._grid(p.size),), (_THREADS,),
             (p, g, buf, np.int64(p.size), np.float64(lr), np.float64(momentum), np.float64(dampening),
-             np.int32(nesterov), np.float64(weight_decay), np.int32(first)))
+             np.int32(nesterov), np.float64(weight_decay), np.int32(first), self._gate(gate)))
 
     @_on_device
-    def adam_update(self, p, g, m, v, work, lr, beta1, beta2, eps, step, weight_decay, decoupled):
+    def adam_update(self, p, g, m, v, work, lr, beta1, beta2, eps, step, weight_decay, decoupled, gate=None):
         p, g, m, v = self._flat(p, g, m, v)
         self._kernel("optim.cu", "adam<{T}>", p.dtype)(
             (self._grid(p.size),), (_THREADS,),
             (p, g, m, v, np.int64(p.size), np.float64(lr), np.float64(beta1), np.float64(beta2), np.float64(eps),
              np.float64(1 - beta1**step), np.float64(math.sqrt(1 - beta2**step)), np.float64(weight_decay),
-             np.int32(decoupled)))
+             np.int32(decoupled), self._gate(gate)))
 
     @_on_device
-    def rmsprop_update(self, p, g, sq, buf, work, lr, alpha, eps, momentum, weight_decay):
+    def rmsprop_update(self, p, g, sq, buf, work, lr, alpha, eps, momentum, weight_decay, gate=None):
         p, g, sq, buf = self._flat(p, g, sq, buf)
         buf = buf if buf is not None else p  # unused without momentum
         self._kernel("optim.cu", "rmsprop<{T}>", p.dtype)(
             (self._grid(p.size),), (_THREADS,),
             (p, g, sq, buf, np.int64(p.size), np.float64(lr), np.float64(alpha), np.float64(eps),
-             np.float64(momentum), np.float64(weight_decay)))
+             np.float64(momentum), np.float64(weight_decay), self._gate(gate)))
+
+    # ------------------------------------------------------------------ the deferred non-finite check
+    deferred_checks = True  # a host read per step would stall the GPU's queue every step
+
+    @_on_device
+    def nonfinite_guard(self, value, sumsq, guard, step):
+        self._kernel("optim.cu", "nonfinite_guard<{T}>", value.dtype)(
+            (1,), (1,), (value, sumsq.astype(value.dtype, copy=False), guard, np.int64(step)))
+
+    @_on_device
+    def clip_by_norm(self, grad, sumsq, max_norm, gate=None):
+        x = grad.reshape(-1)
+        self._kernel("optim.cu", "clip_by_norm<{T}>", x.dtype)(
+            (self._grid(x.size),), (_THREADS,),
+            (x, np.int64(x.size), sumsq.astype(x.dtype, copy=False), np.float64(max_norm), self._gate(gate)))
 
     @_on_device
     def sum_of_squares(self, x):

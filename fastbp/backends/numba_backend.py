@@ -102,19 +102,25 @@ class NumbaBackend(Backend):
         return self.k.output_delta(Z_L, labels, Y, code, delta), delta
 
     # ------------------------------------------------------------------ optimizers (flat, one pass)
-    def sgd_update(self, p, g, buf, work, lr, momentum, dampening, nesterov, weight_decay, first):
+    def sgd_update(self, p, g, buf, work, lr, momentum, dampening, nesterov, weight_decay, first, gate=None):
+        if self._gate_closed(gate):
+            return
         if not (p.flags.c_contiguous and g.flags.c_contiguous):
             return super().sgd_update(p, g, buf, work, lr, momentum, dampening, nesterov, weight_decay, first)
         b = buf.reshape(-1) if buf is not None else self._empty_1d[p.dtype.type]
         self.k.sgd(p.reshape(-1), g.reshape(-1), b, lr, momentum, dampening, nesterov, weight_decay, first)
 
-    def adam_update(self, p, g, m, v, work, lr, beta1, beta2, eps, step, weight_decay, decoupled):
+    def adam_update(self, p, g, m, v, work, lr, beta1, beta2, eps, step, weight_decay, decoupled, gate=None):
+        if self._gate_closed(gate):
+            return
         if not (p.flags.c_contiguous and g.flags.c_contiguous):
             return super().adam_update(p, g, m, v, work, lr, beta1, beta2, eps, step, weight_decay, decoupled)
         self.k.adam(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), lr, beta1, beta2, eps, step,
                     weight_decay, decoupled)
 
-    def rmsprop_update(self, p, g, sq, buf, work, lr, alpha, eps, momentum, weight_decay):
+    def rmsprop_update(self, p, g, sq, buf, work, lr, alpha, eps, momentum, weight_decay, gate=None):
+        if self._gate_closed(gate):
+            return
         if not (p.flags.c_contiguous and g.flags.c_contiguous):
             return super().rmsprop_update(p, g, sq, buf, work, lr, alpha, eps, momentum, weight_decay)
         b = buf.reshape(-1) if buf is not None else self._empty_1d[p.dtype.type]
