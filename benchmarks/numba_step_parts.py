@@ -1,0 +1,156 @@
+"""Where the numba whole-step kernel's time goes beyond its GEMMs (SGD, float32, relu, cross-entropy):
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/numba_step_parts.py [--config small]
+
+Times, interleaved (medians over rounds, microseconds): the kernel's whole step in a compiled loop; its
+GEMMs alone in the same order, in a compiled loop; the same GEMMs called one by one from Python (the
+GEMM floor of ``fastbp bench``); and each fused pass alone on buffers of the step's shapes. The step
+minus its GEMMs is what the passes cost inside the step, next to what they cost alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+from numba import njit
+
+import fastbp as fb
+from fastbp.backends import _numba_kernels as k
+from fastbp.backends.numba_backend import _whole_step_plan
+from fastbp.bench import CONFIGS, floor_candidates
+
+
+@njit
+def _steps(n, X, labels, Y, flat, grad, layout, codes, ws, hyper, empty):
+    for _ in range(n):
+        k.train_step(X, labels, Y, 0, flat, grad, layout, codes, ws, 0, hyper, empty, empty, 1, True, 0.0)
+
+
+@njit
+def _gemms(n, X, flat, grad, layout, ws):
+    """The kernel's GEMMs on its buffers and in its order (forward; then per layer, top down, eq. (3) and
+    eq. (2)), and nothing else."""
+    B, L = X.shape[0], layout.shape[0]
+    a_at, d_at = np.empty(L, np.int64), np.empty(L, np.int64)
+    pos = 0
+    for l in range(L):
+        a_at[l], d_at[l] = pos, pos + B * layout[l, 3]
+        pos += 2 * B * layout[l, 3]
+    for _ in range(n):
+        A_prev = X
+        for l in range(L):
+            w0, n_in, n_out = layout[l, 0], layout[l, 2], layout[l, 3]
+            A = ws[a_at[l]:a_at[l] + B * n_out].reshape((B, n_out))
+            np.dot(A_prev, flat[w0:w0 + n_in * n_out].reshape((n_in, n_out)), A)
+            A_prev = A
+        n_top = layout[L - 1, 3]
+        delta = ws[d_at[L - 1]:d_at[L - 1] + B * n_top].reshape((B, n_top))
+        for l in range(L - 1, -1, -1):
+            w0, n_in, n_out = layout[l, 0], layout[l, 2], layout[l, 3]
+            A_in = ws[a_at[l - 1]:a_at[l - 1] + B * n_in].reshape((B, n_in)) if l > 0 else X
+            np.dot(A_in.T, delta, grad[w0:w0 + n_in * n_out].reshape((n_in, n_out)))
+            if l > 0:
+                below = ws[d_at[l - 1]:d_at[l - 1] + B * n_in].reshape((B, n_in))
+                np.dot(delta, flat[w0:w0 + n_in * n_out].reshape((n_in, n_out)).T, below)
+                delta = below
+
+
+@njit
+def _bias_act(n, Z, b):
+    for _ in range(n):
+        k.bias_act(Z, b, k.RELU)
+
+
+@njit
+def _dact_colsum(n, D, A, db):
+    for _ in range(n):
+        k.dact_colsum(D, A, k.RELU, db)
+
+
+@njit
+def _output_delta(n, Z, labels, Y, D):
+    for _ in range(n):
+        k.output_delta(Z, labels, Y, 0, D)
+
+
+@njit
+def _sumsq(n, g):
+    s = 0.0
+    for _ in range(n):
+        s += k.sum_of_squares(g)
+    return s
+
+
+@njit
+def _sgd(n, p, g, empty):
+    for _ in range(n):
+        k.sgd(p, g, empty, 0.0, 0.0, 0.0, False, 0.0, True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="small", choices=[c for c in CONFIGS if not CONFIGS[c].get("gpu_only")])
+    parser.add_argument("--rounds", type=int, default=30)
+    args = parser.parse_args()
+    sizes, batch = CONFIGS[args.config]["sizes"], CONFIGS[args.config]["batch"]
+    backend = fb.backends.resolve_backend("numba")
+    rng = np.random.default_rng(0)
+    model = fb.MLP(sizes, seed=0, backend=backend)
+    X, y = model.prepare_batch(rng.standard_normal((batch, sizes[0])), rng.integers(0, sizes[-1], batch),
+                               "cross_entropy")
+    plan = _whole_step_plan(model, batch)
+    assert plan is not None
+    flat, grad = model.flat_parameters(), model.flat_grad()
+    labels, Y = np.ascontiguousarray(y, np.int64), np.zeros((0, 0), np.float32)
+    empty, hyper = np.zeros(0, np.float32), np.zeros(5)  # lr 0: the weights stay put
+    hidden, n_out = sizes[1], sizes[-1]
+    Z = rng.standard_normal((batch, hidden)).astype(np.float32)
+    b, db = np.zeros(hidden, np.float32), np.zeros(hidden, np.float32)
+    A = np.maximum(Z, 0)
+    logits, D = rng.standard_normal((batch, n_out)).astype(np.float32), np.empty((batch, n_out), np.float32)
+    p = flat.copy()
+    floor = floor_candidates(backend, sizes, batch, "float32")[0].fn  # fastbp bench's floor:step
+
+    def floor_step(n):
+        for _ in range(n):
+            floor()
+
+    parts = {
+        "whole step (compiled loop)": lambda n: _steps(n, X, labels, Y, flat, grad, plan.layout, plan.codes,
+                                                       plan.ws, hyper, empty),
+        "its GEMMs alone (compiled loop)": lambda n: _gemms(n, X, flat, grad, plan.layout, plan.ws),
+        "GEMM floor (from Python)": floor_step,
+        f"bias_act ({batch}x{hidden})": lambda n: _bias_act(n, Z, b),
+        f"dact_colsum ({batch}x{hidden})": lambda n: _dact_colsum(n, Z.copy(), A, db),
+        f"output_delta ({batch}x{n_out})": lambda n: _output_delta(n, logits, labels, Y, D),
+        f"sum_of_squares ({grad.size})": lambda n: _sumsq(n, grad),
+        f"sgd update ({grad.size})": lambda n: _sgd(n, p, grad, empty),
+    }
+    inner = max(1, int(2e-2 / max(1e-6, _once(parts["whole step (compiled loop)"]))))
+    for fn in parts.values():
+        fn(2)
+    samples: dict[str, list[float]] = {name: [] for name in parts}
+    for _ in range(args.rounds):
+        for name, fn in parts.items():
+            start = time.perf_counter()
+            fn(inner)
+            samples[name].append((time.perf_counter() - start) / inner * 1e6)
+    print(f"config {args.config}: sizes {sizes}, batch {batch}, float32; medians of {args.rounds} rounds")
+    for name, v in samples.items():
+        print(f"  {name:34s} {statistics.median(v):9.1f} us")
+    step, gemms = (statistics.median(samples[k_]) for k_ in list(parts)[:2])
+    print(f"  step minus its GEMMs: {step - gemms:.1f} us")
+
+
+def _once(fn) -> float:
+    fn(1)
+    start = time.perf_counter()
+    fn(1)
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    main()
