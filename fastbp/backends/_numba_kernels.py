@@ -197,7 +197,7 @@ def sgd(p, g, buf, lr, momentum, dampening, nesterov, wd, first):
             else:
                 bi = buf[i] * mom + d
             buf[i] = bi
-            d = buf[i] * mom + d if nesterov else bi
+            d = bi * mom + d if nesterov else bi
         p[i] -= d * lr_
 
 
