@@ -31,6 +31,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: The SIMD extensions that decide which BLAS kernel runs and how wide the JIT loops are.
+_SIMD_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_tile", "asimd", "sve")
+
+
+def cpu_simd() -> list[str]:
+    """The SIMD extensions /proc/cpuinfo lists for this CPU (as a VM exposes them), [] where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    present = set(line.split(":", 1)[1].split())
+                    return [flag for flag in _SIMD_FLAGS if flag in present]
+    except OSError:
+        pass
+    return []
+
+
 def blas_info() -> list[dict[str, Any]]:
     """The BLAS libraries loaded in this process, with kernel (architecture) and thread counts.
 
@@ -92,6 +109,7 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpu_simd": cpu_simd(),
         "packages": {name: _version(name) for name in _PACKAGES},
         "backends": backend_status(),
         "blas": blas_info(),
@@ -103,9 +121,10 @@ def environment() -> dict[str, Any]:
 
 
 def format_environment(env: dict[str, Any]) -> str:
+    simd = " ".join(env.get("cpu_simd") or []) or "unknown"
     lines = [
         f"fastbp {env['fastbp']}  python {env['python']}  {env['platform']}",
-        f"cpu: {env['cpu']} ({env['cpu_count']} logical cores)",
+        f"cpu: {env['cpu']} ({env['cpu_count']} logical cores; SIMD: {simd})",
         "packages: " + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v),
         "backends:",
     ]

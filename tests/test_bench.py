@@ -101,7 +101,7 @@ def test_bench_cli_writes_the_json_schema(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["schema"] == "fastbp-bench/1"
     env = data["environment"]
-    for key in ("cpu", "cpu_count", "blas", "packages", "python", "env", "backends", "gpu"):
+    for key in ("cpu", "cpu_count", "cpu_simd", "blas", "packages", "python", "env", "backends", "gpu"):
         assert key in env
     assert "OPENBLAS_CORETYPE" in env["env"]
     names = {(r["backend"], r["name"]) for r in data["results"]}
