@@ -53,6 +53,7 @@ def test_standardize():
     np.testing.assert_allclose(Xs[:, [0, 1, 3]].std(0), 1, atol=1e-12)
     np.testing.assert_array_equal(Xs[:, 2], 0)
     np.testing.assert_array_equal(X2, Xs[:10])
+    np.testing.assert_array_equal(datasets.Standardizer().fit_transform(X), Xs)
     with pytest.raises(ValueError, match="not fitted"):
         datasets.Standardizer().transform(X)
 
