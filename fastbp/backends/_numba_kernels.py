@@ -57,25 +57,32 @@ def bias_act(Z, b, code):
 @njit
 def dact_colsum(delta, A, code, db):
     """eq. (2)'s elementwise part with eq. (4): delta *= g'(z), read from A, and db = column sums of
-    delta, in one pass (codes in FUSED; IDENTITY gives the column sums alone)."""
+    delta, in one pass (codes in FUSED; IDENTITY gives the column sums alone).
+
+    The loops run over row views: indexing the 2-D arrays inside the inner loop ran 1.5x slower (64x128
+    float32, relu: 3.3 vs 2.2 us)."""
     B, n = delta.shape
     acc = np.zeros(n)
+    zero = delta.dtype.type(0)
     if code == RELU:
         for i in range(B):
+            d_row, a_row = delta[i], A[i]
             for j in range(n):
-                d = delta[i, j] if A[i, j] > 0 else 0
-                delta[i, j] = d
+                d = d_row[j] if a_row[j] > 0 else zero
+                d_row[j] = d
                 acc[j] += d
     elif code == LEAKY_RELU:
         for i in range(B):
+            d_row, a_row = delta[i], A[i]
             for j in range(n):
-                d = delta[i, j] if A[i, j] > 0 else delta[i, j] * _SLOPE
-                delta[i, j] = d
+                d = d_row[j] if a_row[j] > 0 else d_row[j] * _SLOPE
+                d_row[j] = d
                 acc[j] += d
     else:
         for i in range(B):
+            d_row = delta[i]
             for j in range(n):
-                acc[j] += delta[i, j]
+                acc[j] += d_row[j]
     for j in range(n):
         db[j] = acc[j]
 
