@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from fastbp import bench
@@ -146,3 +147,50 @@ def test_bench_size_mistakes_are_argparse_errors(capsys):
 def test_bench_argument_errors(capsys, argv, match):
     assert main(argv) == 2
     assert match in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ benchmarks/gemm_libraries.py
+def _gemm_libraries():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gemm_libraries.py"
+    spec = importlib.util.spec_from_file_location("gemm_libraries", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("role", ["forward", "weight_grad", "input_grad"])
+def test_gemm_libraries_operands_have_the_step_layouts(role):
+    gl = _gemm_libraries()
+    A, B, out = gl._operands({"role": role, "m": 5, "k": 3, "n": 4}, np.dtype("float32"), np.random.default_rng(0))
+    assert A.shape == (5, 3) and B.shape == (3, 4) and out.shape == (5, 4)
+    assert A.flags.f_contiguous == (role == "weight_grad") and A.flags.c_contiguous == (role != "weight_grad")
+    assert B.flags.f_contiguous == (role == "input_grad") and B.flags.c_contiguous == (role != "input_grad")
+
+
+@pytest.mark.parametrize("lib", ["numpy", "scipy"])
+def test_gemm_libraries_worker_times_every_product_and_checks_it(lib):
+    if lib == "scipy":
+        pytest.importorskip("numba")
+    gl = _gemm_libraries()
+    result = gl.worker(lib, "small", "float32", 1e-4)
+    assert [(g["role"], g["m"], g["k"], g["n"]) for g in result["gemms"]] == [
+        (g["role"], g["m"], g["k"], g["n"]) for g in bench.gemm_list([64, 128, 128, 10], 64)]
+    assert all(g["s"] > 0 for g in result["gemms"])
+
+
+def test_gemm_libraries_mkl_call_is_correct_or_absent():
+    """The ctypes cblas call (transposition flags, leading dimensions) against NumPy, where MKL is installed."""
+    gl = _gemm_libraries()
+    if gl._mkl_library() is None:
+        with pytest.raises(ImportError):
+            gl._gemm_fn("mkl", np.zeros((2, 2), np.float32), np.zeros((2, 2), np.float32), np.zeros((2, 2), np.float32))
+        return
+    rng = np.random.default_rng(1)
+    for role in ("forward", "weight_grad", "input_grad"):
+        for dtype in ("float32", "float64"):
+            A, B, out = gl._operands({"role": role, "m": 7, "k": 5, "n": 3}, np.dtype(dtype), rng)
+            gl._gemm_fn("mkl", A, B, out)()
+            np.testing.assert_allclose(out, A @ B, rtol=1e-5)
