@@ -218,11 +218,11 @@ class _Plan:
 def _whole_step_plan(model: Any, batch: int) -> _Plan | None:
     """The whole-step plan for this model and batch size (cached on the model), or None when the model
     uses activations the kernel does not fuse."""
-    from . import _numba_kernels as k
-
     cache = model.__dict__.setdefault("_numba_plans", {})
     entry = cache.get(batch)
     if entry is None or entry[0] is not model.dtype:  # built for another dtype
+        from . import _numba_kernels as k
+
         if len(cache) >= 4:
             cache.pop(next(iter(cache)))
         fused = all(k.CODES[a] in k.FUSED for a in model.activations)
