@@ -5,8 +5,10 @@
 Times the step's GEMMs (``fastbp.bench.gemm_list``: forward X W, weight gradient A^T delta, input gradient
 delta W^T, with those operand layouts) once per library, summed over the step. Libraries, where installed:
 
-- ``numpy``: NumPy's OpenBLAS (``np.matmul`` from Python, the GEMM floor of ``fastbp bench``);
-- ``scipy``: SciPy's OpenBLAS as the numba backend calls it (Numba's ``np.dot`` in a compiled loop);
+- ``numpy``: NumPy's OpenBLAS (``np.matmul`` from Python: the numpy backend's GEMM floor in
+  ``fastbp bench``);
+- ``scipy``: SciPy's OpenBLAS as the numba backend's kernels call it (Numba's ``np.dot``; the numba
+  backend's floor calls it the same way, one product per call from Python);
 - ``torch``: PyTorch's CPU matmul (``torch.mm`` with ``out``);
 - ``blis``: BLIS through the ``blis`` package (``pip install blis``);
 - ``mkl``: Intel MKL's ``cblas_sgemm``/``cblas_dgemm`` from the ``mkl`` package's ``libmkl_rt``
@@ -39,17 +41,10 @@ LIBRARIES = ("numpy", "scipy", "torch", "blis", "mkl")
 
 def _operands(g: dict[str, Any], dtype: Any, rng: np.random.Generator) -> tuple[Any, Any, Any]:
     """(A, B, out) for one of gemm_list's products, with the layouts the training step uses."""
-    m, k, n = g["m"], g["k"], g["n"]
-    if g["role"] == "weight_grad":  # A^T delta: A is (batch, n_in) row-major
-        A = rng.standard_normal((k, m)).astype(dtype).T
-        B = rng.standard_normal((k, n)).astype(dtype)
-    elif g["role"] == "input_grad":  # delta W^T: W is (n_in, n_out) row-major
-        A = rng.standard_normal((m, k)).astype(dtype)
-        B = rng.standard_normal((n, k)).astype(dtype).T
-    else:
-        A = rng.standard_normal((m, k)).astype(dtype)
-        B = rng.standard_normal((k, n)).astype(dtype)
-    return A, B, np.empty((m, n), dtype)
+    from fastbp.bench import gemm_operands
+
+    A, B = gemm_operands(g, lambda shape: rng.standard_normal(shape).astype(dtype))
+    return A, B, np.empty((g["m"], g["n"]), dtype)
 
 
 def _mkl_library() -> str | None:

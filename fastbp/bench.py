@@ -230,22 +230,24 @@ def _op_candidates(model: Any, backend: Any, Xd: Any, yd: Any, sizes: list[int],
     ]
 
 
+def gemm_operands(g: dict[str, Any], make: Callable[[tuple[int, int]], Any]) -> tuple[Any, Any]:
+    """(A, B) for one of ``gemm_list``'s products, laid out as the training step has them: weight_grad
+    multiplies a transposed activation view (A_prev^T), input_grad a transposed weight view (W^T).
+    ``make(shape)`` returns a new row-major array; it is called for A, then for B."""
+    m, k, n = g["m"], g["k"], g["n"]
+    if g["role"] == "weight_grad":
+        return make((k, m)).T, make((k, n))
+    if g["role"] == "input_grad":
+        return make((m, k)), make((n, k)).T
+    return make((m, k)), make((k, n))
+
+
 def floor_candidates(backend: Any, sizes: list[int], batch: int, dtype: str) -> list[Candidate]:
     """The GEMM floors (step, forward, backward) on the backend's own matmul, same operand layouts."""
     rng = np.random.default_rng(1)
     arrays = []
     for g in gemm_list(sizes, batch):
-        # operands laid out as in the step: weight_grad multiplies a transposed activation view
-        # (A_prev^T), input_grad a transposed weight view (W^T)
-        if g["role"] == "forward":
-            a = backend.asarray(rng.standard_normal((g["m"], g["k"])), dtype)
-            b = backend.asarray(rng.standard_normal((g["k"], g["n"])), dtype)
-        elif g["role"] == "weight_grad":
-            a = backend.asarray(rng.standard_normal((g["k"], g["m"])), dtype).T
-            b = backend.asarray(rng.standard_normal((g["k"], g["n"])), dtype)
-        else:
-            a = backend.asarray(rng.standard_normal((g["m"], g["k"])), dtype)
-            b = backend.asarray(rng.standard_normal((g["n"], g["k"])), dtype).T
+        a, b = gemm_operands(g, lambda shape: backend.asarray(rng.standard_normal(shape), dtype))
         out = backend.empty((g["m"], g["n"]), dtype)
         arrays.append((g, a, b, out))
     matmul = backend.matmul
