@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import glob
 import json
 import os
@@ -55,17 +56,24 @@ def _mkl_library() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def _numba_dot() -> Any:
+    """Numba's ``np.dot`` into ``out`` (SciPy's BLAS), compiled once per operand layout."""
+    from numba import njit
+
+    @njit(cache=False)
+    def dot(a, b, c):
+        np.dot(a, b, c)
+
+    return dot
+
+
 def _gemm_fn(lib: str, A: Any, B: Any, out: Any) -> Callable[[], Any]:
     """One call of ``out = A @ B`` through ``lib``; raises ImportError/OSError when it is not installed."""
     if lib == "numpy":
         return lambda: np.matmul(A, B, out=out)
     if lib == "scipy":
-        from numba import njit
-
-        @njit(cache=False)
-        def dot(a, b, c):
-            np.dot(a, b, c)
-
+        dot = _numba_dot()
         dot(A, B, out)
         return lambda: dot(A, B, out)
     if lib == "torch":
