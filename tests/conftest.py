@@ -1,14 +1,29 @@
-"""Shared fixtures: every op test runs over each available backend and both dtypes."""
+"""Shared fixtures: every op test runs over each available backend, the emulated CuPy one, and both dtypes."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
 
 import fastbp as fb
 from fastbp.backends import resolve_backend
+from fastbp.testing import cuda_emulator, fake_cupy
 
-BACKENDS = fb.available_backends()
+# The cupy backend's own code over the emulated CuPy (CUDA kernels run by fastbp's CPU emulator): never
+# listed by available_backends(), so it joins the parametrization here. Where g++ >= 12 is missing it is
+# skipped, unless FASTBP_REQUIRE_EMULATOR=1 (CI sets it), which makes that an error.
+try:
+    EMULATED = fake_cupy.register()
+    EMULATOR_MISSING = ""
+except cuda_emulator.EmulatorUnavailable as exc:
+    if os.environ.get("FASTBP_REQUIRE_EMULATOR") == "1":
+        raise RuntimeError(f"FASTBP_REQUIRE_EMULATOR=1 but the CUDA emulator cannot run here: {exc}") from exc
+    EMULATED, EMULATOR_MISSING = fake_cupy.BACKEND_NAME, str(exc)
+
+#: Every backend the parametrized tests run on: the available ones, then the emulated CuPy.
+BACKENDS = fb.available_backends() + ([] if EMULATOR_MISSING else [EMULATED])
 DTYPES = ["float32", "float64"]
 
 # Relative tolerances per dtype (STYLE.md): float64 ~1e-10, float32 ~1e-5.
@@ -30,8 +45,22 @@ def assert_close(actual, expected, dtype="float64", rtol=None, atol=None, err_ms
     )
 
 
-# cupy runs only where a CUDA device is usable; its cases carry the gpu marker (`pytest -m gpu`).
-BACKEND_PARAMS = [pytest.param(b, marks=pytest.mark.gpu) if b == "cupy" else b for b in BACKENDS]
+
+
+def backend_param(name: str) -> object:
+    """A pytest param for a backend name, with its marker: gpu for cupy (a CUDA device), emulator for the
+    emulated CuPy (`pytest -m "not emulator"` leaves those out)."""
+    if name == "cupy":
+        return pytest.param(name, marks=pytest.mark.gpu)
+    if name == EMULATED:
+        return pytest.param(name, marks=pytest.mark.emulator)
+    return name
+
+
+BACKEND_PARAMS = [backend_param(b) for b in BACKENDS]
+if EMULATOR_MISSING:
+    BACKEND_PARAMS.append(pytest.param(EMULATED, marks=[pytest.mark.emulator, pytest.mark.skip(
+        reason=f"the CUDA emulator cannot run here: {EMULATOR_MISSING}")]))
 
 
 @pytest.fixture(params=BACKEND_PARAMS)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
 from .base import LOSSES, Backend
@@ -20,6 +20,7 @@ __all__ = [
     "available_backends",
     "backend_status",
     "get_backend",
+    "register_unlisted_backend",
     "resolve_backend",
     "set_backend",
     "use_backend",
@@ -33,6 +34,10 @@ _MODULES: dict[str, str] = {
     "cupy": "fastbp.backends.cupy_backend",
 }
 _PREFERENCE = ("cupy", "numba", "numpy")
+
+#: Backends registered at run time that resolve by name but are never listed by available_backends()
+#: nor chosen by 'auto' (the tests' emulated CuPy). Each factory takes a device number.
+_UNLISTED: dict[str, Callable[[int], Backend]] = {}
 
 
 class BackendUnavailable(RuntimeError):
@@ -53,8 +58,11 @@ def _load(name: str) -> Backend | None:
         return None
     base, _, device = name.partition(":")
     try:
-        module = importlib.import_module(_MODULES[base])
-        backend = module.create(int(device)) if device else module.create()
+        if base in _UNLISTED:
+            backend = _UNLISTED[base](int(device or 0))
+        else:
+            module = importlib.import_module(_MODULES[base])
+            backend = module.create(int(device)) if device else module.create()
     except BackendUnavailable as exc:
         _reasons[name] = str(exc)
         return None
@@ -99,11 +107,11 @@ def resolve_backend(backend: str | Backend | None) -> Backend:
     if name == "auto":
         return _load(available_backends()[0])  # type: ignore[return-value]
     base, _, device = name.partition(":")
-    if base == "cupy" and device:
+    if (base == "cupy" or base in _UNLISTED) and device:
         if not device.isdigit():
-            raise ValueError(f"backend 'cupy:N' needs a device number N >= 0, got {backend!r}")
-        name = "cupy" if int(device) == 0 else f"cupy:{int(device)}"
-    elif name not in _PREFERENCE:
+            raise ValueError(f"backend '{base}:N' needs a device number N >= 0, got {backend!r}")
+        name = base if int(device) == 0 else f"{base}:{int(device)}"
+    elif name not in _PREFERENCE and name not in _UNLISTED:
         from .._checks import suggest
 
         raise ValueError(f"backend must be one of {list(_PREFERENCE) + ['auto', 'cupy:N']}, got {backend!r}"
@@ -112,6 +120,18 @@ def resolve_backend(backend: str | Backend | None) -> Backend:
     if loaded is None:
         raise ValueError(f"backend {name!r} is not available: {_reasons[name]}")
     return loaded
+
+
+def register_unlisted_backend(name: str, factory: Callable[[int], Backend]) -> None:
+    """Make ``name`` (and ``name:N``) resolve to ``factory(N)``'s backend, created once per device, without
+    listing it in available_backends() or letting 'auto' choose it. For test doubles such as the
+    emulated CuPy (``fastbp.testing.fake_cupy``)."""
+    if name in _MODULES or ":" in name:
+        raise ValueError(f"cannot register {name!r}: it is a listed backend's name or has a ':'")
+    _UNLISTED[name] = factory
+    for key in [k for k in (*_instances, *_reasons) if k.partition(":")[0] == name]:
+        _instances.pop(key, None)
+        _reasons.pop(key, None)
 
 
 def set_backend(backend: str | Backend = "auto") -> Backend:

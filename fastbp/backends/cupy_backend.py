@@ -14,6 +14,7 @@ workspace, and the few temporaries (reduction partials) are reused blocks of CuP
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from typing import Any
 
@@ -43,12 +44,14 @@ class CupyBackend(Backend):
 
     name = "cupy"
 
-    def __init__(self, device_id: int = 0) -> None:
-        import cupy
-
-        self.xp = cupy
+    def __init__(self, device_id: int = 0, cupy_module: Any = None) -> None:
+        """The backend on CUDA device ``device_id``. ``cupy_module`` is the CuPy module to drive (the tests'
+        emulated one, ``fastbp.testing.fake_cupy``); by default the real ``cupy``."""
+        if cupy_module is None:
+            cupy_module = importlib.import_module("cupy")
+        self.xp = cupy_module
         self.device_id = device_id
-        self.device = cupy.cuda.Device(device_id)
+        self.device = cupy_module.cuda.Device(device_id)
         self._modules: dict[str, Any] = {}
         self._kernels: dict[tuple[str, str], Any] = {}
         self._open_gate: Any = None  # an untripped guard, for ungated updates
@@ -56,7 +59,7 @@ class CupyBackend(Backend):
             self._sm_count = self.device.attributes["MultiProcessorCount"]
 
     def __repr__(self) -> str:
-        return f"<fastbp backend 'cupy' on device {self.device_id}>"
+        return f"<fastbp backend {self.name!r} on device {self.device_id}>"
 
     # ------------------------------------------------------------------ kernels
     def _kernel(self, file: str, template: str, dtype: Any, act: int = 0) -> Any:
@@ -132,8 +135,7 @@ class CupyBackend(Backend):
 
     def set_tf32(self, enabled: bool) -> None:
         """Let cuBLAS run float32 GEMMs on TF32 tensor cores (faster, ~1e-3 relative precision)."""
-        from cupy._core import _routines_linalg as linalg
-
+        linalg = importlib.import_module(f"{self.xp.__name__}._core._routines_linalg")
         linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT)
 
     def memory_in_use(self) -> int:
@@ -270,7 +272,9 @@ class CupyBackend(Backend):
     def sum_of_squares(self, x):
         x = x.reshape(-1)
         acc = self._acc_dtype(x.dtype)
-        blocks = 256  # fixed, so the summation order (and the bits) never change
+        # A fixed function of the size (up to 256 blocks of at least 4 elements a thread), so the summation
+        # order, and the bits, are the same at every step.
+        blocks = max(1, min(256, -(-x.size // (4 * _THREADS))))
         partial = self.xp.empty(blocks, acc)
         self._kernel("optim.cu", "sumsq_partial<{T}>", x.dtype)(
             (blocks,), (_THREADS,), (x, np.int64(x.size), partial))
@@ -295,13 +299,16 @@ class CupyBackend(Backend):
         return time.perf_counter() - start
 
 
-def create(device_id: int = 0) -> CupyBackend:
-    """The backend on CUDA device ``device_id``, or BackendUnavailable saying why not."""
-    try:
-        import cupy
-    except ImportError as exc:
-        raise BackendUnavailable(f"cupy is not installed ({exc}); pip install 'fastbp[cuda12]' or "
-                                 f"'fastbp[cuda13]'") from exc
+def create(device_id: int = 0, cupy_module: Any = None) -> CupyBackend:
+    """The backend on CUDA device ``device_id``, or BackendUnavailable saying why not. ``cupy_module``: as
+    for CupyBackend (the real ``cupy`` by default)."""
+    cupy = cupy_module
+    if cupy is None:
+        try:
+            cupy = importlib.import_module("cupy")
+        except ImportError as exc:
+            raise BackendUnavailable(f"cupy is not installed ({exc}); pip install 'fastbp[cuda12]' or "
+                                     f"'fastbp[cuda13]'") from exc
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # CUDARuntimeError: no driver, a driver too old for this CuPy, ...
@@ -320,4 +327,4 @@ def create(device_id: int = 0) -> CupyBackend:
         kernel_dir()
     except FileNotFoundError as exc:
         raise BackendUnavailable(str(exc)) from exc
-    return CupyBackend(device_id)
+    return CupyBackend(device_id, cupy)

@@ -1,0 +1,757 @@
+"""An emulated CuPy: enough of the ``cupy`` module for fastbp's cupy backend to run its own code,
+unchanged, on the CPU.
+
+Device arrays are NumPy arrays in host memory behind a CuPy-like ``ndarray`` that behaves as CuPy's does
+where it matters for finding GPU bugs:
+
+- no implicit host conversion: ``np.asarray(device_array)`` raises TypeError, as do operations that mix
+  device and host arrays; ``get()``, ``float()``, ``bool()`` and ``item()`` are device-to-host reads and
+  are counted (``stats``);
+- each array lives on a device; using it while another device is current raises, as CuPy does where
+  peer access is unavailable;
+- ``empty`` memory is filled with 0xFF bytes (NaN in float), and every allocation has 64 poisoned bytes
+  on each side that are checked after each kernel launch, so a read before a write or past the end gives
+  NaN and a write past the end raises;
+- ``RawModule`` compiles with fastbp's CUDA emulator (``cuda_emulator``) and launches run every CUDA
+  thread, in random order by default, with CuPy's argument marshalling and a check of each argument
+  against the kernel's parameter types;
+- ``matmul`` is NumPy's, with TF32 rounding of float32 inputs when the cuBLAS compute type is TF32;
+- the memory pool counts bytes in use and allocations, and raises OutOfMemoryError past the device size.
+
+Only tests select it (``fastbp.testing.emulated_cupy``): it is never listed by available_backends().
+"""
+
+from __future__ import annotations
+
+import builtins
+import collections
+import itertools
+import sys
+import threading
+import types
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import cuda_emulator
+
+__version__ = "14.0.0+fastbp.emulated"
+
+_PAD = 64  # poisoned bytes before and after every allocation
+_POISON = 0xFF
+
+
+@dataclass
+class Settings:
+    """What the emulated devices look like and how kernels run."""
+
+    order: str = "random"  # thread order of kernel launches: 'forward', 'reverse' or 'random'
+    device_count: int = 2
+    memory_bytes: int = 80 * 2**30  # per device, as an H100
+    sm_count: int = 132
+    compute_capability: str = "90"
+
+
+@dataclass
+class Stats:
+    """Counts since the last ``reset()``: device-to-host reads, host-to-device copies, syncs, launches."""
+
+    device_to_host: int = 0
+    host_to_device: int = 0
+    synchronize: int = 0
+    launches: int = 0
+    kernels: collections.Counter[str] = field(default_factory=collections.Counter)  # launches per kernel
+
+    def reset(self) -> None:
+        self.device_to_host = self.host_to_device = self.synchronize = self.launches = 0
+        self.kernels.clear()
+
+
+settings = Settings()
+stats = Stats()
+_seeds = itertools.count(1)
+_local = threading.local()
+
+
+def _current_device_id() -> int:
+    stack = getattr(_local, "devices", None)
+    return stack[-1] if stack else 0
+
+
+# ------------------------------------------------------------------------------------------------ errors
+class CUDARuntimeError(RuntimeError):
+    pass
+
+
+class OutOfMemoryError(MemoryError):
+    def __init__(self, size: int, total: int, limit: int = 0) -> None:
+        super().__init__(f"Out of memory allocating {size:,} bytes (allocated so far: {total:,} bytes).")
+        self.size, self.total, self.limit = size, total, limit
+
+
+# ------------------------------------------------------------------------------------------------ memory
+class MemoryPool:
+    """Bytes in use on each device and the number of allocations (CuPy's pool caches freed blocks; this
+    one frees them at once, so ``total_bytes() == used_bytes()``)."""
+
+    def __init__(self) -> None:
+        self._used = [0] * 16
+        self.malloc_count = 0
+
+    def _allocated(self, device: int, nbytes: int) -> None:
+        self._used[device] += nbytes
+        self.malloc_count += 1
+
+    def _freed(self, device: int, nbytes: int) -> None:
+        self._used[device] -= nbytes
+
+    def used_bytes(self) -> int:
+        return self._used[_current_device_id()]
+
+    def total_bytes(self) -> int:
+        return self.used_bytes()
+
+    def free_bytes(self) -> int:
+        return 0
+
+    def free_all_blocks(self, stream: Any = None) -> None:
+        pass
+
+    def n_free_blocks(self) -> int:
+        return 0
+
+    def set_limit(self, size: int | None = None, fraction: float | None = None) -> None:
+        settings.memory_bytes = int(size if size is not None else (fraction or 1.0) * settings.memory_bytes)
+
+
+_pool = MemoryPool()
+_allocations: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
+
+
+def get_default_memory_pool() -> MemoryPool:
+    return _pool
+
+
+def _allocate(shape: Any, dtype: Any, fill: int | None = _POISON) -> ndarray:
+    """A new device array with poisoned margins; ``fill`` is the byte its data starts as (None: zeros
+    are not needed and the caller writes every element)."""
+    dtype = np.dtype(dtype)
+    shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
+    if builtins.any(s < 0 for s in shape):
+        raise ValueError(f"negative dimensions are not allowed: {shape}")
+    nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    device = _current_device_id()
+    if nbytes + _pool._used[device] > settings.memory_bytes:
+        raise OutOfMemoryError(nbytes, _pool._used[device], settings.memory_bytes)
+    buf = np.empty(nbytes + 2 * _PAD, np.uint8)
+    buf[:_PAD] = _POISON
+    buf[_PAD + nbytes:] = _POISON
+    if fill is not None:
+        buf[_PAD:_PAD + nbytes] = fill
+    _allocations[id(buf)] = buf
+    _pool._allocated(device, nbytes)
+    weakref.finalize(buf, _pool._freed, device, nbytes)
+    data = buf[_PAD:_PAD + nbytes].view(dtype).reshape(shape)
+    return ndarray._wrap(data, device)
+
+
+def _allocation_of(a: np.ndarray) -> np.ndarray | None:
+    base = a
+    while isinstance(base.base, np.ndarray):
+        base = base.base
+    return base if _allocations.get(id(base)) is base else None
+
+
+def _check_margins(a: np.ndarray, what: str) -> None:
+    buf = _allocation_of(a)
+    if buf is None:
+        return
+    if (buf[:_PAD] != _POISON).any() or (buf[-_PAD:] != _POISON).any():
+        before = bool((buf[:_PAD] != _POISON).any())
+        buf[:_PAD] = _POISON
+        buf[-_PAD:] = _POISON
+        raise cuda_emulator.EmulatorError(f"{what}: a write {'before the start' if before else 'past the end'} "
+                                          "of the array's allocation (out of bounds)")
+
+
+# ------------------------------------------------------------------------------------------------ devices
+class Device:
+    """A CUDA device; ``with Device(n):`` makes it current for the block (this thread only)."""
+
+    def __init__(self, device: int | None = None) -> None:
+        device = _current_device_id() if device is None else int(device)
+        if not 0 <= device < settings.device_count:
+            raise CUDARuntimeError("cudaErrorInvalidDevice: invalid device ordinal")
+        self.id = device
+
+    def __enter__(self) -> Device:
+        if not hasattr(_local, "devices"):
+            _local.devices = []
+        _local.devices.append(self.id)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _local.devices.pop()
+
+    def use(self) -> None:
+        if not hasattr(_local, "devices"):
+            _local.devices = []
+        if _local.devices:
+            _local.devices[-1] = self.id
+        else:
+            _local.devices.append(self.id)
+
+    def synchronize(self) -> None:
+        stats.synchronize += 1
+
+    @property
+    def attributes(self) -> dict[str, int]:
+        return {"MultiProcessorCount": settings.sm_count, "MaxThreadsPerBlock": 1024, "WarpSize": 32,
+                "MaxSharedMemoryPerBlock": 48 * 1024}
+
+    @property
+    def compute_capability(self) -> str:
+        return settings.compute_capability
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Device) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(("device", self.id))
+
+    def __repr__(self) -> str:
+        return f"<CUDA Device {self.id} (emulated)>"
+
+
+def _check_device(device: int, what: str = "array") -> None:
+    current = _current_device_id()
+    if device != current:
+        raise ValueError(f"The device where the {what} resides ({device}) is different from the current device "
+                         f"({current}). Peer access is unavailable between these devices.")
+
+
+class Stream:
+    def __init__(self, null: bool = False, non_blocking: bool = False, ptds: bool = False) -> None:
+        self.ptr = 0
+
+    def synchronize(self) -> None:
+        stats.synchronize += 1
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+_null_stream = Stream(null=True)
+
+
+def get_current_stream() -> Stream:
+    return _null_stream
+
+
+# ------------------------------------------------------------------------------------------------ arrays
+def _host(x: Any, what: str = "operand") -> Any:
+    """The NumPy view of a device array (checked to be on the current device); scalars as they are;
+    host arrays refused, as CuPy refuses them."""
+    if isinstance(x, ndarray):
+        _check_device(x._device)
+        return x._a
+    if isinstance(x, np.ndarray):
+        raise TypeError(f"Unsupported type {type(x)}: a NumPy array cannot be used as a CuPy {what} "
+                        "(copy it to the device with cupy.asarray first)")
+    if isinstance(x, (list, tuple)):
+        return type(x)(_host(v, what) for v in x)
+    return x
+
+
+def _wrap_result(r: Any, device: int | None = None) -> Any:
+    device = _current_device_id() if device is None else device
+    if isinstance(r, np.ndarray):
+        if r.base is None and r.nbytes:
+            _pool._allocated(device, r.nbytes)
+            weakref.finalize(r, _pool._freed, device, r.nbytes)
+        return ndarray._wrap(r, device)
+    if isinstance(r, np.generic):  # CuPy returns 0-d arrays, never scalars
+        return _wrap_result(np.asarray(r), device)
+    if isinstance(r, tuple):
+        return tuple(_wrap_result(v, device) for v in r)
+    return r
+
+
+def _apply(fn: Any, args: tuple, kwargs: dict) -> Any:
+    args = tuple(_host(a) for a in args)
+    out = kwargs.get("out")
+    kwargs = {k: _host(v) for k, v in kwargs.items()}
+    result = fn(*args, **kwargs)
+    if out is not None and isinstance(out, ndarray) and result is out._a:
+        return out
+    return _wrap_result(result)
+
+
+class _Pointer:
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+
+class ndarray:  # noqa: N801 - CuPy's name
+    """A device array of the emulated CuPy (a NumPy array in host memory)."""
+
+    __slots__ = ("_a", "_device", "__weakref__")
+    __array_priority__ = 100
+
+    _a: np.ndarray
+    _device: int
+
+    def __init__(self, shape: Any, dtype: Any = float) -> None:
+        new = _allocate(shape, dtype)
+        self._a, self._device = new._a, new._device
+
+    @classmethod
+    def _wrap(cls, a: np.ndarray, device: int) -> ndarray:
+        obj = object.__new__(cls)
+        obj._a = a
+        obj._device = device
+        return obj
+
+    # -- attributes
+    shape = property(lambda self: self._a.shape)
+    dtype = property(lambda self: self._a.dtype)
+    ndim = property(lambda self: self._a.ndim)
+    size = property(lambda self: self._a.size)
+    nbytes = property(lambda self: self._a.nbytes)
+    itemsize = property(lambda self: self._a.itemsize)
+    strides = property(lambda self: self._a.strides)
+    flags = property(lambda self: self._a.flags)
+    device = property(lambda self: Device(self._device))
+    data = property(lambda self: _Pointer(self._a.__array_interface__["data"][0]))
+    T = property(lambda self: ndarray._wrap(self._a.T, self._device))
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self._a.__array_interface__["data"][0], False),
+                "version": 3, "strides": None if self._a.flags.c_contiguous else self.strides}
+
+    def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        raise TypeError("Implicit conversion to a NumPy array is not allowed. Please use `.get()` to construct "
+                        "a NumPy array explicitly.")
+
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        return _apply(getattr(ufunc, method), inputs, kwargs)
+
+    def __array_function__(self, func: Any, types: Any, args: tuple, kwargs: dict) -> Any:
+        if func.__name__ not in _FUNCTIONS:
+            return NotImplemented
+        return _apply(func, args, kwargs)
+
+    # -- host reads
+    def get(self, stream: Any = None, order: str = "C", out: Any = None) -> np.ndarray:
+        _check_device(self._device)
+        stats.device_to_host += 1
+        return np.array(self._a, order=order, copy=True)  # type: ignore[call-overload]
+
+    def _scalar(self) -> Any:
+        if self.size != 1:
+            raise ValueError("only size-1 arrays can be converted to Python scalars")
+        _check_device(self._device)
+        stats.device_to_host += 1
+        return self._a.reshape(()).item()
+
+    def item(self) -> Any:
+        return self._scalar()
+
+    def tolist(self) -> Any:
+        return self.get().tolist()
+
+    def __float__(self) -> float:
+        return float(self._scalar())
+
+    def __int__(self) -> int:
+        return int(self._scalar())
+
+    def __index__(self) -> int:
+        if self.dtype.kind not in "iub":
+            raise TypeError("only integer arrays can be used as an index")
+        return int(self._scalar())
+
+    def __bool__(self) -> bool:
+        return bool(self._scalar())
+
+    def __len__(self) -> int:
+        return len(self._a)
+
+    def __iter__(self) -> Iterator[ndarray]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __repr__(self) -> str:
+        return f"array({np.array2string(self._a, separator=', ')}, device={self._device}, emulated)"
+
+    __hash__ = None  # type: ignore[assignment]
+
+    # -- views, copies, element access
+    def reshape(self, *shape: Any, order: str = "C") -> ndarray:
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        return _wrap_result(self._a.reshape(shape, order=order), self._device)  # type: ignore[call-overload]
+
+    def ravel(self, order: str = "C") -> ndarray:
+        return _wrap_result(self._a.ravel(order=order), self._device)  # type: ignore[arg-type]
+
+    def flatten(self) -> ndarray:
+        return self.copy().reshape(-1)
+
+    def view(self, dtype: Any = None) -> ndarray:
+        return ndarray._wrap(self._a.view(dtype), self._device)
+
+    def transpose(self, *axes: Any) -> ndarray:
+        return ndarray._wrap(self._a.transpose(*axes), self._device)
+
+    def copy(self, order: str = "C") -> ndarray:
+        _check_device(self._device)
+        out = _allocate(self.shape, self.dtype, fill=None)
+        np.copyto(out._a, self._a)
+        return out
+
+    def astype(self, dtype: Any, order: str = "K", casting: Any = None, subok: Any = None,
+               copy: bool = True) -> ndarray:
+        if not copy and np.dtype(dtype) == self.dtype:
+            return self
+        _check_device(self._device)
+        out = _allocate(self.shape, dtype, fill=None)
+        np.copyto(out._a, self._a, casting="unsafe")
+        return out
+
+    def fill(self, value: Any) -> None:
+        _check_device(self._device)
+        self._a.fill(value)
+
+    def __getitem__(self, key: Any) -> Any:
+        return _wrap_result(self._a[_index(key)], self._device)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        _check_device(self._device)
+        if isinstance(value, np.ndarray):  # CuPy copies host values to the device
+            stats.host_to_device += 1
+        else:
+            value = _host(value)
+        self._a[_index(key)] = value
+
+    # reductions and friends as methods
+    def _method(name: str) -> Any:  # type: ignore[misc]
+        def method(self: ndarray, *args: Any, **kwargs: Any) -> Any:
+            return _apply(getattr(np, name), (self, *args), kwargs)
+
+        method.__name__ = name
+        return method
+
+    sum = _method("sum")
+    max = _method("max")
+    min = _method("min")
+    mean = _method("mean")
+    argmax = _method("argmax")
+    argmin = _method("argmin")
+    any = _method("any")
+    all = _method("all")
+    dot = _method("dot")
+    prod = _method("prod")
+    std = _method("std")
+    var = _method("var")
+    cumsum = _method("cumsum")
+    clip = _method("clip")
+    round = _method("round")
+    squeeze = _method("squeeze")
+    del _method
+
+
+def _index(key: Any) -> Any:
+    if isinstance(key, tuple):
+        return tuple(_index(k) for k in key)
+    if isinstance(key, ndarray):
+        _check_device(key._device)
+        return key._a
+    if isinstance(key, np.ndarray):
+        stats.host_to_device += 1
+    return key
+
+
+def _binary(ufunc: Any, reflected: bool = False, inplace: bool = False) -> Any:
+    def method(self: ndarray, other: Any) -> Any:
+        if isinstance(other, np.ndarray):
+            raise TypeError(f"Unsupported type {type(other)}")
+        if not isinstance(other, (ndarray, int, float, complex, bool, np.generic)):
+            return NotImplemented
+        if inplace:
+            ufunc(self._a, _host(other), out=self._a)
+            _check_device(self._device)
+            return self
+        args = (other, self) if reflected else (self, other)
+        return _apply(ufunc, args, {})
+
+    return method
+
+
+for _name, _ufunc in [("add", np.add), ("sub", np.subtract), ("mul", np.multiply), ("truediv", np.true_divide),
+                      ("floordiv", np.floor_divide), ("mod", np.remainder), ("pow", np.power), ("and", np.bitwise_and),
+                      ("or", np.bitwise_or), ("xor", np.bitwise_xor), ("matmul", np.matmul)]:
+    setattr(ndarray, f"__{_name}__", _binary(_ufunc))
+    setattr(ndarray, f"__r{_name}__", _binary(_ufunc, reflected=True))
+    setattr(ndarray, f"__i{_name}__", _binary(_ufunc, inplace=True))
+for _name, _ufunc in [("lt", np.less), ("le", np.less_equal), ("gt", np.greater), ("ge", np.greater_equal),
+                      ("eq", np.equal), ("ne", np.not_equal)]:
+    setattr(ndarray, f"__{_name}__", _binary(_ufunc))
+for _name, _ufunc in [("neg", np.negative), ("pos", np.positive), ("abs", np.absolute), ("invert", np.invert)]:
+    setattr(ndarray, f"__{_name}__", lambda self, _u=_ufunc: _apply(_u, (self,), {}))
+
+
+# ------------------------------------------------------------------------------------------------ creation
+def empty(shape: Any, dtype: Any = float, order: str = "C") -> ndarray:
+    return _allocate(shape, dtype)
+
+
+def zeros(shape: Any, dtype: Any = float, order: str = "C") -> ndarray:
+    return _allocate(shape, dtype, fill=0)
+
+
+def ones(shape: Any, dtype: Any = float, order: str = "C") -> ndarray:
+    return full(shape, 1, dtype)
+
+
+def full(shape: Any, fill_value: Any, dtype: Any = None, order: str = "C") -> ndarray:
+    out = _allocate(shape, dtype if dtype is not None else np.asarray(fill_value).dtype, fill=None)
+    out._a.fill(fill_value)
+    return out
+
+
+def empty_like(a: ndarray, dtype: Any = None, order: str = "K", subok: Any = None, shape: Any = None) -> ndarray:
+    return empty(a.shape if shape is None else shape, a.dtype if dtype is None else dtype)
+
+
+def zeros_like(a: ndarray, dtype: Any = None, order: str = "K", subok: Any = None, shape: Any = None) -> ndarray:
+    return zeros(a.shape if shape is None else shape, a.dtype if dtype is None else dtype)
+
+
+def ones_like(a: ndarray, dtype: Any = None, order: str = "K", subok: Any = None, shape: Any = None) -> ndarray:
+    return ones(a.shape if shape is None else shape, a.dtype if dtype is None else dtype)
+
+
+def full_like(a: ndarray, fill_value: Any, dtype: Any = None, order: str = "K", subok: Any = None,
+              shape: Any = None) -> ndarray:
+    return full(a.shape if shape is None else shape, fill_value, a.dtype if dtype is None else dtype)
+
+
+def array(obj: Any, dtype: Any = None, copy: bool = True, order: str = "K", subok: bool = False,
+          ndmin: int = 0) -> ndarray:
+    if isinstance(obj, ndarray):
+        if not copy and (dtype is None or np.dtype(dtype) == obj.dtype):
+            return obj
+        return obj.astype(dtype if dtype is not None else obj.dtype)
+    if isinstance(obj, (list, tuple)) and builtins.any(isinstance(v, ndarray) for v in obj):
+        return stack([asarray(v, dtype) for v in obj])
+    host = np.asarray(obj, dtype=dtype)
+    if host.dtype == object:
+        raise ValueError("Unsupported dtype object")
+    stats.host_to_device += 1
+    out = _allocate(host.shape, host.dtype, fill=None)
+    np.copyto(out._a, host)
+    return out
+
+
+def asarray(a: Any, dtype: Any = None, order: Any = None, blocking: bool = False) -> ndarray:
+    return array(a, dtype, copy=False)
+
+
+def ascontiguousarray(a: Any, dtype: Any = None) -> ndarray:
+    a = asarray(a, dtype)
+    return a if a.flags.c_contiguous else a.copy()
+
+
+def arange(start: Any, stop: Any = None, step: Any = 1, dtype: Any = None) -> ndarray:
+    host = np.arange(start, stop, step, dtype=dtype) if stop is not None else np.arange(start, dtype=dtype)
+    out = _allocate(host.shape, host.dtype, fill=None)
+    np.copyto(out._a, host)
+    return out
+
+
+def asnumpy(a: Any, stream: Any = None, order: str = "C", out: Any = None) -> np.ndarray:
+    if isinstance(a, ndarray):
+        return a.get()
+    return np.asarray(a)
+
+
+def get_array_module(*args: Any) -> Any:
+    return sys.modules[__name__] if builtins.any(isinstance(a, ndarray) for a in args) else np
+
+
+def stack(arrays: Any, axis: int = 0, out: Any = None) -> ndarray:
+    return _apply(np.stack, (list(arrays),), {"axis": axis, **({"out": out} if out is not None else {})})
+
+
+def concatenate(arrays: Any, axis: int = 0, out: Any = None, dtype: Any = None) -> ndarray:
+    return _apply(np.concatenate, (list(arrays),), {"axis": axis, **({"out": out} if out is not None else {})})
+
+
+# ------------------------------------------------------------------------------------------------ matmul
+COMPUTE_TYPE_DEFAULT, COMPUTE_TYPE_PEDANTIC, COMPUTE_TYPE_FP16, COMPUTE_TYPE_FP32, COMPUTE_TYPE_FP64, \
+    COMPUTE_TYPE_BF16, COMPUTE_TYPE_TF32 = range(7)
+_compute_types: dict[np.dtype, int] = {}
+
+
+def _set_compute_type(dtype: Any, compute_type: int) -> None:
+    _compute_types[np.dtype(dtype)] = compute_type
+
+
+def _tf32(a: np.ndarray) -> np.ndarray:
+    """float32 values rounded to TF32's 10 mantissa bits (round to nearest even), as tensor cores read them."""
+    bits = np.ascontiguousarray(a).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x0FFF + ((bits >> 13) & 1)) & 0xFFFFE000
+    return rounded.astype(np.uint32).view(np.float32).reshape(a.shape)
+
+
+def matmul(a: ndarray, b: ndarray, out: ndarray | None = None) -> ndarray:
+    """cuBLAS's GEMM, emulated by NumPy's (TF32 inputs where the float32 compute type is TF32)."""
+    A, B = _host(a), _host(b)
+    if not isinstance(a, ndarray) or not isinstance(b, ndarray):
+        raise TypeError("matmul takes device arrays")
+    if A.dtype == np.float32 and _compute_types.get(np.dtype(np.float32)) == COMPUTE_TYPE_TF32:
+        A, B = _tf32(A), _tf32(B)
+    if out is None:
+        return _wrap_result(np.matmul(A, B))
+    np.matmul(A, B, out=_host(out))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+class _Kernel:
+    """A RawModule function: ``kernel(grid, block, args, shared_mem=0)`` launches it in the emulator."""
+
+    def __init__(self, kernel: cuda_emulator.EmulatedKernel) -> None:
+        self._kernel = kernel
+        self.name = kernel.name
+
+    def __call__(self, grid: Any, block: Any, args: tuple, *, shared_mem: int = 0, stream: Any = None,
+                 enable_cooperative_groups: bool = False) -> None:
+        if not isinstance(args, tuple):
+            raise TypeError(f"kernel arguments must be a tuple, got {type(args).__name__}")
+        values: list[Any] = []
+        for i, arg in enumerate(args):
+            if isinstance(arg, ndarray):
+                _check_device(arg._device, f"array of argument {i} of {self.name}")
+                values.append(arg._a)
+            elif isinstance(arg, np.ndarray):
+                if arg.size != 1:  # CuPy passes a size-1 NumPy array by value and refuses others
+                    raise TypeError(f"{self.name}: argument {i} is a NumPy array of size {arg.size}; CuPy kernels "
+                                    "take device arrays (a size-1 NumPy array is passed by value)")
+                values.append(arg.reshape(())[()])
+            else:
+                values.append(arg)
+        self._kernel.launch(grid, block, values, shared_mem=shared_mem, order=settings.order, seed=next(_seeds))
+        stats.launches += 1
+        stats.kernels[self.name] += 1
+        for i, (arg, value) in enumerate(zip(args, values)):
+            if isinstance(arg, ndarray):
+                _check_margins(value, f"{self.name}: argument {i}")
+
+
+class RawModule:
+    """CuPy's RawModule over the emulator: the source compiled for the host, each name expression a kernel."""
+
+    def __init__(self, code: str | None = None, *, path: str | None = None, options: tuple = (),
+                 backend: str = "nvrtc", translate_cucomplex: bool = False, enable_cooperative_groups: bool = False,
+                 name_expressions: Any = None, jitify: bool = False) -> None:
+        if (code is None) == (path is None):
+            raise TypeError("exactly one of code and path must be given")
+        if not isinstance(options, tuple) or not builtins.all(isinstance(o, str) for o in options):
+            raise TypeError("options must be a tuple of str")
+        if code is None:
+            raise NotImplementedError("the emulated RawModule compiles source code only")
+        include_dirs = [o[2:] for o in options if o.startswith("-I")]
+        self._names = list(name_expressions or [])
+        self._module = cuda_emulator.compile_module(code, self._names, "<RawModule>", include_dirs)
+        self.options = options
+
+    def get_function(self, name: str) -> _Kernel:
+        return _Kernel(self._module.get_function(name))
+
+
+# ------------------------------------------------------------------------------------------------ the namespace
+#: NumPy functions CuPy has too, forwarded with CuPy's rules (device arrays only, 0-d results).
+_FUNCTIONS = """abs absolute add all allclose any argmax argmin argsort array_equal broadcast_to clip copyto cos
+count_nonzero cumsum diag divide dot einsum equal exp expand_dims expm1 floor floor_divide fmax fmin greater
+greater_equal hstack isclose isfinite isinf isnan less less_equal log log10 log1p log2 logical_and logical_not
+logical_or max maximum mean min minimum mod multiply negative nonzero not_equal outer power prod ravel reciprocal
+remainder repeat reshape round sign sin sort sqrt square squeeze std subtract sum take tanh tensordot tile transpose
+true_divide unique var vdot vstack where""".split()
+
+float16, float32, float64 = np.float16, np.float32, np.float64
+int8, int16, int32, int64 = np.int8, np.int16, np.int32, np.int64
+uint8, uint16, uint32, uint64 = np.uint8, np.uint16, np.uint32, np.uint64
+bool_, dtype, newaxis, inf, nan, pi, e = np.bool_, np.dtype, np.newaxis, np.inf, np.nan, np.pi, np.e
+finfo, iinfo, result_type, can_cast = np.finfo, np.iinfo, np.result_type, np.can_cast
+
+
+def _forward(name: str) -> Any:
+    fn = getattr(np, name)
+
+    def forwarded(*args: Any, **kwargs: Any) -> Any:
+        return _apply(fn, args, kwargs)
+
+    forwarded.__name__ = name
+    forwarded.__doc__ = f"numpy.{name} on device arrays (emulated CuPy)."
+    return forwarded
+
+
+for _name in _FUNCTIONS:
+    globals().setdefault(_name, _forward(_name))
+
+
+def _submodule(name: str, **attrs: Any) -> types.ModuleType:
+    module = types.ModuleType(f"{__name__}.{name}")
+    module.__dict__.update(attrs)
+    sys.modules[module.__name__] = module
+    return module
+
+
+runtime = _submodule("cuda.runtime", CUDARuntimeError=CUDARuntimeError,
+                     getDeviceCount=lambda: settings.device_count, getDevice=_current_device_id,
+                     memGetInfo=lambda: (settings.memory_bytes - _pool.used_bytes(), settings.memory_bytes),
+                     runtimeGetVersion=lambda: 13000, driverGetVersion=lambda: 13000, deviceSynchronize=lambda: None)
+memory = _submodule("cuda.memory", OutOfMemoryError=OutOfMemoryError, MemoryPool=MemoryPool)
+cuda = _submodule("cuda", Device=Device, Stream=Stream, get_current_stream=get_current_stream, runtime=runtime,
+                  memory=memory, is_available=lambda: True)
+_routines_linalg = _submodule(
+    "_core._routines_linalg", set_compute_type=_set_compute_type, COMPUTE_TYPE_DEFAULT=COMPUTE_TYPE_DEFAULT,
+    COMPUTE_TYPE_TF32=COMPUTE_TYPE_TF32, COMPUTE_TYPE_FP32=COMPUTE_TYPE_FP32,
+    COMPUTE_TYPE_PEDANTIC=COMPUTE_TYPE_PEDANTIC, get_compute_type=lambda dtype: _compute_types.get(np.dtype(dtype), 0))
+_core = _submodule("_core", _routines_linalg=_routines_linalg)
+
+del _name, _ufunc
+
+
+# ------------------------------------------------------------------------------------------------ the backend
+#: The name the emulated backend resolves by (``fb.MLP(..., backend="cupy-emulated")``; "cupy-emulated:1"
+#: for the second emulated device).
+BACKEND_NAME = "cupy-emulated"
+
+
+def backend(device_id: int = 0) -> Any:
+    """fastbp's cupy backend, its own code, driving this emulated CuPy on device ``device_id``."""
+    from ..backends import cupy_backend
+
+    instance = cupy_backend.create(device_id, cupy_module=sys.modules[__name__])
+    instance.name = BACKEND_NAME
+    return instance
+
+
+def register() -> str:
+    """Register the emulated backend under BACKEND_NAME (unlisted: only those who ask for it by name get it),
+    after checking that kernels compile here; returns the name. Raises EmulatorUnavailable saying why not."""
+    from ..backends import register_unlisted_backend
+
+    cuda_emulator.compiler()
+    register_unlisted_backend(BACKEND_NAME, backend)
+    return BACKEND_NAME
