@@ -23,11 +23,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,6 +266,58 @@ def build(code: str, name_expressions: Sequence[str], name: str = "<source>",
     return target
 
 
+# ---------------------------------------------------------------------------------------------- guarded memory
+GUARD_BYTES = 64  # poisoned bytes before and after every guarded allocation
+POISON = 0xFF  # NaN in float32 and float64, -1 in signed integers
+
+_guarded: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
+
+
+def guarded_empty(shape: Any, dtype: Any, fill: int | None = POISON) -> np.ndarray:
+    """A new array inside a buffer with GUARD_BYTES of POISON on each side; its own bytes are ``fill``
+    (POISON by default: reading an element before writing it gives NaN; None leaves them unset). After
+    each launch the emulator checks the margins of every guarded argument: a write out of bounds raises
+    EmulatorError, a read out of bounds reads NaN."""
+    dtype = np.dtype(dtype)
+    shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
+    nbytes = math.prod(shape) * dtype.itemsize
+    buf = np.empty(nbytes + 2 * GUARD_BYTES, np.uint8)
+    buf[:GUARD_BYTES] = POISON
+    buf[GUARD_BYTES + nbytes:] = POISON
+    if fill is not None:
+        buf[GUARD_BYTES:GUARD_BYTES + nbytes] = fill
+    _guarded[id(buf)] = buf
+    return buf[GUARD_BYTES:GUARD_BYTES + nbytes].view(dtype).reshape(shape)
+
+
+def guarded_copy(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of ``a`` in guarded memory."""
+    out = guarded_empty(a.shape, a.dtype, fill=None)
+    np.copyto(out, a)
+    return out
+
+
+def guard_buffer(a: np.ndarray) -> np.ndarray | None:
+    """The guarded buffer ``a`` is a view of, or None."""
+    base = a
+    while isinstance(base.base, np.ndarray):
+        base = base.base
+    return base if _guarded.get(id(base)) is base else None
+
+
+def check_guards(a: np.ndarray, what: str) -> None:
+    """Raise EmulatorError if the margins around ``a``'s guarded buffer were written (then re-poison them)."""
+    buf = guard_buffer(a)
+    if buf is None:
+        return
+    before = bool((buf[:GUARD_BYTES] != POISON).any())
+    after = bool((buf[-GUARD_BYTES:] != POISON).any())
+    if before or after:
+        buf[:GUARD_BYTES] = POISON
+        buf[-GUARD_BYTES:] = POISON
+        raise EmulatorError(f"{what}: written out of bounds, {'before its start' if before else 'past its end'}")
+
+
 # ---------------------------------------------------------------------------------------------- launching
 class _LaunchConfig(ctypes.Structure):
     _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint64),
@@ -390,6 +444,9 @@ class EmulatedKernel:
         del keep
         if status != 0:
             raise EmulatorError(err.value.decode(errors="replace"))
+        for i, arg in enumerate(args):
+            if isinstance(arg, np.ndarray):
+                check_guards(arg, f"{self.name}: argument {i}")
 
 
 def _dims(value: int | Sequence[int], what: str) -> list[int]:

@@ -9,9 +9,9 @@ where it matters for finding GPU bugs:
   are counted (``stats``);
 - each array lives on a device; using it while another device is current raises, as CuPy does where
   peer access is unavailable;
-- ``empty`` memory is filled with 0xFF bytes (NaN in float), and every allocation has 64 poisoned bytes
-  on each side that are checked after each kernel launch, so a read before a write or past the end gives
-  NaN and a write past the end raises;
+- ``empty`` memory is filled with 0xFF bytes (NaN in float), and every allocation has poisoned margins
+  that the emulator checks after each kernel launch (``cuda_emulator.guarded_empty``), so a read before
+  a write or past the end gives NaN and a write past the end raises;
 - ``RawModule`` compiles with fastbp's CUDA emulator (``cuda_emulator``) and launches run every CUDA
   thread, in random order by default, with CuPy's argument marshalling and a check of each argument
   against the kernel's parameter types;
@@ -39,9 +39,6 @@ import numpy as np
 from . import cuda_emulator
 
 __version__ = "14.0.0+fastbp.emulated"
-
-_PAD = 64  # poisoned bytes before and after every allocation
-_POISON = 0xFF
 
 
 @dataclass
@@ -135,9 +132,9 @@ def get_default_memory_pool() -> MemoryPool:
     return _pool
 
 
-def _allocate(shape: Any, dtype: Any, fill: int | None = _POISON) -> ndarray:
-    """A new device array with poisoned margins; ``fill`` is the byte its data starts as (None: zeros
-    are not needed and the caller writes every element)."""
+def _allocate(shape: Any, dtype: Any, fill: int | None = cuda_emulator.POISON) -> ndarray:
+    """A new device array in guarded memory (see cuda_emulator.guarded_empty); ``fill`` is the byte its data
+    starts as (None: the caller writes every element)."""
     dtype = np.dtype(dtype)
     shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
     if builtins.any(s < 0 for s in shape):
@@ -146,35 +143,10 @@ def _allocate(shape: Any, dtype: Any, fill: int | None = _POISON) -> ndarray:
     device = _current_device_id()
     if nbytes + _pool._used[device] > settings.memory_bytes:
         raise OutOfMemoryError(nbytes, _pool._used[device], settings.memory_bytes)
-    buf = np.empty(nbytes + 2 * _PAD, np.uint8)
-    buf[:_PAD] = _POISON
-    buf[_PAD + nbytes:] = _POISON
-    if fill is not None:
-        buf[_PAD:_PAD + nbytes] = fill
-    _allocations[id(buf)] = buf
+    data = cuda_emulator.guarded_empty(shape, dtype, fill)
     _pool._allocated(device, nbytes)
-    weakref.finalize(buf, _pool._freed, device, nbytes)
-    data = buf[_PAD:_PAD + nbytes].view(dtype).reshape(shape)
+    weakref.finalize(cuda_emulator.guard_buffer(data), _pool._freed, device, nbytes)
     return ndarray._wrap(data, device)
-
-
-def _allocation_of(a: np.ndarray) -> np.ndarray | None:
-    base = a
-    while isinstance(base.base, np.ndarray):
-        base = base.base
-    return base if _allocations.get(id(base)) is base else None
-
-
-def _check_margins(a: np.ndarray, what: str) -> None:
-    buf = _allocation_of(a)
-    if buf is None:
-        return
-    if (buf[:_PAD] != _POISON).any() or (buf[-_PAD:] != _POISON).any():
-        before = bool((buf[:_PAD] != _POISON).any())
-        buf[:_PAD] = _POISON
-        buf[-_PAD:] = _POISON
-        raise cuda_emulator.EmulatorError(f"{what}: a write {'before the start' if before else 'past the end'} "
-                                          "of the array's allocation (out of bounds)")
 
 
 # ------------------------------------------------------------------------------------------------ devices
@@ -652,9 +624,6 @@ class _Kernel:
         self._kernel.launch(grid, block, values, shared_mem=shared_mem, order=settings.order, seed=next(_seeds))
         stats.launches += 1
         stats.kernels[self.name] += 1
-        for i, (arg, value) in enumerate(zip(args, values)):
-            if isinstance(arg, ndarray):
-                _check_margins(value, f"{self.name}: argument {i}")
 
 
 class RawModule:

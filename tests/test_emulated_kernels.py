@@ -1,0 +1,315 @@
+"""Every CUDA kernel instantiation, run by fastbp's CPU emulator of CUDA, against NumPy references.
+
+Each launch runs three times, with the threads (and blocks) in forward, reverse and random order, and the
+three results must be the same bits: a missing __syncthreads or a race inside a block shows up as a
+difference, a barrier or shuffle that not every thread reaches as an EmulatorError. Outputs start as NaN,
+so an element a kernel forgets to write fails the comparison. Sizes are ragged (1, 31, 33, 255, 257 and a
+few thousand) and each kernel runs under several grid and block shapes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import EMULATOR_MISSING, assert_close
+from reference import ACT, DACT
+
+from fastbp.activations import ACTIVATIONS, CODES
+from fastbp.backends import cuda_sources
+from fastbp.backends.base import Backend
+from fastbp.testing import cuda_emulator
+
+pytestmark = [pytest.mark.emulator, pytest.mark.skipif(
+    bool(EMULATOR_MISSING), reason=f"the CUDA emulator cannot run here: {EMULATOR_MISSING}")]
+
+NAMES = {code: name for name, code in CODES.items()}
+CTYPES = {"float": np.float32, "double": np.float64}
+SIZES = (1, 31, 33, 255, 257, 3000)
+ORDERS = ("forward", "reverse", "random")
+REFERENCE = Backend()  # the NumPy reference ops
+
+
+@pytest.fixture(scope="module")
+def modules():
+    folder = cuda_sources.kernel_dir()
+    return {f: cuda_emulator.compile_file(folder / f, cuda_sources.name_expressions(f)) for f in cuda_sources.FILES}
+
+
+def launch(kernel, grid, block, args, outputs):
+    """Run ``kernel`` in every thread order, each time on fresh copies of the arrays in ``args``; check that
+    the arrays at positions ``outputs`` come out bit-identical, and return them (from the forward run)."""
+    results = []
+    for seed, order in enumerate(ORDERS):
+        # every array copied into guarded memory: a write out of bounds raises, a read out of bounds reads NaN
+        copies = {}
+        run = [copies.setdefault(id(a), cuda_emulator.guarded_copy(a)) if isinstance(a, np.ndarray) else a
+               for a in args]  # an array passed twice (A written over Z) stays one array
+        kernel.launch(grid, block, run, order=order, seed=seed)
+        results.append([run[i].copy() for i in outputs])
+    for order, other in zip(ORDERS[1:], results[1:]):
+        for i, (a, b) in zip(outputs, zip(results[0], other)):
+            assert a.tobytes() == b.tobytes(), f"{kernel.name}: argument {i} differs between forward and {order} order"
+    return results[0]
+
+
+def poisoned(shape, dtype):
+    return np.full(shape, np.nan, dtype)
+
+
+def rows_and_columns():
+    """(rows, n) shapes whose sizes and sides cover SIZES."""
+    return [(1, 1), (1, 31), (3, 33), (1, 255), (2, 257), (31, 33), (257, 3), (1000, 3)]
+
+
+def tolerance(dtype):
+    return {"rtol": 1e-5, "atol": 1e-6} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-14}
+
+
+# ------------------------------------------------------------------------------------------------ dense.cu
+def check_bias_act(kernel, dtype, act):
+    name = NAMES[act]
+    saves_output = ACTIVATIONS[name].saves == "A"
+    rng = np.random.default_rng(act)
+    for rows, n in rows_and_columns():
+        Z0 = rng.standard_normal((rows, n)).astype(dtype)
+        b = rng.standard_normal(n).astype(dtype)
+        total = rows * n
+        z = Z0.astype(np.float64) + b
+        args = (Z0, b, Z0 if saves_output else poisoned((rows, n), dtype), np.int64(total), np.int32(n))
+        for grid, block in [(1, 32), (3, 64), (-(-total // 256), 256)]:
+            Z, A = launch(kernel, grid, block, args, [0, 2])
+            assert_close(A, ACT[name](z), dtype, **tolerance(dtype), err_msg=f"{kernel.name} {rows}x{n} {grid}x{block}")
+            if not saves_output:  # g' reads z: the pre-activation is kept in Z
+                assert_close(Z, z, dtype, **tolerance(dtype))
+
+
+def check_dact_colsum(kernel, dtype, act):
+    name = NAMES[act]
+    acc = np.float64 if dtype == np.float64 else np.float32
+    rng = np.random.default_rng(10 + act)
+    for rows, n in rows_and_columns() + [(64, 257)]:
+        z = rng.standard_normal((rows, n)).astype(dtype)
+        S = ACT[name](z.astype(np.float64)).astype(dtype) if ACTIVATIONS[name].saves == "A" else z
+        delta0 = rng.standard_normal((rows, n)).astype(dtype)
+        want = delta0.astype(np.float64) * DACT[name](z.astype(np.float64))
+        col_tiles = -(-n // 32)
+        for rows_per_slab in sorted({1, 8, 13, rows}):
+            slabs = -(-rows // rows_per_slab)
+
+            args = (delta0, S, poisoned((slabs, n), acc), np.int32(rows), np.int32(n), np.int32(rows_per_slab))
+            delta, partial = launch(kernel, (col_tiles, slabs), (32, 8), args, [0, 2])
+            assert_close(delta, want, dtype, **tolerance(dtype), err_msg=f"{kernel.name} {rows}x{n}")
+            slab_sums = np.add.reduceat(delta.astype(np.float64), np.arange(0, rows, rows_per_slab), axis=0)
+            assert_close(partial, slab_sums, dtype, rtol=tolerance(dtype)["rtol"], atol=10 * tolerance(dtype)["atol"])
+
+
+def check_sum_partials(kernel, dtype):
+    acc = np.float64 if dtype == np.float64 else np.float32
+    rng = np.random.default_rng(3)
+    for slabs, n in [(1, 1), (7, 31), (33, 33), (2, 255), (5, 257), (3, 3000)]:
+        partial = rng.standard_normal((slabs, n)).astype(acc)
+        for grid, block in [(1, 32), (2, 64), (-(-n // 256), 256)]:
+            (db,) = launch(kernel, grid, block, (partial, poisoned(n, dtype), np.int32(slabs), np.int32(n)), [1])
+            assert_close(db, partial.astype(np.float64).sum(0), dtype, **tolerance(dtype))
+
+
+# ------------------------------------------------------------------------------------------------ loss.cu
+def loss_shapes():
+    return [(1, 1), (31, 10), (33, 33), (5, 70), (257, 3), (1, 257)]
+
+
+def check_softmax_ce(kernel, dtype):
+    acc = np.float64 if dtype == np.float64 else np.float32
+    rng = np.random.default_rng(4)
+    for rows, C in loss_shapes():
+        Z = (3 * rng.standard_normal((rows, C))).astype(dtype)
+        labels = rng.integers(0, C, rows).astype(np.int64)
+        probs = rng.random((rows, C))
+        probs = (probs / probs.sum(1, keepdims=True)).astype(dtype)
+        z = Z.astype(np.float64)
+        lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+        for soft in (0, 1):
+            if soft:
+                want_loss = (probs * (lse[:, None] - z)).sum(1)
+                target = probs.astype(np.float64)
+            else:
+                want_loss = lse - z[np.arange(rows), labels]
+                target = np.eye(C)[labels]
+            p = np.exp(z - lse[:, None])
+            want_delta = (p * target.sum(1, keepdims=True) - target) / rows
+            for threads in (32, 64, 256):
+                blocks = -(-rows * 32 // threads)
+
+                args = (Z, None if soft else labels, probs if soft else None, poisoned((rows, C), dtype),
+                        poisoned(rows, acc), np.int32(rows), np.int32(C), np.int32(soft))
+                delta, row_loss = launch(kernel, blocks, threads, args, [3, 4])
+                assert_close(delta, want_delta, dtype, **tolerance(dtype), err_msg=f"{rows}x{C} soft={soft}")
+                assert_close(row_loss, want_loss, dtype, **tolerance(dtype))
+
+
+def check_pointwise_loss(kernel, dtype, variant):
+    acc = np.float64 if dtype == np.float64 else np.float32
+    rng = np.random.default_rng(5 + variant)
+    for rows, C in loss_shapes():
+        Z = (3 * rng.standard_normal((rows, C))).astype(dtype)
+        Y = (rng.integers(0, 2, (rows, C)) if variant == 0 else rng.standard_normal((rows, C))).astype(dtype)
+        z, y = Z.astype(np.float64), Y.astype(np.float64)
+        if variant == 0:  # binary cross-entropy with logits
+            elementwise = np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
+            grad = 1 / (1 + np.exp(-z)) - y
+        else:  # squared error
+            elementwise = (z - y) ** 2
+            grad = 2 * (z - y)
+        for threads in (32, 128, 256):
+            blocks = -(-rows * 32 // threads)
+            args = (Z, Y, poisoned((rows, C), dtype), poisoned(rows, acc), np.int32(rows), np.int32(C))
+            delta, row_loss = launch(kernel, blocks, threads, args, [2, 3])
+            assert_close(delta, grad / (rows * C), dtype, **tolerance(dtype))
+            assert_close(row_loss, elementwise.sum(1), dtype, **tolerance(dtype))
+
+
+def check_reduce_rows(kernel, acc):
+    rng = np.random.default_rng(6)
+    for n in SIZES:
+        values = rng.standard_normal(n).astype(acc)
+        for block in (32, 256, 1024):  # block_sum takes any power of two up to 1024
+            (out,) = launch(kernel, 1, block, (values, np.int64(n), acc(0.5), poisoned(1, acc)), [3])
+            assert_close(out[0], 0.5 * values.astype(np.float64).sum(), np.dtype(acc).name,
+                         **tolerance(acc))
+
+
+# ------------------------------------------------------------------------------------------------ optim.cu
+def update_configs(n):
+    """Launch shapes for the grid-stride kernels: one small block, a few, and one thread per element."""
+    return [(1, 32), (3, 64), (-(-n // 256), 256)]
+
+
+def check_update(kernel, args, state, want, gate):
+    """An optimizer kernel: the arrays at positions ``state`` come out equal to ``want`` (the NumPy
+    reference's update, bit for bit) under every launch shape, and unchanged once the guard at position
+    ``gate`` is tripped."""
+    n = args[state[0]].size
+    for grid, block in update_configs(n):
+        got = launch(kernel, grid, block, args, state)
+        for i, g, w in zip(state, got, want):
+            np.testing.assert_array_equal(g, w, err_msg=f"{kernel.name} argument {i}, n={n}, {grid}x{block}")
+    tripped = list(args)
+    tripped[gate] = np.array([1.0, 0, 0, 0])
+    for i, g in zip(state, launch(kernel, 2, 64, tuple(tripped), state)):
+        np.testing.assert_array_equal(g, args[i])
+
+
+def check_sgd(kernel, dtype):
+    lr, momentum, wd = 0.05, 0.9, 1e-3
+    rng = np.random.default_rng(7)
+    for nesterov, first, dampening in [(0, 1, 0.0), (0, 0, 0.1), (1, 0, 0.0)]:
+        for n in SIZES:
+            p, g, buf = (rng.standard_normal(n).astype(dtype) for _ in range(3))
+            want = [p.copy(), g, buf.copy()]
+            REFERENCE.sgd_update(want[0], g, want[2], np.empty_like(p), lr, momentum, dampening, bool(nesterov), wd,
+                                 bool(first))
+            args = (p, g, buf, np.int64(n), lr, momentum, dampening, np.int32(nesterov), wd, np.int32(first),
+                    np.zeros(4))
+            check_update(kernel, args, [0, 2], [want[0], want[2]], gate=10)
+
+
+def check_adam(kernel, dtype):
+    lr, b1, b2, eps, step = 1e-3, 0.9, 0.999, 1e-8, 7
+    rng = np.random.default_rng(8)
+    for wd, decoupled in [(0.0, 0), (1e-2, 0), (1e-2, 1)]:
+        for n in SIZES:
+            p, g, m = (rng.standard_normal(n).astype(dtype) for _ in range(3))
+            v = rng.random(n).astype(dtype)
+            want = [p.copy(), m.copy(), v.copy()]
+            REFERENCE.adam_update(want[0], g, want[1], want[2], np.empty_like(p), lr, b1, b2, eps, step, wd,
+                                  bool(decoupled))
+            args = (p, g, m, v, np.int64(n), lr, b1, b2, eps, 1 - b1**step, math.sqrt(1 - b2**step), wd,
+                    np.int32(decoupled), np.zeros(4))
+            check_update(kernel, args, [0, 2, 3], want, gate=13)
+
+
+def check_rmsprop(kernel, dtype):
+    lr, alpha, eps = 1e-2, 0.99, 1e-8
+    rng = np.random.default_rng(9)
+    for momentum, wd in [(0.0, 0.0), (0.9, 1e-3)]:
+        for n in SIZES:
+            p, g, buf = (rng.standard_normal(n).astype(dtype) for _ in range(3))
+            sq = rng.random(n).astype(dtype)
+            want = [p.copy(), sq.copy(), buf.copy()]
+            REFERENCE.rmsprop_update(want[0], g, want[1], want[2], np.empty_like(p), lr, alpha, eps, momentum, wd)
+            args = (p, g, sq, buf, np.int64(n), lr, alpha, eps, momentum, wd, np.zeros(4))
+            check_update(kernel, args, [0, 2, 3] if momentum else [0, 2], want if momentum else want[:2], gate=10)
+
+
+def check_sumsq_partial(kernel, dtype):
+    acc = np.float64 if dtype == np.float64 else np.float32
+    rng = np.random.default_rng(8)
+    for n in SIZES:
+        x = rng.standard_normal(n).astype(dtype)
+        for grid, block in [(1, 32), (7, 128), (19, 256)]:
+            (partial,) = launch(kernel, grid, block, (x, np.int64(n), poisoned(grid, acc)), [2])
+            owner = (np.arange(n) // block) % grid  # the block whose grid-stride loop reads element i
+            want = np.bincount(owner, weights=x.astype(np.float64) ** 2, minlength=grid)
+            assert_close(partial, want, dtype, **tolerance(dtype))
+
+
+def check_scale(kernel, dtype):
+    rng = np.random.default_rng(9)
+    for n in SIZES:
+        x = rng.standard_normal(n).astype(dtype)
+        for grid, block in update_configs(n):
+            (out,) = launch(kernel, grid, block, (x, np.int64(n), 0.3), [0])
+            np.testing.assert_array_equal(out, x * dtype(0.3))
+
+
+def check_nonfinite_guard(kernel, dtype):
+    cases = [(1.5, 4.0, [0, 0, 0, 0]), (np.nan, 4.0, [1, 7, np.nan, 4.0]), (1.5, np.inf, [1, 7, 1.5, np.inf]),
+             (-np.inf, np.nan, [1, 7, -np.inf, np.nan])]
+    for loss, sumsq, want in cases:
+        for grid, block in [(1, 1), (2, 64)]:  # thread 0 of block 0 alone acts
+            args = (np.array([loss], dtype), np.array([sumsq], dtype), np.zeros(4), np.int64(7))
+            (guard,) = launch(kernel, grid, block, args, [2])
+            np.testing.assert_array_equal(guard, np.array(want, np.float64))
+    # a tripped guard keeps the first record
+    first = np.array([1.0, 3, np.nan, 2.0])
+    (guard,) = launch(kernel, 1, 1, (np.array([np.inf], dtype), np.array([1.0], dtype), first, np.int64(9)), [2])
+    np.testing.assert_array_equal(guard, first)
+
+
+def check_clip_by_norm(kernel, dtype):
+    rng = np.random.default_rng(11)
+    for n in SIZES:
+        x = rng.standard_normal(n).astype(dtype)
+        sumsq = np.array([float(np.sum(x.astype(np.float64) ** 2))], dtype)
+        for max_norm in (0.5, 1e9):
+            coef = max_norm / (math.sqrt(float(sumsq[0])) + 1e-6)
+            want = x * dtype(coef) if coef < 1 else x
+            for grid, block in update_configs(n):
+                (out,) = launch(kernel, grid, block, (x, np.int64(n), sumsq, max_norm, np.zeros(4)), [0])
+                np.testing.assert_array_equal(out, want)
+        (out,) = launch(kernel, 2, 64, (x, np.int64(n), sumsq, 0.5, np.ones(4)), [0])
+        np.testing.assert_array_equal(out, x)  # gate tripped: untouched
+
+
+CHECKS = {
+    "bias_act": check_bias_act, "dact_colsum": check_dact_colsum, "sum_partials": check_sum_partials,
+    "softmax_ce": check_softmax_ce, "pointwise_loss": check_pointwise_loss, "reduce_rows": check_reduce_rows,
+    "sgd": check_sgd, "adam": check_adam, "rmsprop": check_rmsprop, "sumsq_partial": check_sumsq_partial,
+    "scale": check_scale, "nonfinite_guard": check_nonfinite_guard, "clip_by_norm": check_clip_by_norm,
+}
+
+INSTANTIATIONS = [(f, name) for f in cuda_sources.FILES for name in cuda_sources.name_expressions(f)]
+
+
+@pytest.mark.parametrize("file,name", INSTANTIATIONS, ids=[n for _, n in INSTANTIATIONS])
+def test_kernel_instantiation_matches_the_numpy_reference(modules, file, name):
+    base, _, rest = name.partition("<")
+    template_args = [a.strip() for a in rest.rstrip(">").split(",")]
+    kernel = modules[file].get_function(name)
+    check = CHECKS.get(base)
+    assert check is not None, f"no emulated test for the kernel {base} (add a check_{base} here)"
+    dtype = CTYPES[template_args[0]]
+    extra = [int(a) for a in template_args[1:]]
+    check(kernel, dtype, *extra)
