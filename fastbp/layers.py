@@ -205,8 +205,9 @@ class MLP:
     def forward(self, X: Any) -> Any:
         """The network's output (logits for classification) as an array of the model's backend."""
         X = self._device_input(X)
-        outputs = [self._forward_rows(X[i:i + _INFER_CHUNK]) for i in range(0, X.shape[0], _INFER_CHUNK)]
-        return outputs[0] if len(outputs) == 1 else self.backend.xp.concatenate(outputs)
+        with self.backend.device_scope():
+            outputs = [self._forward_rows(X[i:i + _INFER_CHUNK]) for i in range(0, X.shape[0], _INFER_CHUNK)]
+            return outputs[0] if len(outputs) == 1 else self.backend.xp.concatenate(outputs)
 
     def _forward_rows(self, X: Any) -> Any:
         A = X
@@ -218,8 +219,9 @@ class MLP:
         """The mean loss on (X, y) and its gradients, in ``parameters()`` order (fresh arrays)."""
         loss = check_loss(loss)
         Xd, yd = self.prepare_batch(X, y, loss)
-        value, grads, _ = self._loss_and_grads(Xd, yd, loss)
-        return self.backend.to_float(value), [g.copy() for g in grads]
+        with self.backend.device_scope():
+            value, grads, _ = self._loss_and_grads(Xd, yd, loss)
+            return self.backend.to_float(value), [g.copy() for g in grads]
 
     def prepare_batch(self, X: Any, y: Any, loss: str) -> tuple[Any, Any]:
         """Check (X, y) for this model and ``loss``; return them as arrays of the model's backend."""

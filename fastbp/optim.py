@@ -237,8 +237,9 @@ class Optimizer:
         assert state is not None
         state.step += 1
         lr = self.schedule(state.step)
-        for i, (p, g) in enumerate(zip(params, grads)):
-            self._update(backend, i, p, g, self._work[i], lr, state, gate)
+        with backend.device_scope():
+            for i, (p, g) in enumerate(zip(params, grads)):
+                self._update(backend, i, p, g, self._work[i], lr, state, gate)
 
     def _update(self, bk: Backend, i: int, p: Any, g: Any, work: Any, lr: float, state: OptimizerState,
                 gate: Any) -> None:

@@ -109,7 +109,8 @@ class Trainer:
             raise RuntimeError("this model is being trained in another thread: a Trainer and its model serve "
                                "one thread at a time (use one model per thread)")
         try:
-            yield
+            with self.model.backend.device_scope():
+                yield
         finally:
             lock.release()
 
@@ -328,11 +329,12 @@ class Trainer:
 
     def _evaluate(self, Xd: Any, yd: Any) -> dict[str, float]:
         bk = self.model.backend
-        out = self.model.forward(Xd)
-        metrics = {"loss": bk.to_float(bk.loss_value(out, yd, self.loss))}
-        if self.loss in CLASSIFICATION_LOSSES:
-            metrics["accuracy"] = (bk.to_float(bk.correct_count(out, yd, self.loss))
-                                   / _targets_per_row(yd, self.loss) / Xd.shape[0])
+        with bk.device_scope():
+            out = self.model.forward(Xd)
+            metrics = {"loss": bk.to_float(bk.loss_value(out, yd, self.loss))}
+            if self.loss in CLASSIFICATION_LOSSES:
+                metrics["accuracy"] = (bk.to_float(bk.correct_count(out, yd, self.loss))
+                                       / _targets_per_row(yd, self.loss) / Xd.shape[0])
         return metrics
 
     def predict(self, X: Any) -> np.ndarray:
@@ -340,12 +342,13 @@ class Trainer:
         binary_cross_entropy, the outputs for mse."""
         X = check_features(X, self.model.sizes[0])
         bk = self.model.backend
-        out = self.model.forward(X)
-        if self.loss == "cross_entropy":
-            return bk.to_numpy(bk.xp.argmax(out, axis=1))
-        if self.loss == "binary_cross_entropy":
-            return bk.to_numpy(out > 0).astype(np.int64)
-        return bk.to_numpy(out)
+        with bk.device_scope():
+            out = self.model.forward(X)
+            if self.loss == "cross_entropy":
+                return bk.to_numpy(bk.xp.argmax(out, axis=1))
+            if self.loss == "binary_cross_entropy":
+                return bk.to_numpy(out > 0).astype(np.int64)
+            return bk.to_numpy(out)
 
 
 def _targets_per_row(yd: Any, loss: str) -> int:

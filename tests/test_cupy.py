@@ -163,3 +163,87 @@ def test_a_diverging_step_on_the_gpu_leaves_the_state_before_it(gpu, monkeypatch
     got, want = trainer.optimizer.state_dict(), ref_trainer.optimizer.state_dict()
     for key in want:
         np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
+
+
+# ---------------------------------------------------------------------------------------- found by the emulator
+def _second_device_or_skip(gpu):
+    count = gpu.xp.cuda.runtime.getDeviceCount()
+    if count < 2:
+        pytest.skip(f"one CUDA device here ({count}); the emulated CuPy has two")
+    return resolve_backend(f"{gpu.name}:1")
+
+
+def test_a_second_device_runs_the_whole_step_on_it(gpu):
+    """Every array operation of fit, step, evaluate, predict, loss_and_grads and Optimizer.step runs with
+    the backend's device current (the emulated CuPy refuses an array used from another device)."""
+    other = _second_device_or_skip(gpu)
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((200, 12)), rng.integers(0, 3, 200)
+    results = []
+    for backend in (gpu, other):
+        model = fb.MLP([12, 16, 3], seed=0, backend=backend)
+        trainer = fb.Trainer(model, optimizer=fb.optim.Adam(1e-2), batch_size=50, clip_norm=1.0)
+        trainer.fit(X, y, epochs=2, progress="none", validation_data=(X[:50], y[:50]))
+        trainer.step(X[:10], y[:10])
+        loss, grads = model.loss_and_grads(X[:20], y[:20])
+        fb.optim.SGD(0.1).step(model.parameters(), grads, backend)
+        results.append((trainer.evaluate(X, y), trainer.predict(X[:20]), loss, model.get_weights()))
+    assert results[0][0] == results[1][0] and results[0][2] == results[1][2]
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    for a, b in zip(results[0][3], results[1][3]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_out_of_memory_while_converting_a_device_array_says_what_was_asked(gpu, monkeypatch):
+    if gpu.name == "cupy":
+        pytest.skip("needs the emulated device's adjustable memory size")
+    from fastbp.testing import fake_cupy
+
+    x = gpu.asarray(np.ones((1000, 1000)), np.float32)
+    monkeypatch.setattr(fake_cupy.settings, "memory_bytes", gpu.memory_in_use() + 2**20)
+    with pytest.raises(MemoryError, match=r"asked for 7.6 MiB"):
+        gpu.asarray(x, np.float64)  # a device array: its size from its shape, not np.asarray
+
+
+def test_labels_and_targets_of_any_dtype_reach_the_loss_kernels_as_they_read_them(gpu):
+    rng = np.random.default_rng(2)
+    Z = rng.standard_normal((6, 4))
+    cases = [("cross_entropy", rng.integers(0, 4, 6).astype(np.int32)),
+             ("cross_entropy", rng.dirichlet(np.ones(4), 6).astype(np.float32)),
+             ("binary_cross_entropy", rng.integers(0, 2, (6, 4)).astype(np.int64)),
+             ("mse", rng.standard_normal((6, 4)).astype(np.float32))]
+    ref = resolve_backend("numpy")
+    for loss, y in cases:
+        value, delta = gpu.output_delta(gpu.asarray(Z, np.float64), gpu.asarray(y), loss)
+        want_value, want_delta = ref.output_delta(Z, y.astype(np.int64 if y.ndim == 1 else np.float64), loss)
+        assert_close(gpu.to_float(value), want_value, "float64", err_msg=f"{loss} {y.dtype}")
+        assert_close(gpu.to_numpy(delta), want_delta, "float64")
+
+
+def test_updates_through_non_contiguous_parameters_are_not_lost(gpu):
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal((6, 4))
+    g = rng.standard_normal((4, 6))
+    for make in (lambda: fb.optim.SGD(0.1, momentum=0.9), lambda: fb.optim.Adam(1e-2), lambda: fb.optim.RMSProp(1e-2)):
+        Wd = gpu.asarray(W.copy(), np.float64)
+        make().step([Wd.T], [gpu.asarray(g, np.float64)], gpu)  # Wd.T is not C-contiguous: a reshape would copy
+        P = W.T.copy()  # the same update on a contiguous parameter, on the reference backend
+        make().step([P], [g], resolve_backend("numpy"))
+        assert not np.array_equal(gpu.to_numpy(Wd), W)
+        assert_close(gpu.to_numpy(Wd).T, P, "float64")
+
+
+def test_kernel_launches_refuse_arrays_they_would_misread(gpu):
+    ok = gpu.asarray(np.ones(8), np.float32)
+    labels32 = gpu.asarray(np.zeros(4, np.int32))
+    strided = gpu.asarray(np.ones(16), np.float32)[::2]
+    args = (ok, np.int64(8), 2.0)
+    gpu._launch("optim.cu", "scale<{T}>", np.float32, (1,), (32,), args)
+    np.testing.assert_array_equal(gpu.to_numpy(ok), np.full(8, 2.0))
+    with pytest.raises(ValueError, match="argument 0 is not C-contiguous"):
+        gpu._launch("optim.cu", "scale<{T}>", np.float32, (1,), (32,), (strided, np.int64(8), 2.0))
+    with pytest.raises(ValueError, match="argument 1 is int32; integer arrays must be int64"):
+        gpu._launch("loss.cu", "softmax_ce<{T}>", np.float32, (1,), (32,),
+                    (ok, labels32, ok, ok, ok, np.int32(1), np.int32(1), np.int32(0)))
+    with pytest.raises(TypeError, match="host"):
+        gpu._launch("optim.cu", "scale<{T}>", np.float32, (1,), (32,), (np.ones(8, np.float32), np.int64(8), 2.0))

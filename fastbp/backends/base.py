@@ -9,6 +9,7 @@ so a training step allocates nothing large; called without them, an op allocates
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -47,6 +48,12 @@ class Backend:
 
     def synchronize(self) -> None:
         """Wait for queued work to finish (a no-op on synchronous CPU backends)."""
+
+    def device_scope(self) -> contextlib.AbstractContextManager[Any]:
+        """A context inside which every array operation runs on this backend's device: a GPU backend makes
+        its device current, CPU backends do nothing. The Trainer, MLP and Optimizer enter it once per public
+        call, so the arithmetic they do between backend ops (metrics, views, sums) stays on the device."""
+        return contextlib.nullcontext()
 
     def is_array(self, x: Any) -> bool:
         """Whether ``x`` is an array of this backend."""

@@ -13,6 +13,7 @@ workspace, and the few temporaries (reduction partials) are reused blocks of CuP
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import math
@@ -77,6 +78,31 @@ class CupyBackend(Backend):
             kernel = self._kernels[(file, name)] = module.get_function(name)
         return kernel
 
+    def _launch(self, file: str, template: str, dtype: Any, grid: tuple, block: tuple, args: tuple,
+                act: int = 0) -> None:
+        """Launch kernel ``template`` of ``file`` (see ``_kernel``). This is where arrays become raw pointers,
+        so it checks them: each must be a CuPy array on this backend's device and C-contiguous (the kernels
+        index flat memory), and an integer array int64 (the only integer pointer the kernels take).
+        Anything else is refused with a message naming the kernel and the argument instead of being handed
+        over to be misread (CuPy would pass the pointer as it is). The ops convert what they read before
+        they get here."""
+        kernel = self._kernel(file, template, dtype, act)
+        for i, a in enumerate(args):
+            if isinstance(a, np.ndarray):
+                raise TypeError(f"{template} argument {i}: a host (NumPy) array; kernels take device arrays")
+            if not isinstance(a, self.xp.ndarray):
+                continue
+            if a.device.id != self.device_id:
+                problem = f"is on device {a.device.id}, not this backend's device {self.device_id}"
+            elif not a.flags.c_contiguous:
+                problem = f"is not C-contiguous (strides {a.strides})"
+            elif a.dtype.kind in "iub" and a.dtype != np.int64:
+                problem = f"is {a.dtype}; integer arrays must be int64"
+            else:
+                continue
+            raise ValueError(f"{template} argument {i} {problem}")
+        kernel(grid, block, args)
+
     def _grid(self, total: int) -> int:
         return max(1, min((total + _THREADS - 1) // _THREADS, self._sm_count * 32))
 
@@ -89,7 +115,11 @@ class CupyBackend(Backend):
         try:
             return self.xp.ascontiguousarray(self.xp.asarray(x, dtype=dtype))
         except self.xp.cuda.memory.OutOfMemoryError as exc:
-            raise self._oom(np.asarray(x).size * np.dtype(dtype or np.asarray(x).dtype).itemsize) from exc
+            # x may be a device array: its size and dtype, never np.asarray(x) (which CuPy refuses)
+            host = None if hasattr(x, "shape") else np.asarray(x)
+            shape = x.shape if host is None else host.shape
+            itemsize = np.dtype(dtype if dtype is not None else (x if host is None else host).dtype).itemsize
+            raise self._oom(math.prod(shape) * itemsize) from exc
 
     def to_numpy(self, x: Any) -> np.ndarray:
         return self.xp.asnumpy(x)
@@ -114,6 +144,9 @@ class CupyBackend(Backend):
         return MemoryError(f"out of GPU memory on device {self.device_id}: asked for {nbytes / 2**20:.1f} MiB, "
                            f"{free / 2**20:.1f} MiB free of {total / 2**20:.1f} MiB (the fastbp pool holds "
                            f"{pool.total_bytes() / 2**20:.1f} MiB); use a smaller batch or model")
+
+    def device_scope(self) -> Any:
+        return self.device
 
     @_on_device
     def synchronize(self) -> None:
@@ -149,8 +182,9 @@ class CupyBackend(Backend):
         Z = self.xp.matmul(X, W, out=Z_out)
         A = Z if act.saves == "A" else (A_out if A_out is not None else self.xp.empty_like(Z))
         total = Z.size
-        self._kernel("dense.cu", "bias_act<{T}, {ACT}>", Z.dtype, CODES[activation])(
-            (self._grid(total),), (_THREADS,), (Z, b, A, np.int64(total), np.int32(Z.shape[1])))
+        b = self.xp.ascontiguousarray(b, dtype=Z.dtype)
+        self._launch("dense.cu", "bias_act<{T}, {ACT}>", Z.dtype, (self._grid(total),), (_THREADS,),
+                     (Z, b, A, np.int64(total), np.int32(Z.shape[1])), act=CODES[activation])
         return A, Z
 
     def _dact_colsum(self, delta, S, code, db):
@@ -161,11 +195,11 @@ class CupyBackend(Backend):
         rows_per_slab = (rows + slabs - 1) // slabs
         slabs = (rows + rows_per_slab - 1) // rows_per_slab
         partial = self.xp.empty((slabs, n), self._acc_dtype(delta.dtype))
-        self._kernel("dense.cu", "dact_colsum<{T}, {ACT}>", delta.dtype, code)(
-            (col_tiles, slabs), (32, 8),
-            (delta, S if S is not None else delta, partial, np.int32(rows), np.int32(n), np.int32(rows_per_slab)))
-        self._kernel("dense.cu", "sum_partials<{T}>", delta.dtype)(
-            (self._grid(n),), (_THREADS,), (partial, db, np.int32(slabs), np.int32(n)))
+        S = delta if S is None else self.xp.ascontiguousarray(S, dtype=delta.dtype)
+        self._launch("dense.cu", "dact_colsum<{T}, {ACT}>", delta.dtype, (col_tiles, slabs), (32, 8),
+                     (delta, S, partial, np.int32(rows), np.int32(n), np.int32(rows_per_slab)), act=code)
+        self._launch("dense.cu", "sum_partials<{T}>", delta.dtype, (self._grid(n),), (_THREADS,),
+                     (partial, db, np.int32(slabs), np.int32(n)))
 
     @_on_device
     def dense_grads(self, delta, A_prev, dW_out=None, db_out=None):
@@ -196,27 +230,51 @@ class CupyBackend(Backend):
         blocks = (rows * 32 + _THREADS - 1) // _THREADS
         if loss == "cross_entropy":
             soft = y.ndim == 2
-            labels = y if not soft else xp.empty(0, np.int64)
-            targets = y if soft else Z_L  # unused when labels are given
-            self._kernel("loss.cu", "softmax_ce<{T}>", Z_L.dtype)(
-                (blocks,), (_THREADS,), (Z_L, labels, targets, delta, row_loss, np.int32(rows), np.int32(C),
-                                         np.int32(soft)))
+            # the kernel reads labels as long long and target rows as T: convert whatever came
+            labels = xp.ascontiguousarray(y, dtype=np.int64) if not soft else xp.empty(0, np.int64)
+            targets = xp.ascontiguousarray(y, dtype=Z_L.dtype) if soft else Z_L  # unused with labels
+            self._launch("loss.cu", "softmax_ce<{T}>", Z_L.dtype, (blocks,), (_THREADS,),
+                         (Z_L, labels, targets, delta, row_loss, np.int32(rows), np.int32(C), np.int32(soft)))
             scale = 1.0 / rows
         elif loss in ("binary_cross_entropy", "mse"):
             variant = 0 if loss == "binary_cross_entropy" else 1
-            self._kernel("loss.cu", "pointwise_loss<{T}, {ACT}>", Z_L.dtype, variant)(
-                (blocks,), (_THREADS,), (Z_L, y, delta, row_loss, np.int32(rows), np.int32(C)))
+            targets = xp.ascontiguousarray(y, dtype=Z_L.dtype)
+            self._launch("loss.cu", "pointwise_loss<{T}, {ACT}>", Z_L.dtype, (blocks,), (_THREADS,),
+                         (Z_L, targets, delta, row_loss, np.int32(rows), np.int32(C)), act=variant)
             scale = 1.0 / (rows * C)
         else:
             raise ValueError(f"unknown loss {loss!r}")
         value = xp.empty((), acc)
-        self._kernel("loss.cu", "reduce_rows<{T}>", acc)(
-            (1,), (1024,), (row_loss, np.int64(rows), acc(scale), value))
+        self._launch("loss.cu", "reduce_rows<{T}>", acc, (1,), (1024,), (row_loss, np.int64(rows), acc(scale), value))
         return value, delta
 
     # ------------------------------------------------------------------ optimizers (one pass each)
-    def _flat(self, *arrays):
-        return [a.reshape(-1) if a is not None else None for a in arrays]
+    @contextlib.contextmanager
+    def _in_place(self, dtype: Any, *arrays: Any) -> Any:
+        """Flat C-contiguous views of arrays that a kernel updates in place (None stays None). One that is
+        not contiguous is updated through a contiguous copy written back at the end, as the NumPy
+        reference would update it (a reshape would copy it and lose the update); each must have ``dtype``."""
+        flats: list[Any] = []
+        back: list[tuple[Any, Any]] = []
+        for a in arrays:
+            if a is None:
+                flats.append(None)
+                continue
+            if a.dtype != dtype:
+                raise TypeError(f"arrays updated in place must be {np.dtype(dtype)} like the parameter, got {a.dtype}")
+            if a.flags.c_contiguous:
+                flats.append(a.reshape(-1))
+            else:
+                copy = self.xp.ascontiguousarray(a)
+                flats.append(copy.reshape(-1))
+                back.append((a, copy))
+        yield flats
+        for a, copy in back:
+            a[...] = copy
+
+    def _flat_in(self, x: Any, dtype: Any) -> Any:
+        """An array a kernel reads, flat, C-contiguous and in ``dtype`` (a copy only where needed)."""
+        return self.xp.ascontiguousarray(x, dtype=dtype).reshape(-1)
 
     def _gate(self, gate):
         """The guard the update kernels read (an untripped one for an ungated update)."""
@@ -228,65 +286,64 @@ class CupyBackend(Backend):
 
     @_on_device
     def sgd_update(self, p, g, buf, work, lr, momentum, dampening, nesterov, weight_decay, first, gate=None):
-        p, g, buf = self._flat(p, g, buf)
-        buf = buf if buf is not None else p  # unused without momentum
-        self._kernel("optim.cu", "sgd<{T}>", p.dtype)(
-            (self._grid(p.size),), (_THREADS,),
-            (p, g, buf, np.int64(p.size), np.float64(lr), np.float64(momentum), np.float64(dampening),
-             np.int32(nesterov), np.float64(weight_decay), np.int32(first), self._gate(gate)))
+        g = self._flat_in(g, p.dtype)
+        with self._in_place(p.dtype, p, buf) as (p, buf):
+            buf = buf if buf is not None else p  # unused without momentum
+            self._launch("optim.cu", "sgd<{T}>", p.dtype, (self._grid(p.size),), (_THREADS,),
+                         (p, g, buf, np.int64(p.size), np.float64(lr), np.float64(momentum), np.float64(dampening),
+                          np.int32(nesterov), np.float64(weight_decay), np.int32(first), self._gate(gate)))
 
     @_on_device
     def adam_update(self, p, g, m, v, work, lr, beta1, beta2, eps, step, weight_decay, decoupled, gate=None):
-        p, g, m, v = self._flat(p, g, m, v)
-        self._kernel("optim.cu", "adam<{T}>", p.dtype)(
-            (self._grid(p.size),), (_THREADS,),
-            (p, g, m, v, np.int64(p.size), np.float64(lr), np.float64(beta1), np.float64(beta2), np.float64(eps),
-             np.float64(1 - beta1**step), np.float64(math.sqrt(1 - beta2**step)), np.float64(weight_decay),
-             np.int32(decoupled), self._gate(gate)))
+        g = self._flat_in(g, p.dtype)
+        with self._in_place(p.dtype, p, m, v) as (p, m, v):
+            self._launch("optim.cu", "adam<{T}>", p.dtype, (self._grid(p.size),), (_THREADS,),
+                         (p, g, m, v, np.int64(p.size), np.float64(lr), np.float64(beta1), np.float64(beta2),
+                          np.float64(eps), np.float64(1 - beta1**step), np.float64(math.sqrt(1 - beta2**step)),
+                          np.float64(weight_decay), np.int32(decoupled), self._gate(gate)))
 
     @_on_device
     def rmsprop_update(self, p, g, sq, buf, work, lr, alpha, eps, momentum, weight_decay, gate=None):
-        p, g, sq, buf = self._flat(p, g, sq, buf)
-        buf = buf if buf is not None else p  # unused without momentum
-        self._kernel("optim.cu", "rmsprop<{T}>", p.dtype)(
-            (self._grid(p.size),), (_THREADS,),
-            (p, g, sq, buf, np.int64(p.size), np.float64(lr), np.float64(alpha), np.float64(eps),
-             np.float64(momentum), np.float64(weight_decay), self._gate(gate)))
+        g = self._flat_in(g, p.dtype)
+        with self._in_place(p.dtype, p, sq, buf) as (p, sq, buf):
+            buf = buf if buf is not None else p  # unused without momentum
+            self._launch("optim.cu", "rmsprop<{T}>", p.dtype, (self._grid(p.size),), (_THREADS,),
+                         (p, g, sq, buf, np.int64(p.size), np.float64(lr), np.float64(alpha), np.float64(eps),
+                          np.float64(momentum), np.float64(weight_decay), self._gate(gate)))
 
     # ------------------------------------------------------------------ the deferred non-finite check
     deferred_checks = True  # a host read per step would stall the GPU's queue every step
 
     @_on_device
     def nonfinite_guard(self, value, sumsq, guard, step):
-        self._kernel("optim.cu", "nonfinite_guard<{T}>", value.dtype)(
-            (1,), (1,), (value, sumsq.astype(value.dtype, copy=False), guard, np.int64(step)))
+        self._launch("optim.cu", "nonfinite_guard<{T}>", value.dtype, (1,), (1,),
+                     (value, sumsq.astype(value.dtype, copy=False), guard, np.int64(step)))
 
     @_on_device
     def clip_by_norm(self, grad, sumsq, max_norm, gate=None):
-        x = grad.reshape(-1)
-        self._kernel("optim.cu", "clip_by_norm<{T}>", x.dtype)(
-            (self._grid(x.size),), (_THREADS,),
-            (x, np.int64(x.size), sumsq.astype(x.dtype, copy=False), np.float64(max_norm), self._gate(gate)))
+        with self._in_place(grad.dtype, grad) as (x,):
+            self._launch("optim.cu", "clip_by_norm<{T}>", x.dtype, (self._grid(x.size),), (_THREADS,),
+                         (x, np.int64(x.size), sumsq.astype(x.dtype, copy=False), np.float64(max_norm),
+                          self._gate(gate)))
 
     @_on_device
     def sum_of_squares(self, x):
-        x = x.reshape(-1)
+        x = self._flat_in(x, x.dtype)
         acc = self._acc_dtype(x.dtype)
         # A fixed function of the size (up to 256 blocks of at least 4 elements a thread), so the summation
         # order, and the bits, are the same at every step.
         blocks = max(1, min(256, -(-x.size // (4 * _THREADS))))
         partial = self.xp.empty(blocks, acc)
-        self._kernel("optim.cu", "sumsq_partial<{T}>", x.dtype)(
-            (blocks,), (_THREADS,), (x, np.int64(x.size), partial))
+        self._launch("optim.cu", "sumsq_partial<{T}>", x.dtype, (blocks,), (_THREADS,), (x, np.int64(x.size), partial))
         out = self.xp.empty((), acc)
-        self._kernel("loss.cu", "reduce_rows<{T}>", acc)((1,), (1024,), (partial, np.int64(blocks), acc(1.0), out))
+        self._launch("loss.cu", "reduce_rows<{T}>", acc, (1,), (1024,), (partial, np.int64(blocks), acc(1.0), out))
         return out
 
     @_on_device
     def scale(self, x, alpha):
-        x = x.reshape(-1)
-        self._kernel("optim.cu", "scale<{T}>", x.dtype)(
-            (self._grid(x.size),), (_THREADS,), (x, np.int64(x.size), np.float64(alpha)))
+        with self._in_place(x.dtype, x) as (flat,):
+            self._launch("optim.cu", "scale<{T}>", flat.dtype, (self._grid(flat.size),), (_THREADS,),
+                         (flat, np.int64(flat.size), np.float64(alpha)))
 
     def warmup(self, dtypes: Any = ("float32", "float64"), activations: Any = None) -> float:
         """Compile (or load from CuPy's disk cache) the kernel modules; returns seconds."""

@@ -322,14 +322,13 @@ class ndarray:  # noqa: N801 - CuPy's name
 
     # -- host reads
     def get(self, stream: Any = None, order: str = "C", out: Any = None) -> np.ndarray:
-        _check_device(self._device)
+        # CuPy copies from the array's own device, whichever is current
         stats.device_to_host += 1
         return np.array(self._a, order=order, copy=True)  # type: ignore[call-overload]
 
     def _scalar(self) -> Any:
         if self.size != 1:
             raise ValueError("only size-1 arrays can be converted to Python scalars")
-        _check_device(self._device)
         stats.device_to_host += 1
         return self._a.reshape(()).item()
 
