@@ -13,6 +13,26 @@ from ..activations import CODES
 DTYPES = {"float32": "float", "float64": "double"}
 _ACTS = sorted(CODES.values())
 
+#: Threads per block of the cupy backend's launches: the grid-stride kernels and the warp-per-row loss
+#: kernels. sumsq_partial's shared array is this size.
+THREADS = 256
+#: reduce_rows runs as one block of this many threads (block_sum needs a power of two up to 1024).
+REDUCE_THREADS = 1024
+#: dact_colsum's block: 32 columns by 8 row lanes (its shared tile is [8][33]).
+COLSUM_BLOCK = (32, 8)
+
+
+def launch_threads(name_expression: str) -> int:
+    """The most threads per block the cupy backend launches this kernel instantiation with."""
+    base = name_expression.split("<")[0]
+    if base == "reduce_rows":
+        return REDUCE_THREADS
+    if base == "nonfinite_guard":
+        return 1
+    if base == "dact_colsum":
+        return COLSUM_BLOCK[0] * COLSUM_BLOCK[1]
+    return THREADS
+
 
 def kernel_dir() -> Path:
     """The folder holding the .cu files: ``fastbp/kernels`` in an installed wheel, ``kernels/`` at the

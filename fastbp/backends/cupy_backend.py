@@ -24,9 +24,9 @@ import numpy as np
 from ..activations import ACTIVATIONS, CODES
 from . import BackendUnavailable
 from .base import Backend
-from .cuda_sources import DTYPES, kernel_dir, name_expressions
+from .cuda_sources import COLSUM_BLOCK, DTYPES, REDUCE_THREADS, THREADS, kernel_dir, name_expressions
 
-_THREADS = 256
+_THREADS = THREADS
 
 
 def _on_device(method):
@@ -196,7 +196,7 @@ class CupyBackend(Backend):
         slabs = (rows + rows_per_slab - 1) // rows_per_slab
         partial = self.xp.empty((slabs, n), self._acc_dtype(delta.dtype))
         S = delta if S is None else self.xp.ascontiguousarray(S, dtype=delta.dtype)
-        self._launch("dense.cu", "dact_colsum<{T}, {ACT}>", delta.dtype, (col_tiles, slabs), (32, 8),
+        self._launch("dense.cu", "dact_colsum<{T}, {ACT}>", delta.dtype, (col_tiles, slabs), COLSUM_BLOCK,
                      (delta, S, partial, np.int32(rows), np.int32(n), np.int32(rows_per_slab)), act=code)
         self._launch("dense.cu", "sum_partials<{T}>", delta.dtype, (self._grid(n),), (_THREADS,),
                      (partial, db, np.int32(slabs), np.int32(n)))
@@ -245,7 +245,8 @@ class CupyBackend(Backend):
         else:
             raise ValueError(f"unknown loss {loss!r}")
         value = xp.empty((), acc)
-        self._launch("loss.cu", "reduce_rows<{T}>", acc, (1,), (1024,), (row_loss, np.int64(rows), acc(scale), value))
+        self._launch("loss.cu", "reduce_rows<{T}>", acc, (1,), (REDUCE_THREADS,),
+                     (row_loss, np.int64(rows), acc(scale), value))
         return value, delta
 
     # ------------------------------------------------------------------ optimizers (one pass each)
@@ -336,7 +337,8 @@ class CupyBackend(Backend):
         partial = self.xp.empty(blocks, acc)
         self._launch("optim.cu", "sumsq_partial<{T}>", x.dtype, (blocks,), (_THREADS,), (x, np.int64(x.size), partial))
         out = self.xp.empty((), acc)
-        self._launch("loss.cu", "reduce_rows<{T}>", acc, (1,), (1024,), (partial, np.int64(blocks), acc(1.0), out))
+        self._launch("loss.cu", "reduce_rows<{T}>", acc, (1,), (REDUCE_THREADS,),
+                     (partial, np.int64(blocks), acc(1.0), out))
         return out
 
     @_on_device
