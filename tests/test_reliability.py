@@ -6,7 +6,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from conftest import assert_close
+from conftest import BACKENDS, assert_close
 
 import fastbp as fb
 from fastbp import datasets, optim
@@ -282,10 +282,10 @@ def test_ctrl_c_ends_fit_cleanly_with_a_checkpoint(backend, data, tmp_path, monk
 
 
 # ---------------------------------------------------------------------------------------- memory
+# Host memory of the CPU backends; device memory is checked through the memory pool in tests/test_cupy.py.
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if not b.startswith("cupy")], indirect=True)
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_steady_state_training_allocates_nothing_new(backend, opt):
-    if backend.name.startswith("cupy"):
-        pytest.skip("device memory: tests/test_cupy.py checks it through the memory pool")
     rng = np.random.default_rng(0)
     model = fb.MLP([30, 64, 32, 5], seed=0, backend=backend)
     trainer = fb.Trainer(model, optimizer=optim.SGD(0.01, momentum=0.9) if opt == "sgd" else optim.Adam())

@@ -500,3 +500,27 @@ def compile_file(path: str | os.PathLike, name_expressions: Iterable[str],
     """``compile_module`` for a file on disk."""
     path = Path(path).resolve()
     return compile_module(path.read_text(), name_expressions, str(path), include_dirs, sanitize)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fastbp.testing.cuda_emulator --sanitizer-env``: shell exports for a sanitized run."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fastbp.testing.cuda_emulator", description=__doc__.split("\n")[0])
+    parser.add_argument("--sanitizer-env", action="store_true",
+                        help="print the exports that make kernel libraries build and load with ASan and UBSan")
+    args = parser.parse_args(argv)
+    if args.sanitizer_env:
+        for key, value in sanitizer_env().items():
+            print(f"export {key}='{value}'")
+        return 0
+    path, version = compiler()
+    print(f"CUDA emulator {EMULATOR_VERSION}: {path} ({version}); cache {cache_dir()}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
+
