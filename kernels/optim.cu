@@ -5,7 +5,8 @@
 // The updates compute in T with the NumPy reference's operations in its order (fastbp/backends/base.py):
 // each constant (1 - beta1, lr / bias1, ...) is computed in double on the host or here and rounded to T
 // once, as NumPy rounds a Python float, and every operation is an IEEE round-to-nearest one (*_rn, never
-// fused), so the results equal the reference's bit for bit.
+// fused), so the results equal the reference's bit for bit. A constant with a product in it is computed on
+// the host: nvcc would fuse it here.
 //
 // gate points at a guard of nonfinite_guard below: when it is tripped (gate[0] != 0), the update does
 // nothing. The Trainer thus keeps a non-finite step out of the parameters without reading anything back
@@ -40,23 +41,24 @@ __global__ void sgd(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ 
     }
 }
 
+// shrink = 1 - lr * wd (AdamW's decay factor) comes from the host: computed here, nvcc would contract it into
+// one FMA and round it differently from the reference for some (lr, wd) pairs.
 template <typename T>
 __global__ void adam(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v, long long n,
                      double lr, double beta1, double beta2, double eps, double bias1, double bias2_sqrt, double wd,
-                     int decoupled, const double* __restrict__ gate) {
+                     double shrink, int decoupled, const double* __restrict__ gate) {
     if (gate[0] != 0.0) {
         return;
     }
     const T b1 = static_cast<T>(beta1), omb1 = static_cast<T>(1.0 - beta1), b2 = static_cast<T>(beta2),
             omb2 = static_cast<T>(1.0 - beta2), bias2 = static_cast<T>(bias2_sqrt), eps_ = static_cast<T>(eps),
-            step_size = static_cast<T>(lr / bias1), shrink = static_cast<T>(1.0 - lr * wd),
-            wd_ = static_cast<T>(wd);
+            step_size = static_cast<T>(lr / bias1), shrink_ = static_cast<T>(shrink), wd_ = static_cast<T>(wd);
     for (long long i = global_index(); i < n; i += grid_stride()) {
         T pi = p[i];
         T d = g[i];
         if (wd != 0.0) {
             if (decoupled) {
-                pi = mul_rn(pi, shrink);
+                pi = mul_rn(pi, shrink_);
             } else {
                 d = add_rn(mul_rn(pi, wd_), d);
             }

@@ -225,9 +225,9 @@ def check_adam(kernel, dtype):
             want = [p.copy(), m.copy(), v.copy()]
             REFERENCE.adam_update(want[0], g, want[1], want[2], np.empty_like(p), lr, b1, b2, eps, step, wd,
                                   bool(decoupled))
-            args = (p, g, m, v, np.int64(n), lr, b1, b2, eps, 1 - b1**step, math.sqrt(1 - b2**step), wd,
+            args = (p, g, m, v, np.int64(n), lr, b1, b2, eps, 1 - b1**step, math.sqrt(1 - b2**step), wd, 1 - lr * wd,
                     np.int32(decoupled), np.zeros(4))
-            check_update(kernel, args, [0, 2, 3], want, gate=13)
+            check_update(kernel, args, [0, 2, 3], want, gate=14)
 
 
 def check_rmsprop(kernel, dtype):

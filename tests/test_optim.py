@@ -126,6 +126,56 @@ def test_updates_equal_the_numpy_reference_bit_for_bit(backend, dtype, name, mak
     assert not np.array_equal(results[0], p0)
 
 
+def _random_optimizers(rng, count):
+    """Optimizers with random hyperparameters: round values can hide a constant computed another way (an
+    FMA-contracted ``1 - lr * wd`` rounds as the reference's two operations for most pairs, not all)."""
+    def log_uniform(low, high):
+        return float(np.exp(rng.uniform(np.log(low), np.log(high))))
+
+    made = []
+    for _ in range(count):
+        lr, wd = log_uniform(1e-4, 0.3), log_uniform(1e-4, 0.3)
+        made += [optim.AdamW(lr=lr, weight_decay=wd, betas=(rng.uniform(0.5, 0.99), rng.uniform(0.9, 0.9999))),
+                 optim.Adam(lr=lr, weight_decay=wd),
+                 optim.SGD(lr=lr, momentum=rng.uniform(0.1, 0.99), dampening=rng.uniform(0, 0.5), weight_decay=wd),
+                 optim.RMSProp(lr=lr, alpha=rng.uniform(0.5, 0.999), momentum=rng.uniform(0, 0.9), weight_decay=wd)]
+    return made
+
+
+def _fma_sensitive_pairs(rng, count):
+    """(lr, wd) pairs for which 1 - lr * wd rounded once (a fused multiply-add) differs from the reference's
+    two roundings (the product, then the difference): exact rational arithmetic tells them apart."""
+    from fractions import Fraction
+
+    pairs = []
+    while len(pairs) < count:
+        lr, wd = (float(np.exp(rng.uniform(np.log(1e-4), np.log(0.3)))) for _ in range(2))
+        if float(1 - Fraction(lr) * Fraction(wd)) != 1 - lr * wd:
+            pairs.append((lr, wd))
+    return pairs
+
+
+def test_updates_equal_the_reference_bit_for_bit_with_random_hyperparameters(backend, dtype):
+    if backend.name == "numpy":
+        pytest.skip("the NumPy backend is the reference")
+    rng = np.random.default_rng(11)
+    p0 = rng.standard_normal(7).astype(dtype)
+    grads = [rng.standard_normal(7).astype(dtype) for _ in range(2)]
+    ref = fb.backends.resolve_backend("numpy")
+    mismatched = []
+    sensitive = [optim.AdamW(lr=lr, weight_decay=wd) for lr, wd in _fma_sensitive_pairs(rng, 40)]
+    for opt in _random_optimizers(rng, 100) + sensitive:
+        results = []
+        for bk, o in ((backend, opt), (ref, type(opt)(**opt.hyperparameters(), lr=opt.lr))):
+            p = bk.asarray(p0.copy())
+            for g in grads:
+                o.step([p], [bk.asarray(g)], bk)
+            results.append(bk.to_numpy(p))
+        if not np.array_equal(results[0], results[1]):
+            mismatched.append(repr(opt))
+    assert not mismatched, f"{len(mismatched)} settings differ from the reference, e.g. {mismatched[:3]}"
+
+
 TORCH_CASES = [
     ("sgd_nesterov", lambda: optim.SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
      lambda t, ps: t.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),

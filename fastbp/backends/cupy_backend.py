@@ -301,7 +301,8 @@ class CupyBackend(Backend):
             self._launch("optim.cu", "adam<{T}>", p.dtype, (self._grid(p.size),), (_THREADS,),
                          (p, g, m, v, np.int64(p.size), np.float64(lr), np.float64(beta1), np.float64(beta2),
                           np.float64(eps), np.float64(1 - beta1**step), np.float64(math.sqrt(1 - beta2**step)),
-                          np.float64(weight_decay), np.int32(decoupled), self._gate(gate)))
+                          np.float64(weight_decay), np.float64(1 - lr * weight_decay), np.int32(decoupled),
+                          self._gate(gate)))
 
     @_on_device
     def rmsprop_update(self, p, g, sq, buf, work, lr, alpha, eps, momentum, weight_decay, gate=None):
