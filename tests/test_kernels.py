@@ -69,3 +69,21 @@ def test_the_cupy_backend_only_launches_listed_kernels():
             for code in codes:
                 name = template.replace("{T}", ctype).replace("{ACT}", str(code))
                 assert (file, name) in listed, name
+
+
+def test_the_source_cupy_compiles_is_self_contained_so_header_edits_reach_its_cache(tmp_path):
+    """CuPy's disk cache keys on the source text, not on the files it includes: the backend hands it each
+    file with its headers inlined, so editing common.cuh alone changes what CuPy hashes."""
+    import shutil
+
+    folder = tmp_path / "kernels"
+    shutil.copytree(cuda_sources.kernel_dir(), folder)
+    for file in cuda_sources.FILES:
+        text = cuda_sources.source(file, folder)
+        assert '#include "' not in text and "block_sum" in text  # common.cuh is in it
+    before = cuda_sources.source("dense.cu", folder)
+    header = folder / "common.cuh"
+    header.write_text(header.read_text().replace("T(0.01) * z", "T(0.02) * z"))
+    after = cuda_sources.source("dense.cu", folder)
+    assert after != before and "T(0.02) * z" in after
+

@@ -6,6 +6,9 @@ nvcc compile check that runs on machines without a GPU.
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..activations import CODES
@@ -74,3 +77,44 @@ def instantiation_unit(file: str) -> str:
     lines += [f"    (void)&{name};" for name in name_expressions(file)]
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.M)
+_PRAGMA_ONCE = re.compile(r"^[ \t]*#[ \t]*pragma[ \t]+once[ \t]*$", re.M)
+
+
+def inline_includes(code: str, name: str, include_dirs: Sequence[str | os.PathLike] = (),
+                    _seen: set[Path] | None = None) -> str:
+    """``code`` with each ``#include "file"`` replaced by that file's text (once per file, as #pragma once
+    would), found beside the including file or in ``include_dirs``; ``#line`` marks keep every line's true
+    file and number for compiler messages. Raises FileNotFoundError for an include it cannot find."""
+    seen = set() if _seen is None else _seen
+    here = Path(name).parent if name and not name.startswith("<") else None
+    parts = [f'#line 1 "{name}"\n']
+    last = 0
+    code = _PRAGMA_ONCE.sub("", code)
+    for match in _INCLUDE.finditer(code):
+        parts.append(code[last:match.start()])
+        target = match.group(1)
+        candidates = ([here / target] if here else []) + [Path(d) / target for d in include_dirs]
+        found = next((c.resolve() for c in candidates if c.is_file()), None)
+        if found is None:
+            where = [str(c.parent) for c in candidates] or ["(no include directories)"]
+            raise FileNotFoundError(f'{name}: #include "{target}" not found in {", ".join(where)}')
+        if found not in seen:
+            seen.add(found)
+            parts.append(inline_includes(found.read_text(), str(found), include_dirs, seen))
+        parts.append(f'\n#line {code.count(chr(10), 0, match.end()) + 2} "{name}"')
+        last = match.end()
+    parts.append(code[last:])
+    return "".join(parts)
+
+
+def source(file: str, folder: Path | None = None) -> str:
+    """The self-contained source of ``file`` (its includes inlined) as CuPy compiles it: CuPy's disk cache
+    keys on the source text alone, so an edit to an included header must change that text, or CuPy would
+    go on loading binaries built from the old header."""
+    folder = kernel_dir() if folder is None else folder
+    path = (folder / file).resolve()
+    return inline_includes(path.read_text(), str(path))
+

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..activations import ACTIVATIONS, CODES
-from . import BackendUnavailable
+from . import BackendUnavailable, cuda_sources
 from .base import Backend
 from .cuda_sources import COLSUM_BLOCK, DTYPES, REDUCE_THREADS, THREADS, kernel_dir, name_expressions
 
@@ -70,9 +70,8 @@ class CupyBackend(Backend):
         kernel = self._kernels.get((file, name))
         if kernel is None:
             module = self._modules.get(file)
-            if module is None:
-                source = (kernel_dir() / file).read_text()
-                module = self.xp.RawModule(code=source, options=("--std=c++17", f"-I{kernel_dir()}"),
+            if module is None:  # one self-contained source, so CuPy's cache sees edits to included headers
+                module = self.xp.RawModule(code=cuda_sources.source(file), options=("--std=c++17",),
                                            name_expressions=name_expressions(file))
                 self._modules[file] = module
             kernel = self._kernels[(file, name)] = module.get_function(name)

@@ -153,36 +153,14 @@ def _strip_comments(text: str) -> str:
     return "".join(out)
 
 
-_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.M)
-_PRAGMA_ONCE = re.compile(r"^[ \t]*#[ \t]*pragma[ \t]+once[ \t]*$", re.M)
+def inline_includes(code: str, name: str, include_dirs: Sequence[str | os.PathLike] = ()) -> str:
+    """The source with its includes inlined (``cuda_sources.inline_includes``, the backend's own)."""
+    from ..backends.cuda_sources import inline_includes as inline
 
-
-def inline_includes(code: str, name: str, include_dirs: Sequence[str | os.PathLike] = (),
-                    _seen: set[Path] | None = None) -> str:
-    """``code`` with each ``#include "file"`` replaced by the file's text (once per file, as #pragma once
-    would), found beside the including file or in ``include_dirs``; ``#line`` marks keep every line's
-    true file and number."""
-    seen = set() if _seen is None else _seen
-    here = Path(name).parent if name and not name.startswith("<") else None
-    parts = [f'#line 1 "{name}"\n']
-    last = 0
-    code = _PRAGMA_ONCE.sub("", code)
-    for match in _INCLUDE.finditer(code):
-        parts.append(code[last:match.start()])
-        target = match.group(1)
-        candidates = ([here / target] if here else []) + [Path(d) / target for d in include_dirs]
-        found = next((c.resolve() for c in candidates if c.is_file()), None)
-        if found is None:
-            where = [str(c.parent) for c in candidates] or ["(no include directories)"]
-            raise EmulatorCompileError(f"{name}: #include \"{target}\" not found in {', '.join(where)}")
-        if found not in seen:
-            seen.add(found)
-            parts.append(inline_includes(found.read_text(), str(found), include_dirs, seen))
-        line = code.count("\n", 0, match.end()) + 2
-        parts.append(f'\n#line {line} "{name}"')
-        last = match.end()
-    parts.append(code[last:])
-    return "".join(parts)
+    try:
+        return inline(code, name, include_dirs)
+    except FileNotFoundError as exc:
+        raise EmulatorCompileError(str(exc)) from exc
 
 
 _SHARED = re.compile(r"(\bextern\s+)?\b__shared__\b([^;{}]*);")

@@ -638,9 +638,8 @@ class RawModule:
         if code is None:
             raise NotImplementedError("the emulated RawModule compiles source code only")
         include_dirs = [o[2:] for o in options if o.startswith("-I")]
-        self._names = list(name_expressions or [])
-        self._module = cuda_emulator.compile_module(code, self._names, "<RawModule>", include_dirs)
-        self.options = options
+        self.code, self.options, self.name_expressions = code, options, list(name_expressions or [])
+        self._module = cuda_emulator.compile_module(code, self.name_expressions, "<RawModule>", include_dirs)
 
     def get_function(self, name: str) -> _Kernel:
         return _Kernel(self._module.get_function(name))

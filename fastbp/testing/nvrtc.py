@@ -82,8 +82,9 @@ def version() -> tuple[int, int]:
 
 
 def cupy_options(include_dirs: Sequence[str | os.PathLike], arch: str) -> list[str]:
-    """The options CuPy's RawModule hands NVRTC for fastbp's sources: the backend's own, then CuPy's
-    ``-ftz=true`` and the target architecture; plus ptxas's verbose report."""
+    """The options CuPy's RawModule hands NVRTC for fastbp's sources (self-contained: no include directory
+    is needed): the backend's own, then CuPy's ``-ftz=true`` and the target architecture; plus ptxas's
+    verbose report."""
     return ["--std=c++17", *(f"-I{d}" for d in include_dirs), "-ftz=true", f"--gpu-architecture={arch}",
             "--ptxas-options=-v"]
 
@@ -167,8 +168,8 @@ def check_all(arches: Sequence[str] = ARCHES) -> tuple[list[KernelResources], li
     resources, found = [], []
     for arch in arches:
         for file in cuda_sources.FILES:
-            for k in compile_source((folder / file).read_text(), file, cuda_sources.name_expressions(file),
-                                    [folder], arch):
+            for k in compile_source(cuda_sources.source(file, folder), file, cuda_sources.name_expressions(file),
+                                    [], arch):
                 resources.append(k)
                 threads = cuda_sources.launch_threads(k.name)
                 found += [f"{k.name} on {arch}: {p}" for p in problems(k, threads)]
@@ -189,7 +190,7 @@ def table(resources: Sequence[KernelResources]) -> str:
 def main() -> int:
     resources, found = check_all()
     major, minor = version()
-    print(f"NVRTC {major}.{minor}, options as CuPy's RawModule: {' '.join(cupy_options(['<kernels>'], 'sm_XX'))}")
+    print(f"NVRTC {major}.{minor}, options as CuPy's RawModule: {' '.join(cupy_options([], 'sm_XX'))}")
     print(table(resources))
     for line in found:
         print(f"PROBLEM: {line}")
