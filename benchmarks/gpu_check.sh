@@ -1,32 +1,50 @@
 #!/usr/bin/env bash
-# The GPU check: on a machine with a CUDA device, from the source tree (no pip, no network), in under
-# 5 minutes: the GPU's facts, the gpu-marked tests, then the GPU configs of `fastbp bench` (large
-# 4096 x 4 at batch 8192 in fp32 and TF32; narrow 64 wide at batch 65536) against the cuBLAS GEMM floor
-# and PyTorch CUDA eager. A log and JSON results go to $OUT when it is set, else ./gpu_results/.
-# Each step has its own time limit (20 + 120 + 60 + 45 + 40 s, under 5 minutes in all); a failing step is
-# logged and the script goes on, exiting non-zero at the end.
+# The GPU check: on a machine with a CUDA device, from the source tree (no pip, no network). It prints the
+# GPU's facts and the driver, CUDA and CuPy versions, runs the gpu-marked tests with FASTBP_REQUIRE_GPU=1
+# (a GPU CuPy cannot use fails them instead of skipping them), compute-sanitizer's memcheck, racecheck and
+# synccheck over a short training run where the tool exists, then the GPU configs of `fastbp bench`
+# (large 4096 x 4 at batch 8192 in fp32 and TF32; narrow 64 wide at batch 65536) against the cuBLAS GEMM
+# floor and PyTorch CUDA eager. A log and JSON results go to $OUT when it is set, else ./gpu_results/.
+# Each step has its own time limit (about 6.5 minutes in all at worst); a failing step is logged and the
+# script goes on, then exits non-zero.
 #
 #   bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_results}"
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 FASTBP_REQUIRE_GPU=1
 py="${PYTHON:-python3}"
+# Everything goes to the log as well; the status stays in this shell (a `{ ...; } | tee` pipeline would run
+# the steps in a subshell, whose status the exit below would never see).
+exec > >(tee "$out/gpu_check.log") 2>&1
 status=0
 run() {  # run a step with a time limit; remember a failure but go on to the next step
   echo "=== $* ($(date -u +%H:%M:%S))"
   timeout "$@" || { rc=$?; echo "=== exit code $rc"; status=1; }
 }
-{
-  nvidia-smi || status=1
-  run 20 "$py" -m fastbp info
-  run 120 "$py" -m pytest -m gpu -q -p no:cacheprovider tests/
-  run 60 "$py" -m fastbp bench --backend cupy --config large --reps 5 --min-time 0.05 --no-ops \
-      --json "$out/bench_large_fp32.json"
-  run 45 "$py" -m fastbp bench --backend cupy --config large --reps 5 --min-time 0.05 --no-ops --tf32 \
-      --json "$out/bench_large_tf32.json"
-  run 40 "$py" -m fastbp bench --backend cupy --config narrow --reps 10 --json "$out/bench_narrow.json"
-  echo "=== gpu_check finished with status $status"
-} 2>&1 | tee "$out/gpu_check.log"
+
+run 20 nvidia-smi
+run 30 "$py" -c "import cupy, numpy; rt = cupy.cuda.runtime
+print('driver', rt.driverGetVersion(), 'CUDA runtime', rt.runtimeGetVersion(), 'CuPy', cupy.__version__,
+      'NumPy', numpy.__version__, 'NVRTC', cupy.cuda.nvrtc.getVersion())"
+run 20 "$py" -m fastbp info
+run 150 "$py" -m pytest -m gpu -q -rs -p no:cacheprovider tests/
+if command -v compute-sanitizer >/dev/null; then
+  train='import fastbp as fb; from fastbp import datasets
+X, y = datasets.load_digits(); model = fb.MLP([64, 32, 10], seed=0, backend="cupy")
+fb.Trainer(model, optimizer=fb.optim.AdamW(1e-3, weight_decay=1e-2), batch_size=64, clip_norm=1.0).fit(
+    X[:512] / 16, y[:512], epochs=1, progress="none"); print("trained under the sanitizer")'
+  for tool in memcheck racecheck synccheck; do
+    run 40 compute-sanitizer --tool "$tool" --error-exitcode 1 "$py" -c "$train"
+  done
+else
+  echo "=== compute-sanitizer is not on the PATH: memcheck, racecheck and synccheck not run"
+fi
+run 60 "$py" -m fastbp bench --backend cupy --config large --reps 5 --min-time 0.05 --no-ops \
+    --json "$out/bench_large_fp32.json"
+run 45 "$py" -m fastbp bench --backend cupy --config large --reps 5 --min-time 0.05 --no-ops --tf32 \
+    --json "$out/bench_large_tf32.json"
+run 40 "$py" -m fastbp bench --backend cupy --config narrow --reps 10 --json "$out/bench_narrow.json"
+echo "=== gpu_check finished with status $status"
 exit $status

@@ -24,6 +24,11 @@ except cuda_emulator.EmulatorUnavailable as exc:
 
 #: Every backend the parametrized tests run on: the available ones, then the emulated CuPy.
 BACKENDS = fb.available_backends() + ([] if EMULATOR_MISSING else [EMULATED])
+
+# On a GPU machine (benchmarks/gpu_check.sh) a GPU that CuPy cannot use must fail the run, not skip every
+# GPU test quietly (a CuPy wheel newer than the driver, say).
+if os.environ.get("FASTBP_REQUIRE_GPU") == "1" and "cupy" not in BACKENDS:
+    raise RuntimeError(f"FASTBP_REQUIRE_GPU=1 but the cupy backend is unavailable: {fb.backend_status()['cupy']}")
 DTYPES = ["float32", "float64"]
 
 # Relative tolerances per dtype (STYLE.md): float64 ~1e-10, float32 ~1e-5.
