@@ -2,6 +2,12 @@
 // their derivatives, warp reductions. Included by dense.cu, loss.cu and optim.cu.
 #pragma once
 
+// The block sizes of the cupy backend's launches, defined from fastbp/backends/cuda_sources.py (THREADS,
+// REDUCE_THREADS) ahead of this header; the shared arrays below are sized from them.
+#if !defined(FASTBP_THREADS) || !defined(FASTBP_REDUCE_THREADS)
+#error "compile fastbp's kernels through fastbp.backends.cuda_sources.source(), which defines FASTBP_THREADS"
+#endif
+
 // Sums accumulate in float for float data and in double for double data.
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };

@@ -94,10 +94,10 @@ __global__ void pointwise_loss(const T* __restrict__ Z, const T* __restrict__ Y,
     }
 }
 
-// out[0] = scale * sum(values[0:n]), one block of 1024 threads, fixed order.
+// out[0] = scale * sum(values[0:n]), one block of FASTBP_REDUCE_THREADS threads (at most that many), fixed order.
 template <typename A>
 __global__ void reduce_rows(const A* __restrict__ values, long long n, A scale, A* __restrict__ out) {
-    __shared__ A shared[1024];
+    __shared__ A shared[FASTBP_REDUCE_THREADS];
     A s = A(0);
     for (long long i = threadIdx.x; i < n; i += blockDim.x) {
         s += values[i];

@@ -101,7 +101,7 @@ __global__ void rmsprop(T* __restrict__ p, const T* __restrict__ g, T* __restric
 template <typename T>
 __global__ void sumsq_partial(const T* __restrict__ x, long long n, typename Acc<T>::type* __restrict__ partial) {
     using A = typename Acc<T>::type;
-    __shared__ A shared[256];
+    __shared__ A shared[FASTBP_THREADS];
     A s = A(0);
     for (long long i = global_index(); i < n; i += grid_stride()) {
         const A xi = static_cast<A>(x[i]);

@@ -93,6 +93,13 @@ __global__ void off_by_one(float* out, int n) {
     if (threadIdx.x < n) out[threadIdx.x + 1] = 1.0f;
 }
 
+__global__ void shared_overflow(float* out) {
+    __shared__ float s[32];
+    s[threadIdx.x + 1] = 1.0f;  // thread 31 writes s[32]
+    __syncthreads();
+    out[threadIdx.x] = s[threadIdx.x];
+}
+
 __global__ void dynamic(float* out) {
     extern __shared__ float buffer[];
     buffer[threadIdx.x] = threadIdx.x;
@@ -102,7 +109,7 @@ __global__ void dynamic(float* out) {
 """
 
 NAMES = ["block_sum", "racy_sum", "early_return", "divergent_shuffle", "shuffles", "half_warp_shuffle",
-         "uninitialised", "too_much_shared", "atomic_count", "typed", "off_by_one", "dynamic"]
+         "uninitialised", "too_much_shared", "atomic_count", "typed", "off_by_one", "shared_overflow", "dynamic"]
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +224,12 @@ def test_writes_out_of_bounds_of_guarded_memory_are_errors(kernels):
         kernels["off_by_one"].launch(1, 32, (out, np.int32(8)))
     kernels["off_by_one"].launch(1, 32, (out, np.int32(7)))  # in bounds: fine, and the margins were re-armed
     assert np.isnan(out[0]) and (out[1:] == 1).all()
+
+
+def test_writes_out_of_bounds_of_shared_memory_are_errors(kernels):
+    message = r"emulator_rules.cu:\d+: __shared__ s \(128 bytes\) was written out of bounds"
+    with pytest.raises(EmulatorError, match=message):
+        kernels["shared_overflow"].launch(1, 32, (np.zeros(32, np.float32),))
 
 
 def test_dynamic_shared_memory(kernels):

@@ -249,3 +249,28 @@ def test_kernel_launches_refuse_arrays_they_would_misread(gpu):
                     (ok, labels32, ok, ok, ok, np.int32(1), np.int32(1), np.int32(0)))
     with pytest.raises(TypeError, match="host"):
         gpu._launch("optim.cu", "scale<{T}>", np.float32, (1,), (32,), (np.ones(8, np.float32), np.int64(8), 2.0))
+
+
+def test_the_kernels_shared_arrays_follow_the_launch_size(gpu, monkeypatch):
+    """The block sizes live in cuda_sources alone: the launches read them, and the kernels' shared arrays
+    are sized from them (defines prepended to the source), so changing one cannot overflow the other."""
+    from fastbp.backends import cuda_sources
+    from fastbp.backends.cupy_backend import CupyBackend
+
+    monkeypatch.setattr(cuda_sources, "THREADS", 512)
+    monkeypatch.setattr(cuda_sources, "REDUCE_THREADS", 512)
+    fresh = CupyBackend(gpu.device_id, gpu.xp)  # compiles the kernels anew
+    assert "#define FASTBP_THREADS 512" in cuda_sources.source("optim.cu")
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(100_003)
+    assert_close(fresh.to_float(fresh.sum_of_squares(fresh.asarray(x, np.float64))), (x**2).sum(), "float64")
+    X, y = rng.standard_normal((40, 12)), rng.integers(0, 3, 40)
+    value, grads = fb.MLP([12, 16, 3], dtype="float64", seed=0, backend=fresh).loss_and_grads(X, y)
+    ref_value, ref_grads = fb.MLP([12, 16, 3], dtype="float64", seed=0, backend="numpy").loss_and_grads(X, y)
+    assert_close(value, ref_value, "float64")
+    for g, r in zip(grads, ref_grads):
+        assert_close(fresh.to_numpy(g), r, "float64")
+    monkeypatch.setattr(cuda_sources, "THREADS", 384)  # block_sum needs a power of two
+    with pytest.raises(ValueError, match="THREADS must be a power of two up to 1024, got 384"):
+        cuda_sources.source("optim.cu")
+

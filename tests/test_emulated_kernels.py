@@ -33,8 +33,8 @@ REFERENCE = Backend()  # the NumPy reference ops
 
 @pytest.fixture(scope="module")
 def modules():
-    folder = cuda_sources.kernel_dir()
-    return {f: cuda_emulator.compile_file(folder / f, cuda_sources.name_expressions(f)) for f in cuda_sources.FILES}
+    return {f: cuda_emulator.compile_module(cuda_sources.source(f), cuda_sources.name_expressions(f), f)
+            for f in cuda_sources.FILES}
 
 
 def launch(kernel, grid, block, args, outputs):

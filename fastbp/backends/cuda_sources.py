@@ -25,6 +25,22 @@ REDUCE_THREADS = 1024
 COLSUM_BLOCK = (32, 8)
 
 
+def _check_block_sizes() -> None:
+    # block_sum halves its stride down to 1: a block it reduces must be a power of two, at most 1024
+    for name, value in (("THREADS", THREADS), ("REDUCE_THREADS", REDUCE_THREADS)):
+        if not (0 < value <= 1024 and value & (value - 1) == 0):
+            raise ValueError(f"cuda_sources.{name} must be a power of two up to 1024, got {value}")
+
+
+_check_block_sizes()
+
+
+def defines() -> str:
+    """The launch sizes as preprocessor definitions, prepended to every source: the kernels size their
+    shared arrays from them, so the Python constants and the CUDA arrays cannot drift apart."""
+    return f"#define FASTBP_THREADS {THREADS}\n#define FASTBP_REDUCE_THREADS {REDUCE_THREADS}\n"
+
+
 def launch_threads(name_expression: str) -> int:
     """The most threads per block the cupy backend launches this kernel instantiation with."""
     base = name_expression.split("<")[0]
@@ -73,7 +89,7 @@ FILES = ("dense.cu", "loss.cu", "optim.cu")
 def instantiation_unit(file: str) -> str:
     """A translation unit that includes ``file`` and instantiates every name expression, for nvcc."""
     path = kernel_dir() / file
-    lines = [f'#include "{path}"', "", "void fastbp_instantiate_all() {"]
+    lines = [defines(), f'#include "{path}"', "", "void fastbp_instantiate_all() {"]
     lines += [f"    (void)&{name};" for name in name_expressions(file)]
     lines.append("}")
     return "\n".join(lines) + "\n"
@@ -114,7 +130,8 @@ def source(file: str, folder: Path | None = None) -> str:
     """The self-contained source of ``file`` (its includes inlined) as CuPy compiles it: CuPy's disk cache
     keys on the source text alone, so an edit to an included header must change that text, or CuPy would
     go on loading binaries built from the old header."""
+    _check_block_sizes()
     folder = kernel_dir() if folder is None else folder
     path = (folder / file).resolve()
-    return inline_includes(path.read_text(), str(path))
+    return defines() + inline_includes(path.read_text(), str(path))
 

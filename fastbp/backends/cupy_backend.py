@@ -24,9 +24,7 @@ import numpy as np
 from ..activations import ACTIVATIONS, CODES
 from . import BackendUnavailable, cuda_sources
 from .base import Backend
-from .cuda_sources import COLSUM_BLOCK, DTYPES, REDUCE_THREADS, THREADS, kernel_dir, name_expressions
-
-_THREADS = THREADS
+from .cuda_sources import COLSUM_BLOCK, DTYPES, kernel_dir, name_expressions
 
 
 def _on_device(method):
@@ -103,7 +101,7 @@ class CupyBackend(Backend):
         kernel(grid, block, args)
 
     def _grid(self, total: int) -> int:
-        return max(1, min((total + _THREADS - 1) // _THREADS, self._sm_count * 32))
+        return max(1, min((total + cuda_sources.THREADS - 1) // cuda_sources.THREADS, self._sm_count * 32))
 
     def _acc_dtype(self, dtype: Any) -> Any:
         return np.float64 if np.dtype(dtype) == np.float64 else np.float32
@@ -182,7 +180,7 @@ class CupyBackend(Backend):
         A = Z if act.saves == "A" else (A_out if A_out is not None else self.xp.empty_like(Z))
         total = Z.size
         b = self.xp.ascontiguousarray(b, dtype=Z.dtype)
-        self._launch("dense.cu", "bias_act<{T}, {ACT}>", Z.dtype, (self._grid(total),), (_THREADS,),
+        self._launch("dense.cu", "bias_act<{T}, {ACT}>", Z.dtype, (self._grid(total),), (cuda_sources.THREADS,),
                      (Z, b, A, np.int64(total), np.int32(Z.shape[1])), act=CODES[activation])
         return A, Z
 
@@ -197,7 +195,7 @@ class CupyBackend(Backend):
         S = delta if S is None else self.xp.ascontiguousarray(S, dtype=delta.dtype)
         self._launch("dense.cu", "dact_colsum<{T}, {ACT}>", delta.dtype, (col_tiles, slabs), COLSUM_BLOCK,
                      (delta, S, partial, np.int32(rows), np.int32(n), np.int32(rows_per_slab)), act=code)
-        self._launch("dense.cu", "sum_partials<{T}>", delta.dtype, (self._grid(n),), (_THREADS,),
+        self._launch("dense.cu", "sum_partials<{T}>", delta.dtype, (self._grid(n),), (cuda_sources.THREADS,),
                      (partial, db, np.int32(slabs), np.int32(n)))
 
     @_on_device
@@ -226,25 +224,25 @@ class CupyBackend(Backend):
         delta = delta_out if delta_out is not None else xp.empty_like(Z_L)
         acc = self._acc_dtype(Z_L.dtype)
         row_loss = xp.empty(rows, acc)
-        blocks = (rows * 32 + _THREADS - 1) // _THREADS
+        blocks = (rows * 32 + cuda_sources.THREADS - 1) // cuda_sources.THREADS
         if loss == "cross_entropy":
             soft = y.ndim == 2
             # the kernel reads labels as long long and target rows as T: convert whatever came
             labels = xp.ascontiguousarray(y, dtype=np.int64) if not soft else xp.empty(0, np.int64)
             targets = xp.ascontiguousarray(y, dtype=Z_L.dtype) if soft else Z_L  # unused with labels
-            self._launch("loss.cu", "softmax_ce<{T}>", Z_L.dtype, (blocks,), (_THREADS,),
+            self._launch("loss.cu", "softmax_ce<{T}>", Z_L.dtype, (blocks,), (cuda_sources.THREADS,),
                          (Z_L, labels, targets, delta, row_loss, np.int32(rows), np.int32(C), np.int32(soft)))
             scale = 1.0 / rows
         elif loss in ("binary_cross_entropy", "mse"):
             variant = 0 if loss == "binary_cross_entropy" else 1
             targets = xp.ascontiguousarray(y, dtype=Z_L.dtype)
-            self._launch("loss.cu", "pointwise_loss<{T}, {ACT}>", Z_L.dtype, (blocks,), (_THREADS,),
+            self._launch("loss.cu", "pointwise_loss<{T}, {ACT}>", Z_L.dtype, (blocks,), (cuda_sources.THREADS,),
                          (Z_L, targets, delta, row_loss, np.int32(rows), np.int32(C)), act=variant)
             scale = 1.0 / (rows * C)
         else:
             raise ValueError(f"unknown loss {loss!r}")
         value = xp.empty((), acc)
-        self._launch("loss.cu", "reduce_rows<{T}>", acc, (1,), (REDUCE_THREADS,),
+        self._launch("loss.cu", "reduce_rows<{T}>", acc, (1,), (cuda_sources.REDUCE_THREADS,),
                      (row_loss, np.int64(rows), acc(scale), value))
         return value, delta
 
@@ -289,7 +287,7 @@ class CupyBackend(Backend):
         g = self._flat_in(g, p.dtype)
         with self._in_place(p.dtype, p, buf) as (p, buf):
             buf = buf if buf is not None else p  # unused without momentum
-            self._launch("optim.cu", "sgd<{T}>", p.dtype, (self._grid(p.size),), (_THREADS,),
+            self._launch("optim.cu", "sgd<{T}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
                          (p, g, buf, np.int64(p.size), np.float64(lr), np.float64(momentum), np.float64(dampening),
                           np.int32(nesterov), np.float64(weight_decay), np.int32(first), self._gate(gate)))
 
@@ -297,7 +295,7 @@ class CupyBackend(Backend):
     def adam_update(self, p, g, m, v, work, lr, beta1, beta2, eps, step, weight_decay, decoupled, gate=None):
         g = self._flat_in(g, p.dtype)
         with self._in_place(p.dtype, p, m, v) as (p, m, v):
-            self._launch("optim.cu", "adam<{T}>", p.dtype, (self._grid(p.size),), (_THREADS,),
+            self._launch("optim.cu", "adam<{T}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
                          (p, g, m, v, np.int64(p.size), np.float64(lr), np.float64(beta1), np.float64(beta2),
                           np.float64(eps), np.float64(1 - beta1**step), np.float64(math.sqrt(1 - beta2**step)),
                           np.float64(weight_decay), np.float64(1 - lr * weight_decay), np.int32(decoupled),
@@ -308,7 +306,7 @@ class CupyBackend(Backend):
         g = self._flat_in(g, p.dtype)
         with self._in_place(p.dtype, p, sq, buf) as (p, sq, buf):
             buf = buf if buf is not None else p  # unused without momentum
-            self._launch("optim.cu", "rmsprop<{T}>", p.dtype, (self._grid(p.size),), (_THREADS,),
+            self._launch("optim.cu", "rmsprop<{T}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
                          (p, g, sq, buf, np.int64(p.size), np.float64(lr), np.float64(alpha), np.float64(eps),
                           np.float64(momentum), np.float64(weight_decay), self._gate(gate)))
 
@@ -323,7 +321,7 @@ class CupyBackend(Backend):
     @_on_device
     def clip_by_norm(self, grad, sumsq, max_norm, gate=None):
         with self._in_place(grad.dtype, grad) as (x,):
-            self._launch("optim.cu", "clip_by_norm<{T}>", x.dtype, (self._grid(x.size),), (_THREADS,),
+            self._launch("optim.cu", "clip_by_norm<{T}>", x.dtype, (self._grid(x.size),), (cuda_sources.THREADS,),
                          (x, np.int64(x.size), sumsq.astype(x.dtype, copy=False), np.float64(max_norm),
                           self._gate(gate)))
 
@@ -333,18 +331,19 @@ class CupyBackend(Backend):
         acc = self._acc_dtype(x.dtype)
         # A fixed function of the size (up to 256 blocks of at least 4 elements a thread), so the summation
         # order, and the bits, are the same at every step.
-        blocks = max(1, min(256, -(-x.size // (4 * _THREADS))))
+        blocks = max(1, min(256, -(-x.size // (4 * cuda_sources.THREADS))))
         partial = self.xp.empty(blocks, acc)
-        self._launch("optim.cu", "sumsq_partial<{T}>", x.dtype, (blocks,), (_THREADS,), (x, np.int64(x.size), partial))
+        self._launch("optim.cu", "sumsq_partial<{T}>", x.dtype, (blocks,), (cuda_sources.THREADS,),
+                     (x, np.int64(x.size), partial))
         out = self.xp.empty((), acc)
-        self._launch("loss.cu", "reduce_rows<{T}>", acc, (1,), (REDUCE_THREADS,),
+        self._launch("loss.cu", "reduce_rows<{T}>", acc, (1,), (cuda_sources.REDUCE_THREADS,),
                      (partial, np.int64(blocks), acc(1.0), out))
         return out
 
     @_on_device
     def scale(self, x, alpha):
         with self._in_place(x.dtype, x) as (flat,):
-            self._launch("optim.cu", "scale<{T}>", flat.dtype, (self._grid(flat.size),), (_THREADS,),
+            self._launch("optim.cu", "scale<{T}>", flat.dtype, (self._grid(flat.size),), (cuda_sources.THREADS,),
                          (flat, np.int64(flat.size), np.float64(alpha)))
 
     def warmup(self, dtypes: Any = ("float32", "float64"), activations: Any = None) -> float:

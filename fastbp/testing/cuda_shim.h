@@ -129,11 +129,24 @@ struct Fiber {
 
 struct Slot {
     const void* key;
-    void* ptr;
+    void* base;  // the allocation
+    void* ptr;   // what the kernel sees; at least kGuard poisoned bytes lie on each side of it
     std::size_t size;
+    const char* name;
+    Where where;
 };
 
 inline constexpr std::size_t kStaticSharedLimit = 48 * 1024;  // without the opt-in attribute
+// Poisoned margins around each __shared__ array, checked when its block ends: at least kGuard bytes and at
+// least the array's own size on each side, so even an overflow by a whole block (a launch wider than the
+// array) lands in them and is reported, instead of corrupting the heap. Under ASan its redzones do the job.
+#if defined(__SANITIZE_ADDRESS__)
+inline constexpr std::size_t kGuard = 0;
+#else
+inline constexpr std::size_t kGuard = 64;
+#endif
+
+inline std::size_t guard_bytes(std::size_t size) { return kGuard == 0 ? 0 : std::max(kGuard, size); }
 
 #if defined(__SANITIZE_ADDRESS__)
 inline constexpr std::size_t kStackSize = 512 * 1024;
@@ -315,11 +328,21 @@ inline void* shared_slot(const void* key, std::size_t size, std::size_t align, c
                   "' the last)",
               where);
     }
-    const std::size_t rounded = (size + align - 1) / align * align;
-    void* ptr = std::aligned_alloc(std::max<std::size_t>(align, alignof(std::max_align_t)), std::max<std::size_t>(rounded, align));
-    std::memset(ptr, 0xFF, rounded);
-    s.slots.push_back({key, ptr, size});
-    return ptr;
+    const std::size_t alignment = std::max<std::size_t>(align, alignof(std::max_align_t));
+    const std::size_t guard = (guard_bytes(size) + alignment - 1) / alignment * alignment;
+    const std::size_t rounded = (size + 2 * guard + alignment - 1) / alignment * alignment;
+    auto* base = static_cast<unsigned char*>(std::aligned_alloc(alignment, std::max(rounded, alignment)));
+    std::memset(base, 0xFF, rounded);
+    s.slots.push_back({key, base, base + guard, size, name, where});
+    return base + guard;
+}
+
+// The bytes around a __shared__ slot must still be poison when its block ends.
+inline bool margins_intact(const unsigned char* ptr, std::size_t size, std::size_t guard) {
+    for (std::size_t i = 1; i <= guard; ++i) {
+        if (ptr[-static_cast<std::ptrdiff_t>(i)] != 0xFF || ptr[size + i - 1] != 0xFF) return false;
+    }
+    return true;
 }
 
 template <typename T>
@@ -592,7 +615,15 @@ inline bool run_block(Scheduler& s, int order, std::mt19937_64& rng, std::vector
             ok = resolve_barrier(s);
         }
     }
-    for (Slot& slot : s.slots) std::free(slot.ptr);
+    for (Slot& slot : s.slots) {
+        if (ok && !margins_intact(static_cast<unsigned char*>(slot.ptr), slot.size, guard_bytes(slot.size))) {
+            s.error = at(slot.where) + ": __shared__ " + slot.name + " (" + std::to_string(slot.size) +
+                      " bytes) was written out of bounds in block (" + std::to_string(blockIdx.x) + "," +
+                      std::to_string(blockIdx.y) + "," + std::to_string(blockIdx.z) + ")";
+            ok = false;
+        }
+        std::free(slot.base);
+    }
     s.slots.clear();
     s.static_shared = 0;
     return ok;
