@@ -68,6 +68,17 @@ if EMULATOR_MISSING:
         reason=f"the CUDA emulator cannot run here: {EMULATOR_MISSING}")]))
 
 
+@pytest.fixture(autouse=True)
+def _restore_the_default_backend():
+    """A test that sets the process-wide default backend leaves it as it found it, so which backend (and
+    device) later tests use never depends on which tests ran before them."""
+    import fastbp.backends as backends
+
+    saved = backends._default
+    yield
+    backends._default = saved
+
+
 @pytest.fixture(params=BACKEND_PARAMS)
 def backend(request):
     return resolve_backend(request.param)

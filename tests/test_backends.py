@@ -2,6 +2,7 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import BACKENDS
 
 import fastbp as fb
 from fastbp.backends import backend_status, resolve_backend
@@ -34,19 +35,21 @@ def test_unknown_backend_name_is_rejected_with_the_choices():
 
 
 def test_use_backend_restores_and_is_per_context():
+    scoped = next(b for b in BACKENDS if b != "numpy")  # numba or the emulated CuPy: not the default
     fb.set_backend("numpy")
     seen = {}
 
     def other_thread():
         seen["other"] = fb.get_backend().name
 
-    with fb.use_backend("numpy") as bk:
-        assert fb.get_backend() is bk
+    with fb.use_backend(scoped) as bk:
+        assert fb.get_backend() is bk and bk.name == scoped
         t = threading.Thread(target=other_thread)
         t.start()
         t.join()
     assert fb.get_backend().name == "numpy"
-    assert seen["other"] == "numpy"
+    assert seen["other"] == "numpy"  # the block chose for its own context only
+
 
 
 def test_use_backend_restores_after_an_exception():

@@ -176,6 +176,56 @@ def test_updates_equal_the_reference_bit_for_bit_with_random_hyperparameters(bac
     assert not mismatched, f"{len(mismatched)} settings differ from the reference, e.g. {mismatched[:3]}"
 
 
+def _denormal_problem(dtype):
+    """Parameters that mix normal numbers with denormals (below the smallest normal), and gradients."""
+    tiny = np.finfo(dtype).tiny
+    p = np.array([1.5, -2.0, tiny / 4, -tiny / 3, tiny * 0.75, 0.25, -tiny / 1000, 3.0] * 4, dtype)
+    g = np.array([0.0, tiny / 2, 1e-3, -tiny / 5, 0.0, 2.0, 0.0, -tiny / 7] * 4, dtype)
+    return p, g
+
+
+def _sgd_step(backend, p, g):
+    pd = backend.asarray(p.copy())
+    optim.SGD(lr=0.5).step([pd], [backend.asarray(g)], backend)
+    return backend.to_numpy(pd)
+
+
+def test_denormals_are_kept_bit_for_bit_on_the_cpu_backends(backend, dtype):
+    """On the CPU backends and the emulated CuPy, updates keep denormal numbers exactly as the NumPy
+    reference does (a real GPU flushes float32 ones to zero: see the gpu test below)."""
+    if backend.name == "numpy":
+        pytest.skip("the NumPy backend is the reference")
+    if backend.name == "cupy":
+        pytest.skip("a real GPU flushes float32 denormals: test_float32_denormals_flush_to_zero_on_the_gpu")
+    p, g = _denormal_problem(dtype)
+    want = _sgd_step(fb.backends.resolve_backend("numpy"), p, g)
+    assert (np.abs(want[np.abs(p) < np.finfo(dtype).tiny]) > 0).all()  # the reference keeps denormals
+    np.testing.assert_array_equal(_sgd_step(backend, p, g), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("cupy" not in fb.available_backends(), reason="needs a CUDA device")
+def test_float32_denormals_flush_to_zero_on_the_gpu():
+    """CuPy compiles every kernel with -ftz=true (it cannot be turned off): in float32 the GPU reads and
+    writes denormals as zero, so updates equal the NumPy reference's bit for bit except at denormals; in
+    float64 (no flushing) they equal it everywhere."""
+    gpu, ref = fb.backends.resolve_backend("cupy"), fb.backends.resolve_backend("numpy")
+    for dtype in ("float64", "float32"):
+        p, g = _denormal_problem(dtype)
+        got, want = _sgd_step(gpu, p, g), _sgd_step(ref, p, g)
+        if dtype == "float64":
+            np.testing.assert_array_equal(got, want)
+            continue
+        tiny = np.finfo(dtype).tiny
+
+        def denormal(a):
+            return (a != 0) & (np.abs(a) < tiny)
+
+        clean = ~denormal(p) & ~denormal(g) & ~denormal(want)
+        np.testing.assert_array_equal(got[clean], want[clean])  # no denormal involved: the same bits
+        assert (got[denormal(want)] == 0).all()  # what NumPy keeps as a denormal, the GPU flushes to zero
+
+
 TORCH_CASES = [
     ("sgd_nesterov", lambda: optim.SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
      lambda t, ps: t.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
