@@ -51,7 +51,7 @@ class Dense:
 
 class _Workspace:
     """Buffers of one batch size, reused across steps: Z (or A written over Z), separate A where g'
-    needs Z, delta, and scratch for the activations."""
+    needs Z, delta, and scratch for the activations (on backends whose ops read scratch)."""
 
     def __init__(self, backend: Backend, layers: list[Dense], batch: int, dtype: np.dtype) -> None:
         self.Z: list[Any] = []
@@ -65,8 +65,10 @@ class _Workspace:
             act = ACTIVATIONS[layer.activation]
             self.A.append(backend.empty(shape, dtype) if act.saves == "Z" else None)
             self.delta.append(backend.empty(shape, dtype))
-            self.work.append(backend.empty(shape, dtype) if act.forward_scratch or act.backward_scratch else None)
-            self.work2.append(backend.empty(shape, dtype) if act.backward_scratch == 2 else None)
+            scratch = backend.uses_scratch
+            self.work.append(backend.empty(shape, dtype)
+                             if scratch and (act.forward_scratch or act.backward_scratch) else None)
+            self.work2.append(backend.empty(shape, dtype) if scratch and act.backward_scratch == 2 else None)
 
 
 class _Trace:

@@ -126,6 +126,7 @@ class Optimizer:
         self.state: OptimizerState | None = None
         self._backend: Backend | None = None
         self._work: list[Any] = []
+        self._dtype: Any = None
 
     @property
     def lr(self) -> float:
@@ -150,6 +151,10 @@ class Optimizer:
 
     def _bind(self, params: list[Any], backend: Backend) -> None:
         self._backend = backend
+        self._dtype = params[0].dtype
+        if not backend.uses_scratch:  # its update kernels need no scratch
+            self._work = [None] * len(params)
+            return
         largest = max(int(np.prod(p.shape)) for p in params)
         flat = backend.empty((largest,), params[0].dtype)
         self._work = [flat[: int(np.prod(p.shape))].reshape(p.shape) for p in params]
@@ -162,7 +167,7 @@ class Optimizer:
         if first is not None:
             if len(first) != len(params) or any(s.shape != p.shape for s, p in zip(first, params)):
                 raise ValueError("params do not match the optimizer's state: use a new optimizer or reset()")
-        if backend is not self._backend or self._work[0].dtype != params[0].dtype:
+        if backend is not self._backend or self._dtype != params[0].dtype:
             self.to(backend, params[0].dtype)
             self._bind(params, backend)
 
@@ -171,6 +176,7 @@ class Optimizer:
         self.state = None
         self._backend = None
         self._work = []
+        self._dtype = None
 
     def to(self, backend: str | Backend, dtype: Any = None) -> Optimizer:
         """Move the state to another backend (and dtype); returns self."""

@@ -274,3 +274,19 @@ def test_the_kernels_shared_arrays_follow_the_launch_size(gpu, monkeypatch):
     with pytest.raises(ValueError, match="THREADS must be a power of two up to 1024, got 384"):
         cuda_sources.source("optim.cu")
 
+
+def test_no_scratch_buffers_are_allocated_on_the_device(gpu):
+    """The reference ops' work buffers (activation scratch, optimizer scratch) are never read by the cupy
+    kernels, so none are allocated on the device (about 0.8 GB at the large config); the reference keeps
+    them."""
+    rng = np.random.default_rng(5)
+    X, y = rng.standard_normal((64, 30)), rng.integers(0, 5, 64)
+    kept = {}
+    for backend in (gpu, resolve_backend("numpy")):
+        model = fb.MLP([30, 64, 32, 5], activation="gelu", seed=0, backend=backend)  # gelu has scratch on the CPU
+        trainer = fb.Trainer(model, optimizer=fb.optim.Adam(1e-3))
+        trainer.step(X, y)
+        ws = model._workspace(64)
+        kept[backend.name] = [w for w in ws.work + ws.work2 + trainer.optimizer._work if w is not None]
+    assert kept[gpu.name] == [] and len(kept["numpy"]) > 0
+

@@ -55,7 +55,8 @@ def test_the_sanitizers_catch_a_shared_memory_overflow(write, report):
 
 
 def test_the_kernel_tests_pass_under_the_sanitizers():
-    result = _run_sanitized(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_emulated_kernels.py",
-                             "tests/test_cuda_emulator.py"], timeout=1500)
+    # --capture=sys: a sanitizer writes its report to file descriptor 2, which must reach us
+    result = _run_sanitized(["-m", "pytest", "-q", "-p", "no:cacheprovider", "--capture=sys",
+                             "tests/test_emulated_kernels.py", "tests/test_cuda_emulator.py"], timeout=1500)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert " passed" in result.stdout and " failed" not in result.stdout

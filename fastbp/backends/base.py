@@ -27,6 +27,10 @@ class Backend:
     name: str = "base"
     #: The array module the ops are written against.
     xp: Any = np
+    #: Whether the ops read the ``work``/``work2`` scratch buffers that the model and the optimizers
+    #: offer them (the reference ops do). A backend whose fused kernels never read them says False, and
+    #: nobody allocates them on it (on a GPU they would be device memory held for nothing).
+    uses_scratch: bool = True
 
     def __repr__(self) -> str:
         return f"<fastbp backend {self.name!r}>"
@@ -244,10 +248,12 @@ class Backend:
         gate: Any = None,
     ) -> None:
         """One SGD step on one parameter, as torch.optim.SGD: p -= lr * (momentum-smoothed g + wd p).
-        Nothing happens when ``gate`` (a guard, see ``nonfinite_guard``) is tripped."""
+        Nothing happens when ``gate`` (a guard, see ``nonfinite_guard``) is tripped. ``work``: scratch
+        shaped like p (allocated here when None)."""
         if self._gate_closed(gate):
             return
         xp = self.xp
+        work = xp.empty_like(p) if work is None else work
         if weight_decay:
             xp.multiply(p, weight_decay, out=work)
             work += g
@@ -294,6 +300,7 @@ class Backend:
         if self._gate_closed(gate):
             return
         xp = self.xp
+        work = xp.empty_like(p) if work is None else work
         if weight_decay:
             if decoupled:
                 p *= 1 - lr * weight_decay
@@ -342,6 +349,7 @@ class Backend:
         if self._gate_closed(gate):
             return
         xp = self.xp
+        work = xp.empty_like(p) if work is None else work
         if weight_decay:
             xp.multiply(p, weight_decay, out=work)
             work += g

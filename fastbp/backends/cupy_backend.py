@@ -42,6 +42,7 @@ class CupyBackend(Backend):
     """CuPy arrays on one CUDA device, cuBLAS GEMMs and fused CUDA kernels."""
 
     name = "cupy"
+    uses_scratch = False  # the fused kernels need no work buffers: none are allocated on the device
 
     def __init__(self, device_id: int = 0, cupy_module: Any = None) -> None:
         """The backend on CUDA device ``device_id``. ``cupy_module`` is the CuPy module to drive (the tests'
