@@ -250,7 +250,8 @@ class Backend:
         """One SGD step on one parameter, as torch.optim.SGD: p -= lr * (momentum-smoothed g + wd p).
         Nothing happens when ``gate`` (a guard, see ``nonfinite_guard``) is tripped. ``work``: scratch
         shaped like p (allocated here when None)."""
-        if self._gate_closed(gate):
+        saved = self._gate_open(gate, p, buf if momentum else None)
+        if saved is None:
             return
         xp = self.xp
         work = xp.empty_like(p) if work is None else work
@@ -278,6 +279,7 @@ class Backend:
                 g = buf
         xp.multiply(g, lr, out=work)
         p -= work
+        self._gate_restore(gate, saved, p, buf if momentum else None)
 
     def adam_update(
         self,
@@ -297,7 +299,8 @@ class Backend:
     ) -> None:
         """One Adam (or AdamW, ``decoupled=True``) step on one parameter, as torch.optim.Adam/AdamW;
         nothing when ``gate`` is tripped."""
-        if self._gate_closed(gate):
+        saved = self._gate_open(gate, p, m, v)
+        if saved is None:
             return
         xp = self.xp
         work = xp.empty_like(p) if work is None else work
@@ -329,6 +332,7 @@ class Backend:
         xp.divide(m, work, out=work)
         work *= lr / bias1
         p -= work
+        self._gate_restore(gate, saved, p, m, v)
 
     def rmsprop_update(
         self,
@@ -346,7 +350,8 @@ class Backend:
     ) -> None:
         """One RMSProp step on one parameter, as torch.optim.RMSprop (not centered); nothing when
         ``gate`` is tripped."""
-        if self._gate_closed(gate):
+        saved = self._gate_open(gate, p, sq, buf if momentum else None)
+        if saved is None:
             return
         xp = self.xp
         work = xp.empty_like(p) if work is None else work
@@ -370,6 +375,7 @@ class Backend:
         else:
             work *= lr
         p -= work
+        self._gate_restore(gate, saved, p, sq, buf if momentum else None)
 
     def sum_of_squares(self, x: Any) -> Any:
         """sum(x^2) as a 0-d array (for global-norm clipping)."""
@@ -379,11 +385,19 @@ class Backend:
     def clip_by_norm(self, grad: Any, sumsq: Any, max_norm: float, gate: Any = None) -> None:
         """Scale ``grad`` to global norm ``max_norm`` when its norm sqrt(sumsq) is larger, by
         max_norm / (norm + 1e-6) as torch.nn.utils.clip_grad_norm_; nothing when ``gate`` is tripped."""
-        if self._gate_closed(gate):
+        if not self.deferred_checks:
+            if self._gate_closed(gate):
+                return
+            coef = max_norm / (math.sqrt(self.to_float(sumsq)) + 1e-6)
+            if coef < 1.0:
+                self.scale(grad, coef)
             return
-        coef = max_norm / (math.sqrt(self.to_float(sumsq)) + 1e-6)
-        if coef < 1.0:
-            self.scale(grad, coef)
+        # On the device, without reading anything back: the same roundings (sqrt, + and / in float64, then
+        # the coefficient rounded to the gradient's dtype), and a factor of exactly 1 where nothing is done.
+        xp = self.xp
+        coef = max_norm / (xp.sqrt(xp.asarray(sumsq, dtype=np.float64)) + 1e-6)
+        unchanged = coef >= 1.0 if gate is None else (coef >= 1.0) | (gate[0] != 0)
+        grad *= xp.where(unchanged, 1.0, coef).astype(grad.dtype)
 
     # ------------------------------------------------------------------ the deferred non-finite check
     #: Whether the Trainer checks each step's loss and gradient for non-finite values on the backend,
@@ -406,3 +420,21 @@ class Backend:
 
     def _gate_closed(self, gate: Any) -> bool:
         return gate is not None and bool(gate[0] != 0)
+
+    def _gate_open(self, gate: Any, *state: Any) -> list[Any] | None:
+        """Before a reference update under ``gate``: None when it must not run, else copies of ``state``
+        (the arrays it updates; None entries ignored) to put back afterwards where the gate is tripped.
+        CPU backends read the gate (free there) and skip a tripped update. Backends with deferred checks
+        must not read it (a sync per parameter per step): they run the update, then ``_gate_restore``
+        puts the state back on the device if the gate was tripped."""
+        if gate is None:
+            return []
+        if not self.deferred_checks:
+            return None if self._gate_closed(gate) else []
+        return [a.copy() for a in state if a is not None]
+
+    def _gate_restore(self, gate: Any, saved: list[Any], *state: Any) -> None:
+        if saved:
+            tripped = gate[0] != 0
+            for a, before in zip([a for a in state if a is not None], saved):
+                self.xp.copyto(a, before, where=tripped)
