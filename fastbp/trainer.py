@@ -117,11 +117,12 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def step(self, X: Any, y: Any) -> float:
         """One optimizer step on one batch; returns the batch's loss (before the update)."""
-        Xd, yd = self.model.prepare_batch(X, y, self.loss)
-        with self._exclusive():
-            value, _ = self._step(Xd, yd)
-            self._check_deferred()
-        return math.nan if value is None else self.model.backend.to_float(value)
+        with self.model.backend.device_scope():  # one device switch for the whole call
+            Xd, yd = self.model.prepare_batch(X, y, self.loss)
+            with self._exclusive():
+                value, _ = self._step(Xd, yd)
+                self._check_deferred()
+            return math.nan if value is None else self.model.backend.to_float(value)
 
     def _step(self, Xd: Any, yd: Any) -> tuple[Any, Any]:
         """One step on prepared arrays: the backend's whole-step op where it has one, else the ops one by

@@ -3,14 +3,23 @@
 
 // Forward, one pass over the GEMM output Z = X W (rows x n, row-major): Z += b, A = g(Z).
 // For activations whose g' reads A, the caller passes A == Z and the output is written over Z.
+// The column j of idx is kept up to date as idx strides: one 64-bit modulo per thread, not per element.
 template <typename T, int ACT>
 __global__ void bias_act(T* Z, const T* __restrict__ b, T* A, long long total, int n) {
-    for (long long idx = global_index(); idx < total; idx += grid_stride()) {
-        const T z = Z[idx] + b[idx % n];
+    const long long stride = grid_stride();
+    const int step = static_cast<int>(stride % n);
+    long long idx = global_index();
+    int j = static_cast<int>(idx % n);
+    for (; idx < total; idx += stride) {
+        const T z = Z[idx] + b[j];
         if constexpr (ACT == GELU || ACT == SILU) {
             Z[idx] = z;  // g' reads Z
         }
         A[idx] = act_forward<T, ACT>(z);
+        j += step;  // step < n and j < n: one subtraction wraps it
+        if (j >= n) {
+            j -= n;
+        }
     }
 }
 

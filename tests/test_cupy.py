@@ -325,3 +325,23 @@ def test_inherited_reference_ops_read_nothing_back_from_the_device(gpu):
             for d, h in zip(dev, host):
                 np.testing.assert_array_equal(gpu.to_numpy(d), h, err_msg=f"{name}, gate tripped: {tripped}")
 
+
+def test_a_step_on_a_second_device_switches_devices_once(gpu):
+    """Training on device 1 makes it current once per public call (in, then back out), not once per op."""
+    if gpu.name == "cupy":
+        pytest.skip("device switches are counted by the emulated CuPy")
+    from fastbp.testing import fake_cupy
+
+    other = _second_device_or_skip(gpu)
+    rng = np.random.default_rng(7)
+    X, y = rng.standard_normal((160, 20)), rng.integers(0, 4, 160)
+    trainer = fb.Trainer(fb.MLP([20, 32, 32, 4], seed=0, backend=other), optimizer=fb.optim.Adam(1e-3),
+                         batch_size=16, clip_norm=1.0)
+    trainer.fit(X, y, epochs=1, progress="none")
+    fake_cupy.stats.reset()
+    trainer.step(X[:16], y[:16])
+    assert fake_cupy.stats.device_switches == 2, fake_cupy.stats
+    fake_cupy.stats.reset()
+    trainer.fit(X, y, epochs=1, progress="none")  # 10 steps
+    assert fake_cupy.stats.device_switches <= 6, fake_cupy.stats
+

@@ -28,10 +28,14 @@ from .cuda_sources import COLSUM_BLOCK, DTYPES, kernel_dir, name_expressions
 
 
 def _on_device(method):
-    """Run a backend method with the backend's device current (for 'cupy:N' with N > 0)."""
+    """Run a backend method with the backend's device current (for 'cupy:N' with N > 0). Inside a
+    ``device_scope`` (the Trainer's, MLP's and Optimizer's public calls) the device is current already:
+    the op only checks, so a step switches devices once, not once per op."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
+        if self._get_device() == self.device_id:
+            return method(self, *args, **kwargs)
         with self.device:
             return method(self, *args, **kwargs)
 
@@ -50,6 +54,7 @@ class CupyBackend(Backend):
         if cupy_module is None:
             cupy_module = importlib.import_module("cupy")
         self.xp = cupy_module
+        self._get_device = cupy_module.cuda.runtime.getDevice
         self.device_id = device_id
         self.device = cupy_module.cuda.Device(device_id)
         self._modules: dict[str, Any] = {}

@@ -60,10 +60,11 @@ class Stats:
     host_to_device: int = 0
     synchronize: int = 0
     launches: int = 0
+    device_switches: int = 0  # entering or leaving a Device context that changes the current device
     kernels: collections.Counter[str] = field(default_factory=collections.Counter)  # launches per kernel
 
     def reset(self) -> None:
-        self.device_to_host = self.host_to_device = self.synchronize = self.launches = 0
+        self.device_to_host = self.host_to_device = self.synchronize = self.launches = self.device_switches = 0
         self.kernels.clear()
 
 
@@ -162,11 +163,13 @@ class Device:
     def __enter__(self) -> Device:
         if not hasattr(_local, "devices"):
             _local.devices = []
+        stats.device_switches += _current_device_id() != self.id
         _local.devices.append(self.id)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         _local.devices.pop()
+        stats.device_switches += _current_device_id() != self.id
 
     def use(self) -> None:
         if not hasattr(_local, "devices"):
