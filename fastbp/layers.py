@@ -59,6 +59,7 @@ class _Workspace:
         self.delta: list[Any] = []
         self.work: list[Any] = []
         self.work2: list[Any] = []
+        self.loss: Any = None  # the loss of the last step, handed back to the backend to write into
         for layer in layers:
             shape = (batch, layer.n_out)
             self.Z.append(backend.empty(shape, dtype))
@@ -288,7 +289,10 @@ class MLP:
 
     def _output_delta(self, trace: _Trace, y: Any, loss: str) -> tuple[Any, Any]:
         top = len(self.layers) - 1
-        return self.backend.output_delta(trace.a[-1], y, loss, delta_out=trace.ws.delta[top])  # eq. (1)
+        value, delta = self.backend.output_delta(trace.a[-1], y, loss, delta_out=trace.ws.delta[top],
+                                                 value_out=trace.ws.loss)  # eq. (1)
+        trace.ws.loss = value
+        return value, delta
 
     def _backward(self, trace: _Trace, delta: Any) -> list[Any]:
         """Eqs. (2)-(4) from the output delta down; returns the gradient buffers."""

@@ -101,6 +101,7 @@ class Trainer:
         self._guard: Any = None  # the device-side non-finite guard (backends with deferred checks)
         self._guard_backend: Any = None
         self._unchecked = 0  # steps taken since the guard was last read
+        self._sumsq: Any = None  # the last step's squared gradient norm, handed back to be written into
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -145,7 +146,7 @@ class Trainer:
             return value, output
         value, _, output = model._loss_and_grads(Xd, yd, self.loss)
         grad = model.flat_grad()
-        sumsq = bk.sum_of_squares(grad)
+        sumsq = self._sumsq = bk.sum_of_squares(grad, out=self._sumsq)
         gate = None
         if bk.deferred_checks and self.on_nonfinite == "raise":
             if self._guard is None or self._guard_backend is not bk:

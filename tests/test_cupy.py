@@ -345,3 +345,24 @@ def test_a_step_on_a_second_device_switches_devices_once(gpu):
     trainer.fit(X, y, epochs=1, progress="none")  # 10 steps
     assert fake_cupy.stats.device_switches <= 6, fake_cupy.stats
 
+
+
+@pytest.mark.parametrize("activation,loss", [("relu", "cross_entropy"), ("gelu", "mse")])
+def test_a_step_allocates_nothing_after_its_first_run(gpu, activation, loss):
+    """After the first step of a batch size, a training step takes no memory from the pool: reduction
+    partials and row losses are kept per shape, the loss and the gradient norm written into last step's."""
+    if gpu.name == "cupy":
+        pytest.skip("allocations are counted by the emulated CuPy's pool")
+    from fastbp.testing import fake_cupy
+
+    rng = np.random.default_rng(8)
+    model = fb.MLP([20, 32, 32, 4], activation=activation, seed=0, backend=gpu)
+    trainer = fb.Trainer(model, loss=loss, optimizer=fb.optim.Adam(1e-3), clip_norm=1.0)
+    y = rng.integers(0, 4, 16) if loss == "cross_entropy" else rng.standard_normal((16, 4))
+    Xd, yd = model.prepare_batch(rng.standard_normal((16, 20)), y, loss)
+    trainer._step(Xd, yd)
+    pool = fake_cupy.get_default_memory_pool()
+    before = pool.malloc_count
+    losses = [gpu.to_float(trainer._step(Xd, yd)[0]) for _ in range(20)]
+    assert pool.malloc_count == before
+    assert losses[-1] < losses[0]  # and it still trains

@@ -147,11 +147,13 @@ class Backend:
         return delta, dW, db
 
     # ------------------------------------------------------------------ losses
-    def output_delta(self, Z_L: Any, y: Any, loss: str, delta_out: Any = None) -> tuple[Any, Any]:
+    def output_delta(self, Z_L: Any, y: Any, loss: str, delta_out: Any = None,
+                     value_out: Any = None) -> tuple[Any, Any]:
         """Eq. (1) fused with the loss: returns (loss as a 0-d array, delta_L = dC/dZ_L).
 
         ``y`` is prepared by ``fastbp.losses.prepare_targets``: integer labels (B,) or targets shaped
-        like Z_L, in Z_L's dtype.
+        like Z_L, in Z_L's dtype. ``value_out``: a 0-d array from an earlier call that a device backend
+        writes the loss into (so a step allocates nothing); the CPU backends return their own.
         """
         xp = self.xp
         B = Z_L.shape[0]
@@ -377,8 +379,8 @@ class Backend:
         p -= work
         self._gate_restore(gate, saved, p, sq, buf if momentum else None)
 
-    def sum_of_squares(self, x: Any) -> Any:
-        """sum(x^2) as a 0-d array (for global-norm clipping)."""
+    def sum_of_squares(self, x: Any, out: Any = None) -> Any:
+        """sum(x^2) as a 0-d array (for global-norm clipping). ``out``: as ``value_out`` of output_delta."""
         flat = x.ravel()
         return self.xp.vdot(flat, flat)
 

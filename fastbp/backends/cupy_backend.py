@@ -17,6 +17,8 @@ import contextlib
 import functools
 import importlib
 import math
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -60,6 +62,7 @@ class CupyBackend(Backend):
         self._modules: dict[str, Any] = {}
         self._kernels: dict[tuple[str, str], Any] = {}
         self._open_gate: Any = None  # an untripped guard, for ungated updates
+        self._local = threading.local()  # per-thread scratch (see _scratch)
         with self.device:
             self._sm_count = self.device.attributes["MultiProcessorCount"]
 
@@ -105,6 +108,28 @@ class CupyBackend(Backend):
                 continue
             raise ValueError(f"{template} argument {i} {problem}")
         kernel(grid, block, args)
+
+    def _scratch(self, tag: str, shape: tuple, dtype: Any) -> Any:
+        """A device buffer for intermediate results that never leave an op (reduction partials, row losses),
+        kept per thread and per shape so that a step allocates nothing after its first run. Kernels on the
+        stream run in order, so the next use waits for the last; threads each get their own buffers."""
+        cache = getattr(self._local, "scratch", None)
+        if cache is None:
+            cache = self._local.scratch = OrderedDict()
+        key = (tag, shape, np.dtype(dtype).str)
+        buf = cache.get(key)
+        if buf is None:
+            if len(cache) >= 64:  # a few shapes per batch size and layer: drop the oldest past that
+                cache.popitem(last=False)
+            buf = cache[key] = self.xp.empty(shape, dtype)
+        return buf
+
+    def _out_scalar(self, out: Any, dtype: Any) -> Any:
+        """``out`` when it is a 0-d ``dtype`` array on this device (the caller's buffer), else a new one."""
+        if isinstance(out, self.xp.ndarray) and out.shape == () and out.dtype == dtype \
+                and out.device.id == self.device_id:
+            return out
+        return self.xp.empty((), dtype)
 
     def _grid(self, total: int) -> int:
         return max(1, min((total + cuda_sources.THREADS - 1) // cuda_sources.THREADS, self._sm_count * 32))
@@ -197,7 +222,7 @@ class CupyBackend(Backend):
         slabs = max(1, min((4 * self._sm_count + col_tiles - 1) // col_tiles, (rows + 7) // 8))
         rows_per_slab = (rows + slabs - 1) // slabs
         slabs = (rows + rows_per_slab - 1) // rows_per_slab
-        partial = self.xp.empty((slabs, n), self._acc_dtype(delta.dtype))
+        partial = self._scratch("colsum", (slabs, n), self._acc_dtype(delta.dtype))
         S = delta if S is None else self.xp.ascontiguousarray(S, dtype=delta.dtype)
         self._launch("dense.cu", "dact_colsum<{T}, {ACT}>", delta.dtype, (col_tiles, slabs), COLSUM_BLOCK,
                      (delta, S, partial, np.int32(rows), np.int32(n), np.int32(rows_per_slab)), act=code)
@@ -224,17 +249,17 @@ class CupyBackend(Backend):
 
     # ------------------------------------------------------------------ losses
     @_on_device
-    def output_delta(self, Z_L, y, loss, delta_out=None):
+    def output_delta(self, Z_L, y, loss, delta_out=None, value_out=None):
         xp = self.xp
         rows, C = Z_L.shape
         delta = delta_out if delta_out is not None else xp.empty_like(Z_L)
         acc = self._acc_dtype(Z_L.dtype)
-        row_loss = xp.empty(rows, acc)
+        row_loss = self._scratch("row_loss", (rows,), acc)
         blocks = (rows * 32 + cuda_sources.THREADS - 1) // cuda_sources.THREADS
         if loss == "cross_entropy":
             soft = y.ndim == 2
             # the kernel reads labels as long long and target rows as T: convert whatever came
-            labels = xp.ascontiguousarray(y, dtype=np.int64) if not soft else xp.empty(0, np.int64)
+            labels = xp.ascontiguousarray(y, dtype=np.int64) if not soft else self._scratch("no_labels", (0,), np.int64)
             targets = xp.ascontiguousarray(y, dtype=Z_L.dtype) if soft else Z_L  # unused with labels
             self._launch("loss.cu", "softmax_ce<{T}>", Z_L.dtype, (blocks,), (cuda_sources.THREADS,),
                          (Z_L, labels, targets, delta, row_loss, np.int32(rows), np.int32(C), np.int32(soft)))
@@ -247,7 +272,7 @@ class CupyBackend(Backend):
             scale = 1.0 / (rows * C)
         else:
             raise ValueError(f"unknown loss {loss!r}")
-        value = xp.empty((), acc)
+        value = self._out_scalar(value_out, acc)
         self._launch("loss.cu", "reduce_rows<{T}>", acc, (1,), (cuda_sources.REDUCE_THREADS,),
                      (row_loss, np.int64(rows), acc(scale), value))
         return value, delta
@@ -332,16 +357,16 @@ class CupyBackend(Backend):
                           self._gate(gate)))
 
     @_on_device
-    def sum_of_squares(self, x):
+    def sum_of_squares(self, x, out=None):
         x = self._flat_in(x, x.dtype)
         acc = self._acc_dtype(x.dtype)
         # A fixed function of the size (up to 256 blocks of at least 4 elements a thread), so the summation
         # order, and the bits, are the same at every step.
         blocks = max(1, min(256, -(-x.size // (4 * cuda_sources.THREADS))))
-        partial = self.xp.empty(blocks, acc)
+        partial = self._scratch("sumsq", (blocks,), acc)
         self._launch("optim.cu", "sumsq_partial<{T}>", x.dtype, (blocks,), (cuda_sources.THREADS,),
                      (x, np.int64(x.size), partial))
-        out = self.xp.empty((), acc)
+        out = self._out_scalar(out, acc)
         self._launch("loss.cu", "reduce_rows<{T}>", acc, (1,), (cuda_sources.REDUCE_THREADS,),
                      (partial, np.int64(blocks), acc(1.0), out))
         return out

@@ -96,7 +96,7 @@ class NumbaBackend(Backend):
             raise ValueError(f"unknown loss {loss!r}")
         return self._empty_labels, y, code
 
-    def output_delta(self, Z_L, y, loss, delta_out=None):
+    def output_delta(self, Z_L, y, loss, delta_out=None, value_out=None):
         delta = delta_out if delta_out is not None else np.empty_like(Z_L)
         labels, Y, code = self._loss_args(Z_L, y, loss)
         return self.k.output_delta(Z_L, labels, Y, code, delta), delta
@@ -157,7 +157,7 @@ class NumbaBackend(Backend):
             state.step += 1
         return value, plan.output, sumsq, updated
 
-    def sum_of_squares(self, x):
+    def sum_of_squares(self, x, out=None):
         return self.k.sum_of_squares(x.reshape(-1)) if x.flags.c_contiguous else super().sum_of_squares(x)
 
     def warmup(self, dtypes: Any = ("float32", "float64"), activations: Any = None) -> float:
