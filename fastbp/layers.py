@@ -233,9 +233,17 @@ class MLP:
         return self.backend.asarray(X_host, self.dtype), self.backend.asarray(y_host)
 
     def _device_input(self, X: Any) -> Any:
-        if self.backend.is_array(X) and X.dtype == self.dtype and X.ndim == 2 and X.shape[1] == self.sizes[0]:
+        """X checked and as an array of the model's backend and dtype. An array of the backend already in
+        the right dtype and shape is checked where it lives (a device array is never copied to the host and
+        back): the finite check is one flag read."""
+        bk = self.backend
+        if bk.is_array(X) and X.dtype == self.dtype and X.ndim == 2 and X.shape[1] == self.sizes[0] \
+                and X.shape[0] > 0:
+            with bk.device_scope():
+                if not bool(bk.xp.isfinite(X).all()):
+                    raise ValueError("X contains NaN or infinite values")
             return X
-        return self.backend.asarray(check_features(X, self.layers[0].n_in), self.dtype)
+        return bk.asarray(check_features(X, self.layers[0].n_in), self.dtype)
 
     def _workspace(self, batch: int) -> _Workspace:
         ws = self._workspaces.get(batch)

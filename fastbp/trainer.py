@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import check_choice, check_features, check_positive_float, check_positive_int, check_seed
+from ._checks import check_choice, check_positive_float, check_positive_int, check_seed
 from .callbacks import Callback
 from .layers import MLP
 from .losses import CLASSIFICATION_LOSSES, check_loss
@@ -342,10 +342,9 @@ class Trainer:
     def predict(self, X: Any) -> np.ndarray:
         """Host numpy predictions: class labels for cross_entropy, 0/1 per output for
         binary_cross_entropy, the outputs for mse."""
-        X = check_features(X, self.model.sizes[0])
         bk = self.model.backend
         with bk.device_scope():
-            out = self.model.forward(X)
+            out = self.model.forward(X)  # checks X; a device array stays on the device
             if self.loss == "cross_entropy":
                 return bk.to_numpy(bk.xp.argmax(out, axis=1))
             if self.loss == "binary_cross_entropy":

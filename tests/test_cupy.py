@@ -366,3 +366,24 @@ def test_a_step_allocates_nothing_after_its_first_run(gpu, activation, loss):
     losses = [gpu.to_float(trainer._step(Xd, yd)[0]) for _ in range(20)]
     assert pool.malloc_count == before
     assert losses[-1] < losses[0]  # and it still trains
+
+
+def test_predicting_on_a_device_array_copies_nothing_back_and_forth(gpu):
+    """Trainer.predict and MLP.forward check a device X where it lives (one flag read for finiteness)
+    instead of copying it to the host and back."""
+    if gpu.name == "cupy":
+        pytest.skip("transfers are counted by the emulated CuPy")
+    from fastbp.testing import fake_cupy
+
+    rng = np.random.default_rng(9)
+    X = rng.standard_normal((50, 12))
+    trainer = fb.Trainer(fb.MLP([12, 16, 3], seed=0, backend=gpu))
+    want = trainer.predict(X)
+    Xd = gpu.asarray(X, np.float32)
+    fake_cupy.stats.reset()
+    got = trainer.predict(Xd)
+    assert fake_cupy.stats.host_to_device == 0 and fake_cupy.stats.device_to_host == 2  # the flag, the labels
+    np.testing.assert_array_equal(got, want)
+    bad = gpu.asarray(np.where(np.arange(50)[:, None] == 7, np.nan, X), np.float32)
+    with pytest.raises(ValueError, match="X contains NaN or infinite values"):
+        trainer.predict(bad)

@@ -166,3 +166,16 @@ def test_load_rejects_foreign_and_pickled_files(tmp_path):
         fb.load(wrong)
     with pytest.raises(ValueError, match="does not exist"):
         fb.load(tmp_path / "missing.npz")
+
+
+def test_forward_checks_arrays_of_the_backend_too(backend, dtype):
+    """An array already of the model's backend, dtype and width takes the fast path, which still refuses
+    NaN and infinities (it used to return a result computed from them)."""
+    model = fb.MLP([3, 4, 2], dtype=dtype, seed=0, backend=backend)
+    X = np.ones((5, 3), dtype)
+    X[2, 1] = np.nan
+    for bad in (X, np.where(np.isnan(X), np.inf, X)):
+        with pytest.raises(ValueError, match="X contains NaN or infinite values"):
+            model.forward(backend.asarray(bad, dtype))
+    assert_close(backend.to_numpy(model.forward(backend.asarray(np.ones((5, 3)), dtype))),
+                 fb.MLP([3, 4, 2], dtype=dtype, seed=0, backend="numpy").forward(np.ones((5, 3))), dtype)
