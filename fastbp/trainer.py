@@ -122,8 +122,8 @@ class Trainer:
             Xd, yd = self.model.prepare_batch(X, y, self.loss)
             with self._exclusive():
                 value, _ = self._step(Xd, yd)
-                self._check_deferred()
-            return math.nan if value is None else self.model.backend.to_float(value)
+                loss = self._check_deferred(value)  # the guard and the loss in one read
+            return math.nan if loss is None else loss
 
     def _step(self, Xd: Any, yd: Any) -> tuple[Any, Any]:
         """One step on prepared arrays: the backend's whole-step op where it has one, else the ops one by
@@ -165,21 +165,26 @@ class Trainer:
         self.optimizer.step([model.flat_parameters()], [grad], bk, gate=gate)
         return value, output
 
-    def _check_deferred(self) -> None:
+    def _check_deferred(self, value: Any = None) -> float | None:
         """Read the device guard of the steps since the last read. When one of them was non-finite, its
-        update and every later one did nothing; wind the step counts back to it and raise."""
+        update and every later one did nothing; wind the step counts back to it and raise. ``value``: a
+        step's 0-d loss, read in the same transfer as the guard and returned as a float (None: nothing)."""
+        bk = self.model.backend
         if not self._unchecked:
-            return
+            return None if value is None else bk.to_float(value)
         self._unchecked = 0
-        tripped, step, loss_value, sumsq = (float(v) for v in self.model.backend.to_numpy(self._guard))
-        if not tripped:
-            return
-        self._guard = None  # a fresh guard for any training after the error
-        undone = self.steps - int(step) + 1  # the non-finite step and those after it
-        self.steps -= undone
-        if self.optimizer.state is not None:
-            self.optimizer.state.step -= undone
-        self._nonfinite(loss_value, sumsq)
+        parts = [self._guard] if value is None else [self._guard, bk.xp.asarray(value, dtype=np.float64).reshape(1)]
+        host = bk.to_numpy(bk.xp.concatenate(parts))
+        tripped, step, loss_value, sumsq = (float(v) for v in host[:4])
+        if tripped:
+            self._guard = None  # a fresh guard for any training after the error
+            undone = self.steps - int(step) + 1  # the non-finite step and those after it
+            self.steps -= undone
+            if self.optimizer.state is not None:
+                self.optimizer.state.step -= undone
+            self._nonfinite(loss_value, sumsq)
+            return math.nan  # the step was skipped (on_nonfinite='skip'; 'raise' raised above)
+        return None if value is None else float(host[4])
 
     def _nonfinite(self, loss_value: float, sumsq: float) -> None:
         """A non-finite step that changed nothing: count it as skipped, or raise."""

@@ -2,6 +2,8 @@
 on it through the backend fixture): on a real CUDA device where one is usable (marked gpu; skipped with the
 reason elsewhere), and always on the emulated CuPy (marked emulator)."""
 
+import math
+
 import numpy as np
 import pytest
 from conftest import EMULATED, EMULATOR_MISSING, assert_close
@@ -387,3 +389,25 @@ def test_predicting_on_a_device_array_copies_nothing_back_and_forth(gpu):
     bad = gpu.asarray(np.where(np.arange(50)[:, None] == 7, np.nan, X), np.float32)
     with pytest.raises(ValueError, match="X contains NaN or infinite values"):
         trainer.predict(bad)
+
+
+def test_a_public_step_on_the_device_reads_back_once(gpu):
+    """Trainer.step returns the batch's loss: that read carries the non-finite guard too (one transfer)."""
+    if gpu.name == "cupy":
+        pytest.skip("transfers are counted by the emulated CuPy")
+    from fastbp.testing import fake_cupy
+
+    rng = np.random.default_rng(10)
+    trainer = fb.Trainer(fb.MLP([12, 16, 3], seed=0, backend=gpu), optimizer=fb.optim.Adam(1e-3))
+    X, y = rng.standard_normal((32, 12)), rng.integers(0, 3, 32)
+    first = trainer.step(X, y)
+    fake_cupy.stats.reset()
+    second = trainer.step(X, y)
+    assert fake_cupy.stats.device_to_host == 1
+    assert math.isfinite(first) and second < first
+    bad = X.copy()
+    bad[3] = 1e39  # finite as given (float64), infinite in the model's float32: caught by the guard read
+    with pytest.raises(fb.DivergenceError, match="non-finite (loss|gradient) at epoch 0, step 3"):
+        trainer.step(bad, y)
+    assert trainer.steps == 2
+
