@@ -262,7 +262,8 @@ def _apply(fn: Any, args: tuple, kwargs: dict) -> Any:
     args = tuple(_host(a) for a in args)
     out = kwargs.get("out")
     kwargs = {k: _host(v) for k, v in kwargs.items()}
-    result = fn(*args, **kwargs)
+    with np.errstate(all="ignore"):  # CuPy never warns about overflow or invalid values
+        result = fn(*args, **kwargs)
     if out is not None and isinstance(out, ndarray) and result is out._a:
         return out
     return _wrap_result(result)
@@ -397,7 +398,8 @@ class ndarray:  # noqa: N801 - CuPy's name
             return self
         _check_device(self._device)
         out = _allocate(self.shape, dtype, fill=None)
-        np.copyto(out._a, self._a, casting="unsafe")
+        with np.errstate(all="ignore"):
+            np.copyto(out._a, self._a, casting="unsafe")
         return out
 
     def fill(self, value: Any) -> None:
@@ -460,7 +462,8 @@ def _binary(ufunc: Any, reflected: bool = False, inplace: bool = False) -> Any:
         if not isinstance(other, (ndarray, int, float, complex, bool, np.generic)):
             return NotImplemented
         if inplace:
-            ufunc(self._a, _host(other), out=self._a)
+            with np.errstate(all="ignore"):
+                ufunc(self._a, _host(other), out=self._a)
             _check_device(self._device)
             return self
         args = (other, self) if reflected else (self, other)
@@ -526,7 +529,8 @@ def array(obj: Any, dtype: Any = None, copy: bool = True, order: str = "K", subo
         return obj.astype(dtype if dtype is not None else obj.dtype)
     if isinstance(obj, (list, tuple)) and builtins.any(isinstance(v, ndarray) for v in obj):
         return stack([asarray(v, dtype) for v in obj])
-    host = np.asarray(obj, dtype=dtype)
+    with np.errstate(all="ignore"):  # CuPy casts on the device, without warnings
+        host = np.asarray(obj, dtype=dtype)
     if host.dtype == object:
         raise ValueError("Unsupported dtype object")
     stats.host_to_device += 1
@@ -593,9 +597,10 @@ def matmul(a: ndarray, b: ndarray, out: ndarray | None = None) -> ndarray:
         raise TypeError("matmul takes device arrays")
     if A.dtype == np.float32 and _compute_types.get(np.dtype(np.float32)) == COMPUTE_TYPE_TF32:
         A, B = _tf32(A), _tf32(B)
-    if out is None:
-        return _wrap_result(np.matmul(A, B))
-    np.matmul(A, B, out=_host(out))
+    with np.errstate(all="ignore"):
+        if out is None:
+            return _wrap_result(np.matmul(A, B))
+        np.matmul(A, B, out=_host(out))
     return out
 
 
