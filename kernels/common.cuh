@@ -2,10 +2,14 @@
 // their derivatives, warp reductions. Included by dense.cu, loss.cu and optim.cu.
 #pragma once
 
-// The block sizes of the cupy backend's launches, defined from fastbp/backends/cuda_sources.py (THREADS,
-// REDUCE_THREADS) ahead of this header; the shared arrays below are sized from them.
-#if !defined(FASTBP_THREADS) || !defined(FASTBP_REDUCE_THREADS)
-#error "compile fastbp's kernels through fastbp.backends.cuda_sources.source(), which defines FASTBP_THREADS"
+// The block sizes of the cupy backend's launches: fastbp/backends/cuda_sources.py (THREADS, REDUCE_THREADS)
+// defines them ahead of every source it hands CuPy, and the kernels' shared arrays are sized from them. The
+// defaults below only let a file compile on its own (nvcc kernels/dense.cu); a test keeps them equal.
+#ifndef FASTBP_THREADS
+#define FASTBP_THREADS 256
+#endif
+#ifndef FASTBP_REDUCE_THREADS
+#define FASTBP_REDUCE_THREADS 1024
 #endif
 
 // Sums accumulate in float for float data and in double for double data.

@@ -87,3 +87,12 @@ def test_the_source_cupy_compiles_is_self_contained_so_header_edits_reach_its_ca
     after = cuda_sources.source("dense.cu", folder)
     assert after != before and "T(0.02) * z" in after
 
+
+def test_the_headers_default_block_sizes_are_the_python_ones():
+    """common.cuh's fallback definitions (for compiling a file alone) equal cuda_sources' constants, which
+    every source handed to CuPy defines ahead of them."""
+    header = (cuda_sources.kernel_dir() / "common.cuh").read_text()
+    assert f"#define FASTBP_THREADS {cuda_sources.THREADS}\n" in header
+    assert f"#define FASTBP_REDUCE_THREADS {cuda_sources.REDUCE_THREADS}\n" in header
+    assert cuda_sources.source("optim.cu").startswith(cuda_sources.defines())
+
