@@ -473,13 +473,6 @@ def compile_module(code: str, name_expressions: Iterable[str], name: str = "<sou
     return _load(path, names)
 
 
-def compile_file(path: str | os.PathLike, name_expressions: Iterable[str],
-                 include_dirs: Sequence[str | os.PathLike] = (), sanitize: bool | None = None) -> EmulatedModule:
-    """``compile_module`` for a file on disk."""
-    path = Path(path).resolve()
-    return compile_module(path.read_text(), name_expressions, str(path), include_dirs, sanitize)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m fastbp.testing.cuda_emulator --sanitizer-env``: shell exports for a sanitized run."""
     import argparse
