@@ -120,6 +120,22 @@ def kernels():
     return {name: module.get_function(name) for name in NAMES}
 
 
+def test_the_portable_stack_switch_runs_the_same_rules():
+    """CPUs other than x86-64 switch fibers with ucontext; -DFBEMU_UCONTEXT selects that path here."""
+    module = cuda_emulator.compile_module(SOURCE, NAMES, "emulator_rules.cu", extra_options=["-DFBEMU_UCONTEXT"])
+    x = np.arange(2 * 256, dtype=np.float32)
+    for order in ("forward", "random"):
+        out = np.full(2, np.nan, np.float32)
+        module.get_function("block_sum").launch(2, 256, (x, out), order=order, seed=2)
+        np.testing.assert_array_equal(out, x.reshape(2, 256).sum(1))
+    ints = np.arange(32, dtype=np.int32)
+    out = np.zeros(8 * 32, np.int32)
+    module.get_function("shuffles").launch(1, 32, (ints, out, np.int32(32)))
+    np.testing.assert_array_equal(out[3 * 32:4 * 32], np.arange(32) ^ 5)  # __shfl_xor_sync
+    with pytest.raises(EmulatorError, match="which has exited"):
+        module.get_function("early_return").launch(1, 64, (np.zeros(64, np.float32), np.int32(40)))
+
+
 def test_block_reduction_is_exact_in_every_order(kernels):
     x = np.arange(4 * 256, dtype=np.float32)
     for order in ("forward", "reverse", "random"):

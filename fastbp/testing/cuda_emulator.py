@@ -118,9 +118,13 @@ def compile_options(sanitize: bool = False) -> list[str]:
 
 def sanitizer_env() -> dict[str, str]:
     """The environment a Python process needs to load sanitized kernel libraries: libasan preloaded,
-    leak checks off (the interpreter's own allocations would drown the report)."""
+    leak checks off (the interpreter's own allocations would drown the report). EmulatorUnavailable where
+    the compiler has no AddressSanitizer runtime."""
     path, _ = compiler()
     libasan = subprocess.run([path, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(libasan) or not os.path.exists(libasan):
+        raise EmulatorUnavailable(f"{path} has no AddressSanitizer runtime (libasan.so); on Debian: apt-get install "
+                                  "libasan8 (or the libasan of your g++)")
     return {"LD_PRELOAD": libasan, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:halt_on_error=1",
             "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1", "FASTBP_EMULATOR_SANITIZE": "1"}
 
@@ -218,13 +222,15 @@ def translation_unit(code: str, name_expressions: Sequence[str], name: str = "<s
 
 
 def build(code: str, name_expressions: Sequence[str], name: str = "<source>",
-          include_dirs: Sequence[str | os.PathLike] = (), sanitize: bool | None = None) -> Path:
-    """Compile (or find in the cache) the library for ``code``; returns its path."""
+          include_dirs: Sequence[str | os.PathLike] = (), sanitize: bool | None = None,
+          extra_options: Sequence[str] = ()) -> Path:
+    """Compile (or find in the cache) the library for ``code``; returns its path. ``extra_options`` go to
+    g++ after the usual ones (``-DFBEMU_UCONTEXT`` selects the portable stack switch)."""
     if sanitize is None:
         sanitize = os.environ.get("FASTBP_EMULATOR_SANITIZE") == "1"
     path, version = compiler()
     unit = translation_unit(code, name_expressions, name, include_dirs)
-    options = compile_options(sanitize)
+    options = compile_options(sanitize) + list(extra_options)
     key = hashlib.sha256("\0".join([EMULATOR_VERSION, version, *options, unit]).encode()).hexdigest()[:32]
     folder = cache_dir()
     target = folder / f"{key}.so"
@@ -466,10 +472,11 @@ def _load(path: Path, names: tuple[str, ...]) -> EmulatedModule:
 
 
 def compile_module(code: str, name_expressions: Iterable[str], name: str = "<source>",
-                   include_dirs: Sequence[str | os.PathLike] = (), sanitize: bool | None = None) -> EmulatedModule:
+                   include_dirs: Sequence[str | os.PathLike] = (), sanitize: bool | None = None,
+                   extra_options: Sequence[str] = ()) -> EmulatedModule:
     """Build (or load from the cache) the emulated module of a CUDA source and its instantiations."""
     names = tuple(name_expressions)
-    path = build(code, names, name, tuple(str(d) for d in include_dirs), sanitize)
+    path = build(code, names, name, tuple(str(d) for d in include_dirs), sanitize, tuple(extra_options))
     return _load(path, names)
 
 

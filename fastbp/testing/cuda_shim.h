@@ -17,7 +17,11 @@
 // instantiation, and compiles the lot with g++ into a shared library.
 #pragma once
 
-#if !defined(__x86_64__)
+// The fast stack switch is x86-64 assembly; other CPUs (or -DFBEMU_UCONTEXT, which the tests use to run
+// this path here) switch with ucontext, a syscall per switch and about ten times slower.
+#if defined(__x86_64__) && !defined(FBEMU_UCONTEXT)
+#define FBEMU_ASM_SWITCH 1
+#else
 #include <ucontext.h>
 #endif
 #include <algorithm>
@@ -111,7 +115,7 @@ inline std::string at(const Where& w) {
 
 struct Fiber {
     void* sp = nullptr;  // saved stack pointer while switched out
-#if !defined(__x86_64__)
+#if !defined(FBEMU_ASM_SWITCH)
     ucontext_t ctx;
 #endif
     uint3 tid{};
@@ -158,7 +162,7 @@ inline constexpr std::size_t kStackSize = 128 * 1024;
 struct Scheduler {
     std::vector<Fiber> fibers;
     void* sched_sp = nullptr;
-#if !defined(__x86_64__)
+#if !defined(FBEMU_ASM_SWITCH)
     ucontext_t sched_ctx;
 #endif
     Fiber* current = nullptr;
@@ -188,7 +192,7 @@ inline std::mutex g_launch_lock;
 
 }  // namespace fbemu
 
-#if defined(__x86_64__)
+#if defined(FBEMU_ASM_SWITCH)
 // Switch stacks: save the callee-saved registers and the stack pointer of the running context in
 // *save_sp, load those of the context at load_sp. A fresh fiber's stack holds zeroed registers and
 // fbemu_fiber_entry as the return address.
@@ -233,7 +237,7 @@ inline void resume(Scheduler& s, Fiber& f) {
     const std::size_t index = static_cast<std::size_t>(&f - s.fibers.data());
     __sanitizer_start_switch_fiber(&s.fake_stack, s.stacks + index * kStackSize, kStackSize);
 #endif
-#if defined(__x86_64__)
+#if defined(FBEMU_ASM_SWITCH)
     fbemu_swap(&s.sched_sp, f.sp);
 #else
     swapcontext(&s.sched_ctx, &f.ctx);
@@ -252,7 +256,7 @@ inline void yield_to_scheduler() {
     __sanitizer_start_switch_fiber(f.state == State::Done ? nullptr : &fake, s.sched_stack_bottom,
                                    s.sched_stack_size);
 #endif
-#if defined(__x86_64__)
+#if defined(FBEMU_ASM_SWITCH)
     fbemu_swap(&f.sp, s.sched_sp);
 #else
     swapcontext(&f.ctx, &s.sched_ctx);
@@ -293,7 +297,7 @@ inline std::string thread_name(const Fiber& f) {
     __builtin_unreachable();
 }
 
-#if !defined(__x86_64__)
+#if !defined(FBEMU_ASM_SWITCH)
 inline void fiber_entry_trampoline() { fiber_entry(); }
 #endif
 
@@ -555,7 +559,7 @@ inline void start_fiber(Scheduler& s, Fiber& f, std::size_t index) {
     const std::size_t page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
     __asan_unpoison_memory_region(bottom + page, kStackSize - page);
 #endif
-#if defined(__x86_64__)
+#if defined(FBEMU_ASM_SWITCH)
     // Stagger the stack tops so that the fibers' hot frames do not all fall in one cache set.
     const std::size_t stagger = (index * 7 % 61) * 64;
     auto top = reinterpret_cast<std::uintptr_t>(bottom + kStackSize - stagger) & ~std::uintptr_t{15};
