@@ -98,8 +98,8 @@ class CupyBackend(Backend):
                 raise TypeError(f"{template} argument {i}: a host (NumPy) array; kernels take device arrays")
             if not isinstance(a, self.xp.ndarray):
                 continue
-            if a.device.id != self.device_id:
-                problem = f"is on device {a.device.id}, not this backend's device {self.device_id}"
+            if a.data.device_id != self.device_id:  # an int: cheaper than building a.device
+                problem = f"is on device {a.data.device_id}, not this backend's device {self.device_id}"
             elif not a.flags.c_contiguous:
                 problem = f"is not C-contiguous (strides {a.strides})"
             elif a.dtype.kind in "iub" and a.dtype != np.int64:
@@ -127,7 +127,7 @@ class CupyBackend(Backend):
     def _out_scalar(self, out: Any, dtype: Any) -> Any:
         """``out`` when it is a 0-d ``dtype`` array on this device (the caller's buffer), else a new one."""
         if isinstance(out, self.xp.ndarray) and out.shape == () and out.dtype == dtype \
-                and out.device.id == self.device_id:
+                and out.data.device_id == self.device_id:
             return out
         return self.xp.empty((), dtype)
 

@@ -270,8 +270,11 @@ def _apply(fn: Any, args: tuple, kwargs: dict) -> Any:
 
 
 class _Pointer:
-    def __init__(self, ptr: int) -> None:
+    """CuPy's MemoryPointer, as far as fastbp reads it: the address and the device number."""
+
+    def __init__(self, ptr: int, device_id: int) -> None:
         self.ptr = ptr
+        self.device_id = device_id
 
 
 class ndarray:  # noqa: N801 - CuPy's name
@@ -304,7 +307,7 @@ class ndarray:  # noqa: N801 - CuPy's name
     strides = property(lambda self: self._a.strides)
     flags = property(lambda self: self._a.flags)
     device = property(lambda self: Device(self._device))
-    data = property(lambda self: _Pointer(self._a.__array_interface__["data"][0]))
+    data = property(lambda self: _Pointer(self._a.__array_interface__["data"][0], self._device))
     T = property(lambda self: ndarray._wrap(self._a.T, self._device))
 
     @property
