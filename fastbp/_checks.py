@@ -72,16 +72,24 @@ def check_features(X: Any, n_in: int, argument: str = "X") -> np.ndarray:
 
     Integer and bool X are accepted and cast to the model's float dtype by the caller.
     """
-    arr = host_array(X, argument)
-    if arr.ndim != 2:
-        raise ValueError(f"{argument} must be 2-D (samples, {n_in} features), got shape {arr.shape}")
-    if arr.shape[0] == 0:
-        raise ValueError(f"{argument} is empty: it has 0 samples")
-    if arr.shape[1] != n_in:
-        raise ValueError(f"{argument} must have {n_in} features (columns), got shape {arr.shape}")
+    arr = check_feature_shape(host_array(X, argument), n_in, argument)
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise ValueError(f"{argument} contains NaN or infinite values")
     return arr
+
+
+def check_feature_shape(X: Any, n_in: int, argument: str = "X") -> Any:
+    """``X`` (any array, host or device) when its dtype and shape fit (B, n_in) features, B >= 1; its
+    values are not looked at."""
+    if X.dtype.kind not in "biuf":
+        raise TypeError(f"{argument} must be a numeric (bool, int or float) array, got dtype {X.dtype}")
+    if X.ndim != 2:
+        raise ValueError(f"{argument} must be 2-D (samples, {n_in} features), got shape {X.shape}")
+    if X.shape[0] == 0:
+        raise ValueError(f"{argument} is empty: it has 0 samples")
+    if X.shape[1] != n_in:
+        raise ValueError(f"{argument} must have {n_in} features (columns), got shape {X.shape}")
+    return X
 
 
 def check_seed(seed: Any, argument: str = "seed", allow_none: bool = True) -> int | None:

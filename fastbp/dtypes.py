@@ -8,6 +8,12 @@ import numpy as np
 FLOAT_DTYPES = ("float32", "float64")
 
 
+def accumulator_dtype(dtype: object) -> np.dtype:
+    """The dtype sums of ``dtype`` data accumulate in (a loss, a reduction): float64 for float64 data,
+    float32 otherwise, on every backend alike."""
+    return np.dtype(np.float64 if np.dtype(dtype) == np.float64 else np.float32)  # type: ignore[call-overload]
+
+
 def resolve_dtype(dtype: object, argument: str = "dtype") -> np.dtype:
     """Return the numpy dtype for a name or dtype-like, accepting only float32 and float64.
 

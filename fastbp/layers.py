@@ -9,12 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import check_choice, check_features, check_positive_int, check_seed, to_host
+from ._checks import check_choice, check_feature_shape, check_features, check_positive_int, check_seed, to_host
 from .activations import ACTIVATIONS
 from .backends import Backend, resolve_backend
-from .dtypes import resolve_dtype
+from .backends.base import invalid_batch_message
+from .dtypes import accumulator_dtype, resolve_dtype
 from .init import INITIALIZERS, initialize
-from .losses import check_loss, prepare_targets
+from .losses import check_loss, prepare_targets, target_shape
 
 _MAX_WORKSPACES = 4  # batch sizes whose buffers are kept: the batch, the last partial batch, eval sizes
 _INFER_CHUNK = 16384  # rows per forward pass at inference, to bound the memory of big inputs
@@ -59,7 +60,8 @@ class _Workspace:
         self.delta: list[Any] = []
         self.work: list[Any] = []
         self.work2: list[Any] = []
-        self.loss: Any = None  # the loss of the last step, handed back to the backend to write into
+        # [loss, correct count] of the last step (see Backend.output_delta), when the caller keeps none
+        self.stats = backend.empty((2,), accumulator_dtype(dtype))
         for layer in layers:
             shape = (batch, layer.n_out)
             self.Z.append(backend.empty(shape, dtype))
@@ -226,19 +228,41 @@ class MLP:
             value, grads, _ = self._loss_and_grads(Xd, yd, loss)
             return self.backend.to_float(value), [g.copy() for g in grads]
 
-    def prepare_batch(self, X: Any, y: Any, loss: str) -> tuple[Any, Any]:
-        """Check (X, y) for this model and ``loss``; return them as arrays of the model's backend."""
-        X_host = check_features(X, self.layers[0].n_in)
-        y_host = prepare_targets(y, loss, self.layers[-1].n_out, X_host.shape[0], self.dtype)
-        return self.backend.asarray(X_host, self.dtype), self.backend.asarray(y_host)
+    def prepare_batch(self, X: Any, y: Any, loss: str, guard: Any = None, step: int = 0) -> tuple[Any, Any]:
+        """Check (X, y) for this model and ``loss``; return them as arrays of the model's backend.
+
+        Arrays that live on the model's device (CuPy arrays on the cupy backend) are checked there and never
+        copied to the host and back: their shapes and dtypes at once, their values by
+        ``Backend.check_batch``, whose verdict is read at once (a ValueError), or, when ``guard`` is given,
+        joins that guard as step ``step`` (the Trainer reads it with the step's loss, one transfer).
+        """
+        bk = self.backend
+        n_in, n_out = self.sizes[0], self.sizes[-1]
+        if _on_device(bk, X) and _on_device(bk, y) and not (
+                loss == "cross_entropy" and y.ndim == 1 and y.dtype.kind == "f"):  # float labels: host checks
+            with bk.device_scope():
+                Xd = bk.asarray(check_feature_shape(X, n_in), self.dtype)
+                shape = target_shape(y, loss, n_out, Xd.shape[0])
+                yd = bk.asarray(y, np.int64) if shape is None else bk.asarray(y.reshape(shape), self.dtype)
+                own = guard is None
+                guard = bk.guard_state() if own else guard
+                bk.check_batch(Xd, yd, loss, n_out, guard, step)
+                if own:
+                    tripped, _, count, kind = bk.to_numpy(guard)
+                    if tripped:
+                        raise ValueError(invalid_batch_message(count, int(kind), n_out))
+            return Xd, yd
+        X_host = check_features(X, n_in)
+        y_host = prepare_targets(y, loss, n_out, X_host.shape[0], self.dtype)
+        return bk.asarray(X_host, self.dtype), bk.asarray(y_host)
 
     def _device_input(self, X: Any) -> Any:
         """X checked and as an array of the model's backend and dtype. An array of the backend already in
         the right dtype and shape is checked where it lives (a device array is never copied to the host and
         back): the finite check is one flag read."""
         bk = self.backend
-        if bk.is_array(X) and X.dtype == self.dtype and X.ndim == 2 and X.shape[1] == self.sizes[0] \
-                and X.shape[0] > 0:
+        if bk.is_array(X) and X.dtype == self.dtype:
+            check_feature_shape(X, self.sizes[0])
             with bk.device_scope():
                 if not bool(bk.xp.isfinite(X).all()):
                     raise ValueError("X contains NaN or infinite values")
@@ -272,14 +296,15 @@ class MLP:
         self.grad_buffers()
         return self._flat_grad
 
-    def _loss_and_grads(self, X: Any, y: Any, loss: str) -> tuple[Any, list[Any], Any]:
+    def _loss_and_grads(self, X: Any, y: Any, loss: str, stats_out: Any = None) -> tuple[Any, list[Any], Any]:
         """The training hot path, on prepared backend arrays: forward, eq. (1), then eqs. (2)-(4) top down.
 
         Returns the loss as a 0-d backend array, the model's gradient buffers and the network's output
-        (both overwritten by the next call).
+        (both overwritten by the next call). ``stats_out``: receives [loss, correct count], see
+        ``Backend.output_delta`` (default: the workspace's own).
         """
         trace = self._forward_train(X)
-        value, delta = self._output_delta(trace, y, loss)
+        value, delta = self._output_delta(trace, y, loss, stats_out)
         grads = self._backward(trace, delta)
         return value, grads, trace.a[-1]
 
@@ -295,12 +320,11 @@ class MLP:
             trace.Z.append(Z)
         return trace
 
-    def _output_delta(self, trace: _Trace, y: Any, loss: str) -> tuple[Any, Any]:
+    def _output_delta(self, trace: _Trace, y: Any, loss: str, stats_out: Any = None) -> tuple[Any, Any]:
         top = len(self.layers) - 1
-        value, delta = self.backend.output_delta(trace.a[-1], y, loss, delta_out=trace.ws.delta[top],
-                                                 value_out=trace.ws.loss)  # eq. (1)
-        trace.ws.loss = value
-        return value, delta
+        stats = stats_out if stats_out is not None else trace.ws.stats
+        # eq. (1)
+        return self.backend.output_delta(trace.a[-1], y, loss, delta_out=trace.ws.delta[top], stats_out=stats)
 
     def _backward(self, trace: _Trace, delta: Any) -> list[Any]:
         """Eqs. (2)-(4) from the output delta down; returns the gradient buffers."""
@@ -357,3 +381,8 @@ def _check_sizes(sizes: Any) -> list[int]:
     if len(sizes) < 2:
         raise ValueError(f"sizes must name at least the input and output widths, got {list(sizes)}")
     return [check_positive_int(n, f"sizes[{i}]") for i, n in enumerate(sizes)]
+
+
+def _on_device(bk: Backend, x: Any) -> bool:
+    """Whether ``x`` is an array of ``bk`` that lives on a device (not a host NumPy array)."""
+    return bk.is_array(x) and not isinstance(x, np.ndarray)

@@ -38,14 +38,10 @@ def prepare_targets(y: Any, loss: str, n_out: int, n_samples: int, dtype: np.dty
         ValueError, TypeError: naming ``y`` and what was wrong.
     """
     arr = host_array(y, "y")
-    if arr.shape[:1] != (n_samples,):
-        raise ValueError(f"y must have one row per sample of X ({n_samples}), got shape {arr.shape}")
-    if loss == "cross_entropy" and arr.ndim == 1:
-        if arr.dtype.kind == "f":
-            if not np.isfinite(arr).all() or not np.array_equal(arr, np.round(arr)):
-                raise TypeError("y must hold integer class labels for cross_entropy, got non-integer floats")
-        elif arr.dtype.kind == "b":
-            raise TypeError("y must hold integer class labels for cross_entropy, got bool")
+    shape = target_shape(arr, loss, n_out, n_samples)
+    if shape is None:
+        if arr.dtype.kind == "f" and (not np.isfinite(arr).all() or not np.array_equal(arr, np.round(arr))):
+            raise TypeError("y must hold integer class labels for cross_entropy, got non-integer floats")
         labels = arr.astype(np.int64)
         if labels.min() < 0 or labels.max() >= n_out:
             raise ValueError(
@@ -53,16 +49,27 @@ def prepare_targets(y: Any, loss: str, n_out: int, n_samples: int, dtype: np.dty
                 f"got range [{labels.min()}, {labels.max()}]"
             )
         return labels
-    if arr.ndim == 1 and n_out == 1:
-        arr = arr.reshape(-1, 1)
-    if arr.ndim != 2 or arr.shape[1] != n_out:
-        expected = f"({n_samples},) labels or ({n_samples}, {n_out})" if loss == "cross_entropy" else (
-            f"({n_samples}, {n_out})"
-        )
-        raise ValueError(f"y must have shape {expected} for loss {loss!r}, got {arr.shape}")
-    targets = arr.astype(dtype)
+    targets = arr.reshape(shape).astype(dtype)
     if not np.isfinite(targets).all():
         raise ValueError("y contains NaN or infinite values")
     if loss in CLASSIFICATION_LOSSES and (targets.min() < 0 or targets.max() > 1):
         raise ValueError(f"y targets for {loss} must lie in [0, 1], got range [{targets.min()}, {targets.max()}]")
     return targets
+
+
+def target_shape(y: Any, loss: str, n_out: int, n_samples: int) -> tuple[int, int] | None:
+    """Check the shape and dtype of targets ``y`` (any array, host or device) for ``loss``: None when they
+    are class labels (cross_entropy, 1-D), else the (n_samples, n_out) shape the targets take."""
+    if y.dtype.kind not in "biuf":
+        raise TypeError(f"y must be a numeric (bool, int or float) array, got dtype {y.dtype}")
+    if y.shape[:1] != (n_samples,):
+        raise ValueError(f"y must have one row per sample of X ({n_samples}), got shape {y.shape}")
+    if loss == "cross_entropy" and y.ndim == 1:
+        if y.dtype.kind == "b":
+            raise TypeError("y must hold integer class labels for cross_entropy, got bool")
+        return None
+    shape = (n_samples, n_out)
+    if y.shape != shape and not (y.ndim == 1 and n_out == 1):
+        expected = f"({n_samples},) labels or {shape}" if loss == "cross_entropy" else f"{shape}"
+        raise ValueError(f"y must have shape {expected} for loss {loss!r}, got {y.shape}")
+    return shape

@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 
 from ._checks import check_choice, check_positive_float, check_positive_int, check_seed
+from .backends.base import invalid_batch_message
 from .callbacks import Callback
+from .dtypes import accumulator_dtype
 from .layers import MLP
 from .losses import CLASSIFICATION_LOSSES, check_loss
 from .optim import Adam, Optimizer
@@ -117,18 +119,33 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def step(self, X: Any, y: Any) -> float:
-        """One optimizer step on one batch; returns the batch's loss (before the update)."""
-        with self.model.backend.device_scope():  # one device switch for the whole call
-            Xd, yd = self.model.prepare_batch(X, y, self.loss)
-            with self._exclusive():
-                value, _ = self._step(Xd, yd)
-                loss = self._check_deferred(value)  # the guard and the loss in one read
-            return math.nan if loss is None else loss
+        """One optimizer step on one batch; returns the batch's loss (before the update).
 
-    def _step(self, Xd: Any, yd: Any) -> tuple[Any, Any]:
+        Device arrays (CuPy arrays on the cupy backend) are checked on the device: a batch with NaN or
+        infinite features or invalid labels raises a ValueError from the same read that returns the loss,
+        and the step changes nothing."""
+        with self._exclusive():  # one device switch for the whole call
+            guard = self._deferred_guard()
+            Xd, yd = self.model.prepare_batch(X, y, self.loss, guard=guard, step=self.steps + 1)
+            value, _ = self._step(Xd, yd)
+            if value is None:  # skipped as non-finite
+                return math.nan
+            return float(self._check_deferred(value)[0])  # the guard and the loss in one read
+
+    def _deferred_guard(self) -> Any:
+        """The device-side guard of backends with deferred checks in 'raise' mode, else None."""
+        bk = self.model.backend
+        if not (bk.deferred_checks and self.on_nonfinite == "raise"):
+            return None
+        if self._guard is None or self._guard_backend is not bk:
+            self._guard, self._guard_backend = bk.guard_state(), bk
+        return self._guard
+
+    def _step(self, Xd: Any, yd: Any, stats_out: Any = None) -> tuple[Any, Any]:
         """One step on prepared arrays: the backend's whole-step op where it has one, else the ops one by
         one; a non-finite loss or gradient never reaches the parameters. Returns (the loss, the output),
-        or (None, None) for a step skipped as non-finite.
+        or (None, None) for a step skipped as non-finite. ``stats_out``: receives [loss, correct count]
+        (see ``Backend.output_delta``).
 
         The check reads (loss, gradient norm) to the host each step, except on backends with deferred
         checks (GPUs) in 'raise' mode: there a guard on the device gates the update off, and
@@ -136,7 +153,7 @@ class Trainer:
         model = self.model
         bk = model.backend
         clip = self.clip_norm or 0.0
-        fused = bk.train_step(model, Xd, yd, self.loss, self.optimizer, clip)
+        fused = bk.train_step(model, Xd, yd, self.loss, self.optimizer, clip, stats_out)
         if fused is not None:
             value, output, sumsq, updated = fused
             if not updated:
@@ -144,14 +161,11 @@ class Trainer:
                 return None, None
             self.steps += 1
             return value, output
-        value, _, output = model._loss_and_grads(Xd, yd, self.loss)
+        value, _, output = model._loss_and_grads(Xd, yd, self.loss, stats_out)
         grad = model.flat_grad()
         sumsq = self._sumsq = bk.sum_of_squares(grad, out=self._sumsq)
-        gate = None
-        if bk.deferred_checks and self.on_nonfinite == "raise":
-            if self._guard is None or self._guard_backend is not bk:
-                self._guard, self._guard_backend = bk.guard_state(), bk
-            gate = self._guard
+        gate = self._deferred_guard()
+        if gate is not None:
             bk.nonfinite_guard(value, sumsq, gate, self.steps + 1)
             self._unchecked += 1
         else:
@@ -165,26 +179,29 @@ class Trainer:
         self.optimizer.step([model.flat_parameters()], [grad], bk, gate=gate)
         return value, output
 
-    def _check_deferred(self, value: Any = None) -> float | None:
-        """Read the device guard of the steps since the last read. When one of them was non-finite, its
-        update and every later one did nothing; wind the step counts back to it and raise. ``value``: a
-        step's 0-d loss, read in the same transfer as the guard and returned as a float (None: nothing)."""
+    def _check_deferred(self, extra: Any = None) -> np.ndarray:
+        """Read the device guard of the steps since the last read. When one of them was non-finite, or its
+        batch invalid (``Backend.check_batch``), its update and every later one did nothing; wind the step
+        counts back to it and raise. ``extra``: a backend array read in the same transfer as the guard and
+        returned as a flat float64 host array (empty when None)."""
         bk = self.model.backend
         if not self._unchecked:
-            return None if value is None else bk.to_float(value)
+            return np.zeros(0) if extra is None else np.asarray(bk.to_numpy(extra), np.float64).reshape(-1)
         self._unchecked = 0
-        parts = [self._guard] if value is None else [self._guard, bk.xp.asarray(value, dtype=np.float64).reshape(1)]
-        host = bk.to_numpy(bk.xp.concatenate(parts))
-        tripped, step, loss_value, sumsq = (float(v) for v in host[:4])
+        xp = bk.xp
+        parts = [self._guard] + ([] if extra is None else [xp.asarray(extra, dtype=np.float64).reshape(-1)])
+        host = bk.to_numpy(xp.concatenate(parts))
+        tripped, step, first, second = (float(v) for v in host[:4])
         if tripped:
             self._guard = None  # a fresh guard for any training after the error
-            undone = self.steps - int(step) + 1  # the non-finite step and those after it
+            undone = self.steps - int(step) + 1  # the failed step and those after it
             self.steps -= undone
             if self.optimizer.state is not None:
                 self.optimizer.state.step -= undone
-            self._nonfinite(loss_value, sumsq)
-            return math.nan  # the step was skipped (on_nonfinite='skip'; 'raise' raised above)
-        return None if value is None else float(host[4])
+            if tripped == 2:  # an invalid batch (first: how many values, second: the targets' kind)
+                raise ValueError(invalid_batch_message(first, int(second), self.model.sizes[-1]))
+            self._nonfinite(first, second)  # raises ('raise' is the mode with deferred checks)
+        return host[4:]
 
     def _nonfinite(self, loss_value: float, sumsq: float) -> None:
         """A non-finite step that changed nothing: count it as skipped, or raise."""
@@ -254,6 +271,9 @@ class Trainer:
         bs = min(self.batch_size, n)
         batches = {size: (bk.empty((size,) + Xd.shape[1:], Xd.dtype), bk.empty((size,) + yd.shape[1:], yd.dtype))
                    for size in {bs, n % bs or bs}}
+        sizes = np.array([min(bs, n - s) for s in range(0, n, bs)], np.float64)
+        # each step's [loss, correct count], written by the loss kernel and read once at the epoch's end
+        stats = bk.zeros((len(sizes), 2), accumulator_dtype(self.model.dtype))
         classify = self.loss in CLASSIFICATION_LOSSES
         reporter = _Reporter(progress, epochs)
         self.stop_training = False
@@ -270,27 +290,22 @@ class Trainer:
                 skipped = self.skipped_steps
                 order = self.rng.permutation(n) if shuffle else np.arange(n)
                 idx = bk.asarray(order)
-                total_loss, correct, counted = 0.0, 0, 0
-                for s in range(0, n, bs):
-                    size = min(bs, n - s)
+                taken = np.ones(len(sizes), bool)
+                for k, s in enumerate(range(0, n, bs)):
+                    size = int(sizes[k])
                     xb, yb = batches[size]
                     bk.take_rows(Xd, idx[s:s + size], out=xb)
                     bk.take_rows(yd, idx[s:s + size], out=yb)
-                    value, output = self._step(xb, yb)
+                    value, _ = self._step(xb, yb, stats[k])
+                    taken[k] = value is not None  # a step skipped as non-finite is not in the metrics
                     if self._unchecked >= DEFERRED_CHECK_STEPS:
                         self._check_deferred()
-                    if value is None:  # skipped as non-finite: not part of the epoch's metrics
-                        continue
-                    counted += size
-                    total_loss = total_loss + value * size
-                    if classify:
-                        correct = correct + bk.correct_count(output, yb, self.loss)
-                self._check_deferred()
+                host = self._check_deferred(stats).reshape(-1, 2)[taken]
                 # the epoch's metrics are over the rows of the steps taken (all of them unless skipped)
-                rows_taken = float(counted) if counted else math.nan
-                row: dict[str, Any] = {"epoch": self.epoch, "loss": bk.to_float(total_loss) / rows_taken}
+                rows_taken = float(sizes[taken].sum()) if taken.any() else math.nan
+                row: dict[str, Any] = {"epoch": self.epoch, "loss": float(host[:, 0] @ sizes[taken]) / rows_taken}
                 if classify:
-                    row["accuracy"] = bk.to_float(correct) / _targets_per_row(yd, self.loss) / rows_taken
+                    row["accuracy"] = float(host[:, 1].sum()) / _targets_per_row(yd, self.loss) / rows_taken
                 if val is not None:
                     row.update({f"val_{k}": v for k, v in self._evaluate(*val).items()})
                 if self.on_nonfinite == "skip":
@@ -338,10 +353,12 @@ class Trainer:
         bk = self.model.backend
         with bk.device_scope():
             out = self.model.forward(Xd)
-            metrics = {"loss": bk.to_float(bk.loss_value(out, yd, self.loss))}
-            if self.loss in CLASSIFICATION_LOSSES:
-                metrics["accuracy"] = (bk.to_float(bk.correct_count(out, yd, self.loss))
-                                       / _targets_per_row(yd, self.loss) / Xd.shape[0])
+            stats = bk.empty((2,), accumulator_dtype(self.model.dtype))
+            bk.output_delta(out, yd, self.loss, stats_out=stats)
+            value, correct = (float(v) for v in bk.to_numpy(stats))  # one read
+        metrics = {"loss": value}
+        if self.loss in CLASSIFICATION_LOSSES:
+            metrics["accuracy"] = correct / _targets_per_row(yd, self.loss) / Xd.shape[0]
         return metrics
 
     def predict(self, X: Any) -> np.ndarray:

@@ -123,6 +123,21 @@ template <typename A> __device__ __forceinline__ A warp_max(A v) {
     return v;
 }
 
+template <typename A> __device__ __forceinline__ A warp_min(A v) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const A other = __shfl_xor_sync(0xffffffffu, v, offset);
+        v = other < v ? other : v;
+    }
+    return v;
+}
+
+// A quiet NaN of type T (what a row with an invalid label gets).
+template <typename T> __device__ __forceinline__ T quiet_nan();
+template <> __device__ __forceinline__ float quiet_nan<float>() { return __int_as_float(0x7fc00000); }
+template <> __device__ __forceinline__ double quiet_nan<double>() {
+    return __longlong_as_double(0x7ff8000000000000LL);
+}
+
 // Sum of one block's values (blockDim.x a power of two, at most 1024), in a fixed order; thread 0
 // gets the result. ``shared`` holds blockDim.x values.
 template <typename A> __device__ __forceinline__ A block_sum(A v, A* shared) {

@@ -125,7 +125,10 @@ def check_softmax_ce(kernel, dtype):
     rng = np.random.default_rng(4)
     for rows, C in loss_shapes():
         Z = (3 * rng.standard_normal((rows, C))).astype(dtype)
+        if C > 2:  # ties: the first maximum is the prediction, as NumPy's argmax
+            Z[::3, C - 1] = Z[::3, 1] = Z[::3].max(1)
         labels = rng.integers(0, C, rows).astype(np.int64)
+        labels[::3] = 1 if C > 2 else labels[::3]
         probs = rng.random((rows, C))
         probs = (probs / probs.sum(1, keepdims=True)).astype(dtype)
         z = Z.astype(np.float64)
@@ -139,14 +142,26 @@ def check_softmax_ce(kernel, dtype):
                 target = np.eye(C)[labels]
             p = np.exp(z - lse[:, None])
             want_delta = (p * target.sum(1, keepdims=True) - target) / rows
+            want_correct = (Z.argmax(1) == (probs.argmax(1) if soft else labels)).astype(acc)
             for threads in (32, 64, 256):
                 blocks = -(-rows * 32 // threads)
 
                 args = (Z, None if soft else labels, probs if soft else None, poisoned((rows, C), dtype),
-                        poisoned(rows, acc), np.int32(rows), np.int32(C), np.int32(soft))
-                delta, row_loss = launch(kernel, blocks, threads, args, [3, 4])
+                        poisoned(2 * rows, acc), np.int32(rows), np.int32(C), np.int32(soft))
+                delta, row_stats = launch(kernel, blocks, threads, args, [3, 4])
                 assert_close(delta, want_delta, dtype, **tolerance(dtype), err_msg=f"{rows}x{C} soft={soft}")
-                assert_close(row_loss, want_loss, dtype, **tolerance(dtype))
+                assert_close(row_stats[:rows], want_loss, dtype, **tolerance(dtype))
+                np.testing.assert_array_equal(row_stats[rows:], want_correct)
+        # labels outside [0, C) are never used as an index: NaN loss and delta for their rows alone
+        bad = labels.copy()
+        bad[0], bad[-1] = -1, C
+        args = (Z, bad, None, poisoned((rows, C), dtype), poisoned(2 * rows, acc), np.int32(rows), np.int32(C),
+                np.int32(0))
+        delta, row_stats = launch(kernel, -(-rows * 32 // 64), 64, args, [3, 4])
+        invalid = (bad < 0) | (bad >= C)
+        assert np.isnan(delta[invalid]).all() and np.isnan(row_stats[:rows][invalid]).all()
+        assert np.isfinite(delta[~invalid]).all() and np.isfinite(row_stats[:rows][~invalid]).all()
+        np.testing.assert_array_equal(row_stats[rows:][invalid], 0)
 
 
 def check_pointwise_loss(kernel, dtype, variant):
@@ -162,12 +177,57 @@ def check_pointwise_loss(kernel, dtype, variant):
         else:  # squared error
             elementwise = (z - y) ** 2
             grad = 2 * (z - y)
+        want_correct = ((Z > 0) == (Y > 0.5)).sum(1) if variant == 0 else np.zeros(rows)
         for threads in (32, 128, 256):
             blocks = -(-rows * 32 // threads)
-            args = (Z, Y, poisoned((rows, C), dtype), poisoned(rows, acc), np.int32(rows), np.int32(C))
-            delta, row_loss = launch(kernel, blocks, threads, args, [2, 3])
+            args = (Z, Y, poisoned((rows, C), dtype), poisoned(2 * rows, acc), np.int32(rows), np.int32(C))
+            delta, row_stats = launch(kernel, blocks, threads, args, [2, 3])
             assert_close(delta, grad / (rows * C), dtype, **tolerance(dtype))
-            assert_close(row_loss, elementwise.sum(1), dtype, **tolerance(dtype))
+            assert_close(row_stats[:rows], elementwise.sum(1), dtype, **tolerance(dtype))
+            np.testing.assert_array_equal(row_stats[rows:], want_correct.astype(acc))
+
+
+def check_reduce_loss(kernel, acc):
+    rng = np.random.default_rng(12)
+    for rows in SIZES:
+        row_stats = np.concatenate([rng.standard_normal(rows), rng.integers(0, 3, rows)]).astype(acc)
+        for block in (32, 256, 1024):
+            (out,) = launch(kernel, 1, block, (row_stats, np.int32(rows), acc(0.25), poisoned(2, acc)), [3])
+            assert_close(out[0], 0.25 * row_stats[:rows].astype(np.float64).sum(), np.dtype(acc).name,
+                         **tolerance(acc))
+            assert out[1] == row_stats[rows:].sum()
+
+
+def check_check_batch(kernel, dtype, kind):
+    """The device-side batch check counts exactly what the host checks refuse, and trips the guard with
+    [2, step, count, kind] unless it is tripped already."""
+    rng = np.random.default_rng(13 + kind)
+    C = 5
+    for rows in (1, 33, 300):
+        X = rng.standard_normal((rows, 7)).astype(dtype)
+        if kind == 0:
+            y = rng.integers(0, C, rows).astype(np.int64)
+        else:
+            y = (rng.random((rows, C)) if kind == 2 else rng.standard_normal((rows, C))).astype(dtype)
+        for n_bad_x, n_bad_y in ((0, 0), (1, 0), (0, 1), (3, 2)):
+            Xb, yb = X.copy(), y.copy()
+            Xb.flat[rng.choice(X.size, n_bad_x, replace=False)] = [np.nan, np.inf, -np.inf][:n_bad_x] or []
+            spots = rng.choice(y.size, min(n_bad_y, y.size), replace=False)
+            bad_values = {0: [C, -1], 1: [np.nan, -np.inf], 2: [1.5, np.nan]}[kind]
+            yb.flat[spots] = bad_values[:len(spots)]
+            count = n_bad_x + len(spots)
+            labels = yb if kind == 0 else np.zeros(0, np.int64)
+            targets = Xb if kind == 0 else yb
+            for block in (32, 1024):
+                args = (Xb, np.int64(Xb.size), labels, targets, np.int64(yb.size), np.int32(C), np.zeros(4),
+                        np.int64(5))
+                (guard,) = launch(kernel, 1, block, args, [6])
+                want = [2, 5, count, kind] if count else [0, 0, 0, 0]
+                np.testing.assert_array_equal(guard, np.array(want, np.float64), err_msg=f"{rows} rows")
+            first = np.array([1.0, 3, np.nan, 2.0])  # tripped already: the first record stays
+            args = (Xb, np.int64(Xb.size), labels, targets, np.int64(yb.size), np.int32(C), first, np.int64(5))
+            (guard,) = launch(kernel, 1, 256, args, [6])
+            np.testing.assert_array_equal(guard, first)
 
 
 def check_reduce_rows(kernel, acc):
@@ -296,6 +356,7 @@ def check_clip_by_norm(kernel, dtype):
 CHECKS = {
     "bias_act": check_bias_act, "dact_colsum": check_dact_colsum, "sum_partials": check_sum_partials,
     "softmax_ce": check_softmax_ce, "pointwise_loss": check_pointwise_loss, "reduce_rows": check_reduce_rows,
+    "reduce_loss": check_reduce_loss, "check_batch": check_check_batch,
     "sgd": check_sgd, "adam": check_adam, "rmsprop": check_rmsprop, "sumsq_partial": check_sumsq_partial,
     "scale": check_scale, "nonfinite_guard": check_nonfinite_guard, "clip_by_norm": check_clip_by_norm,
 }

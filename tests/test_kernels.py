@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from fastbp.backends import cuda_sources
+from fastbp.backends.base import TARGET_KINDS
 
 NVCC = shutil.which("nvcc")
 
@@ -62,7 +63,8 @@ def test_the_cupy_backend_only_launches_listed_kernels():
     used = set(re.findall(r'_launch\(\s*"(\w+\.cu)", "([\w<>, {}]+)"', text))
     assert used, "no kernel launches found"
     listed = {(f, n) for f in cuda_sources.FILES for n in cuda_sources.name_expressions(f)}
-    variants = {"pointwise_loss": range(2)}  # {ACT} is the loss variant there, an activation code elsewhere
+    # {ACT} is the loss variant or the targets' kind there, an activation code elsewhere
+    variants = {"pointwise_loss": range(2), "check_batch": range(len(TARGET_KINDS))}
     for file, template in used:
         for ctype in cuda_sources.DTYPES.values():
             codes = variants.get(template.split("<")[0], range(7)) if "{ACT}" in template else [0]

@@ -262,11 +262,11 @@ def test_ctrl_c_ends_fit_cleanly_with_a_checkpoint(backend, data, tmp_path, monk
     real_step = trainer._step
     calls = {"n": 0}
 
-    def step(Xd, yd):
+    def step(Xd, yd, *rest):
         calls["n"] += 1
         if calls["n"] == 25:  # in the third epoch (10 steps an epoch)
             raise KeyboardInterrupt
-        return real_step(Xd, yd)
+        return real_step(Xd, yd, *rest)
 
     monkeypatch.setattr(trainer, "_step", step)
     history = trainer.fit(X, y, epochs=5, progress="none", interrupt_checkpoint=tmp_path / "int.npz")

@@ -18,6 +18,23 @@ import numpy as np
 from ..activations import ACTIVATIONS, Activation
 
 LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")
+#: The forms of prepared targets, as ``check_batch`` (and loss.cu's check_batch KIND) numbers them: integer
+#: labels in [0, C), targets that must be finite (mse), targets in [0, 1] (the classification losses).
+TARGET_KINDS = ("labels", "finite", "unit")
+
+
+def target_kind(y: Any, loss: str) -> int:
+    """The TARGET_KINDS index of prepared targets ``y`` for ``loss``."""
+    if y.dtype.kind in "iu":
+        return 0
+    return 1 if loss == "mse" else 2
+
+
+def invalid_batch_message(count: float, kind: int, n_out: int) -> str:
+    """What ``check_batch`` found, in words."""
+    targets = (f"labels outside [0, {n_out})", "targets that are NaN or infinite", "targets outside [0, 1]")[kind]
+    return (f"the batch holds {int(count)} invalid values: features (X) that are NaN or infinite, or y {targets}; "
+            f"the step changed nothing")
 
 
 class Backend:
@@ -148,12 +165,14 @@ class Backend:
 
     # ------------------------------------------------------------------ losses
     def output_delta(self, Z_L: Any, y: Any, loss: str, delta_out: Any = None,
-                     value_out: Any = None) -> tuple[Any, Any]:
+                     stats_out: Any = None) -> tuple[Any, Any]:
         """Eq. (1) fused with the loss: returns (loss as a 0-d array, delta_L = dC/dZ_L).
 
         ``y`` is prepared by ``fastbp.losses.prepare_targets``: integer labels (B,) or targets shaped
-        like Z_L, in Z_L's dtype. ``value_out``: a 0-d array from an earlier call that a device backend
-        writes the loss into (so a step allocates nothing); the CPU backends return their own.
+        like Z_L, in Z_L's dtype. ``stats_out``: a (2,) array of this backend in the accumulator dtype
+        (``fastbp.dtypes.accumulator_dtype``) that receives [the loss, the number of correct predictions]
+        (0 for mse): a step's metrics, written where they are computed (on a GPU by the loss kernel itself)
+        and read back once per epoch. A device backend returns the loss as a view of it.
         """
         xp = self.xp
         B = Z_L.shape[0]
@@ -177,7 +196,7 @@ class Backend:
                 E *= xp.sum(y, axis=1, keepdims=True)
                 E -= y
             E /= B
-            return value, E
+            return self._record(stats_out, value, Z_L, y, loss), E
         if loss == "binary_cross_entropy":
             # c = max(z, 0) - z y + log(1 + exp(-|z|)); dc/dz = sigmoid(z) - y
             n = Z_L.size
@@ -190,14 +209,21 @@ class Backend:
             delta[neg] *= e[neg]
             delta -= y
             delta /= n
-            return value, delta
+            return self._record(stats_out, value, Z_L, y, loss), delta
         if loss == "mse":
             n = Z_L.size
             diff = xp.subtract(Z_L, y, out=delta_out)
             value = xp.vdot(diff.ravel(), diff.ravel()) / n
             diff *= 2.0 / n
-            return value, diff
+            return self._record(stats_out, value, Z_L, y, loss), diff
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+
+    def _record(self, stats_out: Any, value: Any, Z_L: Any, y: Any, loss: str) -> Any:
+        """Write [value, correct count] into ``stats_out`` (see ``output_delta``) when given; return value."""
+        if stats_out is not None:
+            stats_out[0] = value
+            stats_out[1] = self.correct_count(Z_L, y, loss) if loss != "mse" else 0
+        return value
 
     def loss_value(self, Z_L: Any, y: Any, loss: str) -> Any:
         """The mean loss alone, as a 0-d array (evaluation: no delta)."""
@@ -205,7 +231,9 @@ class Backend:
         return value
 
     def correct_count(self, Z_L: Any, y: Any, loss: str) -> Any:
-        """Number of correct predictions, as a 0-d array (classification losses)."""
+        """Number of correct predictions, as a 0-d array (classification losses): the first maximum of
+        each row against its label (or its target row's first maximum); for binary cross-entropy, each
+        output's sign against its target rounded at 0.5."""
         xp = self.xp
         if loss == "cross_entropy":
             pred = xp.argmax(Z_L, axis=1)
@@ -216,13 +244,14 @@ class Backend:
         raise ValueError(f"accuracy is defined for classification losses, not {loss!r}")
 
     def train_step(self, model: Any, X: Any, y: Any, loss: str, optimizer: Any,
-                   clip: float = 0.0) -> tuple[Any, Any, float, bool] | None:
+                   clip: float = 0.0, stats_out: Any = None) -> tuple[Any, Any, float, bool] | None:
         """A whole training step (forward, backward, update) in one op, or None where this backend has
         none for this model and optimizer (the Trainer then runs the ops one by one).
 
-        ``clip`` > 0 rescales the gradient to that global norm when larger. Returns (the loss, the
-        network's output, the sum of squared gradients, whether the update ran); a non-finite loss or
-        gradient must leave the parameters and the optimizer state untouched.
+        ``clip`` > 0 rescales the gradient to that global norm when larger; ``stats_out`` as for
+        ``output_delta``. Returns (the loss, the network's output, the sum of squared gradients, whether
+        the update ran); a non-finite loss or gradient must leave the parameters and the optimizer state
+        untouched.
         """
         return None
 
@@ -380,7 +409,9 @@ class Backend:
         self._gate_restore(gate, saved, p, sq, buf if momentum else None)
 
     def sum_of_squares(self, x: Any, out: Any = None) -> Any:
-        """sum(x^2) as a 0-d array (for global-norm clipping). ``out``: as ``value_out`` of output_delta."""
+        """sum(x^2) as a 0-d array (for global-norm clipping). ``out``: a 0-d array from an earlier call
+        that a device backend writes the result into (so a step allocates nothing); CPU backends return
+        their own."""
         flat = x.ravel()
         return self.xp.vdot(flat, flat)
 
@@ -400,6 +431,23 @@ class Backend:
         coef = max_norm / (xp.sqrt(xp.asarray(sumsq, dtype=np.float64)) + 1e-6)
         unchanged = coef >= 1.0 if gate is None else (coef >= 1.0) | (gate[0] != 0)
         grad *= xp.where(unchanged, 1.0, coef).astype(grad.dtype)
+
+    def check_batch(self, X: Any, y: Any, loss: str, n_out: int, guard: Any, step: int) -> None:
+        """Check the values of a prepared batch where it lives (for arrays handed over on a device, which
+        the host checks would copy back and forth): count the features that are not finite and the
+        targets wrong for ``loss`` (see TARGET_KINDS); unless ``guard`` (see ``guard_state``) is tripped
+        already, trip it as [2, step, count, kind] when the count is not 0. No host read."""
+        xp = self.xp
+        kind = target_kind(y, loss)
+        bad = xp.count_nonzero(~xp.isfinite(X))
+        if kind == 0:
+            bad = bad + xp.count_nonzero((y < 0) | (y >= n_out))
+        elif kind == 1:
+            bad = bad + xp.count_nonzero(~xp.isfinite(y))
+        else:
+            bad = bad + xp.count_nonzero(~((y >= 0) & (y <= 1)))
+        record = xp.stack([xp.asarray(v, dtype=np.float64) for v in (2.0, step, bad, kind)])
+        xp.copyto(guard, record, where=(guard[0] == 0) & (bad > 0))
 
     # ------------------------------------------------------------------ the deferred non-finite check
     #: Whether the Trainer checks each step's loss and gradient for non-finite values on the backend,

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..activations import CODES
+from .base import TARGET_KINDS
 
 DTYPES = {"float32": "float", "float64": "double"}
 _ACTS = sorted(CODES.values())
@@ -19,8 +20,10 @@ _ACTS = sorted(CODES.values())
 #: Threads per block of the cupy backend's launches: the grid-stride kernels and the warp-per-row loss
 #: kernels. sumsq_partial's shared array is this size.
 THREADS = 256
-#: reduce_rows runs as one block of this many threads (block_sum needs a power of two up to 1024).
+#: reduce_rows, reduce_loss and check_batch run as one block of this many threads (block_sum needs a
+#: power of two up to 1024).
 REDUCE_THREADS = 1024
+
 #: dact_colsum's block: 32 columns by 8 row lanes (its shared tile is [8][33]).
 COLSUM_BLOCK = (32, 8)
 
@@ -44,7 +47,7 @@ def defines() -> str:
 def launch_threads(name_expression: str) -> int:
     """The most threads per block the cupy backend launches this kernel instantiation with."""
     base = name_expression.split("<")[0]
-    if base == "reduce_rows":
+    if base in ("reduce_rows", "reduce_loss", "check_batch"):
         return REDUCE_THREADS
     if base == "nonfinite_guard":
         return 1
@@ -74,7 +77,8 @@ def name_expressions(file: str) -> list[str]:
             names.append(f"sum_partials<{ctype}>")
         elif file == "loss.cu":
             names += [f"softmax_ce<{ctype}>", f"pointwise_loss<{ctype}, 0>", f"pointwise_loss<{ctype}, 1>",
-                      f"reduce_rows<{ctype}>"]
+                      f"reduce_loss<{ctype}>", f"reduce_rows<{ctype}>"]
+            names += [f"check_batch<{ctype}, {kind}>" for kind in range(len(TARGET_KINDS))]
         elif file == "optim.cu":
             names += [f"sgd<{ctype}>", f"adam<{ctype}>", f"rmsprop<{ctype}>", f"sumsq_partial<{ctype}>",
                       f"scale<{ctype}>", f"nonfinite_guard<{ctype}>", f"clip_by_norm<{ctype}>"]

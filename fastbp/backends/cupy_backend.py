@@ -25,7 +25,7 @@ import numpy as np
 
 from ..activations import ACTIVATIONS, CODES
 from . import BackendUnavailable, cuda_sources
-from .base import Backend
+from .base import Backend, target_kind
 from .cuda_sources import COLSUM_BLOCK, DTYPES, kernel_dir, name_expressions
 
 
@@ -249,12 +249,16 @@ class CupyBackend(Backend):
 
     # ------------------------------------------------------------------ losses
     @_on_device
-    def output_delta(self, Z_L, y, loss, delta_out=None, value_out=None):
+    def output_delta(self, Z_L, y, loss, delta_out=None, stats_out=None):
         xp = self.xp
         rows, C = Z_L.shape
         delta = delta_out if delta_out is not None else xp.empty_like(Z_L)
         acc = self._acc_dtype(Z_L.dtype)
-        row_loss = self._scratch("row_loss", (rows,), acc)
+        if stats_out is None:
+            stats_out = xp.empty((2,), acc)
+        elif stats_out.shape != (2,) or stats_out.dtype != acc:
+            raise ValueError(f"stats_out must be a (2,) {np.dtype(acc)} array, got {stats_out.shape} {stats_out.dtype}")
+        row_stats = self._scratch("row_stats", (2 * rows,), acc)  # the row losses, then the correct counts
         blocks = (rows * 32 + cuda_sources.THREADS - 1) // cuda_sources.THREADS
         if loss == "cross_entropy":
             soft = y.ndim == 2
@@ -262,20 +266,19 @@ class CupyBackend(Backend):
             labels = xp.ascontiguousarray(y, dtype=np.int64) if not soft else self._scratch("no_labels", (0,), np.int64)
             targets = xp.ascontiguousarray(y, dtype=Z_L.dtype) if soft else Z_L  # unused with labels
             self._launch("loss.cu", "softmax_ce<{T}>", Z_L.dtype, (blocks,), (cuda_sources.THREADS,),
-                         (Z_L, labels, targets, delta, row_loss, np.int32(rows), np.int32(C), np.int32(soft)))
+                         (Z_L, labels, targets, delta, row_stats, np.int32(rows), np.int32(C), np.int32(soft)))
             scale = 1.0 / rows
         elif loss in ("binary_cross_entropy", "mse"):
             variant = 0 if loss == "binary_cross_entropy" else 1
             targets = xp.ascontiguousarray(y, dtype=Z_L.dtype)
             self._launch("loss.cu", "pointwise_loss<{T}, {ACT}>", Z_L.dtype, (blocks,), (cuda_sources.THREADS,),
-                         (Z_L, targets, delta, row_loss, np.int32(rows), np.int32(C)), act=variant)
+                         (Z_L, targets, delta, row_stats, np.int32(rows), np.int32(C)), act=variant)
             scale = 1.0 / (rows * C)
         else:
             raise ValueError(f"unknown loss {loss!r}")
-        value = self._out_scalar(value_out, acc)
-        self._launch("loss.cu", "reduce_rows<{T}>", acc, (1,), (cuda_sources.REDUCE_THREADS,),
-                     (row_loss, np.int64(rows), acc(scale), value))
-        return value, delta
+        self._launch("loss.cu", "reduce_loss<{T}>", acc, (1,), (cuda_sources.REDUCE_THREADS,),
+                     (row_stats, np.int32(rows), acc(scale), stats_out))
+        return stats_out[0], delta
 
     # ------------------------------------------------------------------ optimizers (one pass each)
     @contextlib.contextmanager
@@ -348,6 +351,15 @@ class CupyBackend(Backend):
     def nonfinite_guard(self, value, sumsq, guard, step):
         self._launch("optim.cu", "nonfinite_guard<{T}>", value.dtype, (1,), (1,),
                      (value, sumsq.astype(value.dtype, copy=False), guard, np.int64(step)))
+
+    @_on_device
+    def check_batch(self, X, y, loss, n_out, guard, step):
+        kind = target_kind(y, loss)
+        labels = y if kind == 0 else self._scratch("no_labels", (0,), np.int64)
+        targets = X if kind == 0 else y  # unused with labels
+        self._launch("loss.cu", "check_batch<{T}, {ACT}>", X.dtype, (1,), (cuda_sources.REDUCE_THREADS,),
+                     (X, np.int64(X.size), labels, targets, np.int64(y.size), np.int32(n_out), guard, np.int64(step)),
+                     act=kind)
 
     @_on_device
     def clip_by_norm(self, grad, sumsq, max_norm, gate=None):

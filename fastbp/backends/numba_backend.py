@@ -10,8 +10,8 @@ width from 4 up (batch 64: 2.6 vs 1.9 us at width 4, 71 vs 12.5 us at width 32; 
 
 Threads: the fused passes run on the calling thread and BLAS uses its own pool, so only one pool is
 ever busy; results are bit-identical from run to run. Kernels are compiled on first use and cached on
-disk (``cache=True``; set NUMBA_CACHE_DIR where the install folder is read-only and no user cache folder
-is writable); ``warmup()`` compiles them ahead of time.
+disk in fastbp's cache folder (``_numba_cache``: $FASTBP_CACHE_DIR/numba, else e.g. ~/.cache/fastbp/numba;
+NUMBA_CACHE_DIR, where set, wins), never in the installed package; ``warmup()`` compiles them ahead of time.
 """
 
 from __future__ import annotations
@@ -96,10 +96,11 @@ class NumbaBackend(Backend):
             raise ValueError(f"unknown loss {loss!r}")
         return self._empty_labels, y, code
 
-    def output_delta(self, Z_L, y, loss, delta_out=None, value_out=None):
+    def output_delta(self, Z_L, y, loss, delta_out=None, stats_out=None):
         delta = delta_out if delta_out is not None else np.empty_like(Z_L)
         labels, Y, code = self._loss_args(Z_L, y, loss)
-        return self.k.output_delta(Z_L, labels, Y, code, delta), delta
+        value = self.k.output_delta(Z_L, labels, Y, code, delta)
+        return self._record(stats_out, value, Z_L, y, loss), delta
 
     # ------------------------------------------------------------------ optimizers (flat, one pass)
     def sgd_update(self, p, g, buf, work, lr, momentum, dampening, nesterov, weight_decay, first, gate=None):
@@ -127,7 +128,7 @@ class NumbaBackend(Backend):
         self.k.rmsprop(p.reshape(-1), g.reshape(-1), sq.reshape(-1), b, lr, alpha, eps, momentum, weight_decay)
 
     # ------------------------------------------------------------------ the whole step
-    def train_step(self, model, X, y, loss, optimizer, clip=0.0):
+    def train_step(self, model, X, y, loss, optimizer, clip=0.0, stats_out=None):
         """Forward, backward and update in one compiled call, for small relu-like networks."""
         kind = _optimizer_kinds().get(type(optimizer))
         plan = _whole_step_plan(model, X.shape[0]) if WHOLE_STEP and kind is not None else None
@@ -155,7 +156,7 @@ class NumbaBackend(Backend):
                                                   kind, hyper, s1, s2, state.step + 1, state.step == 0, clip)
         if updated:
             state.step += 1
-        return value, plan.output, sumsq, updated
+        return self._record(stats_out, value, plan.output, y, loss), plan.output, sumsq, updated
 
     def sum_of_squares(self, x, out=None):
         return self.k.sum_of_squares(x.reshape(-1)) if x.flags.c_contiguous else super().sum_of_squares(x)

@@ -931,6 +931,12 @@ inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
 inline float __saturatef(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
 
+// Reinterpreting bits.
+inline float __int_as_float(int x) { return std::bit_cast<float>(x); }
+inline int __float_as_int(float x) { return std::bit_cast<int>(x); }
+inline double __longlong_as_double(long long x) { return std::bit_cast<double>(x); }
+inline long long __double_as_longlong(double x) { return std::bit_cast<long long>(x); }
+
 #define FBEMU_SHARED(NAME, DIMS, ALIGN, ...)                                                                  \
     static const char NAME##_fbemu_key = 0;                                                                  \
     using NAME##_fbemu_type = __VA_ARGS__ DIMS;                                                              \

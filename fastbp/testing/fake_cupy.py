@@ -410,7 +410,11 @@ class ndarray:  # noqa: N801 - CuPy's name
         self._a.fill(value)
 
     def __getitem__(self, key: Any) -> Any:
-        return _wrap_result(self._a[_index(key)], self._device)
+        key = _index(key)
+        r = self._a[key]
+        if isinstance(r, np.generic):  # an element: CuPy returns a 0-d view of it, as NumPy does with `...`
+            r = self._a[(*(key if isinstance(key, tuple) else (key,)), Ellipsis)]
+        return _wrap_result(r, self._device)
 
     def __setitem__(self, key: Any, value: Any) -> None:
         _check_device(self._device)
