@@ -133,10 +133,13 @@ def test_whole_step_update_equals_the_op_by_op_update_bit_for_bit(monkeypatch, n
         np.testing.assert_array_equal(a, b)
 
 
-def test_trains_from_a_read_only_install(tmp_path):
-    """Installed where nothing may be written (a system site-packages, a container image), the kernels
-    compile into Numba's per-user cache and training works; the install stays untouched. As root,
-    permissions do not stop writes, so the copy is mounted read-only in a private mount namespace."""
+@pytest.mark.parametrize("read_only", [False, True], ids=["writable", "read-only"])
+def test_the_kernel_cache_never_goes_into_the_install(tmp_path, read_only):
+    """Installed in a writable site-packages, the kernels still compile into fastbp's per-user cache, not
+    into a __pycache__ of the package: files left there outlive `pip uninstall` and then shadow the next
+    install (an empty fastbp/backends imported as a namespace package). Installed where nothing may be
+    written (a system site-packages, a container image), training works the same. As root, permissions
+    do not stop writes, so the read-only copy is mounted read-only in a private mount namespace."""
     import shutil
     import stat
 
@@ -147,10 +150,11 @@ def test_trains_from_a_read_only_install(tmp_path):
     code = ("import numpy as np, fastbp as fb; m = fb.MLP([4, 8, 3], backend='numba', seed=0); "
             "t = fb.Trainer(m, optimizer=fb.optim.Adam(0.01)); X = np.ones((6, 4)); y = np.array([0, 1, 2, 0, 1, 2]); "
             "first = t.step(X, y); [t.step(X, y) for _ in range(20)]; print(first, t.step(X, y))")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_CACHE_DIR", "XDG_CACHE_HOME", "PYTHONPATH"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("NUMBA_CACHE_DIR", "FASTBP_CACHE_DIR", "XDG_CACHE_HOME", "PYTHONPATH"))}
     env.update(HOME=str(home), PYTHONPATH=str(site), PYTHONDONTWRITEBYTECODE="1")
     command = [sys.executable, "-c", code]
-    if os.geteuid() == 0:
+    if read_only and os.geteuid() == 0:
         if shutil.which("unshare") is None:
             pytest.skip("running as root without unshare: cannot make a read-only install")
         probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True)
@@ -158,7 +162,7 @@ def test_trains_from_a_read_only_install(tmp_path):
             pytest.skip(f"running as root and unshare -m is not permitted: {probe.stderr.decode().strip()}")
         mount = f"mount --bind {site} {site} && mount -o remount,bind,ro {site} {site} && exec \"$@\""
         command = ["unshare", "-m", "--propagation", "private", "sh", "-c", mount, "sh", *command]
-    else:
+    elif read_only:
         for path in [site, *site.rglob("*")]:
             path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
     try:
@@ -170,4 +174,4 @@ def test_trains_from_a_read_only_install(tmp_path):
     first, last = (float(v) for v in result.stdout.split())
     assert last < first  # it trained
     assert not list(site.rglob("__pycache__")), "something was written into the install"
-    assert any("_numba_kernels" in p.name for p in (home / ".cache" / "numba").rglob("*.nbi"))
+    assert any("_numba_kernels" in p.name for p in (home / ".cache" / "fastbp" / "numba").rglob("*.nbi"))

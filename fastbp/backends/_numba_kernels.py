@@ -22,6 +22,9 @@ import numpy as np
 from numba import njit as _njit
 
 from ..activations import CODES
+from ._numba_cache import install
+
+install()  # the disk cache goes to fastbp's cache folder, never into site-packages
 
 # error_model="numpy": no zero-division checks, so loops vectorize.
 njit = functools.partial(_njit, cache=True, error_model="numpy")

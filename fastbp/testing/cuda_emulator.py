@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from .._cache import cache_root
+
 #: Bumped when the generated code changes in a way the hash of the inputs would not see.
 EMULATOR_VERSION = "1"
 
@@ -59,13 +61,9 @@ class EmulatorCompileError(EmulatorUnavailable):
 
 # ---------------------------------------------------------------------------------------------- building
 def cache_dir() -> Path:
-    """Where compiled kernel libraries are kept: $FASTBP_CACHE_DIR/emulator, else the user's cache folder
-    ($XDG_CACHE_HOME or ~/.cache)/fastbp/emulator."""
-    root = os.environ.get("FASTBP_CACHE_DIR")
-    if root:
-        return Path(root) / "emulator"
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "fastbp" / "emulator"
+    """Where compiled kernel libraries are kept: the ``emulator`` folder of fastbp's cache
+    ($FASTBP_CACHE_DIR, else the user's cache folder, e.g. ~/.cache/fastbp)."""
+    return cache_root() / "emulator"
 
 
 @functools.cache
