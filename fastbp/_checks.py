@@ -8,19 +8,47 @@ from typing import Any
 
 import numpy as np
 
+#: What users of other libraries call fastbp's names (Keras, PyTorch), for the suggestion in an error.
+#: Keys are normalized by ``_normalize``.
+ALIASES = {
+    "categoricalcrossentropy": "cross_entropy", "sparsecategoricalcrossentropy": "cross_entropy",
+    "crossentropyloss": "cross_entropy", "crossentropy": "cross_entropy", "ce": "cross_entropy",
+    "nll": "cross_entropy", "logloss": "cross_entropy", "softmax": "cross_entropy",
+    "binarycrossentropy": "binary_cross_entropy", "bce": "binary_cross_entropy",
+    "bcewithlogits": "binary_cross_entropy", "bcewithlogitsloss": "binary_cross_entropy",
+    "meansquarederror": "mse", "mseloss": "mse", "l2": "mse", "squarederror": "mse",
+    "linear": "identity", "none": "identity", "swish": "silu", "logistic": "sigmoid", "leakyrelu": "leaky_relu",
+    "rmsprop": "rmsprop", "adamw": "adamw",
+}
+
+
+def _normalize(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
 
 def suggest(name: str, choices: Any) -> str:
-    """' (did you mean 'x'?)' for the nearest choice, or ''."""
-    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
+    """' (did you mean 'x'?)' for a known alias of a choice or the nearest choice, or ''."""
+    choices = [str(c) for c in choices]
+    alias = ALIASES.get(_normalize(str(name)))
+    if alias in choices:
+        return f" (did you mean {alias!r}?)"
+    by_normal = {_normalize(c): c for c in choices}
+    if _normalize(str(name)) in by_normal:
+        return f" (did you mean {by_normal[_normalize(str(name))]!r}?)"
+    close = difflib.get_close_matches(str(name).lower(), choices, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def check_choice(value: Any, choices: Any, argument: str) -> str:
+    """``value`` as the choice it names, matched without regard to case ('ReLU' is 'relu')."""
     if not isinstance(value, str):
         raise TypeError(f"{argument} must be a string, one of {list(choices)}, got {type(value).__name__}")
-    if value not in choices:
-        raise ValueError(f"{argument} must be one of {list(choices)}, got {value!r}{suggest(value, choices)}")
-    return value
+    if value in choices:
+        return value
+    lowered = {str(c).lower(): c for c in choices}
+    if value.lower() in lowered:
+        return str(lowered[value.lower()])
+    raise ValueError(f"{argument} must be one of {list(choices)}, got {value!r}{suggest(value, choices)}")
 
 
 def check_positive_int(value: Any, argument: str) -> int:
@@ -73,9 +101,19 @@ def check_features(X: Any, n_in: int, argument: str = "X") -> np.ndarray:
     Integer and bool X are accepted and cast to the model's float dtype by the caller.
     """
     arr = check_feature_shape(host_array(X, argument), n_in, argument)
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise ValueError(f"{argument} contains NaN or infinite values")
+    check_finite(arr, argument)
     return arr
+
+
+def check_finite(arr: np.ndarray, argument: str) -> None:
+    """ValueError when a float array holds NaN or infinite values, saying how many and where the first is."""
+    if arr.dtype.kind != "f" or np.isfinite(arr).all():
+        return
+    bad = ~np.isfinite(arr)
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    where = f"row {first[0]}, column {first[1]}" if len(first) == 2 else f"index {first}"
+    raise ValueError(f"{argument} contains NaN or infinite values: {int(bad.sum())} of them, the first "
+                     f"({arr[first]}) at {where}")
 
 
 def check_feature_shape(X: Any, n_in: int, argument: str = "X") -> Any:

@@ -38,7 +38,7 @@ class _Monitor:
 
     def __init__(self, monitor: str, mode: str, min_delta: float) -> None:
         self.monitor = monitor
-        check_choice(mode, ("auto", "min", "max"), "mode")
+        mode = check_choice(mode, ("auto", "min", "max"), "mode")
         self.mode = mode if mode != "auto" else ("max" if "acc" in monitor else "min")
         self.min_delta = check_nonneg_float(min_delta, "min_delta")
         self.best = math.inf if self.mode == "min" else -math.inf

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,10 @@ def check_writable(path: Any, argument: str = "path") -> Path:
     """The .npz path a file will be written to; ValueError when its folder does not exist."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{argument} must be a file path, got {type(path).__name__}")
+    text = os.fspath(path)
+    if Path(text).is_dir() or text.endswith(("/", os.sep)):
+        example = os.path.join(text, "model.npz")
+        raise ValueError(f"{argument} {text!r} is a folder: give a file name in it, e.g. {example!r}")
     path = Path(path)
     if path.suffix != ".npz":
         path = path.with_name(path.name + ".npz")
@@ -46,6 +51,8 @@ def write_npz_atomic(path: Any, arrays: dict[str, np.ndarray], meta: dict[str, A
     payload[_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
+        if hasattr(os, "fchmod"):  # mkstemp makes it 0600: give it the mode any new file gets (umask)
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **payload)  # type: ignore[arg-type]
             f.flush()
@@ -58,6 +65,34 @@ def write_npz_atomic(path: Any, arrays: dict[str, np.ndarray], meta: dict[str, A
     return path
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: done under a lock, restored at once)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def open_npz(path: Any, what: str = ".npz") -> Any:
+    """``np.load`` of an existing .npz file, without pickle, or a ValueError naming the file and what is
+    wrong with it (``what``: the kind of file expected, for the message)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} file {str(path)!r} does not exist or is not a file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head not in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip archive (an empty one ends at once)
+        raise ValueError(f"{str(path)!r} is not a {what} file: an .npz file is a zip archive of NumPy arrays, this one "
+                         f"starts with {head!r}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:  # a damaged archive fails in zipfile, zlib or the .npy parser, in many ways
+        raise ValueError(f"{str(path)!r} is not a readable {what} file: {type(exc).__name__}: {exc}") from exc
+
+
 def read_npz(path: Any, expected_format: str | tuple[str, ...]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read an archive written by ``write_npz_atomic`` (no pickle); check its format and version.
 
@@ -65,11 +100,11 @@ def read_npz(path: Any, expected_format: str | tuple[str, ...]) -> tuple[dict[st
         ValueError: for a missing, truncated, corrupt or foreign file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"path {str(path)!r} does not exist or is not a file")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with open_npz(path, "fastbp") as data:
             arrays = {k: data[k] for k in data.files}
+    except ValueError:
+        raise
     except Exception as exc:  # a damaged archive fails in zipfile, zlib or the .npy parser, in many ways
         raise ValueError(f"{str(path)!r} is not a readable fastbp file: {type(exc).__name__}: {exc}") from exc
     raw = arrays.pop(_META, None)
@@ -96,7 +131,10 @@ def model_arrays(model: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         arrays[f"W{i}"] = model.backend.to_numpy(layer.W)
         arrays[f"b{i}"] = model.backend.to_numpy(layer.b)
     meta = {"format": FORMAT, "version": VERSION, "dtype": model.dtype.name,
-            "activations": model.activations, "sizes": model.sizes}
+            "activations": model.activations, "sizes": model.sizes, "loss": model.loss_,
+            "preprocess": getattr(model, "preprocess_", None)}
+    if model.classes_ is not None:
+        arrays["classes"] = np.asarray(model.classes_)  # numbers or fixed-width strings: no pickle needed
     return arrays, meta
 
 
@@ -114,6 +152,12 @@ def model_from_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any], backe
     dtype = meta.get("dtype")
     if not isinstance(acts, list) or not acts or dtype not in ("float32", "float64"):
         raise ValueError(f"{where} has invalid model metadata")
+    classes = arrays.get("classes")
+    loss = meta.get("loss")
+    n_out = meta.get("sizes", [None])[-1] if isinstance(meta.get("sizes"), list) else None
+    if loss not in (None, "mse", "cross_entropy", "binary_cross_entropy") or (
+            classes is not None and (classes.ndim != 1 or len(classes) != n_out)):
+        raise ValueError(f"{where} has invalid model metadata (loss or classes)")
     layers = []
     for i, act in enumerate(acts):
         W, b = arrays.get(f"W{i}"), arrays.get(f"b{i}")
@@ -124,9 +168,13 @@ def model_from_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any], backe
                              f"that do not match its metadata")
         layers.append((W, b, act))
     try:
-        return MLP.from_weights(layers, dtype=dtype, backend=backend)
+        model = MLP.from_weights(layers, dtype=dtype, backend=backend)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where} does not describe a valid model: {exc}") from exc
+    model.classes_, model.loss_ = classes, loss
+    preprocess = meta.get("preprocess")
+    model.preprocess_ = preprocess if isinstance(preprocess, dict) else None
+    return model
 
 
 def load(path: Any, backend: str | Backend | None = None) -> Any:

@@ -281,6 +281,27 @@ def test_ctrl_c_ends_fit_cleanly_with_a_checkpoint(backend, data, tmp_path, monk
     trainer.step(X[:5], y[:5])
 
 
+def test_sigterm_ends_fit_as_ctrl_c_does(data, tmp_path):
+    """What a job scheduler sends before it kills a job: the checkpoint is written, fit returns, and the
+    default handler is back afterwards."""
+    import os
+    import signal
+
+    X, y = data
+
+    class Terminate(fb.callbacks.Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            if epoch == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer = fb.Trainer(fb.MLP([6, 16, 3], seed=0), batch_size=20, seed=3)
+    history = trainer.fit(X, y, epochs=5, callbacks=[Terminate()], progress="none",
+                          interrupt_checkpoint=tmp_path / "term.npz")
+    assert history.interrupted and (tmp_path / "term.npz").is_file()
+    assert fb.Trainer.load_checkpoint(tmp_path / "term.npz").epoch == 1  # the epoch it interrupted is redone
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 # ---------------------------------------------------------------------------------------- memory
 # Host memory of the CPU backends; device memory is checked through the memory pool in tests/test_cupy.py.
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if not b.startswith("cupy")], indirect=True)
