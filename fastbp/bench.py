@@ -455,7 +455,25 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{r['min_s'] * 1e3:8.3f}-{r['max_s'] * 1e3:<8.3f} {r['samples_per_s']:10.0f} "
             f"{fmt(r['gflops'], '8.1f')} {_ratio_cell(r):>20s} {fmt(r['speedup_vs_naive'], '8.2f')} "
             f"{fmt(r['speedup_vs_torch'], '8.2f')}")
-    return "\n".join(lines)
+    import importlib.util
+
+    notes = table_notes(rows, importlib.util.find_spec("torch") is not None)
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def table_notes(rows: list[dict[str, Any]], torch_installed: bool) -> list[str]:
+    """What a reader of the table must know: a time below its GEMM floor (which only a busy or noisy
+    machine produces: the floor is part of the step), and why the torch column is empty."""
+    notes = []
+    below = [r for r in rows if r.get("ratio_to_floor") is not None and r["ratio_to_floor"] < 1.0]
+    if below:
+        names = ", ".join(sorted({f"{r['config']} {r['backend']} {r['name']}" for r in below})[:4])
+        notes.append(f"warning: {len(below)} rows ran below their GEMM floor (x floor < 1.0: {names}); the floor "
+                     f"is part of each step, so the machine was busy or the timings noisy: rerun on a quiet "
+                     f"machine, with more --reps")
+    if not torch_installed:
+        notes.append("vs torch: '-' because PyTorch is not installed (pip install torch to compare)")
+    return notes
 
 
 def _ratio_cell(r: dict[str, Any]) -> str:

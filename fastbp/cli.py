@@ -1,8 +1,13 @@
-"""The command line: ``fastbp train | bench | info`` (also ``python -m fastbp``)."""
+"""The command line: ``fastbp train | predict | evaluate | bench | info`` (also ``python -m fastbp``).
+
+Every expected failure (a bad option, a missing file, a diverging run) is one line on stderr and exit
+code 2; every option, path and optional dependency is checked before anything is compiled or trained.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -12,6 +17,7 @@ import numpy as np
 
 from . import datasets
 from .activations import ACTIVATIONS
+from .backends import LOSSES
 from .dtypes import FLOAT_DTYPES
 from .optim import OPTIMIZERS
 
@@ -75,21 +81,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fastbp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = sub.add_parser("train", help="train an MLP (default: the bundled digits)")
-    train.add_argument("--data", help="data file: .npz (X, y), .csv (labels in --label-column) or IDX images")
-    train.add_argument("--labels", help="IDX label file, with IDX images in --data")
-    train.add_argument("--label-column", default="-1", help="CSV label column: index or name (default -1)")
-    train.add_argument("--hidden", type=_hidden_sizes, default=[128, 64], help="hidden sizes (default 128,64)")
-    train.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu")
-    train.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
-    train.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate (default 1e-3)")
-    train.add_argument("--momentum", type=float, default=0.9, help="SGD/RMSProp momentum (default 0.9)")
-    train.add_argument("--epochs", type=_positive_int, default=30)
-    train.add_argument("--batch-size", type=_positive_int, default=64)
-    train.add_argument("--backend", default="auto", help="numpy | numba | cupy | auto (default)")
-    train.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32")
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    train = sub.add_parser("train", help="train an MLP (default: the bundled digits)", formatter_class=formatter)
+    _data_options(train)
+    train.add_argument("--loss", choices=LOSSES, default="cross_entropy",
+                       help="cross_entropy: class labels; binary_cross_entropy: 0/1 targets; mse: regression")
+    train.add_argument("--hidden", type=_hidden_sizes, default=[128, 64], help="hidden sizes")
+    train.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu", type=str.lower,
+                       help="hidden layers' activation")
+    train.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam", type=str.lower,
+                       help="optimizer, with torch.optim's defaults but --lr and --momentum")
+    train.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate")
+    train.add_argument("--momentum", type=float, default=0.9, help="SGD/RMSProp momentum")
+    train.add_argument("--epochs", type=_positive_int, default=30, help="passes over the training rows")
+    train.add_argument("--batch-size", type=_positive_int, default=64, help="rows per step")
+    train.add_argument("--backend", default="auto", help="numpy | numba | cupy | cupy:N | auto")
+    train.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32", help="compute dtype")
     train.add_argument("--seed", type=_seed, default=0, help="seed of the split, the weights and the shuffling")
-    train.add_argument("--test-size", type=float, default=0.25, help="held-out fraction (default 0.25)")
+    train.add_argument("--test-size", type=_fraction, default=0.25,
+                       help="fraction held out as the test set, evaluated once at the end")
+    train.add_argument("--val-split", type=_fraction_or_zero, default=0.0,
+                       help="fraction of the training rows held out as validation data, evaluated after each "
+                            "epoch (0: none)")
     train.add_argument("--preprocess", choices=("auto", "none", "standardize", "scale"), default="auto",
                        help="auto: pixels/16 for digits, /255 for IDX, standardize other files")
     train.add_argument("--save", metavar="FILE", help="save the trained model (.npz)")
@@ -101,6 +114,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue from a checkpoint for --epochs more epochs (its model and optimizer "
                             "replace --hidden, --activation, --optimizer, --lr, --dtype)")
 
+    predict = sub.add_parser("predict", help="predictions of a saved model", formatter_class=formatter)
+    predict.add_argument("--model", required=True, metavar="FILE", help="a model saved by train --save")
+    predict.add_argument("--data", required=True, metavar="FILE",
+                         help="features: .npz (array X), .csv (every column a feature unless --label-column) "
+                              "or IDX images")
+    predict.add_argument("--label-column", default=None, help="CSV column to leave out (index or name)")
+    predict.add_argument("--out", metavar="FILE", help="write the predictions as CSV, one row per sample "
+                                                        "(default: print them)")
+    predict.add_argument("--proba", action="store_true", help="class probabilities instead of labels")
+    predict.add_argument("--backend", default="auto", help="numpy | numba | cupy | cupy:N | auto")
+
+    evaluate = sub.add_parser("evaluate", help="loss and accuracy of a saved model on labelled data",
+                              formatter_class=formatter)
+    evaluate.add_argument("--model", required=True, metavar="FILE", help="a model saved by train --save")
+    _data_options(evaluate, required=True)
+    evaluate.add_argument("--backend", default="auto", help="numpy | numba | cupy | cupy:N | auto")
+
     info = sub.add_parser("info", help="versions, backends, BLAS, threads, GPU")
     info.add_argument("--json", action="store_true", help="print JSON")
 
@@ -110,78 +140,159 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}") from exc
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}")
+    return value
+
+
+def _fraction_or_zero(text: str) -> float:
+    return 0.0 if text.strip() in ("0", "0.0") else _fraction(text)
+
+
+def _data_options(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument("--data", required=required, metavar="FILE",
+                        help="data file: .npz (X, y), .csv (labels in --label-column) or IDX images"
+                             + ("" if required else " (default: the bundled digits)"))
+    parser.add_argument("--labels", metavar="FILE", help="IDX label file, with IDX images in --data")
+    parser.add_argument("--label-column", default="-1", help="CSV label column: index or name")
+
+
+def _label_column(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _check_file(path: str | None, option: str) -> None:
+    if path is not None and not os.path.isfile(path):
+        raise UsageError(f"{option} {path!r} does not exist or is not a file")
+
+
 def _load_data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str, float | None]:
-    """(X, y, description, scale divisor or None)."""
+    """(X, y, description, scale divisor or None); errors name the file."""
     if args.data is None:
         X, y = datasets.load_digits()
         return X, y, "digits (bundled)", 16.0
-    label_column: Any = args.label_column
+    _check_file(args.data, "--data")
+    _check_file(args.labels, "--labels")
     try:
-        label_column = int(label_column)
-    except ValueError:
-        pass
-    X, y = datasets.load_file(args.data, labels=args.labels, label_column=label_column)
+        X, y = datasets.load_file(args.data, labels=args.labels, label_column=_label_column(args.label_column))
+    except (ValueError, TypeError, OSError) as exc:
+        message = str(exc)
+        raise UsageError(message if args.data in message else f"--data {args.data!r}: {message}") from exc
     lower = args.data.lower()
     return X, y, args.data, 255.0 if ("idx" in lower or "ubyte" in lower) else None
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every file train will write can be written, and --plot can plot, before any work is done."""
+    from .io import check_writable
+
+    for option in ("save", "checkpoint"):
+        if getattr(args, option):
+            check_writable(getattr(args, option), f"--{option}")
+    if args.plot:
+        folder = os.path.dirname(os.path.abspath(args.plot))
+        if not os.path.isdir(folder):
+            raise UsageError(f"--plot {args.plot!r}: folder {folder!r} does not exist")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as exc:
+            raise UsageError("--plot needs matplotlib: pip install 'fastbp[plot]'") from exc
+    _check_file(args.resume, "--resume")
+
+
+def _preprocess(mode: str, divisor: float | None, X_train: np.ndarray) -> dict[str, Any]:
+    """The input preprocessing, fitted on the training rows (saved with the model for fastbp predict)."""
+    if mode == "auto":
+        mode = "scale" if divisor is not None else "standardize"
+    if mode == "scale":
+        return {"mode": "scale", "divisor": divisor if divisor is not None else max(float(np.abs(X_train).max()), 1.0)}
+    if mode == "standardize":
+        s = datasets.Standardizer().fit(X_train)
+        return {"mode": "standardize", "mean": s.mean.tolist(), "std": s.std.tolist()}  # type: ignore[union-attr]
+    return {"mode": "none"}
+
+
+def apply_preprocess(spec: dict[str, Any] | None, X: np.ndarray) -> np.ndarray:
+    """``X`` transformed as the model's training data was (``_preprocess``); as it is without one."""
+    if not spec or spec.get("mode") == "none":
+        return X
+    if spec["mode"] == "scale":
+        return X / spec["divisor"]
+    mean, std = np.asarray(spec["mean"]), np.asarray(spec["std"])
+    if X.shape[1] != mean.shape[0]:
+        raise UsageError(f"the data has {X.shape[1]} features; the model was trained on {mean.shape[0]}")
+    return (X - mean) / std
+
+
+def _n_outputs(loss: str, y: np.ndarray, source: str) -> int:
+    if loss == "cross_entropy":
+        if y.ndim != 1:
+            raise UsageError(f"--loss cross_entropy needs one class label per row; {source} has y of shape {y.shape}")
+        return len(np.unique(y))
+    if y.dtype.kind == "U":
+        raise UsageError(f"--loss {loss} needs numeric targets; {source} has text labels")
+    return 1 if y.ndim == 1 else y.shape[1]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     import fastbp as fb
 
-    from .io import save_model
-
     wall = time.perf_counter()
+    _check_outputs(args)  # before anything is loaded, compiled or trained
+    X, y, source, divisor = _load_data(args)
+    n_out = _n_outputs(args.loss, y, source)
+    stratify = args.loss == "cross_entropy"
+    X_train, X_test, y_train, y_test = datasets.train_test_split(X, y, test_size=args.test_size, seed=args.seed,
+                                                                 stratify=stratify)
+    if args.val_split:
+        X_train, X_val, y_train, y_val = datasets.train_test_split(X_train, y_train, test_size=args.val_split,
+                                                                   seed=args.seed, stratify=stratify)
+    spec = _preprocess(args.preprocess, divisor, X_train)
+    X_train, X_test = apply_preprocess(spec, X_train), apply_preprocess(spec, X_test)
+    validation = (apply_preprocess(spec, X_val), y_val) if args.val_split else None
+    what = f"{n_out} classes" if args.loss == "cross_entropy" else f"{n_out} targets"
+    print(f"data: {source}: {X.shape[0]} samples, {X.shape[1]} features, {what}; train {len(y_train)}, "
+          f"validation {0 if validation is None else len(validation[1])}, test {len(y_test)}; "
+          f"preprocessing: {spec['mode']}")
+
     backend = fb.set_backend(args.backend)
     print(f"backend: {backend.name} (available: {', '.join(fb.available_backends())})")
-    warmup = getattr(backend, "warmup", None)
-    if warmup is not None:
-        seconds = warmup(dtypes=[args.dtype], activations=[args.activation])
-        print(f"compile: {seconds:.2f} s (JIT kernels, cached on disk for the next run; not in training time)")
-    X, y, source, divisor = _load_data(args)
-    if y.dtype.kind != "i":
-        raise UsageError(f"fastbp train classifies: the labels of {source} must be integers")
-    classes = int(y.max()) + 1
-    if y.min() < 0:
-        raise UsageError(f"labels of {source} must be non-negative integers, got min {y.min()}")
-    if not 0 < args.test_size < 1:
-        raise UsageError(f"--test-size must be in (0, 1), got {args.test_size}")
-    X_train, X_test, y_train, y_test = datasets.train_test_split(X, y, test_size=args.test_size, seed=args.seed)
-    mode = args.preprocess
-    if mode == "auto":
-        mode = "scale" if divisor is not None else "standardize"
-    if mode == "scale":
-        d = divisor if divisor is not None else max(float(np.abs(X_train).max()), 1.0)
-        X_train, X_test = X_train / d, X_test / d
-    elif mode == "standardize":
-        X_train, X_test = datasets.standardize(X_train, X_test)
-    print(f"data: {source}: {X.shape[0]} samples, {X.shape[1]} features, {classes} classes; "
-          f"train {len(y_train)}, test {len(y_test)}; preprocessing: {mode}")
-
     if args.resume:
         trainer = fb.Trainer.load_checkpoint(args.resume, backend=backend)
         model = trainer.model
-        if model.sizes[0] != X.shape[1] or model.sizes[-1] < classes:
-            raise UsageError(f"checkpoint {args.resume} holds a {model.sizes} network; the data has "
-                             f"{X.shape[1]} features and {classes} classes")
+        if model.sizes[0] != X.shape[1] or model.sizes[-1] != n_out or trainer.loss != args.loss:
+            raise UsageError(f"checkpoint {args.resume} holds a {model.sizes} network trained with {trainer.loss}; "
+                             f"the data has {X.shape[1]} features and {what} for {args.loss}")
         print(f"resumed from {args.resume} at epoch {trainer.epoch}")
     else:
-        model = fb.MLP([X.shape[1], *args.hidden, classes], activation=args.activation, dtype=args.dtype,
+        model = fb.MLP([X.shape[1], *args.hidden, n_out], activation=args.activation, dtype=args.dtype,
                        seed=args.seed)
         kwargs: dict[str, Any] = {"lr": args.lr}
         if args.optimizer in ("sgd", "rmsprop"):
             kwargs["momentum"] = args.momentum
-        trainer = fb.Trainer(model, loss="cross_entropy", optimizer=OPTIMIZERS[args.optimizer](**kwargs),
+        trainer = fb.Trainer(model, loss=args.loss, optimizer=OPTIMIZERS[args.optimizer](**kwargs),
                              batch_size=args.batch_size, seed=args.seed)
+    model.preprocess_ = spec
+    warmup = getattr(backend, "warmup", None)
+    if warmup is not None:
+        seconds = warmup(dtypes=[model.dtype.name], activations=sorted(set(model.activations[:-1])) or ["identity"])
+        print(f"compile: {seconds:.2f} s (JIT kernels, cached on disk for the next run; not in training time)")
     print(f"model: {model.sizes} {model.activations[0]}, {model.n_params} parameters, {model.dtype.name}; "
           f"{type(trainer.optimizer).__name__} lr {trainer.optimizer.lr:g}, batch {trainer.batch_size}, "
-          f"{args.epochs} epochs")
-    if args.checkpoint:
-        from .io import check_writable
-
-        check_writable(args.checkpoint, "--checkpoint")
+          f"{args.epochs} epochs, loss {args.loss}")
     progress = "none" if args.quiet else ("auto" if sys.stderr.isatty() else "lines")
     start = time.perf_counter()
-    history = trainer.fit(X_train, y_train, epochs=args.epochs, validation_data=(X_test, y_test),
+    history = trainer.fit(X_train, y_train, epochs=args.epochs, validation_data=validation,
                           progress=progress, interrupt_checkpoint=args.checkpoint)
     train_time = time.perf_counter() - start
     if history.interrupted:
@@ -191,9 +302,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"saved checkpoint to {trainer.save_checkpoint(args.checkpoint)}")
     result = trainer.evaluate(X_test, y_test)
     print(f"test loss: {result['loss']:.4f}")
-    print(f"test accuracy: {result['accuracy']:.3f}")
+    if "accuracy" in result:
+        print(f"test accuracy: {result['accuracy']:.3f}")
     if args.save:
-        print(f"saved model to {save_model(model, args.save)}")
+        print(f"saved model to {model.save(args.save)}")
     if args.plot:
         _plot(history, args.plot)
         print(f"saved plot to {args.plot}")
@@ -201,6 +313,54 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"training time: {epoch_time:.2f} s in {len(history)} epochs (fit {train_time:.2f} s, "
           f"wall {time.perf_counter() - wall:.2f} s)")
     return 130 if history.interrupted else 0
+
+
+def _load_model(args: argparse.Namespace) -> Any:
+    import fastbp as fb
+
+    _check_file(args.model, "--model")
+    model = fb.load(args.model, backend=fb.set_backend(args.backend))
+    if model.loss_ is None:
+        raise UsageError(f"--model {args.model!r} records no training loss: save it after training with fastbp "
+                         f"train --save or a Trainer")
+    return model
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    model = _load_model(args)
+    _check_file(args.data, "--data")
+    if args.out:
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(folder):
+            raise UsageError(f"--out {args.out!r}: folder {folder!r} does not exist")
+    try:
+        X = datasets.load_features(args.data, label_column=_label_column(args.label_column))
+    except (ValueError, TypeError, OSError) as exc:
+        raise UsageError(f"--data {args.data!r}: {exc}") from exc
+    X = apply_preprocess(getattr(model, "preprocess_", None), X)
+    values = model.predict_proba(X) if args.proba else model.predict(X)
+    rows = values.reshape(len(values), -1)
+    lines = [",".join(str(v) for v in row) for row in rows]
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print(f"wrote {len(lines)} predictions to {args.out}")
+    else:
+        print("\n".join(lines))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import fastbp as fb
+
+    model = _load_model(args)
+    X, y, source, _ = _load_data(args)
+    X = apply_preprocess(getattr(model, "preprocess_", None), X)
+    result = fb.Trainer(model, loss=model.loss_).evaluate(X, y)
+    print(f"{source}: {X.shape[0]} samples")
+    for key, value in result.items():
+        print(f"{key}: {value:.4f}")
+    return 0
 
 
 def _plot(history: Any, path: str) -> None:
@@ -245,10 +405,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"train": cmd_train, "info": cmd_info, "bench": _cmd_bench}
+    commands = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "info": cmd_info,
+                "bench": _cmd_bench}
     try:
-        return commands[args.command](args)
-    except (UsageError, ValueError, TypeError, OSError) as exc:
+        # a diverging run is reported by the Trainer's check (one line, below), not by NumPy's warnings
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return commands[args.command](args)
+    except (UsageError, ValueError, TypeError, OSError, FloatingPointError, MemoryError, RuntimeError) as exc:
+        # FloatingPointError: a DivergenceError; RuntimeError: a backend that cannot run here
         message = " ".join(str(exc).split())  # one line
         print(f"fastbp {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import check_nonneg_float, check_positive_int, check_seed
+from ._checks import check_finite, check_nonneg_float, check_positive_int, check_seed
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -47,8 +47,10 @@ def _existing(path: Any, argument: str = "path") -> Path:
 def load_npz(path: Any, x_key: str = "X", y_key: str = "y") -> tuple[np.ndarray, np.ndarray]:
     """X and y from an .npz file (keys ``x_key`` and ``y_key``), read without pickle."""
     p = _existing(path)
+    from .io import open_npz
+
     try:
-        with np.load(p, allow_pickle=False) as data:
+        with open_npz(p) as data:
             missing = [k for k in (x_key, y_key) if k not in data.files]
             if missing:
                 raise ValueError(f"{str(p)!r} lacks the arrays {missing}; it holds {data.files}")
@@ -78,36 +80,40 @@ def load_csv(path: Any, label_column: int | str = -1, delimiter: str = ",",
     if not lines:
         raise ValueError(f"{str(p)!r} is empty")
     names = None
-    first = [c.strip() for c in lines[0].split(delimiter)]
-    if header is None:
-        header = not all(_is_number(c) for c in first)
+    cells = [[c.strip() for c in ln.split(delimiter)] for ln in lines]
+    width = len(cells[0])
+    if width < 2:
+        raise ValueError(f"{str(p)!r} needs rows of at least 2 columns (features and a label)")
+    if isinstance(label_column, str):
+        header = True
+    elif not -width <= int(label_column) < width:
+        raise ValueError(f"label_column must be in [-{width}, {width}), got {label_column}")
+    if header is None:  # a first line whose feature cells are not all numbers (labels may be words)
+        skip = int(label_column) % width
+        header = not all(_is_number(c) for i, c in enumerate(cells[0]) if i != skip)
     if header:
-        names, lines = first, lines[1:]
-    if not lines:
+        names, cells = cells[0], cells[1:]
+    if not cells:
         raise ValueError(f"{str(p)!r} has a header but no rows")
-    try:
-        rows = [[float(c) for c in ln.split(delimiter)] for ln in lines]
-    except ValueError as exc:
-        raise ValueError(f"{str(p)!r} holds a value that is not a number: {exc}") from exc
-    widths = {len(r) for r in rows}
-    if len(widths) != 1:
-        raise ValueError(f"{str(p)!r}: rows have different numbers of columns {sorted(widths)}")
-    table = np.array(rows, dtype=np.float64)
-    if names is not None and len(names) != table.shape[1]:
-        raise ValueError(f"{str(p)!r}: the header names {len(names)} columns but the rows have {table.shape[1]}")
-    if table.ndim != 2 or table.shape[1] < 2:
-        raise ValueError(f"{str(p)!r} needs rows of equal length with at least 2 columns")
+    for i, row in enumerate(cells):
+        if len(row) != width:
+            raise ValueError(f"{str(p)!r}: line {i + 1 + bool(header)} has {len(row)} columns, the first has {width}")
     if isinstance(label_column, str):
         if names is None or label_column not in names:
             raise ValueError(f"label_column {label_column!r} is not a column name of {str(p)!r} (names: {names})")
         col = names.index(label_column)
     else:
-        col = int(label_column)
-        if not -table.shape[1] <= col < table.shape[1]:
-            raise ValueError(f"label_column must be in [-{table.shape[1]}, {table.shape[1]}), got {label_column}")
-        col %= table.shape[1]
-    y = table[:, col]
-    X = np.delete(table, col, axis=1)
+        col = int(label_column) % width
+    features = [[c for j, c in enumerate(row) if j != col] for row in cells]
+    try:
+        X = np.array(features, dtype=np.float64)
+    except ValueError:
+        line, column, cell = next((i, j, c) for i, row in enumerate(features) for j, c in enumerate(row)
+                                  if not _is_number(c))
+        raise ValueError(f"{str(p)!r}: line {line + 1 + bool(header)}, feature column {column} holds "
+                         f"{cell!r}, not a number") from None
+    labels = [row[col] for row in cells]
+    y = np.array([float(v) for v in labels]) if all(_is_number(v) for v in labels) else np.array(labels)
     return _check_xy(X, y, str(p))
 
 
@@ -155,16 +161,15 @@ def load_idx(images: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_xy(X: np.ndarray, y: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
-    if X.dtype.kind not in "biuf" or y.dtype.kind not in "biuf":
-        raise ValueError(f"{where}: X and y must be numeric, got {X.dtype} and {y.dtype}")
+    if X.dtype.kind not in "biuf" or y.dtype.kind not in "biufU":
+        raise ValueError(f"{where}: X must be numeric and y numbers or strings, got {X.dtype} and {y.dtype}")
     if X.ndim != 2 or X.shape[0] == 0:
         raise ValueError(f"{where}: X must be 2-D with at least one row, got {X.shape}")
     if y.shape[0] != X.shape[0]:
         raise ValueError(f"{where}: X has {X.shape[0]} rows but y has {y.shape[0]}")
     X = X.astype(np.float64)
-    if not np.isfinite(X).all():
-        raise ValueError(f"{where}: X contains NaN or infinite values")
-    return X, _labels_or_targets(y)
+    check_finite(X, f"{where}: X")
+    return X, y if y.dtype.kind == "U" else _labels_or_targets(y)
 
 
 def load_file(path: Any, labels: Any = None, label_column: int | str = -1) -> tuple[np.ndarray, np.ndarray]:
@@ -179,6 +184,46 @@ def load_file(path: Any, labels: Any = None, label_column: int | str = -1) -> tu
             raise ValueError("an IDX image file needs its label file as well (labels=...)")
         return load_idx(path, labels)
     raise ValueError(f"path {str(path)!r}: unknown data format; use .npz, .csv or IDX (ubyte) files")
+
+
+def load_features(path: Any, label_column: int | str | None = None) -> np.ndarray:
+    """Features alone, for prediction: X of an .npz file, every column of a CSV file (but
+    ``label_column`` when given, a column to leave out) or the images of an IDX file; float64, finite."""
+    name = str(path).lower()
+    if name.endswith(".npz"):
+        p = _existing(path)
+        from .io import open_npz
+
+        with open_npz(p) as data:
+            if "X" not in data.files:
+                raise ValueError(f"{str(p)!r} lacks the array 'X'; it holds {data.files}")
+            X = data["X"]
+    elif name.endswith((".csv", ".csv.gz", ".txt", ".tsv")):
+        if label_column is not None:
+            return load_csv(path, label_column=label_column, delimiter="\t" if name.endswith(".tsv") else ",")[0]
+        p = _existing(path)
+        text = (gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()).decode()
+        delimiter = "\t" if name.endswith(".tsv") else ","
+        rows = [[c.strip() for c in ln.split(delimiter)] for ln in text.splitlines() if ln.strip()]
+        if rows and not all(_is_number(c) for c in rows[0]):
+            rows = rows[1:]  # a header
+        if not rows or any(len(r) != len(rows[0]) for r in rows):
+            raise ValueError(f"{str(p)!r} needs rows of numbers of equal length")
+        try:
+            X = np.array(rows, dtype=np.float64)
+        except ValueError as exc:
+            raise ValueError(f"{str(p)!r} holds a value that is not a number: {exc}") from exc
+    elif "idx" in name or "ubyte" in name:
+        X = read_idx(path)
+        X = X.reshape(X.shape[0], -1) if X.ndim >= 2 else X
+    else:
+        raise ValueError(f"path {str(path)!r}: unknown data format; use .npz, .csv or IDX (ubyte) files")
+    X = np.asarray(X)
+    if X.dtype.kind not in "biuf" or X.ndim != 2 or X.shape[0] == 0:
+        raise ValueError(f"{path}: X must be a 2-D numeric array with at least one row, got {X.dtype} {X.shape}")
+    X = X.astype(np.float64)
+    check_finite(X, f"{path}: X")
+    return X
 
 
 def make_classification(n_samples: int = 1000, n_features: int = 20, n_classes: int = 3,
@@ -252,7 +297,7 @@ def train_test_split(X: Any, y: Any, test_size: float = 0.25, seed: int = 0,
     n_train = n - n_test
     if n_test == 0 or n_train == 0:
         raise ValueError(f"test_size {test_size} leaves an empty part for {n} rows")
-    if stratify and y.ndim == 1 and y.dtype.kind in "iub":
+    if stratify and y.ndim == 1 and y.dtype.kind in "iubU":
         classes, y_idx = np.unique(y, return_inverse=True)
         counts = np.bincount(y_idx)
         if counts.min() < 2 or n_test < len(classes) or n_train < len(classes):

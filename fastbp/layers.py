@@ -15,7 +15,7 @@ from .backends import Backend, resolve_backend
 from .backends.base import invalid_batch_message
 from .dtypes import accumulator_dtype, resolve_dtype
 from .init import INITIALIZERS, initialize
-from .losses import check_loss, prepare_targets, target_shape
+from .losses import check_loss, is_identity, prepare_targets, target_shape
 
 _MAX_WORKSPACES = 4  # batch sizes whose buffers are kept: the batch, the last partial batch, eval sizes
 _INFER_CHUNK = 16384  # rows per forward pass at inference, to bound the memory of big inputs
@@ -31,7 +31,7 @@ class Dense:
     """
 
     def __init__(self, W: Any, b: Any, activation: str) -> None:
-        check_choice(activation, ACTIVATIONS, "activation")
+        activation = check_choice(activation, ACTIVATIONS, "activation")
         if W.ndim != 2 or b.shape != (W.shape[1],):
             raise ValueError(f"Dense needs W (n_in, n_out) and b (n_out,), got {W.shape} and {b.shape}")
         self.W = W
@@ -118,11 +118,10 @@ class MLP:
                 raise ValueError(
                     f"activation must be one name or one per hidden layer ({hidden}), got {len(activations)}"
                 )
-        for act in activations:
-            check_choice(act, ACTIVATIONS, "activation")
+        activations = [check_choice(act, ACTIVATIONS, "activation") for act in activations]
         activations.append("identity")
         if init != "auto":
-            check_choice(init, INITIALIZERS, "init")
+            init = check_choice(init, INITIALIZERS, "init")
         check_seed(seed)
         self.dtype = resolve_dtype(dtype)
         self.backend = resolve_backend(backend)
@@ -146,6 +145,16 @@ class MLP:
         self._workspaces: OrderedDict[int, _Workspace] = OrderedDict()
         self._flat_grad: Any = None
         self._grads: list[Any] | None = None
+        #: The class labels, in output order, of a model trained with cross_entropy on labels (set by the
+        #: Trainer from the training labels, see ``fastbp.losses.learn_classes``; saved with the model).
+        #: ``predict`` answers in these labels. None: the labels are the output indices.
+        self.classes_: np.ndarray | None = getattr(self, "classes_", None)
+        #: The loss the model was trained with (set by the Trainer, saved with the model): how ``predict``
+        #: and ``predict_proba`` read the outputs.
+        self.loss_: str | None = getattr(self, "loss_", None)
+        #: How inputs were transformed before training, when the command line trained the model (saved with
+        #: it, so that ``fastbp predict`` transforms new data alike); None for models trained in Python.
+        self.preprocess_: dict[str, Any] | None = getattr(self, "preprocess_", None)
 
     @classmethod
     def from_weights(
@@ -214,6 +223,45 @@ class MLP:
             outputs = [self._forward_rows(X[i:i + _INFER_CHUNK]) for i in range(0, X.shape[0], _INFER_CHUNK)]
             return outputs[0] if len(outputs) == 1 else self.backend.xp.concatenate(outputs)
 
+    def __call__(self, X: Any) -> Any:
+        """``forward(X)``: the outputs (logits), an array of the model's backend."""
+        return self.forward(X)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predictions as a host array, read from the outputs by the loss the model was trained with
+        (``loss_``): class labels for cross_entropy (in the training labels' values, ``classes_``), 0/1 per
+        output for binary_cross_entropy, the outputs themselves for mse."""
+        loss = self._trained_loss("predict")
+        bk = self.backend
+        with bk.device_scope():
+            out = self.forward(X)
+            if loss == "cross_entropy":
+                index = bk.to_numpy(bk.xp.argmax(out, axis=1))
+                return index if self.classes_ is None else self.classes_[index]
+            if loss == "binary_cross_entropy":
+                return bk.to_numpy(out > 0).astype(np.int64)
+            return np.asarray(bk.to_numpy(out))
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities as a host array: the softmax of each row for cross_entropy (columns in
+        ``classes_`` order), each output's sigmoid for binary_cross_entropy."""
+        loss = self._trained_loss("predict_proba")
+        if loss == "mse":
+            raise ValueError("predict_proba needs a classifier: this model was trained with mse (use predict)")
+        out = np.asarray(self.backend.to_numpy(self.forward(X)), np.float64)
+        if loss == "binary_cross_entropy":
+            e = np.exp(-np.abs(out))
+            return np.where(out >= 0, 1 / (1 + e), e / (1 + e)).astype(self.dtype)
+        e = np.exp(out - out.max(axis=1, keepdims=True))
+        return (e / e.sum(axis=1, keepdims=True)).astype(self.dtype)
+
+    def _trained_loss(self, what: str) -> str:
+        if self.loss_ is None:
+            raise ValueError(f"{what} reads the outputs by the loss the model is trained with, and this model "
+                             f"has none yet: train it with a Trainer (or set model.loss_), or use forward(X) "
+                             f"for the outputs")
+        return self.loss_
+
     def _forward_rows(self, X: Any) -> Any:
         A = X
         for layer in self.layers:
@@ -238,8 +286,9 @@ class MLP:
         """
         bk = self.backend
         n_in, n_out = self.sizes[0], self.sizes[-1]
-        if _on_device(bk, X) and _on_device(bk, y) and not (
-                loss == "cross_entropy" and y.ndim == 1 and y.dtype.kind == "f"):  # float labels: host checks
+        encoded = self.classes_ is not None and not is_identity(self.classes_)
+        if _on_device(bk, X) and _on_device(bk, y) and not (loss == "cross_entropy" and y.ndim == 1 and (
+                y.dtype.kind == "f" or encoded)):  # float labels, labels to encode: the host path
             with bk.device_scope():
                 Xd = bk.asarray(check_feature_shape(X, n_in), self.dtype)
                 shape = target_shape(y, loss, n_out, Xd.shape[0])
@@ -253,7 +302,7 @@ class MLP:
                         raise ValueError(invalid_batch_message(count, int(kind), n_out))
             return Xd, yd
         X_host = check_features(X, n_in)
-        y_host = prepare_targets(y, loss, n_out, X_host.shape[0], self.dtype)
+        y_host = prepare_targets(y, loss, n_out, X_host.shape[0], self.dtype, self.classes_)
         return bk.asarray(X_host, self.dtype), bk.asarray(y_host)
 
     def _device_input(self, X: Any) -> Any:
@@ -355,8 +404,11 @@ class MLP:
     def copy(self, dtype: Any = None, backend: str | Backend | None = None) -> MLP:
         """An independent copy, optionally in another dtype or on another backend."""
         weights = [(layer.W, layer.b, layer.activation) for layer in self.layers]
-        return MLP.from_weights(weights, dtype=dtype if dtype is not None else self.dtype,
-                                backend=backend if backend is not None else self.backend)
+        model = MLP.from_weights(weights, dtype=dtype if dtype is not None else self.dtype,
+                                 backend=backend if backend is not None else self.backend)
+        model.classes_ = None if self.classes_ is None else self.classes_.copy()
+        model.loss_, model.preprocess_ = self.loss_, self.preprocess_
+        return model
 
     def save(self, path: Any) -> Any:
         """Write the model to an .npz file atomically (see ``fastbp.io``); returns the path written."""

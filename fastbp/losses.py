@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import check_choice, host_array
+from ._checks import check_choice, check_finite, host_array, to_host
 from .backends import LOSSES
 
 CLASSIFICATION_LOSSES = ("cross_entropy", "binary_cross_entropy")
@@ -23,7 +23,8 @@ def check_loss(loss: Any) -> str:
     return check_choice(loss, LOSSES, "loss")
 
 
-def prepare_targets(y: Any, loss: str, n_out: int, n_samples: int, dtype: np.dtype) -> np.ndarray:
+def prepare_targets(y: Any, loss: str, n_out: int, n_samples: int, dtype: np.dtype,
+                    classes: np.ndarray | None = None) -> np.ndarray:
     """Check the targets for ``loss`` and return them in the form ``Backend.output_delta`` takes.
 
     Args:
@@ -32,11 +33,19 @@ def prepare_targets(y: Any, loss: str, n_out: int, n_samples: int, dtype: np.dty
         n_out: the network's output width.
         n_samples: the number of rows of X, which y must match.
         dtype: the model's float dtype.
+        classes: the model's ``classes_`` (see ``learn_classes``): cross_entropy labels are encoded as
+            their index in it. None: the labels are the class indices.
     Returns:
         int64 labels (B,) for cross_entropy with labels; otherwise float targets (B, n_out) in dtype.
     Raises:
         ValueError, TypeError: naming ``y`` and what was wrong.
     """
+    if classes is not None and not is_identity(classes) and loss == "cross_entropy":
+        labels = np.asarray(to_host(y))
+        if labels.ndim == 1:
+            if labels.shape != (n_samples,):
+                raise ValueError(f"y must have one row per sample of X ({n_samples}), got shape {labels.shape}")
+            return encode_labels(labels, classes)
     arr = host_array(y, "y")
     shape = target_shape(arr, loss, n_out, n_samples)
     if shape is None:
@@ -50,11 +59,58 @@ def prepare_targets(y: Any, loss: str, n_out: int, n_samples: int, dtype: np.dty
             )
         return labels
     targets = arr.reshape(shape).astype(dtype)
-    if not np.isfinite(targets).all():
-        raise ValueError("y contains NaN or infinite values")
+    check_finite(targets, "y")
     if loss in CLASSIFICATION_LOSSES and (targets.min() < 0 or targets.max() > 1):
         raise ValueError(f"y targets for {loss} must lie in [0, 1], got range [{targets.min()}, {targets.max()}]")
     return targets
+
+
+def is_identity(classes: np.ndarray) -> bool:
+    """Whether ``classes`` are 0, 1, ..., n-1: labels that are their own class index."""
+    return classes.dtype.kind in "iu" and np.array_equal(classes, np.arange(len(classes)))
+
+
+def learn_classes(y: Any, n_out: int) -> np.ndarray:
+    """The classes of a network with ``n_out`` outputs trained with cross_entropy on labels ``y``.
+
+    Integer labels that all lie in [0, n_out) are class indices already: the classes are 0..n_out-1 (a
+    batch need not hold every class). Any other labels (strings, {1, 2, 3}, {0, 10, 20}) are encoded as
+    scikit-learn encodes them, by their sorted order, and must then number exactly n_out.
+    """
+    labels = np.asarray(to_host(y))
+    if labels.ndim != 1:
+        raise ValueError(f"class labels must be 1-D, got shape {labels.shape}")
+    if labels.dtype.kind not in "biufUS":
+        raise TypeError(f"y must hold class labels (integers or strings), got dtype {labels.dtype}")
+    if labels.dtype.kind == "f":
+        if not np.isfinite(labels).all() or not np.array_equal(labels, np.round(labels)):
+            raise TypeError("y must hold integer class labels for cross_entropy, got non-integer floats")
+        labels = labels.astype(np.int64)
+    if labels.dtype.kind == "b":
+        raise TypeError("y must hold integer class labels for cross_entropy, got bool")
+    values = np.unique(labels)
+    if labels.dtype.kind in "iu" and values[0] >= 0 and values[-1] < n_out:
+        return np.arange(n_out)
+    if len(values) != n_out:
+        shown = ", ".join(map(str, values[:8])) + (", ..." if len(values) > 8 else "")
+        raise ValueError(f"y holds {len(values)} distinct labels ({shown}) for a network with {n_out} outputs: "
+                         f"labels are either class indices in [0, {n_out}) or exactly {n_out} distinct values, "
+                         f"encoded in sorted order (set model.classes_ to choose the classes)")
+    return values
+
+
+def encode_labels(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Each label's index in ``classes`` (sorted), int64; ValueError naming labels that are not classes."""
+    if labels.dtype.kind not in "biufUS" or (labels.dtype.kind in "US") != (classes.dtype.kind in "US"):
+        raise TypeError(f"y labels of dtype {labels.dtype} cannot be the model's classes {list(classes[:8])}")
+    index = np.searchsorted(classes, labels)
+    index = np.minimum(index, len(classes) - 1)
+    unknown = classes[index] != labels
+    if unknown.any():
+        extra = np.unique(labels[unknown])[:5]
+        raise ValueError(f"y holds labels that are not among the model's classes {list(classes[:10])}: "
+                         f"{', '.join(map(str, extra))}")
+    return index.astype(np.int64)
 
 
 def target_shape(y: Any, loss: str, n_out: int, n_samples: int) -> tuple[int, int] | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import sys
 import threading
 import time
@@ -19,13 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import check_choice, check_positive_float, check_positive_int, check_seed
+from ._checks import check_choice, check_positive_float, check_positive_int, check_seed, to_host
 from .backends.base import invalid_batch_message
 from .callbacks import Callback
 from .dtypes import accumulator_dtype
 from .layers import MLP
-from .losses import CLASSIFICATION_LOSSES, check_loss
-from .optim import Adam, Optimizer
+from .losses import CLASSIFICATION_LOSSES, check_loss, learn_classes
+from .optim import OPTIMIZERS, Adam, Optimizer
 
 PROGRESS = ("auto", "bar", "lines", "none")
 #: On a backend with deferred checks (a GPU), how many steps may pass between reads of the non-finite
@@ -70,7 +71,8 @@ class Trainer:
     Args:
         model: the MLP to train (updated in place).
         loss: 'cross_entropy', 'binary_cross_entropy' or 'mse'.
-        optimizer: an ``fastbp.optim`` optimizer; default Adam(lr=1e-3).
+        optimizer: an ``fastbp.optim`` optimizer, or its name ('sgd', 'adam', 'adamw', 'rmsprop') for one with
+            the default hyperparameters (as torch.optim's); default Adam(lr=1e-3).
         batch_size: rows per step; the last batch of an epoch may be smaller.
         seed: seed of the shuffling generator.
         clip_norm: rescale each step's gradient to this global norm when it is larger (None: never).
@@ -81,11 +83,13 @@ class Trainer:
     while the first is inside gets a RuntimeError instead of a silent race on shared buffers.
     """
 
-    def __init__(self, model: MLP, loss: str = "cross_entropy", optimizer: Optimizer | None = None,
+    def __init__(self, model: MLP, loss: str = "cross_entropy", optimizer: Optimizer | str | None = None,
                  batch_size: int = 64, seed: int | None = 0, clip_norm: float | None = None,
                  on_nonfinite: str = "raise") -> None:
         if not isinstance(model, MLP):
             raise TypeError(f"model must be a fastbp.MLP, got {type(model).__name__}")
+        if isinstance(optimizer, str):
+            optimizer = OPTIMIZERS[check_choice(optimizer, OPTIMIZERS, "optimizer")]()
         if optimizer is not None and not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a fastbp.optim optimizer, got {type(optimizer).__name__}")
         check_seed(seed)
@@ -125,12 +129,26 @@ class Trainer:
         infinite features or invalid labels raises a ValueError from the same read that returns the loss,
         and the step changes nothing."""
         with self._exclusive():  # one device switch for the whole call
+            self._learn_classes(y)
             guard = self._deferred_guard()
             Xd, yd = self.model.prepare_batch(X, y, self.loss, guard=guard, step=self.steps + 1)
             value, _ = self._step(Xd, yd)
             if value is None:  # skipped as non-finite
                 return math.nan
             return float(self._check_deferred(value)[0])  # the guard and the loss in one read
+
+    def _learn_classes(self, y: Any) -> None:
+        """Record the loss on the model, and for cross_entropy on labels the classes, when the model has
+        none yet (``fastbp.losses.learn_classes``): later labels, and predictions, are in their values.
+        Labels on a device are taken as class indices (reading them to learn classes would cost a copy)."""
+        model = self.model
+        model.loss_ = self.loss
+        if self.loss != "cross_entropy" or model.classes_ is not None or model.backend.is_array(y) and \
+                not isinstance(y, np.ndarray):
+            return
+        labels = np.asarray(to_host(y)) if not isinstance(y, np.ndarray) else y
+        if labels.ndim == 1:
+            model.classes_ = learn_classes(labels, model.sizes[-1])
 
     def _deferred_guard(self) -> Any:
         """The device-side guard of backends with deferred checks in 'raise' mode, else None."""
@@ -236,17 +254,20 @@ class Trainer:
             progress: 'auto' (a bar on a terminal when tqdm is installed, else a line per epoch on a
                 terminal, nothing otherwise), 'bar', 'lines' or 'none'.
             interrupt_checkpoint: where Ctrl-C saves a checkpoint (see ``save_checkpoint``) before fit
-                returns. Ctrl-C ends fit cleanly: it returns the History with ``interrupted=True``; the
+                returns. Ctrl-C, or SIGTERM (what job schedulers send before they kill a job; handled
+                so when fit runs in the main thread and no other SIGTERM handler is installed), ends fit
+                cleanly: it returns the History with ``interrupted=True``; the
                 weights keep the interrupted epoch's steps, while the epoch count and the shuffling
                 generator are those of the last completed epoch, so a resumed fit redoes that epoch.
         """
         epochs = check_positive_int(epochs, "epochs")
-        check_choice(progress, PROGRESS, "progress")
+        progress = check_choice(progress, PROGRESS, "progress")
         callbacks = list(callbacks or [])
         for cb in callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be fastbp Callback instances, got {type(cb).__name__}")
         model = self.model
+        self._learn_classes(y)
         Xd, yd = model.prepare_batch(X, y, self.loss)
         val = None
         if validation_data is not None:
@@ -258,7 +279,7 @@ class Trainer:
 
             check_writable(interrupt_checkpoint, "interrupt_checkpoint")
         history = History()
-        with self._exclusive():
+        with self._exclusive(), _sigterm_as_interrupt():
             self._fit_epochs(Xd, yd, val, epochs, callbacks, shuffle, history, progress, interrupt_checkpoint)
         for cb in callbacks:
             cb.on_train_end(self, history)
@@ -362,16 +383,31 @@ class Trainer:
         return metrics
 
     def predict(self, X: Any) -> np.ndarray:
-        """Host numpy predictions: class labels for cross_entropy, 0/1 per output for
-        binary_cross_entropy, the outputs for mse."""
-        bk = self.model.backend
-        with bk.device_scope():
-            out = self.model.forward(X)  # checks X; a device array stays on the device
-            if self.loss == "cross_entropy":
-                return bk.to_numpy(bk.xp.argmax(out, axis=1))
-            if self.loss == "binary_cross_entropy":
-                return bk.to_numpy(out > 0).astype(np.int64)
-            return bk.to_numpy(out)
+        """Host numpy predictions: class labels for cross_entropy (in the training labels' values),
+        0/1 per output for binary_cross_entropy, the outputs for mse (see ``MLP.predict``)."""
+        self.model.loss_ = self.loss
+        return self.model.predict(X)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within, SIGTERM raises KeyboardInterrupt, so a terminated fit ends as Ctrl-C ends it (checkpoint
+    saved). Only in the main thread (where Python runs signal handlers) and only over the default
+    handler: a handler the program installed itself is left alone."""
+    term = getattr(signal, "SIGTERM", None)
+    if term is None or threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(term) is not signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum} (SIGTERM)")
+
+    signal.signal(term, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(term, signal.SIG_DFL)
 
 
 def _targets_per_row(yd: Any, loss: str) -> int:

@@ -194,3 +194,15 @@ def test_gemm_libraries_mkl_call_is_correct_or_absent():
             A, B, out = gl._operands({"role": role, "m": 7, "k": 5, "n": 3}, np.dtype(dtype), rng)
             gl._gemm_fn("mkl", A, B, out)()
             np.testing.assert_allclose(out, A @ B, rtol=1e-5)
+
+
+def test_the_table_warns_of_ratios_below_the_floor_and_says_why_torch_is_missing():
+    from fastbp.bench import table_notes
+
+    rows = [{"config": "small", "backend": "numba", "name": "step_sgd", "ratio_to_floor": 0.93},
+            {"config": "small", "backend": "numpy", "name": "step_sgd", "ratio_to_floor": 1.2},
+            {"config": "small", "backend": "numpy", "name": "floor", "ratio_to_floor": None}]
+    notes = table_notes(rows, torch_installed=False)
+    assert len(notes) == 2 and "1 rows ran below their GEMM floor" in notes[0] and "small numba step_sgd" in notes[0]
+    assert "PyTorch is not installed" in notes[1]
+    assert table_notes(rows[1:], torch_installed=True) == []

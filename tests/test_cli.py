@@ -48,15 +48,23 @@ def test_plot(tmp_path, capsys):
 @pytest.mark.parametrize("argv,match", [
     (["train", "--backend", "tpu"], "backend must be one of"),
     (["train", "--data", "/nonexistent/file.csv"], "does not exist"),
-    (["train", "--test-size", "1.5"], "test-size"),
+    (["train", "--lr", "1e8", "--optimizer", "sgd", "--epochs", "3", "--backend", "numpy"],
+     "non-finite loss at epoch 1"),  # a diverging run: one line, no traceback, no NumPy warnings
+    (["train", "--data", "x.npz"], "'x.npz' is not a .npz file: an .npz file is a zip archive"),
+    (["train", "--loss", "mse", "--data", "words.csv"], "--loss mse needs numeric targets; words.csv"),
+    (["predict", "--model", "x.npz", "--data", "x.npz"], "'x.npz' is not a fastbp file"),
 ])
-def test_user_mistakes_exit_2_with_one_line(capsys, argv, match):
+def test_user_mistakes_exit_2_with_one_line(capsys, argv, match, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.npz").write_text("not an archive")
+    (tmp_path / "words.csv").write_text("1,2,cat\n3,4,dog\n5,6,cat\n7,8,dog\n")
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(match, err), err
 
 
 @pytest.mark.parametrize("argv", [["train", "--epochs", "0"], ["train", "--hidden", "12,x"], ["fly"],
+                                  ["train", "--test-size", "1.5"], ["train", "--val-split", "1"],
                                   ["train", "--seed", "-3"]])
 def test_argument_errors_exit_2(argv):
     with pytest.raises(SystemExit) as exc:
@@ -124,3 +132,66 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"fastbp {fb.__version__}"
+
+
+def test_every_option_is_checked_before_any_work(capsys, tmp_path, monkeypatch):
+    """A path that cannot be written, a missing data file or a missing plotting library is reported before
+    anything is compiled or trained: the model is never lost at the end of a run."""
+    import fastbp.trainer as trainer_module
+
+    fits = []
+    monkeypatch.setattr(trainer_module.Trainer, "fit", lambda *a, **k: fits.append(1))
+    monkeypatch.setattr(fb.backends.numba_backend.NumbaBackend, "warmup", lambda *a, **k: fits.append(1) or 0.0)
+    for argv, match in [(["--save", "/nonexistent/dir/m.npz"], "does not exist"),
+                        (["--save", str(tmp_path)], "is a folder"),
+                        (["--checkpoint", "/nonexistent/c.npz"], "does not exist"),
+                        (["--data", str(tmp_path / "missing.csv")], "does not exist"),
+                        (["--resume", str(tmp_path / "missing.npz")], "does not exist")]:
+        assert main(["train", *argv]) == 2
+        assert match in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if matplotlib were not installed
+    assert main(["train", "--plot", str(tmp_path / "p.png")]) == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+    assert not fits
+
+
+def test_labels_are_encoded_and_predictions_come_back_in_them(capsys, tmp_path):
+    """Labels 1..3, {0, 10, 20} or words make a 3-class model (as scikit-learn encodes them), kept in the
+    saved model: predict and evaluate answer in the user's labels."""
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((150, 2)) + np.repeat([[0, 0], [4, 0], [0, 4]], 50, axis=0)
+    for names in (["cat", "dog", "emu"], [1, 2, 3], [0, 10, 20]):
+        y = np.repeat(names, 50)
+        with open(tmp_path / "d.csv", "w") as f:
+            f.writelines(f"{a},{b},{c}\n" for (a, b), c in zip(X, y))
+        model_file = tmp_path / "m.npz"
+        assert main(["train", "--data", str(tmp_path / "d.csv"), "--epochs", "40", "--quiet", "--hidden", "8",
+                     "--lr", "0.02", "--val-split", "0.2", "--save", str(model_file), "--backend", "numpy"]) == 0
+        out = capsys.readouterr().out
+        assert "3 classes" in out and "validation 23" in out
+        assert float(re.search(r"test accuracy: ([\d.]+)", out)[1]) > 0.9
+        model = fb.load(model_file)
+        assert model.sizes[-1] == 3 and list(model.classes_) == sorted(names)
+        np.savetxt(tmp_path / "x.csv", X[[0, 60, 120]], delimiter=",")
+        assert main(["predict", "--model", str(model_file), "--data", str(tmp_path / "x.csv")]) == 0
+        assert capsys.readouterr().out.split() == [str(v) for v in names]
+        assert main(["evaluate", "--model", str(model_file), "--data", str(tmp_path / "d.csv")]) == 0
+        assert float(re.search(r"accuracy: ([\d.]+)", capsys.readouterr().out)[1]) > 0.9
+
+
+def test_regression_from_the_command_line(capsys, tmp_path):
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((200, 3))
+    y = X @ [1.0, -2.0, 0.5]
+    np.savez(tmp_path / "r.npz", X=X, y=y)
+    assert main(["train", "--data", str(tmp_path / "r.npz"), "--loss", "mse", "--epochs", "60", "--quiet",
+                 "--hidden", "16", "--lr", "0.01", "--save", str(tmp_path / "m.npz"), "--backend", "numpy"]) == 0
+    out = capsys.readouterr().out
+    assert "1 targets" in out and "accuracy" not in out
+    assert float(re.search(r"test loss: ([\d.]+)", out)[1]) < 0.1
+    np.savez(tmp_path / "x.npz", X=X[:4])
+    assert main(["predict", "--model", str(tmp_path / "m.npz"), "--data", str(tmp_path / "x.npz"),
+                 "--out", str(tmp_path / "p.csv")]) == 0
+    predicted = np.loadtxt(tmp_path / "p.csv", delimiter=",")
+    np.testing.assert_allclose(predicted, y[:4], atol=0.5)
+

@@ -90,9 +90,17 @@ def test_csv_with_header_label_column_and_gzip(tmp_path):
         np.testing.assert_array_equal(y, [0, 1, 2])
     X, y = datasets.load_csv(tmp_path / "d.csv", label_column=0)
     np.testing.assert_array_equal(y, [1, 3, 5])
-    (tmp_path / "bad.csv").write_text("1,2\n3,x\n")
-    with pytest.raises(ValueError, match="not a number"):
+    (tmp_path / "bad.csv").write_text("1,2\nx,3\n")
+    with pytest.raises(ValueError, match="line 2, feature column 0 holds 'x', not a number"):
         datasets.load_csv(tmp_path / "bad.csv")
+    (tmp_path / "words.csv").write_text("1,2,cat\n3,4,dog\n5,6,cat\n")  # labels may be words
+    X, y = datasets.load_csv(tmp_path / "words.csv")
+    np.testing.assert_array_equal(X, [[1, 2], [3, 4], [5, 6]])
+    assert list(y) == ["cat", "dog", "cat"]
+    (tmp_path / "nan.csv").write_text("1,2,0\n3,nan,1\n")
+    with pytest.raises(ValueError, match=r"X contains NaN or infinite values: 1 of them, the first \(nan\) at row 1, "
+                                         r"column 1"):
+        datasets.load_csv(tmp_path / "nan.csv")
     (tmp_path / "ragged.csv").write_text("1,2,3\n3,4\n")
     with pytest.raises(ValueError, match="columns"):
         datasets.load_csv(tmp_path / "ragged.csv")

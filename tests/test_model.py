@@ -179,3 +179,68 @@ def test_forward_checks_arrays_of_the_backend_too(backend, dtype):
             model.forward(backend.asarray(bad, dtype))
     assert_close(backend.to_numpy(model.forward(backend.asarray(np.ones((5, 3)), dtype))),
                  fb.MLP([3, 4, 2], dtype=dtype, seed=0, backend="numpy").forward(np.ones((5, 3))), dtype)
+
+
+def test_prediction_without_a_trainer_in_the_users_labels(tmp_path):
+    """model.predict answers in the training labels (encoded as scikit-learn encodes them, classes_),
+    predict_proba gives the softmax in classes_ order, the model called gives the logits; all survive
+    save and load."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((90, 2)) + np.repeat([[0, 0], [4, 0], [0, 4]], 30, axis=0)
+    y = np.repeat(["cat", "dog", "emu"], 30)
+    model = fb.MLP([2, 8, 3], seed=0)
+    with pytest.raises(ValueError, match="train it with a Trainer"):
+        model.predict(X)
+    fb.Trainer(model, optimizer="adam", batch_size=16).fit(X, y, epochs=60, progress="none")
+    assert list(model.classes_) == ["cat", "dog", "emu"]
+    assert (model.predict(X) == y).mean() > 0.9
+    proba = model.predict_proba(X)
+    np.testing.assert_allclose(proba.sum(1), 1, rtol=1e-5)
+    np.testing.assert_array_equal(model.classes_[proba.argmax(1)], model.predict(X))
+    np.testing.assert_array_equal(model(X), model.forward(X))
+    model.save(tmp_path / "m.npz")
+    again = fb.load(tmp_path / "m.npz")
+    np.testing.assert_array_equal(again.predict(X), model.predict(X))
+    with pytest.raises(ValueError, match="not among the model's classes"):
+        fb.Trainer(again).evaluate(X[:3], ["cat", "dog", "yak"])
+    with pytest.raises(ValueError, match="3 distinct labels"):
+        fb.Trainer(fb.MLP([2, 8, 4])).fit(X, y, epochs=1, progress="none")
+    # integer labels that are class indices stay indices; others are encoded by sorted order
+    for labels, classes in (([0, 1, 2], [0, 1, 2]), ([1, 2, 3], [1, 2, 3]), ([0, 10, 20], [0, 10, 20])):
+        m = fb.MLP([2, 8, 3], seed=0)
+        fb.Trainer(m).fit(X, np.repeat(labels, 30), epochs=1, progress="none")
+        assert list(m.classes_) == classes
+    bce = fb.MLP([2, 4, 2], seed=0)
+    fb.Trainer(bce, loss="binary_cross_entropy").step(X[:8], np.eye(2)[np.arange(8) % 2])
+    assert set(np.unique(bce.predict(X))) <= {0, 1} and 0 < bce.predict_proba(X).min() < 1
+
+
+def test_files_follow_the_umask_and_a_folder_is_refused(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        path = fb.MLP([2, 3]).save(tmp_path / "m.npz")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640  # 0666 & ~umask, not mkstemp's 0600
+    with pytest.raises(ValueError, match="is a folder"):
+        fb.MLP([2, 3]).save(tmp_path)
+    assert not (tmp_path.parent / (tmp_path.name + ".npz")).exists()
+
+
+def test_messages_name_what_users_of_other_libraries_meant(tmp_path):
+    assert fb.MLP([2, 4, 3], activation="ReLU").activations[0] == "relu"
+    assert fb.Trainer(fb.MLP([2, 3]), loss="Cross_Entropy", optimizer="SGD").loss == "cross_entropy"
+    for name, meant in (("categorical_crossentropy", "cross_entropy"), ("BCEWithLogitsLoss", "binary_cross_entropy"),
+                        ("mean_squared_error", "mse")):
+        with pytest.raises(ValueError, match=f"did you mean '{meant}'"):
+            fb.Trainer(fb.MLP([2, 3]), loss=name)
+    X = np.zeros((4, 2))
+    X[2, 1] = np.inf
+    with pytest.raises(ValueError, match=r"1 of them, the first \(inf\) at row 2, column 1"):
+        fb.MLP([2, 3]).forward(X)
+    (tmp_path / "x.npz").write_text("a text file")
+    with pytest.raises(ValueError, match="is not a fastbp file: an .npz file is a zip archive"):
+        fb.load(tmp_path / "x.npz")

@@ -148,7 +148,8 @@ def test_binary_and_regression_losses(backend):
 
 @pytest.mark.parametrize("kwargs,exc,match", [
     ({"batch_size": 0}, ValueError, "batch_size"), ({"batch_size": 2.5}, TypeError, "batch_size"),
-    ({"loss": "l1"}, ValueError, "loss"), ({"optimizer": "adam"}, TypeError, "optimizer"),
+    ({"loss": "l1"}, ValueError, "loss"), ({"optimizer": "adan"}, ValueError, "did you mean .adam."),
+    ({"optimizer": 3}, TypeError, "optimizer"),
 ])
 def test_bad_trainer_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
