@@ -20,7 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import check_choice, check_positive_float, check_positive_int, check_seed, to_host
+from ._checks import (
+    check_choice,
+    check_nonneg_float,
+    check_positive_float,
+    check_positive_int,
+    check_seed,
+    to_host,
+)
 from .backends.base import invalid_batch_message
 from .callbacks import Callback
 from .dtypes import accumulator_dtype
@@ -244,11 +251,14 @@ class Trainer:
         shuffle: bool = True,
         progress: str = "auto",
         interrupt_checkpoint: Any = None,
+        validation_split: float = 0.0,
     ) -> History:
         """Train for ``epochs`` passes over (X, y); returns the History of per-epoch metrics.
 
         Args:
             validation_data: (X_val, y_val) evaluated after each epoch (val_loss, val_accuracy).
+            validation_split: instead of ``validation_data``, hold out this fraction of the rows, the last
+                ones before any shuffling (as Keras does), as validation data.
             callbacks: ``fastbp.callbacks.Callback`` instances.
             shuffle: reshuffle the rows each epoch with the trainer's seeded generator.
             progress: 'auto' (a bar on a terminal when tqdm is installed, else a line per epoch on a
@@ -267,6 +277,15 @@ class Trainer:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be fastbp Callback instances, got {type(cb).__name__}")
         model = self.model
+        validation_split = check_nonneg_float(validation_split, "validation_split", upper=1.0)
+        if validation_split:
+            if validation_data is not None:
+                raise ValueError("give validation_data or validation_split, not both")
+            n = len(X)
+            split = int(n * (1 - validation_split))
+            if not 0 < split < n:
+                raise ValueError(f"validation_split {validation_split} leaves an empty part of {n} rows")
+            X, y, validation_data = X[:split], y[:split], (X[split:], y[split:])
         self._learn_classes(y)
         Xd, yd = model.prepare_batch(X, y, self.loss)
         val = None

@@ -170,3 +170,20 @@ def test_bad_fit_arguments_change_nothing(blobs):
     for a, b in zip(before, model.get_weights()):
         np.testing.assert_array_equal(a, b)
     assert trainer.optimizer.state is None
+
+
+def test_validation_split_holds_out_the_last_rows():
+    rng = np.random.default_rng(3)
+    X, y = rng.standard_normal((100, 4)), rng.integers(0, 3, 100)
+
+    def fit(**kwargs):
+        trainer = fb.Trainer(fb.MLP([4, 8, 3], seed=0), batch_size=16, seed=1)
+        return trainer.fit(*kwargs.pop("data"), epochs=3, progress="none", **kwargs)
+
+    split = fit(data=(X, y), validation_split=0.2)
+    explicit = fit(data=(X[:80], y[:80]), validation_data=(X[80:], y[80:]))
+    assert split["val_loss"] == explicit["val_loss"] and split["loss"] == explicit["loss"]
+    with pytest.raises(ValueError, match="not both"):
+        fit(data=(X, y), validation_split=0.2, validation_data=(X, y))
+    with pytest.raises(ValueError, match="validation_split"):
+        fit(data=(X, y), validation_split=1.0)
