@@ -72,10 +72,7 @@ def load_csv(path: Any, label_column: int | str = -1, delimiter: str = ",",
             all numbers).
     """
     p = _existing(path)
-    try:
-        text = (gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()).decode()
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
-        raise ValueError(f"{str(p)!r} is not a readable text file: {exc}") from exc
+    text = _read_text(p)
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise ValueError(f"{str(p)!r} is empty")
@@ -115,6 +112,14 @@ def load_csv(path: Any, label_column: int | str = -1, delimiter: str = ",",
     labels = [row[col] for row in cells]
     y = np.array([float(v) for v in labels]) if all(_is_number(v) for v in labels) else np.array(labels)
     return _check_xy(X, y, str(p))
+
+
+def _read_text(p: Path) -> str:
+    """The text of a (possibly .gz) file, or a ValueError naming it."""
+    try:
+        return (gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()).decode()
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
+        raise ValueError(f"{str(p)!r} is not a readable text file: {exc}") from exc
 
 
 def _is_number(text: str) -> bool:
@@ -202,7 +207,7 @@ def load_features(path: Any, label_column: int | str | None = None) -> np.ndarra
         if label_column is not None:
             return load_csv(path, label_column=label_column, delimiter="\t" if name.endswith(".tsv") else ",")[0]
         p = _existing(path)
-        text = (gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()).decode()
+        text = _read_text(p)
         delimiter = "\t" if name.endswith(".tsv") else ","
         rows = [[c.strip() for c in ln.split(delimiter)] for ln in text.splitlines() if ln.strip()]
         if rows and not all(_is_number(c) for c in rows[0]):

@@ -31,7 +31,7 @@ from ._checks import (
 from .backends.base import invalid_batch_message
 from .callbacks import Callback
 from .dtypes import accumulator_dtype
-from .layers import MLP
+from .layers import MLP, _on_device
 from .losses import CLASSIFICATION_LOSSES, check_loss, learn_classes
 from .optim import OPTIMIZERS, Adam, Optimizer
 
@@ -150,10 +150,9 @@ class Trainer:
         Labels on a device are taken as class indices (reading them to learn classes would cost a copy)."""
         model = self.model
         model.loss_ = self.loss
-        if self.loss != "cross_entropy" or model.classes_ is not None or model.backend.is_array(y) and \
-                not isinstance(y, np.ndarray):
+        if self.loss != "cross_entropy" or model.classes_ is not None or _on_device(model.backend, y):
             return
-        labels = np.asarray(to_host(y)) if not isinstance(y, np.ndarray) else y
+        labels = np.asarray(to_host(y))
         if labels.ndim == 1:
             model.classes_ = learn_classes(labels, model.sizes[-1])
 
