@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import callbacks, datasets, optim
+from .activations import register as register_activation
 from .backends import available_backends, backend_status, get_backend, set_backend, use_backend
 from .callbacks import Callback, EarlyStopping, ModelCheckpoint
 from .gradcheck import gradcheck
@@ -16,6 +17,6 @@ __version__ = "0.1.0"
 __all__ = [
     "MLP", "Dense", "Trainer", "History", "DivergenceError", "Callback", "EarlyStopping", "ModelCheckpoint",
     "available_backends", "backend_status", "get_backend", "set_backend", "use_backend",
-    "gradcheck", "load", "datasets", "optim", "callbacks", "__version__",
+    "gradcheck", "load", "register_activation", "datasets", "optim", "callbacks", "__version__",
     "get_num_threads", "set_num_threads", "num_threads",
 ]

@@ -5,6 +5,10 @@ can. ``forward(xp, Z, out, work)`` writes g(Z) into ``out`` (which may be Z itse
 ``backward(xp, delta, Z, A, work, work2)`` multiplies ``delta`` in place by g'(z), using what the forward pass
 kept: activations whose derivative is a function of the output (``saves == 'A'``) let the forward pass
 overwrite Z with A, so only one buffer per layer is kept; the others (``saves == 'Z'``) keep Z.
+
+``register`` adds a user's activation from two plain functions of an array, g and g'. It then works on every
+backend: the compiled backends run it through this reference path (their fused kernels know only the
+activations here), on their own arrays (CuPy arrays on a GPU).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class Activation:
     init: str  # default initializer family: 'he' or 'glorot'
     forward_scratch: bool = False  # forward needs one scratch buffer shaped like Z
     backward_scratch: int = 1  # scratch buffers the backward needs (0, 1 or 2)
+    builtin: bool = True  # False for those added by ``register`` (no compiled kernel knows them)
 
 
 # ---------------------------------------------------------------- forward: out = g(Z)
@@ -175,3 +180,92 @@ ACTIVATIONS: dict[str, Activation] = {
         Activation("silu", _silu_f, _silu_b, saves="Z", init="he", forward_scratch=True),
     )
 }
+
+
+#: Points where ``register`` compares a derivative with the slope of its forward (away from 0 and +-1,
+#: where piecewise activations have their kinks).
+_PROBE = (-2.7, -1.3, -0.6, -0.2, 0.3, 0.8, 1.6, 3.1)
+
+
+def register(name: str, forward: Callable[[Any, Any], Any], derivative: Callable[[Any, Any, Any], Any], *,
+             init: str = "he", check: bool = True, replace: bool = False) -> Activation:
+    """Add an activation that every model and backend can then use by ``name``.
+
+    Args:
+        name: the name layers use, e.g. ``MLP([4, 16, 3], activation=name)``; a built-in name cannot be
+            taken.
+        forward: ``forward(xp, z) -> g(z)``, elementwise, written with the array module ``xp`` it is given
+            (numpy on the CPU backends, cupy on a GPU), returning an array shaped like ``z``.
+        derivative: ``derivative(xp, z, a) -> g'(z)``, given both z and a = g(z).
+        init: the weight initialization family for layers with it by default, 'he' or 'glorot'.
+        check: compare ``derivative`` with the numerical slope of ``forward`` at a few points and refuse
+            it when they disagree (a wrong derivative would otherwise train silently wrong).
+        replace: allow registering ``name`` again (e.g. re-running a notebook cell).
+    Returns:
+        the Activation, also in ``ACTIVATIONS[name]``.
+
+    Models that use it can be saved; loading them needs it registered again, under the same name.
+    """
+    from ._checks import check_choice
+
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"an activation name must be an identifier such as 'my_act', got {name!r}")
+    taken = {n.lower(): a for n, a in ACTIVATIONS.items()}
+    existing = taken.get(name.lower())
+    if existing is not None and (existing.builtin or not replace):
+        why = "a built-in activation" if existing.builtin else "registered already (pass replace=True)"
+        raise ValueError(f"activation {name!r} is {why}")
+    if not callable(forward) or not callable(derivative):
+        raise TypeError("forward and derivative must be functions: forward(xp, z) and derivative(xp, z, a)")
+    init = check_choice(init, ("he", "glorot"), "init")
+    if check:
+        _check_derivative(name, forward, derivative)
+
+    def forward_(xp, Z, out, work):
+        out[...] = forward(xp, Z)
+        return out
+
+    def backward_(xp, delta, Z, A, work, work2):
+        delta *= derivative(xp, Z, A)
+        return delta
+
+    if existing is not None:
+        del ACTIVATIONS[next(n for n in ACTIVATIONS if n.lower() == name.lower())]
+    act = ACTIVATIONS[name] = Activation(name, forward_, backward_, saves="Z", init=init, backward_scratch=0,
+                                         builtin=False)
+    return act
+
+
+def unregister(name: str) -> None:
+    """Remove an activation added by ``register``."""
+    act = ACTIVATIONS.get(name)
+    if act is None or act.builtin:
+        raise ValueError(f"{name!r} is not a registered (user) activation")
+    del ACTIVATIONS[name]
+
+
+def _check_derivative(name: str, forward: Callable, derivative: Callable) -> None:
+    """Refuse a forward that is not elementwise and finite, or a derivative that is not its slope."""
+    import numpy as np
+
+    z = np.array(_PROBE)
+    h = 1e-6
+    try:
+        with np.errstate(all="ignore"):
+            a = np.asarray(forward(np, z.copy()), dtype=np.float64)
+            slope = (np.asarray(forward(np, z + h), np.float64) - np.asarray(forward(np, z - h), np.float64)) / (2 * h)
+            d = np.asarray(derivative(np, z.copy(), a.copy()), dtype=np.float64)
+    except Exception as exc:
+        raise ValueError(f"activation {name!r}: calling forward(np, z) and derivative(np, z, a) on a float64 "
+                         f"array failed: {type(exc).__name__}: {exc}") from exc
+    for what, value in (("forward", a), ("derivative", d)):
+        if value.shape != z.shape:
+            raise ValueError(f"activation {name!r}: {what} must return an array shaped like z {z.shape}, "
+                             f"got {value.shape}")
+        if not np.isfinite(value).all():
+            raise ValueError(f"activation {name!r}: {what} is not finite at z in {list(z)}: {list(value)}")
+    bad = np.abs(d - slope) > 1e-4 * np.maximum(1.0, np.abs(slope))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"activation {name!r}: derivative({z[i]}) = {d[i]:.6g}, but forward's slope there is "
+                         f"{slope[i]:.6g}; fix the derivative, or pass check=False")

@@ -158,6 +158,12 @@ def model_from_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any], backe
     if loss not in (None, "mse", "cross_entropy", "binary_cross_entropy") or (
             classes is not None and (classes.ndim != 1 or len(classes) != n_out)):
         raise ValueError(f"{where} has invalid model metadata (loss or classes)")
+    from .activations import ACTIVATIONS
+
+    unknown = sorted({a for a in acts if isinstance(a, str) and a not in ACTIVATIONS})
+    if unknown:
+        raise ValueError(f"{where} uses the activation {', '.join(map(repr, unknown))}, which is not registered "
+                         f"in this process: register it (fastbp.register_activation) before loading")
     layers = []
     for i, act in enumerate(acts):
         W, b = arrays.get(f"W{i}"), arrays.get(f"b{i}")

@@ -80,3 +80,11 @@ def mlp_loss_and_grads(weights, activations, X, y, loss_name):
         if l > 0:
             delta = (delta @ weights[l][0].T) * DACT[activations[l - 1]](zs[l - 1])
     return value, grads
+
+
+def mlp_forward(weights, activations, X):
+    """The network's output for a list of (W, b), in float64."""
+    a = np.asarray(X, dtype=np.float64)
+    for (W, b), act in zip(weights, activations):
+        a = ACT[act](a @ W + b)
+    return a

@@ -155,7 +155,7 @@ class Backend:
         xp = self.xp
         delta = xp.matmul(delta_next, W_next.T, out=delta_out)
         if act.name != "identity":
-            if work is None:
+            if work is None and act.backward_scratch:
                 work = xp.empty_like(delta)
             if work2 is None and act.backward_scratch == 2:
                 work2 = xp.empty_like(delta)

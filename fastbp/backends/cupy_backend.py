@@ -211,8 +211,12 @@ class CupyBackend(Backend):
         A = Z if act.saves == "A" else (A_out if A_out is not None else self.xp.empty_like(Z))
         total = Z.size
         b = self.xp.ascontiguousarray(b, dtype=Z.dtype)
+        # a user's activation (activations.register) has no kernel: the bias kernel, then its xp forward
+        code = CODES["identity"] if not act.builtin else CODES[activation]
         self._launch("dense.cu", "bias_act<{T}, {ACT}>", Z.dtype, (self._grid(total),), (cuda_sources.THREADS,),
-                     (Z, b, A, np.int64(total), np.int32(Z.shape[1])), act=CODES[activation])
+                     (Z, b, Z if not act.builtin else A, np.int64(total), np.int32(Z.shape[1])), act=code)
+        if not act.builtin:
+            act.forward(self.xp, Z, A, None)
         return A, Z
 
     def _dact_colsum(self, delta, S, code, db):
@@ -242,8 +246,12 @@ class CupyBackend(Backend):
         xp = self.xp
         delta = xp.matmul(delta_next, W_next.T, out=delta_out)  # eq. (2), the product
         db = db_out if db_out is not None else xp.empty(delta.shape[1], delta.dtype)
-        S = A if ACTIVATIONS[activation].saves == "A" else Z
-        self._dact_colsum(delta, S, CODES[activation], db)  # eq. (2) * g'(z), and eq. (4)
+        act = ACTIVATIONS[activation]
+        if not act.builtin:  # a user's activation: its xp derivative, then the plain column sums
+            act.backward(xp, delta, Z, A, None, None)
+            self._dact_colsum(delta, None, CODES["identity"], db)
+        else:
+            self._dact_colsum(delta, A if act.saves == "A" else Z, CODES[activation], db)  # eq. (2) * g', (4)
         dW = xp.matmul(A_prev.T, delta, out=dW_out)  # eq. (3)
         return delta, dW, db
 

@@ -61,7 +61,7 @@ class NumbaBackend(Backend):
 
     # ------------------------------------------------------------------ layers
     def dense_forward(self, X, W, b, activation, A_out=None, Z_out=None, work=None):
-        code = self.k.CODES[activation]
+        code = self.k.CODES.get(activation)  # None for a user's activation (activations.register)
         if code not in self.k.FUSED:
             return super().dense_forward(X, W, b, activation, A_out, Z_out, work)
         Z = Z_out if Z_out is not None else np.empty((X.shape[0], W.shape[1]), W.dtype)
@@ -76,7 +76,7 @@ class NumbaBackend(Backend):
 
     def backprop_dense(self, delta_next, W_next, Z, A, A_prev, activation, delta_out=None, dW_out=None,
                        db_out=None, work=None, work2=None):
-        code = self.k.CODES[activation]
+        code = self.k.CODES.get(activation)
         if code not in self.k.FUSED:
             return super().backprop_dense(delta_next, W_next, Z, A, A_prev, activation, delta_out, dW_out,
                                           db_out, work, work2)
@@ -226,7 +226,7 @@ def _whole_step_plan(model: Any, batch: int) -> _Plan | None:
 
         if len(cache) >= 4:
             cache.pop(next(iter(cache)))
-        fused = all(k.CODES[a] in k.FUSED for a in model.activations)
+        fused = all(k.CODES.get(a) in k.FUSED for a in model.activations)
         entry = cache[batch] = (model.dtype, _Plan(model, batch) if fused else None)
     return entry[1]
 

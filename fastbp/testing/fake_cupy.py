@@ -662,12 +662,14 @@ class RawModule:
 
 # ------------------------------------------------------------------------------------------------ the namespace
 #: NumPy functions CuPy has too, forwarded with CuPy's rules (device arrays only, 0-d results).
-_FUNCTIONS = """abs absolute add all allclose any argmax argmin argsort array_equal broadcast_to clip copyto cos
-count_nonzero cumsum diag divide dot einsum equal exp expand_dims expm1 floor floor_divide fmax fmin greater
-greater_equal hstack isclose isfinite isinf isnan less less_equal log log10 log1p log2 logical_and logical_not
-logical_or max maximum mean min minimum mod multiply negative nonzero not_equal outer power prod ravel reciprocal
-remainder repeat reshape round sign sin sort sqrt square squeeze std subtract sum take tanh tensordot tile transpose
-true_divide unique var vdot vstack where""".split()
+_FUNCTIONS = """abs absolute add all allclose any arccos arccosh arcsin arcsinh arctan arctan2 arctanh argmax argmin
+argsort
+array_equal broadcast_to cbrt ceil clip copysign copyto cos cosh count_nonzero cumsum diag divide dot einsum
+equal exp exp2 expand_dims expm1 fabs floor floor_divide fmax fmin greater greater_equal heaviside hstack
+hypot isclose isfinite isinf isnan less less_equal log log10 log1p log2 logaddexp logaddexp2 logical_and
+logical_not logical_or max maximum mean min minimum mod multiply negative nonzero not_equal outer power prod
+ravel reciprocal remainder repeat reshape round sign signbit sin sinc sinh sort sqrt square squeeze std
+subtract sum take tan tanh tensordot tile transpose true_divide trunc unique var vdot vstack where""".split()
 
 float16, float32, float64 = np.float16, np.float32, np.float64
 int8, int16, int32, int64 = np.int8, np.int16, np.int32, np.int64
