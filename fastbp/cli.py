@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--val-split", type=_fraction_or_zero, default=0.0,
                        help="fraction of the training rows held out as validation data, evaluated after each "
                             "epoch (0: none)")
+    train.add_argument("--class-weight", choices=("none", "balanced"), default="none", type=str.lower,
+                       help="balanced: weigh each class by n_rows / (n_classes * its count), for imbalanced "
+                            "classes (classification losses with one label per row)")
     train.add_argument("--preprocess", choices=("auto", "none", "standardize", "scale"), default="auto",
                        help="auto: pixels/16 for digits, /255 for IDX, standardize other files")
     train.add_argument("--save", metavar="FILE", help="save the trained model (.npz)")
@@ -251,6 +254,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_outputs(args)  # before anything is loaded, compiled or trained
     X, y, source, divisor = _load_data(args)
     n_out = _n_outputs(args.loss, y, source)
+    if args.class_weight != "none" and not (args.loss == "cross_entropy" or (args.loss == "binary_cross_entropy"
+                                                                            and n_out == 1)):
+        raise UsageError(f"--class-weight needs classes: --loss cross_entropy, or binary_cross_entropy with one "
+                         f"0/1 target per row ({source} has {n_out} targets for {args.loss})")
     stratify = args.loss == "cross_entropy"
     X_train, X_test, y_train, y_test = datasets.train_test_split(X, y, test_size=args.test_size, seed=args.seed,
                                                                  stratify=stratify)
@@ -293,7 +300,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     progress = "none" if args.quiet else ("auto" if sys.stderr.isatty() else "lines")
     start = time.perf_counter()
     history = trainer.fit(X_train, y_train, epochs=args.epochs, validation_data=validation,
-                          progress=progress, interrupt_checkpoint=args.checkpoint)
+                          progress=progress, interrupt_checkpoint=args.checkpoint,
+                          class_weight=None if args.class_weight == "none" else args.class_weight)
     train_time = time.perf_counter() - start
     if history.interrupted:
         saved = f"; checkpoint in {args.checkpoint}" if args.checkpoint else ""

@@ -15,7 +15,7 @@ from .backends import Backend, resolve_backend
 from .backends.base import invalid_batch_message
 from .dtypes import accumulator_dtype, resolve_dtype
 from .init import INITIALIZERS, initialize
-from .losses import check_loss, is_identity, prepare_targets, target_shape
+from .losses import check_loss, check_sample_weight, is_identity, prepare_targets, target_shape
 
 _MAX_WORKSPACES = 4  # batch sizes whose buffers are kept: the batch, the last partial batch, eval sizes
 _INFER_CHUNK = 16384  # rows per forward pass at inference, to bound the memory of big inputs
@@ -268,12 +268,15 @@ class MLP:
             A, _ = self.backend.dense_forward(A, layer.W, layer.b, layer.activation)
         return A
 
-    def loss_and_grads(self, X: Any, y: Any, loss: str = "cross_entropy") -> tuple[float, list[Any]]:
-        """The mean loss on (X, y) and its gradients, in ``parameters()`` order (fresh arrays)."""
+    def loss_and_grads(self, X: Any, y: Any, loss: str = "cross_entropy",
+                       sample_weight: Any = None) -> tuple[float, list[Any]]:
+        """The mean loss on (X, y) and its gradients, in ``parameters()`` order (fresh arrays).
+        ``sample_weight``: a weight per row (see ``Backend.output_delta``)."""
         loss = check_loss(loss)
         Xd, yd = self.prepare_batch(X, y, loss)
+        wd = self.prepare_weights(sample_weight, Xd.shape[0])
         with self.backend.device_scope():
-            value, grads, _ = self._loss_and_grads(Xd, yd, loss)
+            value, grads, _ = self._loss_and_grads(Xd, yd, loss, weights=wd)
             return self.backend.to_float(value), [g.copy() for g in grads]
 
     def prepare_batch(self, X: Any, y: Any, loss: str, guard: Any = None, step: int = 0) -> tuple[Any, Any]:
@@ -304,6 +307,13 @@ class MLP:
         X_host = check_features(X, n_in)
         y_host = prepare_targets(y, loss, n_out, X_host.shape[0], self.dtype, self.classes_)
         return bk.asarray(X_host, self.dtype), bk.asarray(y_host)
+
+    def prepare_weights(self, sample_weight: Any, n: int) -> Any:
+        """Per-row weights checked (``fastbp.losses.check_sample_weight``) and as an array of the model's
+        backend and dtype; None stays None."""
+        if sample_weight is None:
+            return None
+        return self.backend.asarray(check_sample_weight(sample_weight, n), self.dtype)
 
     def _device_input(self, X: Any) -> Any:
         """X checked and as an array of the model's backend and dtype. An array of the backend already in
@@ -345,15 +355,16 @@ class MLP:
         self.grad_buffers()
         return self._flat_grad
 
-    def _loss_and_grads(self, X: Any, y: Any, loss: str, stats_out: Any = None) -> tuple[Any, list[Any], Any]:
+    def _loss_and_grads(self, X: Any, y: Any, loss: str, stats_out: Any = None,
+                        weights: Any = None) -> tuple[Any, list[Any], Any]:
         """The training hot path, on prepared backend arrays: forward, eq. (1), then eqs. (2)-(4) top down.
 
         Returns the loss as a 0-d backend array, the model's gradient buffers and the network's output
         (both overwritten by the next call). ``stats_out``: receives [loss, correct count], see
-        ``Backend.output_delta`` (default: the workspace's own).
+        ``Backend.output_delta`` (default: the workspace's own); ``weights``: per-row weights, or None.
         """
         trace = self._forward_train(X)
-        value, delta = self._output_delta(trace, y, loss, stats_out)
+        value, delta = self._output_delta(trace, y, loss, stats_out, weights)
         grads = self._backward(trace, delta)
         return value, grads, trace.a[-1]
 
@@ -369,11 +380,13 @@ class MLP:
             trace.Z.append(Z)
         return trace
 
-    def _output_delta(self, trace: _Trace, y: Any, loss: str, stats_out: Any = None) -> tuple[Any, Any]:
+    def _output_delta(self, trace: _Trace, y: Any, loss: str, stats_out: Any = None,
+                      weights: Any = None) -> tuple[Any, Any]:
         top = len(self.layers) - 1
         stats = stats_out if stats_out is not None else trace.ws.stats
         # eq. (1)
-        return self.backend.output_delta(trace.a[-1], y, loss, delta_out=trace.ws.delta[top], stats_out=stats)
+        return self.backend.output_delta(trace.a[-1], y, loss, delta_out=trace.ws.delta[top], stats_out=stats,
+                                         weights=weights)
 
     def _backward(self, trace: _Trace, delta: Any) -> list[Any]:
         """Eqs. (2)-(4) from the output delta down; returns the gradient buffers."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import check_choice, check_finite, host_array, to_host
+from ._checks import check_choice, check_finite, check_nonneg_float, host_array, to_host
 from .backends import LOSSES
 
 CLASSIFICATION_LOSSES = ("cross_entropy", "binary_cross_entropy")
@@ -129,3 +129,54 @@ def target_shape(y: Any, loss: str, n_out: int, n_samples: int) -> tuple[int, in
         expected = f"({n_samples},) labels or {shape}" if loss == "cross_entropy" else f"{shape}"
         raise ValueError(f"y must have shape {expected} for loss {loss!r}, got {y.shape}")
     return shape
+
+
+def check_sample_weight(sample_weight: Any, n: int) -> np.ndarray:
+    """Per-row weights as a float64 host array: one finite, non-negative number per row of X (``n``), not
+    all zero."""
+    w = host_array(sample_weight, "sample_weight")
+    if w.dtype.kind not in "biuf":
+        raise TypeError(f"sample_weight must be numeric, got dtype {w.dtype}")
+    if w.shape != (n,):
+        raise ValueError(f"sample_weight must hold one weight per row of X, shape ({n},), got {w.shape}")
+    w = w.astype(np.float64)
+    check_finite(w, "sample_weight")
+    if (w < 0).any():
+        raise ValueError(f"sample_weight must be >= 0, got {w.min()} at row {int(np.argmin(w))}")
+    if not w.any():
+        raise ValueError("sample_weight is zero for every row: nothing would be learned")
+    return w
+
+
+def class_weights(class_weight: Any, index: np.ndarray, n_classes: int, classes: np.ndarray | None) -> np.ndarray:
+    """The weight of each class (n_classes,), float64, from ``class_weight``: 'balanced' (n_rows /
+    (classes present * the class's count), as scikit-learn's compute_class_weight) or a dict {label:
+    weight}, labels in the user's values (``classes``, when the model has them; else class indices);
+    classes it leaves out weigh 1. ``index``: each training row's class index."""
+    if isinstance(class_weight, str):
+        check_choice(class_weight, ("balanced",), "class_weight")
+        counts = np.bincount(index, minlength=n_classes).astype(np.float64)
+        present = counts > 0
+        table = np.ones(n_classes)
+        table[present] = len(index) / (present.sum() * counts[present])
+        return table
+    if not isinstance(class_weight, dict):
+        raise TypeError(f"class_weight must be 'balanced' or a dict {{label: weight}}, got "
+                        f"{type(class_weight).__name__}")
+    table = np.ones(n_classes)
+    if not class_weight:
+        return table
+    labels = np.asarray(list(class_weight))
+    if classes is not None:
+        try:
+            keys = encode_labels(labels, classes)
+        except (TypeError, ValueError):
+            raise ValueError(f"class_weight keys must be among the model's classes {list(classes[:10])}, got "
+                             f"{list(labels)}") from None
+    else:
+        if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= n_classes:
+            raise ValueError(f"class_weight keys must be class indices in [0, {n_classes}), got {list(labels)}")
+        keys = labels.astype(np.int64)
+    values = np.array([check_nonneg_float(v, f"class_weight[{k!r}]") for k, v in class_weight.items()])
+    table[keys] = values
+    return table

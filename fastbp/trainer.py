@@ -32,7 +32,7 @@ from .backends.base import invalid_batch_message
 from .callbacks import Callback
 from .dtypes import accumulator_dtype
 from .layers import MLP, _on_device
-from .losses import CLASSIFICATION_LOSSES, check_loss, learn_classes
+from .losses import CLASSIFICATION_LOSSES, check_loss, check_sample_weight, class_weights, learn_classes
 from .optim import OPTIMIZERS, Adam, Optimizer
 
 PROGRESS = ("auto", "bar", "lines", "none")
@@ -129,9 +129,10 @@ class Trainer:
             lock.release()
 
     # ------------------------------------------------------------------ one step
-    def step(self, X: Any, y: Any) -> float:
+    def step(self, X: Any, y: Any, sample_weight: Any = None) -> float:
         """One optimizer step on one batch; returns the batch's loss (before the update).
 
+        ``sample_weight``: a weight per row, multiplying its loss (see ``fit``).
         Device arrays (CuPy arrays on the cupy backend) are checked on the device: a batch with NaN or
         infinite features or invalid labels raises a ValueError from the same read that returns the loss,
         and the step changes nothing."""
@@ -139,7 +140,7 @@ class Trainer:
             self._learn_classes(y)
             guard = self._deferred_guard()
             Xd, yd = self.model.prepare_batch(X, y, self.loss, guard=guard, step=self.steps + 1)
-            value, _ = self._step(Xd, yd)
+            value, _ = self._step(Xd, yd, weights=self.model.prepare_weights(sample_weight, Xd.shape[0]))
             if value is None:  # skipped as non-finite
                 return math.nan
             return float(self._check_deferred(value)[0])  # the guard and the loss in one read
@@ -165,11 +166,11 @@ class Trainer:
             self._guard, self._guard_backend = bk.guard_state(), bk
         return self._guard
 
-    def _step(self, Xd: Any, yd: Any, stats_out: Any = None) -> tuple[Any, Any]:
-        """One step on prepared arrays: the backend's whole-step op where it has one, else the ops one by
-        one; a non-finite loss or gradient never reaches the parameters. Returns (the loss, the output),
-        or (None, None) for a step skipped as non-finite. ``stats_out``: receives [loss, correct count]
-        (see ``Backend.output_delta``).
+    def _step(self, Xd: Any, yd: Any, stats_out: Any = None, weights: Any = None) -> tuple[Any, Any]:
+        """One step on prepared arrays: the backend's whole-step op where it has one (and no sample weights
+        are given), else the ops one by one; a non-finite loss or gradient never reaches the parameters.
+        Returns (the loss, the output), or (None, None) for a step skipped as non-finite. ``stats_out``:
+        receives [loss, correct count]; ``weights``: per-row weights (see ``Backend.output_delta``).
 
         The check reads (loss, gradient norm) to the host each step, except on backends with deferred
         checks (GPUs) in 'raise' mode: there a guard on the device gates the update off, and
@@ -177,7 +178,8 @@ class Trainer:
         model = self.model
         bk = model.backend
         clip = self.clip_norm or 0.0
-        fused = bk.train_step(model, Xd, yd, self.loss, self.optimizer, clip, stats_out)
+        fused = None if weights is not None else bk.train_step(model, Xd, yd, self.loss, self.optimizer, clip,
+                                                                stats_out)
         if fused is not None:
             value, output, sumsq, updated = fused
             if not updated:
@@ -185,7 +187,7 @@ class Trainer:
                 return None, None
             self.steps += 1
             return value, output
-        value, _, output = model._loss_and_grads(Xd, yd, self.loss, stats_out)
+        value, _, output = model._loss_and_grads(Xd, yd, self.loss, stats_out, weights)
         grad = model.flat_grad()
         sumsq = self._sumsq = bk.sum_of_squares(grad, out=self._sumsq)
         gate = self._deferred_guard()
@@ -245,19 +247,29 @@ class Trainer:
         X: Any,
         y: Any,
         epochs: int = 10,
-        validation_data: tuple[Any, Any] | None = None,
+        validation_data: tuple[Any, ...] | None = None,
         callbacks: Sequence[Callback] | None = None,
         shuffle: bool = True,
         progress: str = "auto",
         interrupt_checkpoint: Any = None,
         validation_split: float = 0.0,
+        sample_weight: Any = None,
+        class_weight: Any = None,
     ) -> History:
         """Train for ``epochs`` passes over (X, y); returns the History of per-epoch metrics.
 
         Args:
-            validation_data: (X_val, y_val) evaluated after each epoch (val_loss, val_accuracy).
+            validation_data: (X_val, y_val), or (X_val, y_val, sample_weight_val), evaluated after each
+                epoch (val_loss, val_accuracy).
             validation_split: instead of ``validation_data``, hold out this fraction of the rows, the last
-                ones before any shuffling (as Keras does), as validation data.
+                ones before any shuffling (as Keras does), as validation data (with their sample weights).
+            sample_weight: a weight per row of X: each row's loss and gradient are multiplied by it, and
+                the loss stays the mean over the rows, sum(w_i c_i) / n (as Keras weighs samples). The
+                logged loss is this weighted one; accuracy counts every row alike.
+            class_weight: 'balanced' (n_rows / (n_classes * the class's count), as scikit-learn), or a dict
+                {label: weight} in the labels' own values (classes left out weigh 1): each row weighs
+                its class's weight (times its sample_weight). For cross_entropy, and for
+                binary_cross_entropy with one output (labels 0 and 1); not applied to validation data.
             callbacks: ``fastbp.callbacks.Callback`` instances.
             shuffle: reshuffle the rows each epoch with the trainer's seeded generator.
             progress: 'auto' (a bar on a terminal when tqdm is installed, else a line per epoch on a
@@ -284,31 +296,66 @@ class Trainer:
             split = int(n * (1 - validation_split))
             if not 0 < split < n:
                 raise ValueError(f"validation_split {validation_split} leaves an empty part of {n} rows")
-            X, y, validation_data = X[:split], y[:split], (X[split:], y[split:])
+            held: tuple[Any, ...] = (X[split:], y[split:])
+            if sample_weight is not None:
+                sample_weight = check_sample_weight(sample_weight, n)
+                held, sample_weight = held + (sample_weight[split:],), sample_weight[:split]
+            X, y, validation_data = X[:split], y[:split], held
         self._learn_classes(y)
         Xd, yd = model.prepare_batch(X, y, self.loss)
+        wd = self._fit_weights(yd, sample_weight, class_weight)
         val = None
         if validation_data is not None:
-            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-                raise TypeError("validation_data must be a pair (X_val, y_val)")
-            val = model.prepare_batch(validation_data[0], validation_data[1], self.loss)
+            if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
+                raise TypeError("validation_data must be (X_val, y_val) or (X_val, y_val, sample_weight_val)")
+            Xv, yv = model.prepare_batch(validation_data[0], validation_data[1], self.loss)
+            val = (Xv, yv, model.prepare_weights(validation_data[2], Xv.shape[0]) if len(validation_data) == 3
+                   else None)
         if interrupt_checkpoint is not None:
             from .io import check_writable
 
             check_writable(interrupt_checkpoint, "interrupt_checkpoint")
         history = History()
         with self._exclusive(), _sigterm_as_interrupt():
-            self._fit_epochs(Xd, yd, val, epochs, callbacks, shuffle, history, progress, interrupt_checkpoint)
+            self._fit_epochs(Xd, yd, wd, val, epochs, callbacks, shuffle, history, progress, interrupt_checkpoint)
         for cb in callbacks:
             cb.on_train_end(self, history)
         return history
 
-    def _fit_epochs(self, Xd: Any, yd: Any, val: Any, epochs: int, callbacks: list[Callback], shuffle: bool,
-                    history: History, progress: str, interrupt_checkpoint: Any) -> None:
+    def _fit_weights(self, yd: Any, sample_weight: Any, class_weight: Any) -> Any:
+        """The rows' weights for ``fit`` (sample_weight times the class weights) as an array of the model's
+        backend, or None when neither is given."""
+        model = self.model
+        n = yd.shape[0]
+        w = None if sample_weight is None else check_sample_weight(sample_weight, n)
+        if class_weight is not None:
+            bk = model.backend
+            if self.loss == "cross_entropy":
+                n_classes, classes = model.sizes[-1], model.classes_
+                with bk.device_scope():
+                    index = yd if yd.ndim == 1 else bk.xp.argmax(yd, axis=1)
+            elif self.loss == "binary_cross_entropy" and yd.shape[1] == 1:
+                n_classes, classes = 2, None
+                with bk.device_scope():
+                    index = yd[:, 0] > 0.5
+            else:
+                raise ValueError(f"class_weight is for classification (cross_entropy, or binary_cross_entropy "
+                                 f"with one output), not {self.loss!r} with {yd.shape[1:]} targets per row: "
+                                 f"use sample_weight")
+            index = np.asarray(bk.to_numpy(index), np.int64)  # one read of the labels per fit
+            per_row = class_weights(class_weight, index, n_classes, classes)[index]
+            w = per_row if w is None else w * per_row
+            if not w.any():
+                raise ValueError("class_weight (with sample_weight) weighs every row 0: nothing would be learned")
+        return None if w is None else model.backend.asarray(w, model.dtype)
+
+    def _fit_epochs(self, Xd: Any, yd: Any, wd: Any, val: Any, epochs: int, callbacks: list[Callback],
+                    shuffle: bool, history: History, progress: str, interrupt_checkpoint: Any) -> None:
         bk = self.model.backend
         n = Xd.shape[0]
         bs = min(self.batch_size, n)
-        batches = {size: (bk.empty((size,) + Xd.shape[1:], Xd.dtype), bk.empty((size,) + yd.shape[1:], yd.dtype))
+        batches = {size: (bk.empty((size,) + Xd.shape[1:], Xd.dtype), bk.empty((size,) + yd.shape[1:], yd.dtype),
+                          None if wd is None else bk.empty((size,), wd.dtype))
                    for size in {bs, n % bs or bs}}
         sizes = np.array([min(bs, n - s) for s in range(0, n, bs)], np.float64)
         # each step's [loss, correct count], written by the loss kernel and read once at the epoch's end
@@ -332,10 +379,12 @@ class Trainer:
                 taken = np.ones(len(sizes), bool)
                 for k, s in enumerate(range(0, n, bs)):
                     size = int(sizes[k])
-                    xb, yb = batches[size]
+                    xb, yb, wb = batches[size]
                     bk.take_rows(Xd, idx[s:s + size], out=xb)
                     bk.take_rows(yd, idx[s:s + size], out=yb)
-                    value, _ = self._step(xb, yb, stats[k])
+                    if wb is not None:
+                        bk.take_rows(wd, idx[s:s + size], out=wb)
+                    value, _ = self._step(xb, yb, stats[k], wb)
                     taken[k] = value is not None  # a step skipped as non-finite is not in the metrics
                     if self._unchecked >= DEFERRED_CHECK_STEPS:
                         self._check_deferred()
@@ -384,16 +433,18 @@ class Trainer:
         return load_checkpoint(path, backend)
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, X: Any, y: Any) -> dict[str, float]:
-        """{'loss': mean loss, 'accuracy': fraction correct (classification losses)} on (X, y)."""
-        return self._evaluate(*self.model.prepare_batch(X, y, self.loss))
+    def evaluate(self, X: Any, y: Any, sample_weight: Any = None) -> dict[str, float]:
+        """{'loss': mean loss, 'accuracy': fraction correct (classification losses)} on (X, y); the loss
+        weighted by ``sample_weight`` when given (as in ``fit``)."""
+        Xd, yd = self.model.prepare_batch(X, y, self.loss)
+        return self._evaluate(Xd, yd, self.model.prepare_weights(sample_weight, Xd.shape[0]))
 
-    def _evaluate(self, Xd: Any, yd: Any) -> dict[str, float]:
+    def _evaluate(self, Xd: Any, yd: Any, weights: Any = None) -> dict[str, float]:
         bk = self.model.backend
         with bk.device_scope():
             out = self.model.forward(Xd)
             stats = bk.empty((2,), accumulator_dtype(self.model.dtype))
-            bk.output_delta(out, yd, self.loss, stats_out=stats)
+            bk.output_delta(out, yd, self.loss, stats_out=stats, weights=weights)
             value, correct = (float(v) for v in bk.to_numpy(stats))  # one read
         metrics = {"loss": value}
         if self.loss in CLASSIFICATION_LOSSES:

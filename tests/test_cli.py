@@ -95,6 +95,7 @@ def test_checkpoint_and_resume(capsys, tmp_path):
     (["train", "--checkpoint", "/nonexistent/dir/c.npz", "--epochs", "1"], "--checkpoint"),
     (["train", "--resume", "/nonexistent/c.npz"], "does not exist"),
     (["train", "--optimizer", "sgd", "--momentum", "1.5"], "momentum"),
+    (["train", "--loss", "mse", "--class-weight", "balanced"], "--class-weight needs classes"),
 ])
 def test_more_user_mistakes(capsys, argv, match):
     assert main(argv) == 2
@@ -166,7 +167,8 @@ def test_labels_are_encoded_and_predictions_come_back_in_them(capsys, tmp_path):
             f.writelines(f"{a},{b},{c}\n" for (a, b), c in zip(X, y))
         model_file = tmp_path / "m.npz"
         assert main(["train", "--data", str(tmp_path / "d.csv"), "--epochs", "40", "--quiet", "--hidden", "8",
-                     "--lr", "0.02", "--val-split", "0.2", "--save", str(model_file), "--backend", "numpy"]) == 0
+                     "--lr", "0.02", "--val-split", "0.2", "--save", str(model_file), "--backend", "numpy",
+                     "--class-weight", "balanced"]) == 0
         out = capsys.readouterr().out
         assert "3 classes" in out and "validation 23" in out
         assert float(re.search(r"test accuracy: ([\d.]+)", out)[1]) > 0.9

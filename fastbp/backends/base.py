@@ -165,7 +165,7 @@ class Backend:
 
     # ------------------------------------------------------------------ losses
     def output_delta(self, Z_L: Any, y: Any, loss: str, delta_out: Any = None,
-                     stats_out: Any = None) -> tuple[Any, Any]:
+                     stats_out: Any = None, weights: Any = None) -> tuple[Any, Any]:
         """Eq. (1) fused with the loss: returns (loss as a 0-d array, delta_L = dC/dZ_L).
 
         ``y`` is prepared by ``fastbp.losses.prepare_targets``: integer labels (B,) or targets shaped
@@ -173,7 +173,14 @@ class Backend:
         (``fastbp.dtypes.accumulator_dtype``) that receives [the loss, the number of correct predictions]
         (0 for mse): a step's metrics, written where they are computed (on a GPU by the loss kernel itself)
         and read back once per epoch. A device backend returns the loss as a view of it.
+
+        ``weights``: per-row (sample) weights (B,) in Z_L's dtype, or None. Each row's loss, and its delta
+        row, is multiplied by its weight, and the mean stays over the rows (sum(w_i c_i) / B for
+        cross_entropy, / (B * C) for the elementwise losses), as Keras weighs samples; the correct count is
+        not weighted.
         """
+        if weights is not None:
+            return self._weighted_output_delta(Z_L, y, loss, delta_out, stats_out, weights)
         xp = self.xp
         B = Z_L.shape[0]
         if loss == "cross_entropy":
@@ -216,6 +223,33 @@ class Backend:
             value = xp.vdot(diff.ravel(), diff.ravel()) / n
             diff *= 2.0 / n
             return self._record(stats_out, value, Z_L, y, loss), diff
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+
+    def _weighted_output_delta(self, Z_L: Any, y: Any, loss: str, delta_out: Any, stats_out: Any,
+                               weights: Any) -> tuple[Any, Any]:
+        """``output_delta`` with sample weights: this backend's unweighted delta with its rows scaled, and
+        the weighted mean of the row losses (``row_losses``)."""
+        _, delta = self.output_delta(Z_L, y, loss, delta_out)
+        xp = self.xp
+        delta *= weights[:, None]
+        n = Z_L.shape[0] if loss == "cross_entropy" else Z_L.size
+        value = xp.vdot(weights, self.row_losses(Z_L, y, loss)) / n
+        return self._record(stats_out, value, Z_L, y, loss), delta
+
+    def row_losses(self, Z_L: Any, y: Any, loss: str) -> Any:
+        """Each row's loss, summed over its outputs (B,): the terms whose mean ``output_delta`` returns."""
+        xp = self.xp
+        if loss == "cross_entropy":
+            m = xp.max(Z_L, axis=1, keepdims=True)
+            lse = xp.log(xp.sum(xp.exp(Z_L - m), axis=1, keepdims=True)) + m
+            if y.ndim == 1:
+                return lse[:, 0] - Z_L[xp.arange(Z_L.shape[0]), y]
+            return xp.sum(y * (lse - Z_L), axis=1)
+        if loss == "binary_cross_entropy":
+            return xp.sum(xp.maximum(Z_L, 0) - Z_L * y + xp.log1p(xp.exp(-xp.abs(Z_L))), axis=1)
+        if loss == "mse":
+            diff = Z_L - y
+            return xp.sum(diff * diff, axis=1)
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
     def _record(self, stats_out: Any, value: Any, Z_L: Any, y: Any, loss: str) -> Any:

@@ -257,7 +257,7 @@ class CupyBackend(Backend):
 
     # ------------------------------------------------------------------ losses
     @_on_device
-    def output_delta(self, Z_L, y, loss, delta_out=None, stats_out=None):
+    def output_delta(self, Z_L, y, loss, delta_out=None, stats_out=None, weights=None):
         xp = self.xp
         rows, C = Z_L.shape
         delta = delta_out if delta_out is not None else xp.empty_like(Z_L)
@@ -284,6 +284,9 @@ class CupyBackend(Backend):
             scale = 1.0 / (rows * C)
         else:
             raise ValueError(f"unknown loss {loss!r}")
+        if weights is not None:  # sample weights: on the row losses before the reduction, and on delta's rows
+            row_stats[:rows] *= weights
+            delta *= weights[:, None]
         self._launch("loss.cu", "reduce_loss<{T}>", acc, (1,), (cuda_sources.REDUCE_THREADS,),
                      (row_stats, np.int32(rows), acc(scale), stats_out))
         return stats_out[0], delta

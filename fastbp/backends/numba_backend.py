@@ -96,7 +96,9 @@ class NumbaBackend(Backend):
             raise ValueError(f"unknown loss {loss!r}")
         return self._empty_labels, y, code
 
-    def output_delta(self, Z_L, y, loss, delta_out=None, stats_out=None):
+    def output_delta(self, Z_L, y, loss, delta_out=None, stats_out=None, weights=None):
+        if weights is not None:  # the kernel's delta, weighted by the reference
+            return self._weighted_output_delta(Z_L, y, loss, delta_out, stats_out, weights)
         delta = delta_out if delta_out is not None else np.empty_like(Z_L)
         labels, Y, code = self._loss_args(Z_L, y, loss)
         value = self.k.output_delta(Z_L, labels, Y, code, delta)
