@@ -45,7 +45,7 @@ def main() -> None:
         model = fb.MLP([64, 128, 64, 10], dtype="float32", seed=0, backend=name)
         trainer = fb.Trainer(model, optimizer=fb.optim.Adam(lr=1e-3), batch_size=64, seed=0)
         start = time.perf_counter()
-        trainer.fit(X_tr, y_tr, epochs=30, progress="none")
+        trainer.fit(X_tr, y_tr, epochs=30, verbose=0)
         return time.perf_counter() - start, trainer.evaluate(X_te, y_te)["accuracy"]
 
     def run_sklearn() -> tuple[float, float]:

@@ -34,7 +34,7 @@ if command -v compute-sanitizer >/dev/null; then
   train='import fastbp as fb; from fastbp import datasets
 X, y = datasets.load_digits(); model = fb.MLP([64, 32, 10], seed=0, backend="cupy")
 fb.Trainer(model, optimizer=fb.optim.AdamW(1e-3, weight_decay=1e-2), batch_size=64, clip_norm=1.0).fit(
-    X[:512] / 16, y[:512], epochs=1, progress="none"); print("trained under the sanitizer")'
+    X[:512] / 16, y[:512], epochs=1, verbose=0); print("trained under the sanitizer")'
   for tool in memcheck racecheck synccheck; do
     run 40 compute-sanitizer --tool "$tool" --error-exitcode 1 "$py" -c "$train"
   done

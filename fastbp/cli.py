@@ -297,10 +297,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"model: {model.sizes} {model.activations[0]}, {model.n_params} parameters, {model.dtype.name}; "
           f"{type(trainer.optimizer).__name__} lr {trainer.optimizer.lr:g}, batch {trainer.batch_size}, "
           f"{args.epochs} epochs, loss {args.loss}")
-    progress = "none" if args.quiet else ("auto" if sys.stderr.isatty() else "lines")
+    verbose = 0 if args.quiet else ("auto" if sys.stderr.isatty() else 2)  # a line per epoch into logs
     start = time.perf_counter()
     history = trainer.fit(X_train, y_train, epochs=args.epochs, validation_data=validation,
-                          progress=progress, interrupt_checkpoint=args.checkpoint,
+                          verbose=verbose, interrupt_checkpoint=args.checkpoint,
                           class_weight=None if args.class_weight == "none" else args.class_weight)
     train_time = time.perf_counter() - start
     if history.interrupted:

@@ -35,7 +35,8 @@ from .layers import MLP, _on_device
 from .losses import CLASSIFICATION_LOSSES, check_loss, check_sample_weight, class_weights, learn_classes
 from .optim import OPTIMIZERS, Adam, Optimizer
 
-PROGRESS = ("auto", "bar", "lines", "none")
+#: fit's ``verbose`` levels, as Keras's: silent, a progress bar per epoch (steps), one line per epoch.
+VERBOSE = (0, 1, 2, "auto")
 #: On a backend with deferred checks (a GPU), how many steps may pass between reads of the non-finite
 #: guard. Steps after a non-finite one change nothing (their updates are gated off on the device), so a
 #: longer interval costs only wasted work after a divergence, never correctness.
@@ -250,7 +251,7 @@ class Trainer:
         validation_data: tuple[Any, ...] | None = None,
         callbacks: Sequence[Callback] | None = None,
         shuffle: bool = True,
-        progress: str = "auto",
+        verbose: int | str = "auto",
         interrupt_checkpoint: Any = None,
         validation_split: float = 0.0,
         sample_weight: Any = None,
@@ -272,8 +273,10 @@ class Trainer:
                 binary_cross_entropy with one output (labels 0 and 1); not applied to validation data.
             callbacks: ``fastbp.callbacks.Callback`` instances.
             shuffle: reshuffle the rows each epoch with the trainer's seeded generator.
-            progress: 'auto' (a bar on a terminal when tqdm is installed, else a line per epoch on a
-                terminal, nothing otherwise), 'bar', 'lines' or 'none'.
+            verbose: 0 silent; 1 a progress bar per epoch, advanced every step, ending with the epoch's
+                metrics (tqdm's auto form: a widget in Jupyter; needs tqdm, ``pip install
+                'fastbp[progress]'``, else 2 with a warning); 2 one line per epoch (printed); 'auto': 1
+                on a terminal or in a notebook with tqdm installed, 2 on a terminal without it, else 0.
             interrupt_checkpoint: where Ctrl-C saves a checkpoint (see ``save_checkpoint``) before fit
                 returns. Ctrl-C, or SIGTERM (what job schedulers send before they kill a job; handled
                 so when fit runs in the main thread and no other SIGTERM handler is installed), ends fit
@@ -282,7 +285,7 @@ class Trainer:
                 generator are those of the last completed epoch, so a resumed fit redoes that epoch.
         """
         epochs = check_positive_int(epochs, "epochs")
-        progress = check_choice(progress, PROGRESS, "progress")
+        verbose = _resolve_verbose(verbose)
         callbacks = list(callbacks or [])
         for cb in callbacks:
             if not isinstance(cb, Callback):
@@ -317,7 +320,7 @@ class Trainer:
             check_writable(interrupt_checkpoint, "interrupt_checkpoint")
         history = History()
         with self._exclusive(), _sigterm_as_interrupt():
-            self._fit_epochs(Xd, yd, wd, val, epochs, callbacks, shuffle, history, progress, interrupt_checkpoint)
+            self._fit_epochs(Xd, yd, wd, val, epochs, callbacks, shuffle, history, verbose, interrupt_checkpoint)
         for cb in callbacks:
             cb.on_train_end(self, history)
         return history
@@ -350,7 +353,7 @@ class Trainer:
         return None if w is None else model.backend.asarray(w, model.dtype)
 
     def _fit_epochs(self, Xd: Any, yd: Any, wd: Any, val: Any, epochs: int, callbacks: list[Callback],
-                    shuffle: bool, history: History, progress: str, interrupt_checkpoint: Any) -> None:
+                    shuffle: bool, history: History, verbose: int, interrupt_checkpoint: Any) -> None:
         bk = self.model.backend
         n = Xd.shape[0]
         bs = min(self.batch_size, n)
@@ -361,7 +364,7 @@ class Trainer:
         # each step's [loss, correct count], written by the loss kernel and read once at the epoch's end
         stats = bk.zeros((len(sizes), 2), accumulator_dtype(self.model.dtype))
         classify = self.loss in CLASSIFICATION_LOSSES
-        reporter = _Reporter(progress, epochs)
+        reporter = _Reporter(verbose, epochs, len(sizes))
         self.stop_training = False
         for cb in callbacks:
             cb.on_train_begin(self)
@@ -372,6 +375,7 @@ class Trainer:
                 self.epoch += 1
                 for cb in callbacks:
                     cb.on_epoch_begin(self, self.epoch)
+                reporter.epoch_begin()
                 start = time.perf_counter()
                 skipped = self.skipped_steps
                 order = self.rng.permutation(n) if shuffle else np.arange(n)
@@ -388,6 +392,8 @@ class Trainer:
                     taken[k] = value is not None  # a step skipped as non-finite is not in the metrics
                     if self._unchecked >= DEFERRED_CHECK_STEPS:
                         self._check_deferred()
+                    if reporter.bar is not None:
+                        reporter.bar.update()
                 host = self._check_deferred(stats).reshape(-1, 2)[taken]
                 # the epoch's metrics are over the rows of the steps taken (all of them unless skipped)
                 rows_taken = float(sizes[taken].sum()) if taken.any() else math.nan
@@ -484,34 +490,65 @@ def _targets_per_row(yd: Any, loss: str) -> int:
 
 
 class _Reporter:
-    """Progress per epoch: a tqdm bar, a printed line, or nothing."""
+    """fit's progress (``verbose``): nothing (0), a tqdm bar per epoch advanced by the steps (1), or a
+    printed line per epoch (2)."""
 
-    def __init__(self, progress: str, epochs: int) -> None:
-        tty = sys.stderr.isatty()
-        if progress == "auto":
-            progress = ("bar" if _has_tqdm() else "lines") if tty else "none"
-        if progress == "bar" and not _has_tqdm():
-            progress = "lines"
-        self.mode = progress
+    def __init__(self, verbose: int, epochs: int, steps: int) -> None:
+        self.verbose = verbose
         self.epochs = epochs
-        self.bar = None
-        if self.mode == "bar":
+        self.steps = steps
+        self.bar: Any = None
+        self.done = 0  # epochs of this fit begun (numbered from 1 in each fit, as Keras's)
+
+    def epoch_begin(self) -> None:
+        self.done += 1
+        if self.verbose == 1:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=epochs, unit="epoch", file=sys.stderr, leave=True)
+            width = len(str(self.epochs))
+            self.bar = tqdm(total=self.steps, desc=f"epoch {self.done:>{width}}/{self.epochs}", unit="step",
+                            leave=True, dynamic_ncols=True)
 
     def epoch(self, row: dict[str, Any]) -> None:
         metrics = {k: v for k, v in row.items() if k not in ("epoch", "time", "lr")}
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()}, refresh=False)
-            self.bar.update(1)
-        elif self.mode == "lines":
+            self.close()
+        elif self.verbose == 2:
             text = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            print(f"epoch {row['epoch']:>3}/{self.epochs}  {text}  ({row['time']:.3f} s)", flush=True)
+            print(f"epoch {self.done:>{len(str(self.epochs))}}/{self.epochs}  {text}  ({row['time']:.3f} s)",
+                  flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+
+def _resolve_verbose(verbose: Any) -> int:
+    """fit's ``verbose`` as 0, 1 or 2 (see ``Trainer.fit``)."""
+    if isinstance(verbose, str):
+        check_choice(verbose, ("auto",), "verbose")
+        if not (sys.stderr.isatty() or _in_notebook()):
+            return 0
+        return 1 if _has_tqdm() else 2
+    if verbose not in (0, 1, 2) or isinstance(verbose, float):
+        raise ValueError(f"verbose must be 0 (silent), 1 (a progress bar), 2 (a line per epoch) or 'auto', "
+                         f"got {verbose!r}")
+    if verbose == 1 and not _has_tqdm():
+        import warnings
+
+        warnings.warn("verbose=1 draws its progress bar with tqdm, which is not installed (pip install "
+                      "'fastbp[progress]'): printing a line per epoch instead", stacklevel=3)
+        return 2
+    return int(verbose)
+
+
+def _in_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel (where tqdm.auto draws a widget)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def _has_tqdm() -> bool:

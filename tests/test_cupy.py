@@ -44,7 +44,7 @@ def test_digits_reach_the_numpy_backends_accuracy(gpu):
     for backend in (gpu, "numpy"):
         model = fb.MLP([64, 128, 64, 10], seed=0, backend=backend)
         trainer = fb.Trainer(model, optimizer=fb.optim.Adam(1e-3), batch_size=64, seed=0)
-        trainer.fit(X_tr, y_tr, epochs=30, progress="none")
+        trainer.fit(X_tr, y_tr, epochs=30, verbose=0)
         scores[backend if isinstance(backend, str) else "gpu"] = trainer.evaluate(X_te, y_te)["accuracy"]
     assert scores["gpu"] >= 0.97
     assert abs(scores["gpu"] - scores["numpy"]) <= 0.01, scores
@@ -71,7 +71,7 @@ def test_gpu_training_is_bit_identical_from_run_to_run(gpu):
     runs = []
     for _ in range(3):
         model = fb.MLP([40, 64, 64, 5], seed=2, backend=gpu)
-        fb.Trainer(model, batch_size=64, seed=3).fit(X, y, epochs=2, progress="none")
+        fb.Trainer(model, batch_size=64, seed=3).fit(X, y, epochs=2, verbose=0)
         runs.append(model.get_weights())
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
@@ -82,7 +82,7 @@ def test_checkpoints_move_between_gpu_and_cpu(gpu, tmp_path):
     rng = np.random.default_rng(0)
     X, y = rng.standard_normal((200, 12)), rng.integers(0, 3, 200)
     trainer = fb.Trainer(fb.MLP([12, 16, 3], seed=0, backend=gpu), batch_size=50)
-    trainer.fit(X, y, epochs=2, progress="none")
+    trainer.fit(X, y, epochs=2, verbose=0)
     path = trainer.save_checkpoint(tmp_path / "gpu.npz")
     on_cpu = fb.Trainer.load_checkpoint(path, backend="numpy")
     back = fb.Trainer.load_checkpoint(path, backend=gpu.name)
@@ -90,8 +90,8 @@ def test_checkpoints_move_between_gpu_and_cpu(gpu, tmp_path):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
     # training continues on the CPU from the GPU's state, close to the GPU's own continuation
-    on_cpu.fit(X, y, epochs=1, progress="none")
-    back.fit(X, y, epochs=1, progress="none")
+    on_cpu.fit(X, y, epochs=1, verbose=0)
+    back.fit(X, y, epochs=1, verbose=0)
     for a, b in zip(on_cpu.model.get_weights(), back.model.get_weights()):
         assert_close(a, b, "float32", rtol=1e-4, atol=1e-5)  # float32 GEMMs differ by library
 
@@ -138,7 +138,7 @@ def test_training_steps_read_nothing_back_from_the_gpu(gpu, monkeypatch):
     for name in ("to_numpy", "to_float", "to_floats"):
         original = getattr(gpu, name)
         monkeypatch.setattr(gpu, name, lambda *a, _o=original, _n=name: reads.append(_n) or _o(*a))
-    trainer.fit(X, y, epochs=1, progress="none")
+    trainer.fit(X, y, epochs=1, verbose=0)
     every = trainer_module.DEFERRED_CHECK_STEPS
     # every 32 steps, then at the epoch's end with the loss and accuracy: nothing else
     assert reads == ["to_numpy"] * (70 // every + (70 % every > 0)), reads
@@ -155,12 +155,12 @@ def test_a_diverging_step_on_the_gpu_leaves_the_state_before_it(gpu, monkeypatch
     model = fb.MLP([12, 16, 3], seed=0, backend=gpu)
     trainer = fb.Trainer(model, optimizer=fb.optim.Adam(1e-2), batch_size=16)
     with pytest.raises(fb.DivergenceError, match="at epoch 1, step 4 "):
-        trainer.fit(bad, y, epochs=1, shuffle=False, progress="none")
+        trainer.fit(bad, y, epochs=1, shuffle=False, verbose=0)
     assert trainer.steps == 3 and trainer.optimizer.state.step == 3
     # the same three clean steps, taken alone, give the very same parameters and moments
     ref = fb.MLP([12, 16, 3], seed=0, backend=gpu)
     ref_trainer = fb.Trainer(ref, optimizer=fb.optim.Adam(1e-2), batch_size=16)
-    ref_trainer.fit(X[:48], y[:48], epochs=1, shuffle=False, progress="none")
+    ref_trainer.fit(X[:48], y[:48], epochs=1, shuffle=False, verbose=0)
     for a, b in zip(model.get_weights(), ref.get_weights()):
         np.testing.assert_array_equal(a, b)
     got, want = trainer.optimizer.state_dict(), ref_trainer.optimizer.state_dict()
@@ -186,7 +186,7 @@ def test_a_second_device_runs_the_whole_step_on_it(gpu):
     for backend in (gpu, other):
         model = fb.MLP([12, 16, 3], seed=0, backend=backend)
         trainer = fb.Trainer(model, optimizer=fb.optim.Adam(1e-2), batch_size=50, clip_norm=1.0)
-        trainer.fit(X, y, epochs=2, progress="none", validation_data=(X[:50], y[:50]))
+        trainer.fit(X, y, epochs=2, verbose=0, validation_data=(X[:50], y[:50]))
         trainer.step(X[:10], y[:10])
         loss, grads = model.loss_and_grads(X[:20], y[:20])
         fb.optim.SGD(0.1).step(model.parameters(), grads, backend)
@@ -338,12 +338,12 @@ def test_a_step_on_a_second_device_switches_devices_once(gpu):
     X, y = rng.standard_normal((160, 20)), rng.integers(0, 4, 160)
     trainer = fb.Trainer(fb.MLP([20, 32, 32, 4], seed=0, backend=other), optimizer=fb.optim.Adam(1e-3),
                          batch_size=16, clip_norm=1.0)
-    trainer.fit(X, y, epochs=1, progress="none")
+    trainer.fit(X, y, epochs=1, verbose=0)
     fake_cupy.stats.reset()
     trainer.step(X[:16], y[:16])
     assert fake_cupy.stats.device_switches == 2, fake_cupy.stats
     fake_cupy.stats.reset()
-    trainer.fit(X, y, epochs=1, progress="none")  # 10 steps
+    trainer.fit(X, y, epochs=1, verbose=0)  # 10 steps
     assert fake_cupy.stats.device_switches <= 6, fake_cupy.stats
 
 
@@ -447,7 +447,7 @@ def test_device_batches_are_checked_on_the_device(gpu):
         with pytest.raises(ValueError, match=what):
             other.step(Xd, gpu.asarray(targets))
         with pytest.raises(ValueError, match=what):  # fit reads the verdict at once
-            other.fit(Xd, gpu.asarray(targets), epochs=1, progress="none")
+            other.fit(Xd, gpu.asarray(targets), epochs=1, verbose=0)
     with pytest.raises(ValueError, match="must have 12 features"):
         trainer.step(gpu.asarray(X[:, :5]), yd)
 
@@ -469,7 +469,7 @@ def test_fit_keeps_its_metrics_on_the_device(gpu):
         trainer.step(X[:16], targets[:16])  # the batch size's buffers and kernels
         pool = fake_cupy.get_default_memory_pool()
         before_allocs, before_launches = pool.malloc_count, fake_cupy.stats.launches
-        history = trainer.fit(X[:rows], targets[:rows], epochs=1, shuffle=False, progress="none")
+        history = trainer.fit(X[:rows], targets[:rows], epochs=1, shuffle=False, verbose=0)
         return history.epochs[0], pool.malloc_count - before_allocs, fake_cupy.stats.launches - before_launches
 
     short, allocs_short, launches_short = fit(16 * 2, gpu)

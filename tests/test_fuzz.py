@@ -112,7 +112,7 @@ def test_malformed_files_give_value_errors(tmp_path_factory, seed):
     csv = b"a,b,label\n1,2,0\n3,4,1\n"
     model_path = fb.MLP([2, 3, 2], seed=seed).save(tmp / "m.npz") or (tmp / "m.npz")
     trainer = fb.Trainer(fb.MLP([2, 3, 2], seed=seed), batch_size=2)
-    trainer.fit(np.ones((4, 2)), np.array([0, 1, 0, 1]), epochs=1, progress="none")
+    trainer.fit(np.ones((4, 2)), np.array([0, 1, 0, 1]), epochs=1, verbose=0)
     ckpt = trainer.save_checkpoint(tmp / "c.npz").read_bytes()
     originals = {
         "data.npz": (npz, datasets.load_npz),

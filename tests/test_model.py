@@ -191,7 +191,7 @@ def test_prediction_without_a_trainer_in_the_users_labels(tmp_path):
     model = fb.MLP([2, 8, 3], seed=0)
     with pytest.raises(ValueError, match="train it with a Trainer"):
         model.predict(X)
-    fb.Trainer(model, optimizer="adam", batch_size=16).fit(X, y, epochs=60, progress="none")
+    fb.Trainer(model, optimizer="adam", batch_size=16).fit(X, y, epochs=60, verbose=0)
     assert list(model.classes_) == ["cat", "dog", "emu"]
     assert (model.predict(X) == y).mean() > 0.9
     proba = model.predict_proba(X)
@@ -204,11 +204,11 @@ def test_prediction_without_a_trainer_in_the_users_labels(tmp_path):
     with pytest.raises(ValueError, match="not among the model's classes"):
         fb.Trainer(again).evaluate(X[:3], ["cat", "dog", "yak"])
     with pytest.raises(ValueError, match="3 distinct labels"):
-        fb.Trainer(fb.MLP([2, 8, 4])).fit(X, y, epochs=1, progress="none")
+        fb.Trainer(fb.MLP([2, 8, 4])).fit(X, y, epochs=1, verbose=0)
     # integer labels that are class indices stay indices; others are encoded by sorted order
     for labels, classes in (([0, 1, 2], [0, 1, 2]), ([1, 2, 3], [1, 2, 3]), ([0, 10, 20], [0, 10, 20])):
         m = fb.MLP([2, 8, 3], seed=0)
-        fb.Trainer(m).fit(X, np.repeat(labels, 30), epochs=1, progress="none")
+        fb.Trainer(m).fit(X, np.repeat(labels, 30), epochs=1, verbose=0)
         assert list(m.classes_) == classes
     bce = fb.MLP([2, 4, 2], seed=0)
     fb.Trainer(bce, loss="binary_cross_entropy").step(X[:8], np.eye(2)[np.arange(8) % 2])

@@ -49,7 +49,7 @@ def test_whole_step_kernel_equals_the_op_by_op_path(monkeypatch, opt, loss, act)
         monkeypatch.setattr(numba_backend, "WHOLE_STEP", whole)
         model = fb.MLP([5, 7, 6, 3], activation=act, dtype="float64", seed=1, backend="numba")
         trainer = fb.Trainer(model, loss=loss_name, optimizer=OPTIMIZERS[opt](), batch_size=4, seed=0)
-        history = trainer.fit(X, y, epochs=2, progress="none")
+        history = trainer.fit(X, y, epochs=2, verbose=0)
         results.append((model.get_weights(), history["loss"]))
     (w_whole, loss_whole), (w_ops, loss_ops) = results
     assert_close(loss_whole, loss_ops, "float64")
@@ -68,7 +68,7 @@ def test_training_is_bit_identical_from_run_to_run(dtype, sizes, batch):
     for _ in range(5):
         model = fb.MLP(sizes, dtype=dtype, seed=2, backend="numba")
         fb.Trainer(model, optimizer=fb.optim.Adam(1e-3), batch_size=batch, seed=4).fit(X, y, epochs=2,
-                                                                                      progress="none")
+                                                                                      verbose=0)
         runs.append(model.get_weights())
     for other in runs[1:]:
         for a, b in zip(runs[0], other):

@@ -30,13 +30,13 @@ def test_divergence_raises_and_keeps_the_last_finite_parameters(backend, data):
     model = fb.MLP([6, 16, 3], seed=0, backend=backend)
     trainer = fb.Trainer(model, optimizer=optim.SGD(lr=1e30), batch_size=50)
     with pytest.raises(fb.DivergenceError, match="non-finite .* at epoch 1"):
-        trainer.fit(X, y, epochs=5, progress="none")
+        trainer.fit(X, y, epochs=5, verbose=0)
     weights = model.get_weights()
     state = trainer.optimizer.state_dict()
     assert _all_finite(weights)
     # training on diverges again, and each rejected step leaves parameters and state finite
     with pytest.raises(fb.DivergenceError):
-        trainer.fit(X, y, epochs=5, progress="none")
+        trainer.fit(X, y, epochs=5, verbose=0)
     assert _all_finite(model.get_weights())
     assert _all_finite([v for k, v in trainer.optimizer.state_dict().items() if k != "step"])
     assert trainer.optimizer.state_dict()["step"] >= state["step"]
@@ -50,7 +50,7 @@ def test_divergence_can_skip_and_count(backend, data):
     before = model.get_weights()
     bad = X.copy()
     bad[:50] *= 1e38  # float32 overflow: this batch's loss is not finite
-    history = trainer.fit(bad, y, epochs=2, shuffle=False, progress="none")
+    history = trainer.fit(bad, y, epochs=2, shuffle=False, verbose=0)
     assert history["skipped"] == [1, 1]
     assert all(np.isfinite(history["loss"])) and all(np.isfinite(history["accuracy"]))  # over the steps taken
     assert trainer.skipped_steps == 2
@@ -85,7 +85,7 @@ def test_deferred_checks_train_exactly_like_per_step_checks(monkeypatch, data, o
         backend = _deferred(monkeypatch, on)
         model = fb.MLP([6, 16, 3], seed=0, backend=backend)
         trainer = fb.Trainer(model, optimizer=DEFERRED_OPTIMIZERS[opt](), batch_size=16, clip_norm=0.5, seed=3)
-        history = trainer.fit(X, y, epochs=2, progress="none")
+        history = trainer.fit(X, y, epochs=2, verbose=0)
         results.append((model.get_weights(), history["loss"], trainer.steps, trainer.optimizer.state.step))
     (w_sync, loss_sync, steps_sync, opt_sync), (w_def, loss_def, steps_def, opt_def) = results
     for a, b in zip(w_sync, w_def):
@@ -110,12 +110,12 @@ def test_deferred_divergence_reports_the_step_and_keeps_the_state_before_it(monk
         backend = _deferred(monkeypatch, on)
         model = fb.MLP([6, 16, 3], seed=0, backend=backend)
         trainer = fb.Trainer(model, optimizer=DEFERRED_OPTIMIZERS[opt](), batch_size=16)
-        trainer.fit(X, y, epochs=1, progress="none")
+        trainer.fit(X, y, epochs=1, verbose=0)
         with pytest.raises(fb.DivergenceError) as error:
-            trainer.fit(bad, y, epochs=1, shuffle=False, progress="none")
+            trainer.fit(bad, y, epochs=1, shuffle=False, verbose=0)
         outcomes.append((str(error.value), model.get_weights(), trainer.optimizer.state_dict(), trainer.steps))
         # training goes on from there once the data is clean again
-        trainer.fit(X, y, epochs=1, progress="none")
+        trainer.fit(X, y, epochs=1, verbose=0)
         assert trainer.steps == 13 + 3 + 13 and _all_finite(model.get_weights())
     (msg_sync, w_sync, st_sync, steps_sync), (msg_def, w_def, st_def, steps_def) = outcomes
     assert "at epoch 2, step 17" in msg_sync and msg_def == msg_sync
@@ -170,15 +170,15 @@ def test_resume_is_bit_identical(backend, data, tmp_path, make_opt):
     X, y = data
     straight = fb.MLP([6, 16, 3], seed=4, backend=backend)
     t1 = fb.Trainer(straight, optimizer=make_opt(), batch_size=32, seed=9)
-    h1 = t1.fit(X, y, epochs=4, progress="none")
+    h1 = t1.fit(X, y, epochs=4, verbose=0)
 
     first = fb.MLP([6, 16, 3], seed=4, backend=backend)
     t2 = fb.Trainer(first, optimizer=make_opt(), batch_size=32, seed=9)
-    t2.fit(X, y, epochs=2, progress="none")
+    t2.fit(X, y, epochs=2, verbose=0)
     path = t2.save_checkpoint(tmp_path / "ckpt.npz")
     resumed = fb.Trainer.load_checkpoint(path, backend=backend)
     assert resumed.epoch == 2 and resumed.steps == t2.steps
-    h2 = resumed.fit(X, y, epochs=2, progress="none")
+    h2 = resumed.fit(X, y, epochs=2, verbose=0)
     for a, b in zip(straight.get_weights(), resumed.model.get_weights()):
         np.testing.assert_array_equal(a, b)
     assert h2["loss"] == h1["loss"][2:]
@@ -193,7 +193,7 @@ def _checkpoint(tmp_path):
     model = fb.MLP([4, 5, 2], seed=0)
     trainer = fb.Trainer(model, batch_size=8)
     rng = np.random.default_rng(0)
-    trainer.fit(rng.standard_normal((16, 4)), rng.integers(0, 2, 16), epochs=1, progress="none")
+    trainer.fit(rng.standard_normal((16, 4)), rng.integers(0, 2, 16), epochs=1, verbose=0)
     return trainer.save_checkpoint(tmp_path / "good.npz")
 
 
@@ -262,21 +262,21 @@ def test_ctrl_c_ends_fit_cleanly_with_a_checkpoint(backend, data, tmp_path, monk
     real_step = trainer._step
     calls = {"n": 0}
 
-    def step(Xd, yd, *rest):
+    def step(Xd, yd, *rest, **kwargs):
         calls["n"] += 1
         if calls["n"] == 25:  # in the third epoch (10 steps an epoch)
             raise KeyboardInterrupt
-        return real_step(Xd, yd, *rest)
+        return real_step(Xd, yd, *rest, **kwargs)
 
     monkeypatch.setattr(trainer, "_step", step)
-    history = trainer.fit(X, y, epochs=5, progress="none", interrupt_checkpoint=tmp_path / "int.npz")
+    history = trainer.fit(X, y, epochs=5, verbose=0, interrupt_checkpoint=tmp_path / "int.npz")
     assert history.interrupted and len(history) == 2 and trainer.epoch == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int.npz"]
     resumed = fb.Trainer.load_checkpoint(tmp_path / "int.npz", backend=backend)
     assert resumed.epoch == 2
     for a, b in zip(resumed.model.get_weights(), model.get_weights()):
         np.testing.assert_array_equal(a, b)
-    assert resumed.fit(X, y, epochs=1, progress="none")["epoch"] == [3]
+    assert resumed.fit(X, y, epochs=1, verbose=0)["epoch"] == [3]
     # the model is free again after the interrupt
     trainer.step(X[:5], y[:5])
 
@@ -295,7 +295,7 @@ def test_sigterm_ends_fit_as_ctrl_c_does(data, tmp_path):
                 os.kill(os.getpid(), signal.SIGTERM)
 
     trainer = fb.Trainer(fb.MLP([6, 16, 3], seed=0), batch_size=20, seed=3)
-    history = trainer.fit(X, y, epochs=5, callbacks=[Terminate()], progress="none",
+    history = trainer.fit(X, y, epochs=5, callbacks=[Terminate()], verbose=0,
                           interrupt_checkpoint=tmp_path / "term.npz")
     assert history.interrupted and (tmp_path / "term.npz").is_file()
     assert fb.Trainer.load_checkpoint(tmp_path / "term.npz").epoch == 1  # the epoch it interrupted is redone
@@ -345,14 +345,14 @@ def test_a_trainer_refuses_a_second_thread(data):
             inside.set()
             release.wait(10)
 
-    worker = threading.Thread(target=lambda: trainer.fit(X, y, epochs=1, callbacks=[Hold()], progress="none"))
+    worker = threading.Thread(target=lambda: trainer.fit(X, y, epochs=1, callbacks=[Hold()], verbose=0))
     worker.start()
     assert inside.wait(10)
     before = model.get_weights()
     with pytest.raises(RuntimeError, match="another thread"):
         trainer.step(X[:10], y[:10])
     with pytest.raises(RuntimeError, match="another thread"):
-        fb.Trainer(model).fit(X, y, epochs=1, progress="none")  # a second Trainer on the same model too
+        fb.Trainer(model).fit(X, y, epochs=1, verbose=0)  # a second Trainer on the same model too
     release.set()
     worker.join(10)
     for a, b in zip(before, model.get_weights()):
@@ -367,7 +367,7 @@ def test_separate_models_train_in_parallel_threads(data):
     def train(seed):
         with fb.use_backend("numpy"):
             model = fb.MLP([6, 8, 3], seed=seed)
-            fb.Trainer(model, batch_size=20).fit(X, y, epochs=2, progress="none")
+            fb.Trainer(model, batch_size=20).fit(X, y, epochs=2, verbose=0)
             results[seed] = model.get_weights()
 
     threads = [threading.Thread(target=train, args=(s,)) for s in (0, 1)]
@@ -377,7 +377,7 @@ def test_separate_models_train_in_parallel_threads(data):
         t.join(60)
     for seed in (0, 1):
         model = fb.MLP([6, 8, 3], seed=seed, backend="numpy")
-        fb.Trainer(model, batch_size=20).fit(X, y, epochs=2, progress="none")
+        fb.Trainer(model, batch_size=20).fit(X, y, epochs=2, verbose=0)
         for a, b in zip(results[seed], model.get_weights()):
             np.testing.assert_array_equal(a, b)
 

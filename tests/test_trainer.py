@@ -31,7 +31,7 @@ def test_fit_learns_and_reports_history(backend, dtype, blobs):
     X, y = blobs
     model = fb.MLP([8, 16, 3], dtype=dtype, seed=0, backend=backend)
     trainer = fb.Trainer(model, optimizer=optim.Adam(lr=1e-2), batch_size=64, seed=0)
-    history = trainer.fit(X, y, epochs=8, validation_data=(X[:50], y[:50]), progress="none")
+    history = trainer.fit(X, y, epochs=8, validation_data=(X[:50], y[:50]), verbose=0)
     assert len(history) == 8
     assert history.keys() == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "time"]
     assert history["epoch"] == list(range(1, 9))
@@ -55,7 +55,7 @@ def test_partial_last_batch_covers_every_sample(backend):
     model = fb.MLP([3, 2], dtype="float64", seed=0, backend=backend)
     mirror = model.copy()
     trainer = fb.Trainer(model, loss="mse", optimizer=optim.SGD(lr=0.1), batch_size=4)
-    trainer.fit(X, y, epochs=1, shuffle=False, progress="none")
+    trainer.fit(X, y, epochs=1, shuffle=False, verbose=0)
     for rows in (slice(0, 4), slice(4, 8), slice(8, 10)):
         _, grads = mirror.loss_and_grads(X[rows], y[rows], "mse")
         mirror.set_weights([w - 0.1 * mirror.backend.to_numpy(g) for w, g in zip(mirror.get_weights(), grads)])
@@ -68,7 +68,7 @@ def test_training_is_deterministic_for_a_seed(backend, blobs):
     runs = []
     for _ in range(2):
         model = fb.MLP([8, 16, 3], seed=3, backend=backend)
-        fb.Trainer(model, batch_size=32, seed=7).fit(X, y, epochs=3, progress="none")
+        fb.Trainer(model, batch_size=32, seed=7).fit(X, y, epochs=3, verbose=0)
         runs.append(model.get_weights())
     for a, b in zip(*runs):
         np.testing.assert_array_equal(a, b)
@@ -88,7 +88,7 @@ def test_early_stopping_restores_the_best_weights(backend, blobs):
 
     rec = Record()
     stop = fb.EarlyStopping(monitor="loss", patience=2)
-    history = trainer.fit(X, y, epochs=50, callbacks=[rec, stop], progress="none")
+    history = trainer.fit(X, y, epochs=50, callbacks=[rec, stop], verbose=0)
     assert len(history) < 50 and stop.stopped_epoch == len(history)
     best = int(np.argmin(history["loss"])) + 1
     assert stop.best_epoch == best
@@ -101,7 +101,7 @@ def test_model_checkpoint_saves_best(tmp_path, blobs):
     model = fb.MLP([8, 16, 3], seed=0)
     ckpt = fb.ModelCheckpoint(tmp_path / "best-{epoch}.npz", monitor="val_accuracy")
     trainer = fb.Trainer(model, batch_size=32)
-    trainer.fit(X, y, epochs=4, validation_data=(X, y), callbacks=[ckpt], progress="none")
+    trainer.fit(X, y, epochs=4, validation_data=(X, y), callbacks=[ckpt], verbose=0)
     assert ckpt.saved and all(p.exists() for p in ckpt.saved)
     last = fb.load(ckpt.saved[-1])
     assert trainer.evaluate(X, y)["accuracy"] >= fb.Trainer(last).evaluate(X, y)["accuracy"] - 1e-12
@@ -125,7 +125,7 @@ def test_callback_protocol_order(blobs):
         def on_train_end(self, trainer, history):
             calls.append(f"done{len(history)}")
 
-    fb.Trainer(fb.MLP([8, 4, 3])).fit(X, y, epochs=5, callbacks=[Spy()], progress="none")
+    fb.Trainer(fb.MLP([8, 4, 3])).fit(X, y, epochs=5, callbacks=[Spy()], verbose=0)
     assert calls == ["begin", "e1", "end1:1", "e2", "end2:2", "done2"]
 
 
@@ -135,12 +135,12 @@ def test_binary_and_regression_losses(backend):
     y_bin = (X[:, :2] > 0).astype(float)
     model = fb.MLP([4, 16, 2], seed=0, backend=backend)
     trainer = fb.Trainer(model, loss="binary_cross_entropy", optimizer=optim.Adam(1e-2), batch_size=32)
-    trainer.fit(X, y_bin, epochs=20, progress="none")
+    trainer.fit(X, y_bin, epochs=20, verbose=0)
     assert trainer.evaluate(X, y_bin)["accuracy"] > 0.9
     assert set(np.unique(trainer.predict(X))) <= {0, 1}
     y_reg = X @ np.array([[1.0], [-2.0], [0.5], [0.0]])
     reg = fb.Trainer(fb.MLP([4, 16, 1], seed=0, backend=backend), loss="mse", optimizer=optim.Adam(1e-2))
-    history = reg.fit(X, y_reg, epochs=30, progress="none")
+    history = reg.fit(X, y_reg, epochs=30, verbose=0)
     assert history["loss"][-1] < 0.05 * history["loss"][0]
     assert "accuracy" not in reg.evaluate(X, y_reg)
     assert reg.predict(X).shape == (200, 1)
@@ -162,7 +162,7 @@ def test_bad_fit_arguments_change_nothing(blobs):
     trainer = fb.Trainer(model)
     before = model.get_weights()
     for kwargs, exc in [({"epochs": 0}, ValueError), ({"validation_data": X}, TypeError),
-                        ({"progress": "fancy"}, ValueError), ({"callbacks": [print]}, TypeError)]:
+                        ({"verbose": "fancy"}, ValueError), ({"callbacks": [print]}, TypeError)]:
         with pytest.raises(exc):
             trainer.fit(X, y, **kwargs)
     with pytest.raises(ValueError, match="labels must lie"):
@@ -178,7 +178,7 @@ def test_validation_split_holds_out_the_last_rows():
 
     def fit(**kwargs):
         trainer = fb.Trainer(fb.MLP([4, 8, 3], seed=0), batch_size=16, seed=1)
-        return trainer.fit(*kwargs.pop("data"), epochs=3, progress="none", **kwargs)
+        return trainer.fit(*kwargs.pop("data"), epochs=3, verbose=0, **kwargs)
 
     split = fit(data=(X, y), validation_split=0.2)
     explicit = fit(data=(X[:80], y[:80]), validation_data=(X[80:], y[80:]))
@@ -187,3 +187,35 @@ def test_validation_split_holds_out_the_last_rows():
         fit(data=(X, y), validation_split=0.2, validation_data=(X, y))
     with pytest.raises(ValueError, match="validation_split"):
         fit(data=(X, y), validation_split=1.0)
+
+
+def test_verbose_levels(blobs, capsys, monkeypatch):
+    """0 prints nothing, 2 a line per epoch on stdout, 1 a bar per epoch on stderr that counts the steps
+    and ends with the epoch's metrics; 'auto' is silent where nobody watches (not a terminal)."""
+    pytest.importorskip("tqdm", reason="tqdm is not installed")
+    X, y = blobs
+    trainer = fb.Trainer(fb.MLP([8, 4, 3], backend="numpy"), batch_size=64)  # 300 rows: 5 steps an epoch
+    for verbose in (0, "auto"):
+        trainer.fit(X, y, epochs=2, verbose=verbose)
+        assert capsys.readouterr() == ("", "")
+    trainer.fit(X, y, epochs=3, verbose=2)
+    out, err = capsys.readouterr()
+    assert [line.split()[:2] for line in out.splitlines()] == [["epoch", "1/3"], ["epoch", "2/3"], ["epoch", "3/3"]]
+    assert "accuracy" in out and err == ""
+    trainer.fit(X, y, epochs=2, verbose=1)
+    out, err = capsys.readouterr()
+    assert out == ""
+    finals = [part.strip() for part in err.split("\r") if "5/5" in part]
+    assert any(f.startswith("epoch 1/2") for f in finals) and any(f.startswith("epoch 2/2") for f in finals)
+    assert all("loss=" in f and "accuracy=" in f for f in finals), finals
+    monkeypatch.setitem(__import__("sys").modules, "tqdm", None)  # as if tqdm were not installed
+    with pytest.warns(UserWarning, match="tqdm, which is not installed"):
+        trainer.fit(X, y, epochs=1, verbose=1)
+    assert capsys.readouterr().out.startswith("epoch 1/1")
+
+
+@pytest.mark.parametrize("verbose", [3, -1, 1.0, "yes", None])
+def test_bad_verbose_is_refused(blobs, verbose):
+    X, y = blobs
+    with pytest.raises((ValueError, TypeError), match="verbose"):
+        fb.Trainer(fb.MLP([8, 4, 3], backend="numpy")).fit(X, y, epochs=1, verbose=verbose)

@@ -51,7 +51,7 @@ def test_a_user_activation_trains_alike_on_every_backend(backend, softplus, rng)
     losses = {}
     for name in ("numpy", backend):
         model = fb.MLP([4, 6, 2], activation="softplus", dtype="float64", seed=1, backend=name)
-        history = fb.Trainer(model, batch_size=8, optimizer="sgd").fit(X, y, epochs=3, progress="none")
+        history = fb.Trainer(model, batch_size=8, optimizer="sgd").fit(X, y, epochs=3, verbose=0)
         losses[name] = history["loss"]
     assert_close(losses[backend], losses["numpy"], "float64", rtol=1e-12)
     assert losses["numpy"][-1] < losses["numpy"][0]

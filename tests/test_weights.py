@@ -62,7 +62,7 @@ def test_fit_with_weights_matches_the_reference_on_every_backend(backend, rng):
     for name in ("numpy", backend):
         model = fb.MLP([4, 8, 3], dtype="float64", seed=0, backend=name)
         trainer = fb.Trainer(model, optimizer="sgd", batch_size=16, seed=3)
-        history = trainer.fit(X, y, epochs=3, sample_weight=w, class_weight={1: 2.0}, progress="none")
+        history = trainer.fit(X, y, epochs=3, sample_weight=w, class_weight={1: 2.0}, verbose=0)
         runs[name] = (history["loss"], model.get_weights(), trainer.evaluate(X, y, sample_weight=w)["loss"])
     assert_close(runs[backend][0], runs["numpy"][0], "float64", rtol=1e-12)
     assert_close(runs[backend][2], runs["numpy"][2], "float64", rtol=1e-12)
@@ -75,7 +75,7 @@ def test_uniform_weights_change_nothing(rng):
     results = []
     for kwargs in ({}, {"sample_weight": np.ones(30)}, {"class_weight": {0: 1.0, 1: 1.0}}):
         model = fb.MLP([4, 5, 2], dtype="float64", seed=0, backend="numpy")
-        history = fb.Trainer(model, batch_size=8).fit(X, y, epochs=2, progress="none", **kwargs)
+        history = fb.Trainer(model, batch_size=8).fit(X, y, epochs=2, verbose=0, **kwargs)
         results.append((history["loss"], model.get_weights()))
     for loss, weights in results[1:]:
         assert_close(loss, results[0][0], "float64", rtol=1e-13)
@@ -91,9 +91,9 @@ def test_zero_weight_rows_are_not_learned(rng):
     a = fb.MLP([3, 4, 2], dtype="float64", seed=0, backend="numpy")
     b = fb.MLP([3, 4, 2], dtype="float64", seed=0, backend="numpy")
     fb.Trainer(a, optimizer=fb.optim.SGD(0.1), batch_size=12).fit(X, y, epochs=3, sample_weight=w,
-                                                                  progress="none")
+                                                                  verbose=0)
     fb.Trainer(b, optimizer=fb.optim.SGD(0.1 * 8 / 12), batch_size=8).fit(X[:8], y[:8], epochs=3,
-                                                                          progress="none")
+                                                                          verbose=0)
     for p, q in zip(a.get_weights(), b.get_weights()):
         assert_close(p, q, "float64", rtol=1e-10, atol=1e-14)
 
@@ -112,14 +112,14 @@ def test_class_weight_keys_are_the_users_labels(rng):
     y = np.array(["cat", "dog"] * 10)
     model = fb.MLP([3, 4, 2], dtype="float64", seed=0, backend="numpy")
     trainer = fb.Trainer(model, optimizer=fb.optim.SGD(0.1), batch_size=20, seed=0)
-    trainer.fit(X, y, epochs=1, class_weight={"dog": 3.0}, progress="none")
+    trainer.fit(X, y, epochs=1, class_weight={"dog": 3.0}, verbose=0)
     other = fb.MLP([3, 4, 2], dtype="float64", seed=0, backend="numpy")
     fb.Trainer(other, optimizer=fb.optim.SGD(0.1), batch_size=20, seed=0).fit(
-        X, y, epochs=1, sample_weight=np.where(y == "dog", 3.0, 1.0), progress="none")
+        X, y, epochs=1, sample_weight=np.where(y == "dog", 3.0, 1.0), verbose=0)
     for p, q in zip(model.get_weights(), other.get_weights()):
         assert_close(p, q, "float64", rtol=1e-13, atol=1e-15)
     with pytest.raises(ValueError, match="among the model's classes"):
-        trainer.fit(X, y, epochs=1, class_weight={"bird": 2.0}, progress="none")
+        trainer.fit(X, y, epochs=1, class_weight={"bird": 2.0}, verbose=0)
 
 
 def test_binary_class_weights_with_one_output(rng):
@@ -127,9 +127,9 @@ def test_binary_class_weights_with_one_output(rng):
     a = fb.MLP([3, 4, 1], dtype="float64", seed=0, backend="numpy")
     b = fb.MLP([3, 4, 1], dtype="float64", seed=0, backend="numpy")
     fb.Trainer(a, "binary_cross_entropy", batch_size=16).fit(X, y, epochs=1, class_weight={1: 4.0},
-                                                              progress="none")
+                                                              verbose=0)
     fb.Trainer(b, "binary_cross_entropy", batch_size=16).fit(X, y, epochs=1, sample_weight=1 + 3 * y[:, 0],
-                                                              progress="none")
+                                                              verbose=0)
     for p, q in zip(a.get_weights(), b.get_weights()):
         assert_close(p, q, "float64", rtol=1e-13, atol=1e-15)
 
@@ -138,7 +138,7 @@ def test_validation_split_keeps_the_weights_of_its_rows(rng):
     X, y = rng.standard_normal((20, 3)), rng.integers(0, 2, 20)
     w = rng.uniform(0.5, 2, 20)
     trainer = fb.Trainer(fb.MLP([3, 4, 2], dtype="float64", seed=0, backend="numpy"), batch_size=4)
-    history = trainer.fit(X, y, epochs=1, sample_weight=w, validation_split=0.25, progress="none")
+    history = trainer.fit(X, y, epochs=1, sample_weight=w, validation_split=0.25, verbose=0)
     assert_close(history["val_loss"][-1], trainer.evaluate(X[15:], y[15:], sample_weight=w[15:])["loss"],
                  "float64", rtol=1e-14)
 
@@ -160,17 +160,17 @@ def test_bad_weights_are_refused(kwargs, error, match, rng):
     X, y = rng.standard_normal((20, 3)), rng.integers(0, 2, 20)
     trainer = fb.Trainer(fb.MLP([3, 4, 2], backend="numpy"), batch_size=8)
     if error is None:
-        trainer.fit(X, y, epochs=1, progress="none", **kwargs)
+        trainer.fit(X, y, epochs=1, verbose=0, **kwargs)
         return
     with pytest.raises(error, match=match):
-        trainer.fit(X, y, epochs=1, progress="none", **kwargs)
+        trainer.fit(X, y, epochs=1, verbose=0, **kwargs)
 
 
 def test_class_weight_needs_a_classifier(rng):
     trainer = fb.Trainer(fb.MLP([3, 4, 2], backend="numpy"), "mse")
     with pytest.raises(ValueError, match="class_weight is for classification"):
         trainer.fit(rng.standard_normal((8, 3)), rng.standard_normal((8, 2)), class_weight="balanced",
-                    progress="none")
+                    verbose=0)
 
 
 def test_balanced_weights_lift_the_minority_class(rng):
@@ -183,7 +183,7 @@ def test_balanced_weights_lift_the_minority_class(rng):
     for cw in (None, "balanced"):
         model = fb.MLP([2, 8, 2], dtype="float64", seed=0, backend="numpy")
         fb.Trainer(model, batch_size=100, optimizer=fb.optim.Adam(0.01)).fit(X, y, epochs=15, class_weight=cw,
-                                                                             progress="none")
+                                                                             verbose=0)
         predicted[cw] = model.predict(X)
     recall = {cw: (p[y == 1] == 1).mean() for cw, p in predicted.items()}
     assert recall["balanced"] > 0.6 > recall[None] + 0.2, recall
