@@ -145,10 +145,7 @@ class MLP:
         self._workspaces: OrderedDict[int, _Workspace] = OrderedDict()
         self._flat_grad: Any = None
         self._grads: list[Any] | None = None
-        #: The class labels, in output order, of a model trained with cross_entropy on labels (set by the
-        #: Trainer from the training labels, see ``fastbp.losses.learn_classes``; saved with the model).
-        #: ``predict`` answers in these labels. None: the labels are the output indices.
-        self.classes_: np.ndarray | None = getattr(self, "classes_", None)
+        self.classes_ = getattr(self, "_classes", None)
         #: The loss the model was trained with (set by the Trainer, saved with the model): how ``predict``
         #: and ``predict_proba`` read the outputs.
         self.loss_: str | None = getattr(self, "loss_", None)
@@ -177,6 +174,19 @@ class MLP:
         return model
 
     # ------------------------------------------------------------------ introspection
+    @property
+    def classes_(self) -> np.ndarray | None:
+        """The class labels, in output order, of a model trained with cross_entropy on labels (set by the
+        Trainer from the training labels, see ``fastbp.losses.learn_classes``; saved with the model).
+        ``predict`` answers in these labels. None: the labels are the output indices."""
+        return self._classes
+
+    @classes_.setter
+    def classes_(self, classes: np.ndarray | None) -> None:
+        self._classes = classes
+        # whether labels must be encoded (classes other than 0..n-1), decided once, not at every batch
+        self._encoded = classes is not None and not is_identity(classes)
+
     @property
     def sizes(self) -> list[int]:
         return [self.layers[0].n_in] + [layer.n_out for layer in self.layers]
@@ -288,9 +298,14 @@ class MLP:
         joins that guard as step ``step`` (the Trainer reads it with the step's loss, one transfer).
         """
         bk = self.backend
-        n_in, n_out = self.sizes[0], self.sizes[-1]
-        encoded = self.classes_ is not None and not is_identity(self.classes_)
-        if _on_device(bk, X) and _on_device(bk, y) and not (loss == "cross_entropy" and y.ndim == 1 and (
+        n_in, n_out = self.layers[0].n_in, self.layers[-1].n_out
+        encoded = self._encoded
+        if self._ready(X, y, loss, n_in, n_out):
+            # arrays of this (CPU) backend in the form the ops take: one pass counts the invalid values, and
+            # only a batch that has some takes the full checks below, for their detailed message
+            if not bk.count_invalid(X, y, loss, n_out):
+                return X, y
+        elif _on_device(bk, X) and _on_device(bk, y) and not (loss == "cross_entropy" and y.ndim == 1 and (
                 y.dtype.kind == "f" or encoded)):  # float labels, labels to encode: the host path
             with bk.device_scope():
                 Xd = bk.asarray(check_feature_shape(X, n_in), self.dtype)
@@ -307,6 +322,19 @@ class MLP:
         X_host = check_features(X, n_in)
         y_host = prepare_targets(y, loss, n_out, X_host.shape[0], self.dtype, self.classes_)
         return bk.asarray(X_host, self.dtype), bk.asarray(y_host)
+
+    def _ready(self, X: Any, y: Any, loss: str, n_in: int, n_out: int) -> bool:
+        """Whether (X, y) are host arrays of this backend already prepared: X (B, n_in) C-contiguous in the
+        model's dtype; y int64 class indices (B,) for cross_entropy (nothing to encode), or targets (B, n_out)
+        in the model's dtype. Their values remain to be checked."""
+        if type(X) is not np.ndarray or type(y) is not np.ndarray or not self.backend.is_array(X):
+            return False
+        if X.dtype != self.dtype or X.ndim != 2 or X.shape[1] != n_in or not X.flags.c_contiguous \
+                or X.shape[0] == 0 or not y.flags.c_contiguous:
+            return False
+        if y.ndim == 1:
+            return loss == "cross_entropy" and y.dtype == np.int64 and y.shape[0] == X.shape[0] and not self._encoded
+        return y.dtype == self.dtype and y.shape == (X.shape[0], n_out)
 
     def prepare_weights(self, sample_weight: Any, n: int) -> Any:
         """Per-row weights checked (``fastbp.losses.check_sample_weight``) and as an array of the model's

@@ -244,3 +244,51 @@ def test_messages_name_what_users_of_other_libraries_meant(tmp_path):
     (tmp_path / "x.npz").write_text("a text file")
     with pytest.raises(ValueError, match="is not a fastbp file: an .npz file is a zip archive"):
         fb.load(tmp_path / "x.npz")
+
+
+@pytest.mark.parametrize("loss, kind", [("cross_entropy", "labels"), ("mse", "finite"),
+                                        ("binary_cross_entropy", "unit"), ("cross_entropy", "unit")])
+def test_count_invalid_counts_every_bad_value(backend, dtype, loss, kind, rng):
+    """The one-pass check of prepared batches counts what the host checks would refuse."""
+    X = rng.standard_normal((40, 7)).astype(dtype)
+    X.reshape(-1)[[3, 50, 51]] = [np.nan, np.inf, -np.inf]
+    if kind == "labels":
+        y = rng.integers(0, 5, 40)
+        y[[0, 9]] = [5, -1]
+        expected = 5
+    else:
+        y = rng.uniform(0, 1, (40, 5)).astype(dtype)
+        y[1, 2], y[4, 4] = np.nan, (np.inf if kind == "finite" else 1.5)
+        y[7, 0] = -0.5 if kind == "unit" else 0.0
+        expected = 3 + (2 if kind == "finite" else 3)
+    Xd, yd = backend.asarray(X), backend.asarray(y)
+    assert backend.count_invalid(Xd, yd, loss, 5) == expected
+    X[~np.isfinite(X)] = 0
+    assert backend.count_invalid(backend.asarray(X), yd, loss, 5) == expected - 3
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "label", "negative label", "target"])
+def test_batches_ready_for_the_ops_are_still_checked(backend, dtype, bad, rng):
+    """X already in the model's dtype and layout, int64 labels or targets in its dtype: the public step
+    takes them as they are, yet still refuses invalid values with the full message, changing nothing."""
+    loss = "binary_cross_entropy" if bad == "target" else "cross_entropy"
+    model = fb.MLP([6, 5, 3], dtype=dtype, backend=backend)
+    trainer = fb.Trainer(model, loss=loss)
+    X = rng.standard_normal((8, 6)).astype(dtype)
+    y = rng.integers(0, 2, (8, 3)).astype(dtype) if loss == "binary_cross_entropy" else rng.integers(0, 3, 8)
+    trainer.step(X, y)  # a valid batch passes
+    before = model.get_weights()
+    match = {"nan": r"X contains NaN or infinite values: 1 of them, the first \(nan\) at row 2, column 4",
+             "inf": r"X contains NaN or infinite values: 1 of them, the first \(inf\) at row 2, column 4",
+             "label": r"labels must lie in \[0, 3\)", "negative label": r"labels must lie in \[0, 3\)",
+             "target": r"must lie in \[0, 1\]"}[bad]
+    if bad in ("nan", "inf"):
+        X[2, 4] = np.nan if bad == "nan" else np.inf
+    elif bad == "target":
+        y[3, 1] = 2.0
+    else:
+        y[5] = 3 if bad == "label" else -1
+    with pytest.raises(ValueError, match=match):
+        trainer.step(X, y)
+    for a, b in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(a, b)

@@ -473,15 +473,24 @@ class Backend:
         already, trip it as [2, step, count, kind] when the count is not 0. No host read."""
         xp = self.xp
         kind = target_kind(y, loss)
-        bad = xp.count_nonzero(~xp.isfinite(X))
-        if kind == 0:
-            bad = bad + xp.count_nonzero((y < 0) | (y >= n_out))
-        elif kind == 1:
-            bad = bad + xp.count_nonzero(~xp.isfinite(y))
-        else:
-            bad = bad + xp.count_nonzero(~((y >= 0) & (y <= 1)))
+        bad = self._invalid(X, y, kind, n_out)
         record = xp.stack([xp.asarray(v, dtype=np.float64) for v in (2.0, step, bad, kind)])
         xp.copyto(guard, record, where=(guard[0] == 0) & (bad > 0))
+
+    def count_invalid(self, X: Any, y: Any, loss: str, n_out: int) -> int:
+        """How many values of a prepared batch are invalid (see ``check_batch``), read at once: the check
+        of the public step on CPU backends, where a read costs nothing."""
+        return int(self._invalid(X, y, target_kind(y, loss), n_out))
+
+    def _invalid(self, X: Any, y: Any, kind: int, n_out: int) -> Any:
+        """The count of ``check_batch`` as a 0-d array of this backend."""
+        xp = self.xp
+        bad = xp.count_nonzero(~xp.isfinite(X))
+        if kind == 0:
+            return bad + xp.count_nonzero((y < 0) | (y >= n_out))
+        if kind == 1:
+            return bad + xp.count_nonzero(~xp.isfinite(y))
+        return bad + xp.count_nonzero(~((y >= 0) & (y <= 1)))
 
     # ------------------------------------------------------------------ the deferred non-finite check
     #: Whether the Trainer checks each step's loss and gradient for non-finite values on the backend,

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from . import BackendUnavailable
-from .base import Backend
+from .base import Backend, target_kind
 
 #: Train through the whole-step kernel wherever it applies (relu-like activations; SGD, Adam, AdamW,
 #: RMSProp). Measured on the development machine (benchmarks/numba_whole_step.py, SGD, float32), three
@@ -129,6 +129,12 @@ class NumbaBackend(Backend):
         b = buf.reshape(-1) if buf is not None else self._empty_1d[p.dtype.type]
         self.k.rmsprop(p.reshape(-1), g.reshape(-1), sq.reshape(-1), b, lr, alpha, eps, momentum, weight_decay)
 
+    def count_invalid(self, X, y, loss, n_out):
+        kind = target_kind(y, loss)
+        if kind == 0:
+            return int(self.k.count_invalid(X, y, self._empty_2d[X.dtype.type], 0, n_out))
+        return int(self.k.count_invalid(X, self._empty_labels, y, kind, n_out))
+
     # ------------------------------------------------------------------ the whole step
     def train_step(self, model, X, y, loss, optimizer, clip=0.0, stats_out=None):
         """Forward, backward and update in one compiled call, for small relu-like networks."""
@@ -180,6 +186,7 @@ class NumbaBackend(Backend):
                                 ("binary_cross_entropy", rng.integers(0, 2, (5, 2)).astype(float))):
                     model.loss_and_grads(X, y, loss)  # the ops one by one
                 Xd, yd = model.prepare_batch(X, rng.integers(0, 2, 5), "cross_entropy")
+                Xd, yd = model.prepare_batch(Xd, yd, "cross_entropy")  # prepared arrays: count_invalid
                 onehot = np.eye(2, dtype=dtype)[rng.integers(0, 2, 5)]
                 for opt in (fb.optim.SGD(0.1, momentum=0.9), fb.optim.Adam(), fb.optim.RMSProp(momentum=0.5)):
                     trainer = fb.Trainer(model, optimizer=opt)
