@@ -168,11 +168,19 @@ def fastbp_candidates(backend: Any, sizes: list[int], batch: int, dtype: str,
             backend.synchronize()
             info[f"device_mem_bytes_{opt_name}"] = backend.memory_in_use()
 
-        def step(trainer=trainer, Xd=Xd, yd=yd):
-            trainer._step(Xd, yd)
+        Xb, yb = backend.asarray(X, dtype), backend.asarray(y)  # the batch as the backend holds it
+
+        def step(trainer=trainer, Xb=Xb, yb=yb):
+            trainer.step(Xb, yb)  # the public step, as users call it: checks and the loss read included
             sync()
 
         cands.append(Candidate(f"step_{opt_name}", backend.name, step, step_flops(sizes, batch), "step"))
+        if opt_name == "sgd":
+            def internal(trainer=trainer, Xd=Xd, yd=yd):
+                trainer._step(Xd, yd)  # the step alone, on prepared arrays
+                sync()
+
+            cands.append(Candidate("internal:step_sgd", backend.name, internal, step_flops(sizes, batch), "step"))
     model = fb.MLP(sizes, activation="relu", dtype=dtype, seed=0, backend=backend)
     Xd, yd = model.prepare_batch(X, y, "cross_entropy")
 
@@ -242,33 +250,61 @@ def gemm_operands(g: dict[str, Any], make: Callable[[tuple[int, int]], Any]) -> 
     return make((m, k)), make((k, n))
 
 
-def floor_candidates(backend: Any, sizes: list[int], batch: int, dtype: str) -> list[Candidate]:
-    """The GEMM floors (step, forward, backward) on the backend's own matmul, same operand layouts."""
-    rng = np.random.default_rng(1)
-    arrays = []
-    for g in gemm_list(sizes, batch):
-        a, b = gemm_operands(g, lambda shape: backend.asarray(rng.standard_normal(shape), dtype))
-        out = backend.empty((g["m"], g["n"]), dtype)
-        arrays.append((g, a, b, out))
-    matmul = backend.matmul
-    sync = backend.synchronize
+def floor_candidates(backends: list[Any], sizes: list[int], batch: int, dtype: str) -> list[Candidate]:
+    """The GEMM floors (step, forward, backward): the step's products with its operand layouts, one call
+    each. On the CPU, one set per BLAS library in the process, whichever backend uses it: NumPy's OpenBLAS
+    (``np.matmul``), SciPy's (through the numba backend's matmul kernel, as its step calls it) and PyTorch's
+    (``torch.mm``), backend 'blas:<library>'; ``add_ratios`` compares CPU times with the fastest. A GPU
+    backend has its own floor (its matmul), under its own name."""
+    libraries: list[tuple[str, str, Any, Callable[..., None], Callable[[], None]]] = []
+    for bk in backends:
+        if bk.name == "cupy":
+            libraries.append(("cupy", "cupy", bk.asarray, bk.matmul, bk.synchronize))
+    if any(bk.name != "cupy" for bk in backends):
+        libraries.append(("blas:numpy", "numpy", np.asarray, lambda a, b, out: np.matmul(a, b, out=out), _nothing))
+        numba_bk = next((bk for bk in backends if bk.name == "numba"), None)
+        if numba_bk is not None:
+            from .backends._numba_blas import ROUTE_NUMBA
 
-    def make(roles: tuple[str, ...]) -> Callable[[], None]:
-        chosen = [(a, b, out) for g, a, b, out in arrays if g["role"] in roles]
+            def scipy_matmul(a: Any, b: Any, out: Any, k: Any = numba_bk.k) -> None:
+                k.matmul(a, b, out, ROUTE_NUMBA)  # Numba's np.dot, as a compiled kernel calls it
 
-        def run():
-            for a, b, out in chosen:
-                matmul(a, b, out=out)
-            sync()
+            libraries.append(("blas:scipy", "scipy", np.asarray, scipy_matmul, _nothing))
+        if _torch_available():
+            import torch
 
-        return run
+            libraries.append(("blas:torch", "torch", torch.from_numpy,
+                              lambda a, b, out: torch.mm(a, b, out=out), _nothing))
+    cands = []
+    for name, family, wrap, matmul, sync in libraries:
+        rng = np.random.default_rng(1)
+        arrays = []
+        for g in gemm_list(sizes, batch):
+            a, b = gemm_operands(g, lambda shape, rng=rng: rng.standard_normal(shape).astype(dtype))
+            arrays.append((g, wrap(a), wrap(b), wrap(np.empty((g["m"], g["n"]), dtype))))
 
-    name = backend.name
-    return [
-        Candidate("floor:step", name, make(("forward", "weight_grad", "input_grad")), step_flops(sizes, batch)),
-        Candidate("floor:forward", name, make(("forward",)), forward_flops(sizes, batch)),
-        Candidate("floor:backward", name, make(("weight_grad", "input_grad")), backward_flops(sizes, batch)),
-    ]
+        def make(roles: tuple[str, ...], arrays=arrays, matmul=matmul, sync=sync) -> Callable[[], None]:
+            chosen = [(a, b, out) for g, a, b, out in arrays if g["role"] in roles]
+
+            def run():
+                for a, b, out in chosen:
+                    matmul(a, b, out=out)
+                sync()
+
+            return run
+
+        cands += [
+            Candidate("floor:step", name, make(("forward", "weight_grad", "input_grad")), step_flops(sizes, batch),
+                      family=family),
+            Candidate("floor:forward", name, make(("forward",)), forward_flops(sizes, batch), family=family),
+            Candidate("floor:backward", name, make(("weight_grad", "input_grad")), backward_flops(sizes, batch),
+                      family=family),
+        ]
+    return cands
+
+
+def _nothing() -> None:
+    pass
 
 
 def naive_numpy_step(weights: list[list[np.ndarray]], X: np.ndarray, y: np.ndarray, lr: float) -> None:
@@ -361,8 +397,9 @@ def run_config(config: str, sizes: list[int], batch: int, backends: list[Any], d
         extra: dict[str, dict[str, Any]] = {}
         for bk in backends:
             cands, info = fastbp_candidates(bk, sizes, batch, dtype, ops=ops)
-            groups.append((bk.name, floor_candidates(bk, sizes, batch, dtype) + cands))
+            groups.append((bk.name, cands))
             extra[bk.name] = info
+        groups.append(("floors", floor_candidates(backends, sizes, batch, dtype)))
         peer_cands: list[Candidate] = []
         on_cpu = any(bk.name != "cupy" for bk in backends)
         on_gpu = any(bk.name == "cupy" for bk in backends)
@@ -385,18 +422,32 @@ def run_config(config: str, sizes: list[int], batch: int, backends: list[Any], d
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Add, for one config and dtype: ratio_to_floor (this time over the same backend's floor),
-    speedup_vs_naive and speedup_vs_torch (the peer's time over this time).
+    """Add, for one config and dtype: ratio_to_floor (this time over its floor: on the CPU the fastest
+    BLAS library's, named in floor_library, with the ratio to every library's in ratio_to_floors; on a
+    GPU its backend's own), speedup_vs_naive and speedup_vs_torch (the peer's time over this time).
 
     Each ratio is the median of the per-round ratios where both rows carry their interleaved samples
     (a round times every candidate once, so a slow moment of the machine hits both sides of a ratio
     alike), else the ratio of the medians. ratio_to_floor_iqr is the 25th-75th percentile of the
     per-round ratios to the floor: how far the ratio moved during the run."""
     by_key = {(r["backend"], r["name"]): r for r in rows}
+    cpu_floors: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        floor = by_key.get((r["backend"], f"floor:{r['floor']}")) if r.get("floor") else None
+        if r["backend"].startswith("blas:"):
+            cpu_floors.setdefault(r["name"], []).append(r)
+    for r in rows:
+        floor, others = None, []
+        if r.get("floor"):
+            name = f"floor:{r['floor']}"
+            if r["backend"] == "cupy" or r["backend"].startswith("torch-cuda"):
+                floor = by_key.get((r["backend"], name))
+            elif cpu_floors.get(name):
+                others = cpu_floors[name]
+                floor = min(others, key=lambda f: f["median_s"])
         r["ratio_to_floor"] = _ratio(r, floor) if floor else None
         r["ratio_to_floor_iqr"] = _paired_quartiles(r, floor) if floor else None
+        r["floor_library"] = floor["backend"] if floor else None
+        r["ratio_to_floors"] = {f["backend"]: _ratio(r, f) for f in others} or None
         naive = by_key.get(("numpy-naive", "step_sgd"))
         r["speedup_vs_naive"] = (_ratio(naive, r)
                                  if naive and r["name"] == "step_sgd" and r["backend"] != "numpy-naive" else None)
@@ -457,8 +508,29 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{fmt(r['speedup_vs_torch'], '8.2f')}")
     import importlib.util
 
-    notes = table_notes(rows, importlib.util.find_spec("torch") is not None)
+    notes = floor_notes(rows) + table_notes(rows, importlib.util.find_spec("torch") is not None)
     return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def floor_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Per config and dtype, the CPU floors of each BLAS library: which one is the 'x floor' column's base
+    (the fastest), and the public SGD step's ratio to each."""
+    notes = []
+    for key in dict.fromkeys((r["config"], r["dtype"]) for r in rows):
+        floors = [r for r in rows if (r["config"], r["dtype"]) == key and r["backend"].startswith("blas:")
+                  and r["name"] == "floor:step"]
+        if not floors:
+            continue
+        fastest = min(floors, key=lambda f: f["median_s"])
+        text = ", ".join(f"{f['backend'][5:]} {f['median_s'] * 1e3:.3f}" for f in floors)
+        notes.append(f"{key[0]} {key[1]}: CPU GEMM floors of the step (median ms): {text}; "
+                     f"x floor is against the fastest, {fastest['backend'][5:]}")
+        for r in rows:
+            if (r["config"], r["dtype"]) == key and r["name"] == "step_sgd" and r.get("ratio_to_floors") \
+                    and not r["backend"].startswith(("torch", "numpy-naive")):
+                each = ", ".join(f"{lib[5:]} {v:.3f}" for lib, v in r["ratio_to_floors"].items())
+                notes.append(f"  {r['backend']} step_sgd x each floor: {each}")
+    return notes
 
 
 def table_notes(rows: list[dict[str, Any]], torch_installed: bool) -> list[str]:

@@ -175,3 +175,38 @@ def test_the_kernel_cache_never_goes_into_the_install(tmp_path, read_only):
     assert last < first  # it trained
     assert not list(site.rglob("__pycache__")), "something was written into the install"
     assert any("_numba_kernels" in p.name for p in (home / ".cache" / "fastbp" / "numba").rglob("*.nbi"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("layout", ["plain", "a_transposed", "b_transposed", "strided", "one_row", "one_column"])
+def test_gemm_routes_agree_with_numpy(dtype, layout):
+    """_numba_blas.gemm through NumPy's BLAS (where found) and through Numba's np.dot gives NumPy's matmul
+    for every operand layout the kernels use, falling back to np.dot for the others."""
+    from fastbp.backends import _numba_blas as blas
+
+    rng = np.random.default_rng(0)
+    m, k, n = {"one_row": (1, 9, 7), "one_column": (6, 9, 1)}.get(layout, (6, 9, 7))
+    A = rng.standard_normal((k, m)).astype(dtype).T if layout == "a_transposed" else \
+        rng.standard_normal((m, k)).astype(dtype)
+    B = rng.standard_normal((n, k)).astype(dtype).T if layout == "b_transposed" else \
+        rng.standard_normal((k, n)).astype(dtype)
+    if layout == "strided":
+        A = rng.standard_normal((2 * m, 2 * k)).astype(dtype)[::2, ::2]
+    expected = A.astype(np.float64) @ B.astype(np.float64)
+    for route in (blas.ROUTE_NUMPY if blas.ROUTE == blas.ROUTE_NUMPY else blas.ROUTE_NUMBA, blas.ROUTE_NUMBA):
+        C = np.full((m, n), np.nan, dtype)
+        blas.gemm(A, B, C, route)
+        assert_close(C, expected, dtype, rtol=1e-5 if dtype == "float32" else 1e-12)
+    if blas.ROUTE == blas.ROUTE_NUMPY and layout in ("plain", "a_transposed", "b_transposed"):
+        C = np.empty((m, n), dtype)
+        blas.gemm(A, B, C, blas.ROUTE_NUMPY)
+        np.testing.assert_array_equal(C, np.matmul(A, B))  # the same library and routine: the same bits
+
+
+def test_numba_reports_its_gemm_library():
+    from fastbp.backends import _numba_blas as blas
+
+    bk = fb.backends.resolve_backend("numba")
+    assert bk.blas_route == blas.ROUTE and bk.blas == blas.DESCRIPTION
+    if blas._numpy_openblas() is not None and os.environ.get("FASTBP_NUMBA_BLAS") != "scipy":
+        assert blas.ROUTE == blas.ROUTE_NUMPY, blas.DESCRIPTION  # NumPy >= 2's wheels bundle it

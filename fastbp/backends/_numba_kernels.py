@@ -1,6 +1,6 @@
 """Numba kernels of the numba backend: each op is one compiled call that runs its GEMMs through BLAS
-(``np.dot`` with ``out``, which Numba routes to SciPy's OpenBLAS) and does everything else in one fused
-pass over the GEMM output.
+(``_numba_blas.gemm``: NumPy's OpenBLAS where found, else Numba's ``np.dot`` on SciPy's; the ``route``
+argument says which) and does everything else in one fused pass over the GEMM output.
 
 The passes run on the calling thread. BLAS's own threads are then the only pool that works, so the
 two never oversubscribe the cores, and every result is the same bit for bit from run to run.
@@ -25,6 +25,11 @@ from ..activations import CODES
 from ._numba_cache import install
 
 install()  # the disk cache goes to fastbp's cache folder, never into site-packages
+
+from . import _numba_blas  # noqa: E402  (after install: its kernels are cached too)
+from ._numba_blas import gemm  # noqa: E402
+
+_numba_blas.install()  # the names the GEMMs call NumPy's BLAS by (see _numba_blas)
 
 # error_model="numpy": no zero-division checks, so loops vectorize.
 njit = functools.partial(_njit, cache=True, error_model="numpy")
@@ -115,29 +120,29 @@ def count_invalid(X, labels, Y, kind, n_out):
 
 # ----------------------------------------------------------------------------------- layer ops
 @njit
-def matmul(A, B, out):
-    np.dot(A, B, out)
+def matmul(A, B, out, route):
+    gemm(A, B, out, route)
 
 
 @njit
-def dense_forward(X, W, b, code, Z):
+def dense_forward(X, W, b, code, Z, route):
     """A = g(X W + b) into Z: the GEMM (BLAS), then bias and activation in one pass."""
-    np.dot(X, W, Z)
+    gemm(X, W, Z, route)
     bias_act(Z, b, code)
 
 
 @njit
-def dense_grads(delta, A_prev, dW, db):
-    np.dot(A_prev.T, delta, dW)  # eq. (3)
+def dense_grads(delta, A_prev, dW, db, route):
+    gemm(A_prev.T, delta, dW, route)  # eq. (3)
     dact_colsum(delta, delta, IDENTITY, db)  # eq. (4): the column sums alone
 
 
 @njit
-def backprop_dense(delta_next, W_next, A, A_prev, code, delta, dW, db):
+def backprop_dense(delta_next, W_next, A, A_prev, code, delta, dW, db, route):
     """Eqs. (2), (3), (4): two GEMMs and one fused pass between them."""
-    np.dot(delta_next, W_next.T, delta)  # eq. (2), the product
+    gemm(delta_next, W_next.T, delta, route)  # eq. (2), the product
     dact_colsum(delta, A, code, db)  # eq. (2) * g'(z), and eq. (4)
-    np.dot(A_prev.T, delta, dW)  # eq. (3)
+    gemm(A_prev.T, delta, dW, route)  # eq. (3)
 
 
 # ----------------------------------------------------------------------------------- losses, eq. (1)
@@ -281,13 +286,14 @@ def rmsprop(p, g, sq, buf, lr, alpha, eps, momentum, wd):
 
 # ----------------------------------------------------------------------------------- the whole step
 @njit
-def train_step(X, y_labels, Y, loss, flat, grad, layout, codes, ws, opt, hyper, s1, s2, step, first, clip):
+def train_step(X, y_labels, Y, loss, flat, grad, layout, codes, ws, opt, hyper, s1, s2, step, first, clip, route):
     """Forward, backward and the optimizer update of one step, in one call (codes in FUSED).
 
     layout[l] = (offset of W_l in flat, offset of b_l, n_in, n_out). ws: one flat scratch vector holding,
     per layer, A (written over Z) then delta, each (B, n_out).
     opt: 0 SGD, 1 Adam (decoupled weight decay when hyper[5] != 0), 2 RMSProp; hyper: its hyperparameters.
     clip > 0 rescales the gradient to that global norm when it is larger (as torch's clip_grad_norm_).
+    route: the GEMMs' BLAS (``_numba_blas``).
     Returns (mean loss, sum of squared gradients, whether the update ran): a non-finite loss or gradient
     leaves the parameters and the optimizer state untouched. The output is left in the top layer's A.
     """
@@ -305,7 +311,7 @@ def train_step(X, y_labels, Y, loss, flat, grad, layout, codes, ws, opt, hyper, 
     for l in range(L):
         w0, b0, n_in, n_out = layout[l, 0], layout[l, 1], layout[l, 2], layout[l, 3]
         A = ws[a_at[l]:a_at[l] + B * n_out].reshape((B, n_out))
-        np.dot(A_prev, flat[w0:w0 + n_in * n_out].reshape((n_in, n_out)), A)
+        gemm(A_prev, flat[w0:w0 + n_in * n_out].reshape((n_in, n_out)), A, route)
         bias_act(A, flat[b0:b0 + n_out], codes[l])
         A_prev = A
     # ---- eq. (1)
@@ -318,10 +324,10 @@ def train_step(X, y_labels, Y, loss, flat, grad, layout, codes, ws, opt, hyper, 
     for l in range(L - 1, -1, -1):
         w0, n_in, n_out = layout[l, 0], layout[l, 2], layout[l, 3]
         A_in = ws[a_at[l - 1]:a_at[l - 1] + B * n_in].reshape((B, n_in)) if l > 0 else X
-        np.dot(A_in.T, delta, grad[w0:w0 + n_in * n_out].reshape((n_in, n_out)))  # eq. (3)
+        gemm(A_in.T, delta, grad[w0:w0 + n_in * n_out].reshape((n_in, n_out)), route)  # eq. (3)
         if l > 0:
             below = ws[d_at[l - 1]:d_at[l - 1] + B * n_in].reshape((B, n_in))
-            np.dot(delta, flat[w0:w0 + n_in * n_out].reshape((n_in, n_out)).T, below)  # eq. (2)
+            gemm(delta, flat[w0:w0 + n_in * n_out].reshape((n_in, n_out)).T, below, route)  # eq. (2)
             b0 = layout[l - 1, 1]
             dact_colsum(below, A_in, codes[l - 1], grad[b0:b0 + n_in])  # eq. (2) * g', eq. (4)
             delta = below

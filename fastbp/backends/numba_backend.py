@@ -45,6 +45,11 @@ class NumbaBackend(Backend):
         from . import _numba_kernels as k
 
         self.k: Any = k
+        from . import _numba_blas
+
+        #: The GEMMs' BLAS: _numba_blas.ROUTE_NUMPY (NumPy's OpenBLAS) or ROUTE_NUMBA (np.dot, SciPy's).
+        self.blas_route = _numba_blas.ROUTE
+        self.blas = _numba_blas.DESCRIPTION
         self._empty_labels = np.zeros(0, np.int64)
         self._empty_2d = {dt: np.zeros((0, 0), dt) for dt in (np.float32, np.float64)}
         self._empty_1d = {dt: np.zeros(0, dt) for dt in (np.float32, np.float64)}
@@ -56,7 +61,7 @@ class NumbaBackend(Backend):
     def matmul(self, A: Any, B: Any, out: Any = None) -> Any:
         if out is None:
             out = np.empty((A.shape[0], B.shape[1]), dtype=np.result_type(A, B))
-        self.k.matmul(A, B, out)
+        self.k.matmul(A, B, out, self.blas_route)
         return out
 
     # ------------------------------------------------------------------ layers
@@ -65,13 +70,13 @@ class NumbaBackend(Backend):
         if code not in self.k.FUSED:
             return super().dense_forward(X, W, b, activation, A_out, Z_out, work)
         Z = Z_out if Z_out is not None else np.empty((X.shape[0], W.shape[1]), W.dtype)
-        self.k.dense_forward(X, W, b, code, Z)
+        self.k.dense_forward(X, W, b, code, Z, self.blas_route)
         return Z, Z
 
     def dense_grads(self, delta, A_prev, dW_out=None, db_out=None):
         dW = dW_out if dW_out is not None else np.empty((A_prev.shape[1], delta.shape[1]), delta.dtype)
         db = db_out if db_out is not None else np.empty(delta.shape[1], delta.dtype)
-        self.k.dense_grads(delta, A_prev, dW, db)
+        self.k.dense_grads(delta, A_prev, dW, db, self.blas_route)
         return dW, db
 
     def backprop_dense(self, delta_next, W_next, Z, A, A_prev, activation, delta_out=None, dW_out=None,
@@ -84,7 +89,7 @@ class NumbaBackend(Backend):
         delta = delta_out if delta_out is not None else np.empty((B, n), A.dtype)
         dW = dW_out if dW_out is not None else np.empty((A_prev.shape[1], n), A.dtype)
         db = db_out if db_out is not None else np.empty(n, A.dtype)
-        self.k.backprop_dense(delta_next, W_next, A, A_prev, code, delta, dW, db)
+        self.k.backprop_dense(delta_next, W_next, A, A_prev, code, delta, dW, db, self.blas_route)
         return delta, dW, db
 
     # ------------------------------------------------------------------ losses
@@ -161,7 +166,8 @@ class NumbaBackend(Backend):
             s1, s2 = slots["square_avg"][0], (slots["momentum"][0] if optimizer.momentum else empty)
         labels, Y, code = self._loss_args(X, y, loss)
         value, sumsq, updated = self.k.train_step(X, labels, Y, code, flat, grad, plan.layout, plan.codes, plan.ws,
-                                                  kind, hyper, s1, s2, state.step + 1, state.step == 0, clip)
+                                                  kind, hyper, s1, s2, state.step + 1, state.step == 0, clip,
+                                                  self.blas_route)
         if updated:
             state.step += 1
         return self._record(stats_out, value, plan.output, y, loss), plan.output, sumsq, updated

@@ -1,0 +1,115 @@
+"""The GEMM of the numba backend's kernels, through the faster of the two BLAS libraries in the process.
+
+NumPy and SciPy each bring their own OpenBLAS. Numba's ``np.dot`` calls SciPy's (through
+``scipy.linalg.cython_blas``); NumPy's copy is often a newer release, and on the development machine it ran
+the training step's products faster (``benchmarks/gemm_libraries.py``; the input-gradient product with its
+transposed operand by 5-12%). NumPy >= 2 ships it as scipy-openblas64 with prefixed ILP64 CBLAS symbols
+(``scipy_cblas_sgemm64_``): ``install`` registers their addresses with LLVM under fixed names, and the
+kernels call them as external functions, so the compiled code, cached on disk, calls NumPy's BLAS by name in
+every process.
+
+The route is a kernel argument (``ROUTE_NUMPY`` or ``ROUTE_NUMBA``, Numba's ``np.dot``), not a global, so a
+cached kernel never keeps a route from another process. Where NumPy's library or its symbols are not found
+(another BLAS, such as Accelerate or MKL, or an older NumPy), the names point at a stub that is never called
+and the backend keeps ``np.dot``. ``FASTBP_NUMBA_BLAS=scipy`` chooses ``np.dot`` (for comparisons).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+from typing import Any
+
+import numpy as np
+from numba import njit, types
+
+from ._numba_cache import install as _install_cache
+
+_install_cache()  # before the decorators below: they choose their cache folder when they run
+
+ROUTE_NUMBA, ROUTE_NUMPY = 0, 1
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+
+_i32, _i64, _ip = types.int32, types.int64, types.intp
+_SGEMM = types.ExternalFunction("fastbp_numpy_sgemm", types.void(
+    _i32, _i32, _i32, _i64, _i64, _i64, types.float32, _ip, _i64, _ip, _i64, types.float32, _ip, _i64))
+_DGEMM = types.ExternalFunction("fastbp_numpy_dgemm", types.void(
+    _i32, _i32, _i32, _i64, _i64, _i64, types.float64, _ip, _i64, _ip, _i64, types.float64, _ip, _i64))
+
+#: Where the GEMMs go: ROUTE_NUMPY when NumPy's CBLAS was found (and not declined), else ROUTE_NUMBA.
+ROUTE = ROUTE_NUMBA
+#: What ``install`` found, for ``fastbp info``: the library file and symbol, or why not.
+DESCRIPTION = "not installed"
+_keep: list[Any] = []  # ctypes objects whose addresses LLVM holds
+
+
+def _numpy_openblas() -> str | None:
+    """The path of NumPy's bundled OpenBLAS (numpy.libs next to the numpy package), or None."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(np.__file__)))
+    found = sorted(glob.glob(os.path.join(root, "numpy.libs", "*openblas*")))
+    return found[0] if found else None
+
+
+def install() -> None:
+    """Register the two GEMM symbols (once): NumPy's ILP64 cblas_[sd]gemm, or a stub."""
+    global ROUTE, DESCRIPTION
+    if _keep:
+        return
+    import llvmlite.binding as ll
+
+    functions: dict[str, Any] = {}
+    path = _numpy_openblas()
+    if path is not None:
+        try:
+            lib = ctypes.CDLL(path)
+            for letter in "sd":
+                functions[letter] = getattr(lib, f"scipy_cblas_{letter}gemm64_")
+        except (OSError, AttributeError) as exc:
+            functions, DESCRIPTION = {}, f"NumPy's OpenBLAS has no ILP64 CBLAS GEMM ({exc}): Numba's np.dot"
+    else:
+        DESCRIPTION = "NumPy bundles no OpenBLAS here: Numba's np.dot (SciPy's BLAS)"
+    if len(functions) == 2 and os.environ.get("FASTBP_NUMBA_BLAS", "").lower() != "scipy":
+        ROUTE = ROUTE_NUMPY
+        DESCRIPTION = f"NumPy's OpenBLAS ({os.path.basename(path or '')}, scipy_cblas_[sd]gemm64_)"
+    elif len(functions) == 2:
+        DESCRIPTION = "Numba's np.dot (SciPy's BLAS), chosen by FASTBP_NUMBA_BLAS=scipy"
+    for letter in "sd":
+        fn = functions.get(letter)
+        if fn is None:  # never called (ROUTE is ROUTE_NUMBA): the name must resolve all the same
+            fn = ctypes.CFUNCTYPE(None)(lambda: None)
+        _keep.append(fn)
+        ll.add_symbol(f"fastbp_numpy_{letter}gemm", ctypes.cast(fn, ctypes.c_void_p).value)
+
+
+@njit(cache=True)
+def _layout(A):
+    """(CBLAS transpose flag, leading dimension) of a 2-D array whose rows or columns are contiguous, or
+    (0, 0) for any other layout."""
+    isz = A.itemsize
+    rows, cols = A.shape
+    if (A.strides[1] == isz or cols == 1) and (A.strides[0] >= cols * isz or rows == 1):
+        return _NO_TRANS, max(A.strides[0] // isz, cols, 1)
+    if (A.strides[0] == isz or rows == 1) and (A.strides[1] >= rows * isz or cols == 1):
+        return _TRANS, max(A.strides[1] // isz, rows, 1)
+    return 0, 0
+
+
+@njit(cache=True)
+def gemm(A, B, C, route):
+    """C = A @ B for float32 or float64 2-D arrays, C C-contiguous; through NumPy's BLAS when ``route`` is
+    ROUTE_NUMPY and both operands have contiguous rows or columns (transposed views included), else
+    through Numba's np.dot."""
+    m, k = A.shape
+    n = B.shape[1]
+    ta, lda = _layout(A)
+    tb, ldb = _layout(B)
+    contiguous = C.strides[1] == C.itemsize and (C.strides[0] == n * C.itemsize or m == 1)
+    if route != ROUTE_NUMPY or ta == 0 or tb == 0 or not contiguous or m == 0 or n == 0 or k == 0:
+        np.dot(A, B, C)
+        return
+    if A.itemsize == 4:  # float32 (the arguments type alike for both, so both branches compile)
+        _SGEMM(_ROW_MAJOR, ta, tb, m, n, k, np.float32(1), A.ctypes.data, lda, B.ctypes.data, ldb,
+               np.float32(0), C.ctypes.data, n)
+    else:
+        _DGEMM(_ROW_MAJOR, ta, tb, m, n, k, 1.0, A.ctypes.data, lda, B.ctypes.data, ldb, 0.0, C.ctypes.data, n)
