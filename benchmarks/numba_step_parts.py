@@ -19,18 +19,19 @@ from numba import njit
 
 import fastbp as fb
 from fastbp.backends import _numba_kernels as k
+from fastbp.backends._numba_blas import gemm
 from fastbp.backends.numba_backend import _whole_step_plan
 from fastbp.bench import CONFIGS, floor_candidates
 
 
 @njit
-def _steps(n, X, labels, Y, flat, grad, layout, codes, ws, hyper, empty):
+def _steps(n, X, labels, Y, flat, grad, layout, codes, ws, hyper, empty, route):
     for _ in range(n):
-        k.train_step(X, labels, Y, 0, flat, grad, layout, codes, ws, 0, hyper, empty, empty, 1, True, 0.0)
+        k.train_step(X, labels, Y, 0, flat, grad, layout, codes, ws, 0, hyper, empty, empty, 1, True, 0.0, route)
 
 
 @njit
-def _gemms(n, X, flat, grad, layout, ws):
+def _gemms(n, X, flat, grad, layout, ws, route):
     """The kernel's GEMMs on its buffers and in its order (forward; then per layer, top down, eq. (3) and
     eq. (2)), and nothing else."""
     B, L = X.shape[0], layout.shape[0]
@@ -44,17 +45,17 @@ def _gemms(n, X, flat, grad, layout, ws):
         for l in range(L):
             w0, n_in, n_out = layout[l, 0], layout[l, 2], layout[l, 3]
             A = ws[a_at[l]:a_at[l] + B * n_out].reshape((B, n_out))
-            np.dot(A_prev, flat[w0:w0 + n_in * n_out].reshape((n_in, n_out)), A)
+            gemm(A_prev, flat[w0:w0 + n_in * n_out].reshape((n_in, n_out)), A, route)
             A_prev = A
         n_top = layout[L - 1, 3]
         delta = ws[d_at[L - 1]:d_at[L - 1] + B * n_top].reshape((B, n_top))
         for l in range(L - 1, -1, -1):
             w0, n_in, n_out = layout[l, 0], layout[l, 2], layout[l, 3]
             A_in = ws[a_at[l - 1]:a_at[l - 1] + B * n_in].reshape((B, n_in)) if l > 0 else X
-            np.dot(A_in.T, delta, grad[w0:w0 + n_in * n_out].reshape((n_in, n_out)))
+            gemm(A_in.T, delta, grad[w0:w0 + n_in * n_out].reshape((n_in, n_out)), route)
             if l > 0:
                 below = ws[d_at[l - 1]:d_at[l - 1] + B * n_in].reshape((B, n_in))
-                np.dot(delta, flat[w0:w0 + n_in * n_out].reshape((n_in, n_out)).T, below)
+                gemm(delta, flat[w0:w0 + n_in * n_out].reshape((n_in, n_out)).T, below, route)
                 delta = below
 
 
@@ -112,7 +113,9 @@ def main() -> None:
     A = np.maximum(Z, 0)
     logits, D = rng.standard_normal((batch, n_out)).astype(np.float32), np.empty((batch, n_out), np.float32)
     p = flat.copy()
-    floor = floor_candidates(backend, sizes, batch, "float32")[0].fn  # fastbp bench's floor:step
+    route = backend.blas_route  # the kernels' BLAS, and the floor's library to match
+    floors = {c.backend: c.fn for c in floor_candidates([backend], sizes, batch, "float32") if c.name == "floor:step"}
+    floor = floors["blas:numpy" if route == 1 else "blas:scipy"]  # fastbp bench's floor:step
 
     def floor_step(n):
         for _ in range(n):
@@ -120,8 +123,8 @@ def main() -> None:
 
     parts = {
         "whole step (compiled loop)": lambda n: _steps(n, X, labels, Y, flat, grad, plan.layout, plan.codes,
-                                                       plan.ws, hyper, empty),
-        "its GEMMs alone (compiled loop)": lambda n: _gemms(n, X, flat, grad, plan.layout, plan.ws),
+                                                       plan.ws, hyper, empty, route),
+        "its GEMMs alone (compiled loop)": lambda n: _gemms(n, X, flat, grad, plan.layout, plan.ws, route),
         "GEMM floor (from Python)": floor_step,
         f"bias_act ({batch}x{hidden})": lambda n: _bias_act(n, Z, b),
         f"dact_colsum ({batch}x{hidden})": lambda n: _dact_colsum(n, Z.copy(), A, db),

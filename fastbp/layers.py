@@ -13,7 +13,7 @@ from ._checks import check_choice, check_feature_shape, check_features, check_po
 from .activations import ACTIVATIONS
 from .backends import Backend, resolve_backend
 from .backends.base import invalid_batch_message
-from .dtypes import accumulator_dtype, resolve_dtype
+from .dtypes import resolve_dtype
 from .init import INITIALIZERS, initialize
 from .losses import check_loss, check_sample_weight, is_identity, prepare_targets, target_shape
 
@@ -60,8 +60,6 @@ class _Workspace:
         self.delta: list[Any] = []
         self.work: list[Any] = []
         self.work2: list[Any] = []
-        # [loss, correct count] of the last step (see Backend.output_delta), when the caller keeps none
-        self.stats = backend.empty((2,), accumulator_dtype(dtype))
         for layer in layers:
             shape = (batch, layer.n_out)
             self.Z.append(backend.empty(shape, dtype))
@@ -389,7 +387,7 @@ class MLP:
 
         Returns the loss as a 0-d backend array, the model's gradient buffers and the network's output
         (both overwritten by the next call). ``stats_out``: receives [loss, correct count], see
-        ``Backend.output_delta`` (default: the workspace's own); ``weights``: per-row weights, or None.
+        ``Backend.output_delta`` (None: not counted); ``weights``: per-row weights, or None.
         """
         trace = self._forward_train(X)
         value, delta = self._output_delta(trace, y, loss, stats_out, weights)
@@ -411,9 +409,8 @@ class MLP:
     def _output_delta(self, trace: _Trace, y: Any, loss: str, stats_out: Any = None,
                       weights: Any = None) -> tuple[Any, Any]:
         top = len(self.layers) - 1
-        stats = stats_out if stats_out is not None else trace.ws.stats
         # eq. (1)
-        return self.backend.output_delta(trace.a[-1], y, loss, delta_out=trace.ws.delta[top], stats_out=stats,
+        return self.backend.output_delta(trace.a[-1], y, loss, delta_out=trace.ws.delta[top], stats_out=stats_out,
                                          weights=weights)
 
     def _backward(self, trace: _Trace, delta: Any) -> list[Any]:

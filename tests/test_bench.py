@@ -37,35 +37,48 @@ def _row(backend, name, median, floor=None):
 
 def test_ratio_arithmetic():
     rows = bench.add_ratios([
-        _row("numpy", "floor:step", 0.010), _row("numpy", "floor:forward", 0.004),
+        _row("blas:numpy", "floor:step", 0.010), _row("blas:numpy", "floor:forward", 0.004),
+        _row("blas:scipy", "floor:step", 0.0125), _row("blas:scipy", "floor:forward", 0.0032),
         _row("numpy", "step_sgd", 0.011, "step"), _row("numpy", "forward", 0.005, "forward"),
         _row("numpy-naive", "step_sgd", 0.0132, "step"), _row("torch-cpu", "step_sgd", 0.022, "step"),
         _row("torch-cpu", "forward", 0.006, "forward"),
+        _row("cupy", "floor:step", 0.001), _row("cupy", "step_sgd", 0.0015, "step"),
     ])
     r = {(x["backend"], x["name"]): x for x in rows}
+    # a CPU time is compared with the fastest library's floor of its kind, and with every library's beside it
     assert r[("numpy", "step_sgd")]["ratio_to_floor"] == pytest.approx(1.1)
-    assert r[("numpy", "forward")]["ratio_to_floor"] == pytest.approx(1.25)
+    assert r[("numpy", "step_sgd")]["floor_library"] == "blas:numpy"
+    assert r[("numpy", "step_sgd")]["ratio_to_floors"] == pytest.approx({"blas:numpy": 1.1, "blas:scipy": 0.88})
+    assert r[("numpy", "forward")]["ratio_to_floor"] == pytest.approx(0.005 / 0.0032)
+    assert r[("numpy", "forward")]["floor_library"] == "blas:scipy"
     assert r[("numpy", "step_sgd")]["speedup_vs_naive"] == pytest.approx(1.2)
     assert r[("numpy", "step_sgd")]["speedup_vs_torch"] == pytest.approx(2.0)
     assert r[("numpy", "forward")]["speedup_vs_torch"] == pytest.approx(1.2)
-    assert r[("numpy", "floor:step")]["ratio_to_floor"] is None
-    # peers have no floor of their own library: no ratio is invented for them
-    assert r[("torch-cpu", "step_sgd")]["ratio_to_floor"] is None
+    assert r[("blas:numpy", "floor:step")]["ratio_to_floor"] is None
+    # the peers are held to the same floor
+    assert r[("torch-cpu", "step_sgd")]["ratio_to_floor"] == pytest.approx(2.2)
     assert r[("numpy-naive", "step_sgd")]["speedup_vs_naive"] is None
+    # a GPU backend has its own floor, never a CPU library's
+    assert r[("cupy", "step_sgd")]["ratio_to_floor"] == pytest.approx(1.5)
+    assert r[("cupy", "step_sgd")]["ratio_to_floors"] is None
+    notes = bench.floor_notes([dict(x, config="small", dtype="float32") for x in rows])
+    assert notes[0] == ("small float32: CPU GEMM floors of the step (median ms): numpy 10.000, scipy 12.500; "
+                        "x floor is against the fastest, numpy")
+    assert notes[1] == "  numpy step_sgd x each floor: numpy 1.100, scipy 0.880"
 
 
 def test_ratios_pair_samples_of_the_same_round():
     # the machine slows down 2x in the second half: per-repetition ratios stay 1.2, medians would mislead
     floor = [0.010] * 4 + [0.020] * 4
     step = [0.012] * 4 + [0.024] * 4
-    rows = bench.add_ratios([dict(_row("numba", "floor:step", 0.015), samples_s=floor),
+    rows = bench.add_ratios([dict(_row("blas:scipy", "floor:step", 0.015), samples_s=floor),
                              dict(_row("numba", "step_sgd", 0.018, "step"), samples_s=step)])
     r = {x["name"]: x for x in rows}
     assert r["step_sgd"]["ratio_to_floor_iqr"] == pytest.approx([1.2, 1.2])
     assert r["step_sgd"]["ratio_to_floor"] == pytest.approx(1.2)  # the ratio of medians would say 0.018/0.015
     assert r["floor:step"]["ratio_to_floor_iqr"] is None
     # different repetition counts cannot be paired
-    rows = bench.add_ratios([dict(_row("numba", "floor:step", 0.015), samples_s=floor[:5]),
+    rows = bench.add_ratios([dict(_row("blas:scipy", "floor:step", 0.015), samples_s=floor[:5]),
                              dict(_row("numba", "step_sgd", 0.018, "step"), samples_s=step)])
     unpaired = {x["name"]: x for x in rows}["step_sgd"]
     assert unpaired["ratio_to_floor_iqr"] is None
@@ -109,14 +122,20 @@ def test_bench_cli_writes_the_json_schema(tmp_path, capsys):
     for bk in data["argv"]["backend"] or env["backends"]:
         if env["backends"].get(bk) != "available":
             continue
-        for name in ("floor:step", "floor:forward", "floor:backward", "step_sgd", "step_adam", "forward",
-                     "op:dense_forward", "op:output_delta", "op:backprop_dense", "op:update_sgd", "op:update_adam"):
+        for name in ("step_sgd", "internal:step_sgd", "step_adam", "forward", "op:dense_forward",
+                     "op:output_delta", "op:backprop_dense", "op:update_sgd", "op:update_adam"):
             assert (bk, name) in names
+    libraries = ["numpy"] + (["scipy"] if env["backends"].get("numba") == "available" else [])
+    for library in libraries + (["torch"] if bench._torch_available() else []):
+        for name in ("floor:step", "floor:forward", "floor:backward"):
+            assert (f"blas:{library}", name) in names
     rows = {(r["backend"], r["name"]): r for r in data["results"]}
     step = rows[("numpy", "step_sgd")]
     assert step["flops"] == bench.step_flops([8, 16, 4], 8)
     assert step["reps"] == 2 and step["min_s"] <= step["median_s"] <= step["max_s"]
-    floor = rows[("numpy", "floor:step")]
+    floor = rows[(step["floor_library"], "floor:step")]
+    assert floor["median_s"] == min(rows[(f"blas:{lib}", "floor:step")]["median_s"] for lib in libraries
+                                    + (["torch"] if bench._torch_available() else []))
     assert len(step["samples_s"]) == len(floor["samples_s"]) == 2
     per_round = [s / f for s, f in zip(step["samples_s"], floor["samples_s"])]
     assert step["ratio_to_floor"] == pytest.approx(sum(per_round) / 2)  # the median of two rounds

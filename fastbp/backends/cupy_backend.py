@@ -263,7 +263,9 @@ class CupyBackend(Backend):
         delta = delta_out if delta_out is not None else xp.empty_like(Z_L)
         acc = self._acc_dtype(Z_L.dtype)
         if stats_out is None:
-            stats_out = xp.empty((2,), acc)
+            # the loss kernel writes [loss, correct] all the same, into a per-thread buffer: the loss returned
+            # is a view of it, valid until this thread's next output_delta
+            stats_out = self._scratch("stats", (2,), acc)
         elif stats_out.shape != (2,) or stats_out.dtype != acc:
             raise ValueError(f"stats_out must be a (2,) {np.dtype(acc)} array, got {stats_out.shape} {stats_out.dtype}")
         row_stats = self._scratch("row_stats", (2 * rows,), acc)  # the row losses, then the correct counts
