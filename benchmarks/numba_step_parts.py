@@ -78,10 +78,10 @@ def _output_delta(n, Z, labels, Y, D):
 
 
 @njit
-def _sumsq(n, g):
+def _sumsq(n, g, route):
     s = 0.0
     for _ in range(n):
-        s += k.sum_of_squares(g)
+        s += k.sum_of_squares(g, route)
     return s
 
 
@@ -129,7 +129,7 @@ def main() -> None:
         f"bias_act ({batch}x{hidden})": lambda n: _bias_act(n, Z, b),
         f"dact_colsum ({batch}x{hidden})": lambda n: _dact_colsum(n, Z.copy(), A, db),
         f"output_delta ({batch}x{n_out})": lambda n: _output_delta(n, logits, labels, Y, D),
-        f"sum_of_squares ({grad.size})": lambda n: _sumsq(n, grad),
+        f"sum_of_squares ({grad.size})": lambda n: _sumsq(n, grad, route),
         f"sgd update ({grad.size})": lambda n: _sgd(n, p, grad, empty),
     }
     inner = max(1, int(2e-2 / max(1e-6, _once(parts["whole step (compiled loop)"]))))

@@ -1,4 +1,5 @@
-"""The GEMM of the numba backend's kernels, through the faster of the two BLAS libraries in the process.
+"""The BLAS calls of the numba backend's kernels (GEMM, and the dot of the gradient's norm), through the
+faster of the two BLAS libraries in the process.
 
 NumPy and SciPy each bring their own OpenBLAS. Numba's ``np.dot`` calls SciPy's (through
 ``scipy.linalg.cython_blas``); NumPy's copy is often a newer release, and on the development machine it ran
@@ -36,6 +37,9 @@ _SGEMM = types.ExternalFunction("fastbp_numpy_sgemm", types.void(
     _i32, _i32, _i32, _i64, _i64, _i64, types.float32, _ip, _i64, _ip, _i64, types.float32, _ip, _i64))
 _DGEMM = types.ExternalFunction("fastbp_numpy_dgemm", types.void(
     _i32, _i32, _i32, _i64, _i64, _i64, types.float64, _ip, _i64, _ip, _i64, types.float64, _ip, _i64))
+_SDOT = types.ExternalFunction("fastbp_numpy_sdot", types.float32(_i64, _ip, _i64, _ip, _i64))
+_DDOT = types.ExternalFunction("fastbp_numpy_ddot", types.float64(_i64, _ip, _i64, _ip, _i64))
+_ROUTINES = ("sgemm", "dgemm", "sdot", "ddot")
 
 #: Where the GEMMs go: ROUTE_NUMPY when NumPy's CBLAS was found (and not declined), else ROUTE_NUMBA.
 ROUTE = ROUTE_NUMBA
@@ -63,23 +67,23 @@ def install() -> None:
     if path is not None:
         try:
             lib = ctypes.CDLL(path)
-            for letter in "sd":
-                functions[letter] = getattr(lib, f"scipy_cblas_{letter}gemm64_")
+            for routine in _ROUTINES:
+                functions[routine] = getattr(lib, f"scipy_cblas_{routine}64_")
         except (OSError, AttributeError) as exc:
-            functions, DESCRIPTION = {}, f"NumPy's OpenBLAS has no ILP64 CBLAS GEMM ({exc}): Numba's np.dot"
+            functions, DESCRIPTION = {}, f"NumPy's OpenBLAS has no ILP64 CBLAS ({exc}): Numba's np.dot"
     else:
         DESCRIPTION = "NumPy bundles no OpenBLAS here: Numba's np.dot (SciPy's BLAS)"
-    if len(functions) == 2 and os.environ.get("FASTBP_NUMBA_BLAS", "").lower() != "scipy":
+    if len(functions) == len(_ROUTINES) and os.environ.get("FASTBP_NUMBA_BLAS", "").lower() != "scipy":
         ROUTE = ROUTE_NUMPY
-        DESCRIPTION = f"NumPy's OpenBLAS ({os.path.basename(path or '')}, scipy_cblas_[sd]gemm64_)"
-    elif len(functions) == 2:
+        DESCRIPTION = f"NumPy's OpenBLAS ({os.path.basename(path or '')}, scipy_cblas_*64_)"
+    elif len(functions) == len(_ROUTINES):
         DESCRIPTION = "Numba's np.dot (SciPy's BLAS), chosen by FASTBP_NUMBA_BLAS=scipy"
-    for letter in "sd":
-        fn = functions.get(letter)
+    for routine in _ROUTINES:
+        fn = functions.get(routine)
         if fn is None:  # never called (ROUTE is ROUTE_NUMBA): the name must resolve all the same
             fn = ctypes.CFUNCTYPE(None)(lambda: None)
         _keep.append(fn)
-        ll.add_symbol(f"fastbp_numpy_{letter}gemm", ctypes.cast(fn, ctypes.c_void_p).value)
+        ll.add_symbol(f"fastbp_numpy_{routine}", ctypes.cast(fn, ctypes.c_void_p).value)
 
 
 @njit(cache=True)
@@ -113,3 +117,14 @@ def gemm(A, B, C, route):
                np.float32(0), C.ctypes.data, n)
     else:
         _DGEMM(_ROW_MAJOR, ta, tb, m, n, k, 1.0, A.ctypes.data, lda, B.ctypes.data, ldb, 0.0, C.ctypes.data, n)
+
+
+@njit(cache=True)
+def sumsq(x, route):
+    """sum(x^2) of a contiguous 1-D float32 or float64 vector through BLAS dot (NumPy's with ROUTE_NUMPY,
+    so that one library's thread pool serves the whole step; else Numba's np.dot), as a float64."""
+    if route != ROUTE_NUMPY or x.size == 0:
+        return np.float64(np.dot(x, x))
+    if x.itemsize == 4:
+        return np.float64(_SDOT(x.size, x.ctypes.data, 1, x.ctypes.data, 1))
+    return np.float64(_DDOT(x.size, x.ctypes.data, 1, x.ctypes.data, 1))

@@ -27,7 +27,7 @@ from ._numba_cache import install
 install()  # the disk cache goes to fastbp's cache folder, never into site-packages
 
 from . import _numba_blas  # noqa: E402  (after install: its kernels are cached too)
-from ._numba_blas import gemm  # noqa: E402
+from ._numba_blas import gemm, sumsq  # noqa: E402
 
 _numba_blas.install()  # the names the GEMMs call NumPy's BLAS by (see _numba_blas)
 
@@ -331,7 +331,7 @@ def train_step(X, y_labels, Y, loss, flat, grad, layout, codes, ws, opt, hyper, 
             b0 = layout[l - 1, 1]
             dact_colsum(below, A_in, codes[l - 1], grad[b0:b0 + n_in])  # eq. (2) * g', eq. (4)
             delta = below
-    sumsq = sum_of_squares(grad)
+    sumsq = sum_of_squares(grad, route)
     if not (math.isfinite(value) and math.isfinite(sumsq)):
         return value, sumsq, False
     if clip > 0:
@@ -347,11 +347,11 @@ def train_step(X, y_labels, Y, loss, flat, grad, layout, codes, ws, opt, hyper, 
 
 
 @njit
-def sum_of_squares(g):
-    """sum(g^2) of a flat vector, through BLAS (dot): a plain running sum is one long dependency chain
-    that cannot vectorize and costs several times more. In float32 a norm above ~1e19 overflows to inf,
-    which the divergence check then reports."""
-    return np.float64(np.dot(g, g))
+def sum_of_squares(g, route):
+    """sum(g^2) of a flat vector, through BLAS (dot, on the GEMMs' library): a plain running sum is one
+    long dependency chain that cannot vectorize and costs several times more. In float32 a norm above ~1e19
+    overflows to inf, which the divergence check then reports."""
+    return sumsq(g, route)
 
 
 @njit

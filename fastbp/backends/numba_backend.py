@@ -173,7 +173,9 @@ class NumbaBackend(Backend):
         return self._record(stats_out, value, plan.output, y, loss), plan.output, sumsq, updated
 
     def sum_of_squares(self, x, out=None):
-        return self.k.sum_of_squares(x.reshape(-1)) if x.flags.c_contiguous else super().sum_of_squares(x)
+        if not x.flags.c_contiguous:
+            return super().sum_of_squares(x)
+        return self.k.sum_of_squares(x.reshape(-1), self.blas_route)
 
     def warmup(self, dtypes: Any = ("float32", "float64"), activations: Any = None) -> float:
         """Compile (or load from the disk cache) the kernels for these dtypes and activations (default:
