@@ -256,7 +256,7 @@ def floor_candidates(backends: list[Any], sizes: list[int], batch: int, dtype: s
     (``np.matmul``), SciPy's (through the numba backend's matmul kernel, as its step calls it) and PyTorch's
     (``torch.mm``), backend 'blas:<library>'; ``add_ratios`` compares CPU times with the fastest. A GPU
     backend has its own floor (its matmul), under its own name."""
-    libraries: list[tuple[str, str, Any, Callable[..., None], Callable[[], None]]] = []
+    libraries: list[tuple[str, str, Any, Callable[..., Any], Callable[[], None]]] = []
     for bk in backends:
         if bk.name == "cupy":
             libraries.append(("cupy", "cupy", bk.asarray, bk.matmul, bk.synchronize))
@@ -278,9 +278,13 @@ def floor_candidates(backends: list[Any], sizes: list[int], batch: int, dtype: s
     cands = []
     for name, family, wrap, matmul, sync in libraries:
         rng = np.random.default_rng(1)
+
+        def draw(shape: tuple[int, int], rng: np.random.Generator = rng) -> np.ndarray:
+            return rng.standard_normal(shape).astype(dtype)
+
         arrays = []
         for g in gemm_list(sizes, batch):
-            a, b = gemm_operands(g, lambda shape, rng=rng: rng.standard_normal(shape).astype(dtype))
+            a, b = gemm_operands(g, draw)
             arrays.append((g, wrap(a), wrap(b), wrap(np.empty((g["m"], g["n"]), dtype))))
 
         def make(roles: tuple[str, ...], arrays=arrays, matmul=matmul, sync=sync) -> Callable[[], None]:
