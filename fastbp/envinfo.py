@@ -68,6 +68,16 @@ def blas_info() -> list[dict[str, Any]]:
     return [{k: info.get(k) for k in keys} for info in threadpool_info()]
 
 
+def numba_blas() -> str | None:
+    """Which BLAS the numba backend's kernels call (``fastbp.backends._numba_blas``), when it is available."""
+    if backend_status().get("numba") != "available":
+        return None
+    from .backends import _numba_kernels  # noqa: F401  (registers the route)
+    from .backends._numba_blas import DESCRIPTION
+
+    return DESCRIPTION
+
+
 def gpu_info() -> dict[str, Any] | None:
     """The first CUDA device's name, memory and driver, through CuPy; None when none is usable."""
     try:
@@ -113,6 +123,7 @@ def environment() -> dict[str, Any]:
         "packages": {name: _version(name) for name in _PACKAGES},
         "backends": backend_status(),
         "blas": blas_info(),
+        "numba_blas": numba_blas(),
         "gpu": gpu_info(),
         "torch_threads": torch_threads(),
         "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
@@ -136,6 +147,8 @@ def format_environment(env: dict[str, Any]) -> str:
                          f"threads={b['num_threads']} ({os.path.basename(str(b['filepath']))})")
     else:
         lines.append("BLAS: unknown (pip install threadpoolctl to see the library and its kernel)")
+    if env.get("numba_blas"):
+        lines.append(f"numba kernels' BLAS: {env['numba_blas']}")
     if env.get("torch_threads") is not None:
         lines.append(f"torch threads: {env['torch_threads']}")
     gpu = env["gpu"]
