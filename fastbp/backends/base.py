@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,13 @@ class Backend:
     #: offer them (the reference ops do). A backend whose fused kernels never read them says False, and
     #: nobody allocates them on it (on a GPU they would be device memory held for nothing).
     uses_scratch: bool = True
+
+    @property
+    def _local_rows(self) -> threading.local:
+        local = self.__dict__.get("_rows_local")
+        if local is None:
+            local = self.__dict__.setdefault("_rows_local", threading.local())
+        return local
 
     def __repr__(self) -> str:
         return f"<fastbp backend {self.name!r}>"
@@ -184,25 +192,25 @@ class Backend:
         xp = self.xp
         B = Z_L.shape[0]
         if loss == "cross_entropy":
-            # softmax(z) - onehot(y), stably: exp(z - max z) / sum
+            # (softmax(z) - onehot(y)) / B, stably: exp(z - max z) / sum, each row scaled once by 1 / (B sum)
             m = xp.max(Z_L, axis=1, keepdims=True)
             E = xp.subtract(Z_L, m, out=delta_out)
             xp.exp(E, out=E)
             s = xp.sum(E, axis=1, keepdims=True)
-            logsum = xp.log(s)
-            logsum += m  # log-sum-exp of each row
-            E /= s  # softmax
             if y.ndim == 1:
-                rows = xp.arange(B)
-                z_y = Z_L[rows, y]
-                value = xp.mean(logsum[:, 0] - z_y)
-                E[rows, y] -= 1
+                # c = mean over rows of lse - z_y, with lse = log(s) + m
+                rows = self._rows(B)
+                value = (xp.sum(xp.log(s)) + (xp.sum(m) - xp.sum(Z_L[rows, y]))) / B
+                E *= (1.0 / B) / s
+                E[rows, y] -= 1.0 / B
             else:
                 # soft or one-hot targets: c = sum_k y_k (lse - z_k); dc/dz = softmax * sum(y) - y
+                logsum = xp.log(s)
+                logsum += m
                 value = xp.sum(y * (logsum - Z_L)) / B
-                E *= xp.sum(y, axis=1, keepdims=True)
+                E *= xp.sum(y, axis=1, keepdims=True) / s
                 E -= y
-            E /= B
+                E /= B
             return self._record(stats_out, value, Z_L, y, loss), E
         if loss == "binary_cross_entropy":
             # c = max(z, 0) - z y + log(1 + exp(-|z|)); dc/dz = sigmoid(z) - y
@@ -224,6 +232,13 @@ class Backend:
             diff *= 2.0 / n
             return self._record(stats_out, value, Z_L, y, loss), diff
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+
+    def _rows(self, n: int) -> Any:
+        """arange(n) of this backend, kept for the last n (the cross-entropy's row index at every step)."""
+        cached = getattr(self._local_rows, "rows", None)
+        if cached is None or cached.shape[0] != n:
+            cached = self._local_rows.rows = self.xp.arange(n)
+        return cached
 
     def _weighted_output_delta(self, Z_L: Any, y: Any, loss: str, delta_out: Any, stats_out: Any,
                                weights: Any) -> tuple[Any, Any]:
@@ -485,12 +500,12 @@ class Backend:
     def _invalid(self, X: Any, y: Any, kind: int, n_out: int) -> Any:
         """The count of ``check_batch`` as a 0-d array of this backend."""
         xp = self.xp
-        bad = xp.count_nonzero(~xp.isfinite(X))
-        if kind == 0:
-            return bad + xp.count_nonzero((y < 0) | (y >= n_out))
+        bad = X.size - xp.count_nonzero(xp.isfinite(X))
+        if kind == 0:  # as unsigned, a negative label is larger than any class count
+            return bad + xp.count_nonzero(y.astype(np.uint64) >= n_out)
         if kind == 1:
-            return bad + xp.count_nonzero(~xp.isfinite(y))
-        return bad + xp.count_nonzero(~((y >= 0) & (y <= 1)))
+            return bad + (y.size - xp.count_nonzero(xp.isfinite(y)))
+        return bad + (y.size - xp.count_nonzero((y >= 0) & (y <= 1)))  # NaN compares false
 
     # ------------------------------------------------------------------ the deferred non-finite check
     #: Whether the Trainer checks each step's loss and gradient for non-finite values on the backend,
