@@ -1,12 +1,13 @@
 """The Numba backend: JIT-compiled CPU kernels that fuse everything around the GEMMs.
 
-Each op is one compiled call: its GEMMs go through BLAS (Numba's ``np.dot``, which calls SciPy's
-OpenBLAS) and the rest (bias, activation, g', the bias gradient, the loss and its delta, the optimizer
-update) happens in one pass. Training runs through a whole-step kernel: forward, backward and update in
-one call, with no Python between the ops. A single-pass backprop kernel without BLAS (delta, dW and db
-row by row; commit 810ad40) was measured too: it was slower than BLAS + the fused pass at every layer
-width from 4 up (batch 64: 2.6 vs 1.9 us at width 4, 71 vs 12.5 us at width 32; batch 256: 15.5 vs
-8.0 us at width 4), so there is no crossover to switch at, and only the BLAS path exists.
+Each op is one compiled call: its GEMMs go through BLAS (NumPy's OpenBLAS, called by name from the
+compiled code, see ``_numba_blas``; else Numba's ``np.dot`` on SciPy's) and the rest (bias, activation,
+g', the bias gradient, the loss and its delta, the optimizer update) happens in one pass. Training runs
+through a whole-step kernel: forward, backward and update in one call, with no Python between the ops. A
+single-pass backprop kernel without BLAS (delta, dW and db row by row; commit 810ad40) was measured too:
+it was slower than BLAS + the fused pass at every layer width from 4 up (batch 64: 2.6 vs 1.9 us at width
+4, 71 vs 12.5 us at width 32; batch 256: 15.5 vs 8.0 us at width 4), so there is no crossover to switch
+at, and only the BLAS path exists.
 
 Threads: the fused passes run on the calling thread and BLAS uses its own pool, so only one pool is
 ever busy; results are bit-identical from run to run. Kernels are compiled on first use and cached on
@@ -26,10 +27,9 @@ from . import BackendUnavailable
 from .base import Backend, target_kind
 
 #: Train through the whole-step kernel wherever it applies (relu-like activations; SGD, Adam, AdamW,
-#: RMSProp). Measured on the development machine (benchmarks/numba_whole_step.py, SGD, float32), three
-#: runs: 1.14x-1.24x faster than the ops one by one at 64-128-128-10 batch 64, 1.03x-1.05x at
-#: 256-512-512-10 batch 128, 0.995x-1.02x (within the noise) at 784-1024-1024-10 batch 256.
-#: False runs the ops one by one (for comparison and tests).
+#: RMSProp). Measured on the development machine (benchmarks/numba_blas_route.py, SGD, float32, one process
+#: per variant, 5 rounds): the ops one by one took 1.066x its time at 64-128-128-10 batch 64 and 1.006x
+#: (even) at 784-1024-1024-10 batch 256. False runs the ops one by one (for comparison and tests).
 WHOLE_STEP = True
 
 _LOSS = {"mse": 3, "binary_cross_entropy": 2}
