@@ -134,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(evaluate, required=True)
     evaluate.add_argument("--backend", default="auto", help="numpy | numba | cupy | cupy:N | auto")
 
+    export = sub.add_parser("export", help="a saved model as ONNX, for ONNX Runtime and other servers",
+                            formatter_class=formatter)
+    export.add_argument("--model", required=True, metavar="FILE", help="a model saved by train --save")
+    export.add_argument("--onnx", required=True, metavar="FILE", help="the .onnx file to write")
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset version (>= 13)")
+    export.add_argument("--no-probabilities", action="store_true",
+                        help="logits only (a classifier's graph also outputs probabilities by default)")
+
     info = sub.add_parser("info", help="versions, backends, BLAS, threads, GPU")
     info.add_argument("--json", action="store_true", help="print JSON")
 
@@ -358,6 +366,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from .io import check_writable
+
+    if importlib.util.find_spec("onnx") is None:
+        raise UsageError("export needs the onnx package: pip install 'fastbp[onnx]'")
+    check_writable(args.onnx, "--onnx", ".onnx")
+    args.backend = "numpy"  # the weights are only read
+    model = _load_model(args)
+    model.to_onnx(args.onnx, opset=args.opset, probabilities=False if args.no_probabilities else None)
+    outputs = "logits" + ("" if args.no_probabilities or model.loss_ not in ("cross_entropy", "binary_cross_entropy")
+                          else " and probabilities")
+    target = args.onnx if args.onnx.endswith(".onnx") else args.onnx + ".onnx"
+    print(f"wrote {target}: {model.sizes} {model.dtype.name}, outputs {outputs}, opset {args.opset}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import fastbp as fb
 
@@ -413,8 +439,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "info": cmd_info,
-                "bench": _cmd_bench}
+    commands = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "export": cmd_export,
+                "info": cmd_info, "bench": _cmd_bench}
     try:
         # a diverging run is reported by the Trainer's check (one line, below), not by NumPy's warnings
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):

@@ -23,17 +23,18 @@ VERSION = 1
 _META = "__meta__"
 
 
-def check_writable(path: Any, argument: str = "path") -> Path:
-    """The .npz path a file will be written to; ValueError when its folder does not exist."""
+def check_writable(path: Any, argument: str = "path", suffix: str = ".npz") -> Path:
+    """The path a file will be written to (``suffix`` added when missing); ValueError when its folder does
+    not exist or it names a folder."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{argument} must be a file path, got {type(path).__name__}")
     text = os.fspath(path)
     if Path(text).is_dir() or text.endswith(("/", os.sep)):
-        example = os.path.join(text, "model.npz")
+        example = os.path.join(text, "model" + suffix)
         raise ValueError(f"{argument} {text!r} is a folder: give a file name in it, e.g. {example!r}")
     path = Path(path)
-    if path.suffix != ".npz":
-        path = path.with_name(path.name + ".npz")
+    if path.suffix != suffix:
+        path = path.with_name(path.name + suffix)
     folder = path.parent
     if not folder.is_dir():
         raise ValueError(f"{argument} {str(path)!r}: folder {str(folder)!r} does not exist")
@@ -43,18 +44,24 @@ def check_writable(path: Any, argument: str = "path") -> Path:
 
 
 def write_npz_atomic(path: Any, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
-    """Write ``arrays`` and ``meta`` to ``path`` (.npz added when missing) atomically: a temporary file in
-    the same folder, fsync, os.replace. Returns the final path."""
-    path = check_writable(path)
-    folder = path.parent
+    """Write ``arrays`` and ``meta`` to ``path`` (.npz added when missing) atomically; returns the final
+    path."""
     payload = dict(arrays)
     payload[_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    return write_atomic(path, lambda f: np.savez(f, **payload), ".npz")  # type: ignore[arg-type]
+
+
+def write_atomic(path: Any, write: Any, suffix: str, argument: str = "path") -> Path:
+    """Write a file through ``write(binary file)`` atomically: a temporary file in the same folder, fsync,
+    os.replace, so a reader never sees half a file. ``suffix`` is added to ``path`` when missing; the file
+    gets the mode any new file gets (the umask). Returns the final path."""
+    path = check_writable(path, argument, suffix)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         if hasattr(os, "fchmod"):  # mkstemp makes it 0600: give it the mode any new file gets (umask)
             os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **payload)  # type: ignore[arg-type]
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

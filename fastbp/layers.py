@@ -448,6 +448,13 @@ class MLP:
         model.loss_, model.preprocess_ = self.loss_, self.preprocess_
         return model
 
+    def to_onnx(self, path: Any = None, opset: int | None = None, probabilities: bool | None = None) -> Any:
+        """The model as an ONNX graph (``onnx.ModelProto``), written to ``path`` (.onnx) when given: logits,
+        and probabilities for a classifier, with a dynamic batch axis; see ``fastbp.export.to_onnx``."""
+        from .export import DEFAULT_OPSET, to_onnx
+
+        return to_onnx(self, path, DEFAULT_OPSET if opset is None else opset, probabilities)
+
     def save(self, path: Any) -> Any:
         """Write the model to an .npz file atomically (see ``fastbp.io``); returns the path written."""
         from .io import save_model
