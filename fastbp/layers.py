@@ -296,6 +296,7 @@ class MLP:
         joins that guard as step ``step`` (the Trainer reads it with the step's loss, one transfer).
         """
         bk = self.backend
+        X, y = bk.adopt(X), bk.adopt(y)
         n_in, n_out = self.layers[0].n_in, self.layers[-1].n_out
         encoded = self._encoded
         if self._ready(X, y, loss, n_in, n_out):
@@ -339,13 +340,14 @@ class MLP:
         backend and dtype; None stays None."""
         if sample_weight is None:
             return None
-        return self.backend.asarray(check_sample_weight(sample_weight, n), self.dtype)
+        return self.backend.asarray(check_sample_weight(self.backend.adopt(sample_weight), n), self.dtype)
 
     def _device_input(self, X: Any) -> Any:
         """X checked and as an array of the model's backend and dtype. An array of the backend already in
         the right dtype and shape is checked where it lives (a device array is never copied to the host and
         back): the finite check is one flag read."""
         bk = self.backend
+        X = bk.adopt(X)
         if bk.is_array(X) and X.dtype == self.dtype:
             check_feature_shape(X, self.sizes[0])
             with bk.device_scope():

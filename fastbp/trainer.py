@@ -146,6 +146,7 @@ class Trainer:
         try:
             with self.model.backend.device_scope():  # one device switch for the whole call
                 if self.model.classes_ is None:
+                    y = self.model.backend.adopt(y)
                     self._learn_classes(y)
                 self.model.loss_ = self.loss
                 guard = self._deferred_guard()
@@ -305,6 +306,9 @@ class Trainer:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be fastbp Callback instances, got {type(cb).__name__}")
         model = self.model
+        X, y = model.backend.adopt(X), model.backend.adopt(y)  # PyTorch tensors and the like, through DLPack
+        if sample_weight is not None:
+            sample_weight = model.backend.adopt(sample_weight)
         validation_split = check_nonneg_float(validation_split, "validation_split", upper=1.0)
         if validation_split:
             if validation_data is not None:

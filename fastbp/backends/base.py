@@ -69,6 +69,26 @@ class Backend:
         """Return ``x`` as a host numpy array."""
         return np.asarray(x)
 
+    def adopt(self, x: Any) -> Any:
+        """A foreign array (any object with ``__dlpack__`` that is neither a NumPy array nor this backend's:
+        a PyTorch tensor, a JAX array, ...) as an array this backend reads: without a copy through DLPack
+        where it lives where this backend computes (a CPU tensor on a CPU backend, a CUDA tensor on the
+        cupy backend's device), copied there otherwise. Anything else is returned as it is."""
+        if isinstance(x, np.ndarray) or self.is_array(x) or not hasattr(x, "__dlpack__"):
+            return x
+        return self._from_dlpack(x)
+
+    def _from_dlpack(self, x: Any) -> Any:
+        """A host array of a foreign one: a view where it lives on the host, else a copy (DLPack 1.0)."""
+        try:
+            return np.from_dlpack(x)
+        except (BufferError, RuntimeError, TypeError, ValueError) as exc:
+            first = exc
+        try:
+            return np.from_dlpack(x, device="cpu", copy=True)  # on a device: DLPack 1.0 copies it over
+        except Exception:
+            raise TypeError(f"could not read a {type(x).__name__} through DLPack: {first}") from first
+
     def empty(self, shape: Any, dtype: Any) -> Any:
         return self.xp.empty(shape, dtype=dtype)
 

@@ -28,6 +28,8 @@ from . import BackendUnavailable, cuda_sources
 from .base import Backend, target_kind
 from .cuda_sources import COLSUM_BLOCK, DTYPES, kernel_dir, name_expressions
 
+_DLPACK_CUDA = 2  # DLPack's kDLCUDA device type
+
 
 def _on_device(method):
     """Run a backend method with the backend's device current (for 'cupy:N' with N > 0). Inside a
@@ -151,6 +153,14 @@ class CupyBackend(Backend):
 
     def to_numpy(self, x: Any) -> np.ndarray:
         return self.xp.asnumpy(x)
+
+    def _from_dlpack(self, x: Any) -> Any:
+        device = x.__dlpack_device__() if hasattr(x, "__dlpack_device__") else None
+        if device is not None and int(device[0]) == _DLPACK_CUDA and int(device[1]) == self.device_id \
+                and hasattr(self.xp, "from_dlpack"):
+            with self.device:
+                return self.xp.from_dlpack(x)  # on this device already: a view, no copy
+        return super()._from_dlpack(x)  # on the host or another device: through host memory
 
     @_on_device
     def empty(self, shape: Any, dtype: Any) -> Any:
