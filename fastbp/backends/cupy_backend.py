@@ -154,6 +154,12 @@ class CupyBackend(Backend):
     def to_numpy(self, x: Any) -> np.ndarray:
         return self.xp.asnumpy(x)
 
+    def adopt(self, x: Any) -> Any:
+        if hasattr(x, "__cuda_array_interface__") and not self.is_array(x) and not hasattr(x, "__dlpack__"):
+            with self.device:  # a Numba CUDA array and the like: CuPy wraps its memory, no copy
+                return self.xp.asarray(x)
+        return super().adopt(x)
+
     def _from_dlpack(self, x: Any) -> Any:
         device = x.__dlpack_device__() if hasattr(x, "__dlpack_device__") else None
         if device is not None and int(device[0]) == _DLPACK_CUDA and int(device[1]) == self.device_id \
