@@ -177,6 +177,7 @@ def test_the_kernel_cache_never_goes_into_the_install(tmp_path, read_only):
     assert any("_numba_kernels" in p.name for p in (home / ".cache" / "fastbp" / "numba").rglob("*.nbi"))
 
 
+@pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")  # the strided case, by design
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("layout", ["plain", "a_transposed", "b_transposed", "strided", "one_row", "one_column"])
 def test_gemm_routes_agree_with_numpy(dtype, layout):
