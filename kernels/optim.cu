@@ -113,14 +113,6 @@ __global__ void sumsq_partial(const T* __restrict__ x, long long n, typename Acc
     }
 }
 
-template <typename T>
-__global__ void scale(T* __restrict__ x, long long n, double alpha) {
-    const T a = static_cast<T>(alpha);
-    for (long long i = global_index(); i < n; i += grid_stride()) {
-        x[i] = mul_rn(x[i], a);
-    }
-}
-
 // The deferred non-finite check, one thread: unless guard is tripped already, trip it when the loss or the
 // gradient's sum of squares is not finite, and record [1, step, loss, sum of squares].
 template <typename T>

@@ -240,16 +240,17 @@ def test_kernel_launches_refuse_arrays_they_would_misread(gpu):
     ok = gpu.asarray(np.ones(8), np.float32)
     labels32 = gpu.asarray(np.zeros(4, np.int32))
     strided = gpu.asarray(np.ones(16), np.float32)[::2]
-    args = (ok, np.int64(8), 2.0)
-    gpu._launch("optim.cu", "scale<{T}>", np.float32, (1,), (32,), args)
-    np.testing.assert_array_equal(gpu.to_numpy(ok), np.full(8, 2.0))
+    partial = gpu.asarray(np.zeros(1), np.float32)
+    gpu._launch("optim.cu", "sumsq_partial<{T}>", np.float32, (1,), (32,), (ok, np.int64(8), partial))
+    np.testing.assert_array_equal(gpu.to_numpy(partial), [8.0])
     with pytest.raises(ValueError, match="argument 0 is not C-contiguous"):
-        gpu._launch("optim.cu", "scale<{T}>", np.float32, (1,), (32,), (strided, np.int64(8), 2.0))
+        gpu._launch("optim.cu", "sumsq_partial<{T}>", np.float32, (1,), (32,), (strided, np.int64(8), partial))
     with pytest.raises(ValueError, match="argument 1 is int32; integer arrays must be int64"):
         gpu._launch("loss.cu", "softmax_ce<{T}>", np.float32, (1,), (32,),
                     (ok, labels32, ok, ok, ok, np.int32(1), np.int32(1), np.int32(0)))
     with pytest.raises(TypeError, match="host"):
-        gpu._launch("optim.cu", "scale<{T}>", np.float32, (1,), (32,), (np.ones(8, np.float32), np.int64(8), 2.0))
+        gpu._launch("optim.cu", "sumsq_partial<{T}>", np.float32, (1,), (32,),
+                    (np.ones(8, np.float32), np.int64(8), partial))
 
 
 def test_the_kernels_shared_arrays_follow_the_launch_size(gpu, monkeypatch):

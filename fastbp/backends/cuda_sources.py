@@ -81,7 +81,7 @@ def name_expressions(file: str) -> list[str]:
             names += [f"check_batch<{ctype}, {kind}>" for kind in range(len(TARGET_KINDS))]
         elif file == "optim.cu":
             names += [f"sgd<{ctype}>", f"adam<{ctype}>", f"rmsprop<{ctype}>", f"sumsq_partial<{ctype}>",
-                      f"scale<{ctype}>", f"nonfinite_guard<{ctype}>", f"clip_by_norm<{ctype}>"]
+                      f"nonfinite_guard<{ctype}>", f"clip_by_norm<{ctype}>"]
         else:
             raise ValueError(f"unknown kernel file {file!r}")
     return names

@@ -412,12 +412,6 @@ class CupyBackend(Backend):
                      (partial, np.int64(blocks), acc(1.0), out))
         return out
 
-    @_on_device
-    def scale(self, x, alpha):
-        with self._in_place(x.dtype, x) as (flat,):
-            self._launch("optim.cu", "scale<{T}>", flat.dtype, (self._grid(flat.size),), (cuda_sources.THREADS,),
-                         (flat, np.int64(flat.size), np.float64(alpha)))
-
     def warmup(self, dtypes: Any = ("float32", "float64"), activations: Any = None) -> float:
         """Compile (or load from CuPy's disk cache) the kernel modules; returns seconds."""
         import time
