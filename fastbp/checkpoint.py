@@ -17,7 +17,6 @@ from . import optim
 from .io import VERSION, model_arrays, model_from_arrays, read_npz, write_npz_atomic
 
 FORMAT = "fastbp-checkpoint"
-_OPTIMIZERS = {cls.__name__: cls for cls in (optim.SGD, optim.Adam, optim.AdamW, optim.RMSProp)}
 
 
 def save_checkpoint(trainer: Any, path: Any) -> Path:
@@ -52,7 +51,7 @@ def load_checkpoint(path: Any, backend: Any = None) -> Any:
         model_meta, tmeta, ometa = meta["model"], meta["trainer"], meta["optimizer"]
         model_arrays_ = {k: v for k, v in arrays.items() if not k.startswith("opt.")}
         model = model_from_arrays(model_arrays_, dict(model_meta, format="fastbp-model"), backend, where)
-        cls = _OPTIMIZERS.get(ometa["type"])
+        cls = {c.__name__: c for c in optim.OPTIMIZERS.values()}.get(ometa["type"])  # the one registry
         if cls is None:
             raise ValueError(f"unknown optimizer {ometa['type']!r}")
         hyper = dict(ometa["hyperparameters"])

@@ -171,6 +171,12 @@ class Optimizer:
             self.to(backend, params[0].dtype)
             self._bind(params, backend)
 
+    def rewind(self, steps: int) -> None:
+        """Take back the step count of ``steps`` updates that a tripped guard turned into no-ops (their
+        moments were left untouched on the device), so the next update's bias corrections are right."""
+        if self.state is not None:
+            self.state.step -= steps
+
     def reset(self) -> None:
         """Forget the state (moments, step count)."""
         self.state = None

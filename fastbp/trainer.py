@@ -238,8 +238,7 @@ class Trainer:
             self._guard = None  # a fresh guard for any training after the error
             undone = self.steps - int(step) + 1  # the failed step and those after it
             self.steps -= undone
-            if self.optimizer.state is not None:
-                self.optimizer.state.step -= undone
+            self.optimizer.rewind(undone)
             if tripped == 2:  # an invalid batch (first: how many values, second: the targets' kind)
                 raise ValueError(invalid_batch_message(first, int(second), self.model.sizes[-1]))
             self._nonfinite(first, second)  # raises ('raise' is the mode with deferred checks)
