@@ -17,8 +17,8 @@ import numpy as np
 
 from . import datasets
 from .activations import ACTIVATIONS
-from .backends import LOSSES
 from .dtypes import FLOAT_DTYPES
+from .losses import LOSSES
 from .optim import OPTIMIZERS
 
 

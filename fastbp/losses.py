@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 
 from ._checks import check_choice, check_finite, check_nonneg_float, host_array, to_host
-from .backends import LOSSES
+
+#: The loss names, as ``Trainer(loss=...)`` and every backend's ``output_delta`` take them.
+LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")
 
 CLASSIFICATION_LOSSES = ("cross_entropy", "binary_cross_entropy")
 

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from ..activations import ACTIVATIONS, Activation
+from ..losses import LOSSES
 
-LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")
 #: The forms of prepared targets, as ``check_batch`` (and loss.cu's check_batch KIND) numbers them: integer
 #: labels in [0, C), targets that must be finite (mse), targets in [0, 1] (the classification losses).
 TARGET_KINDS = ("labels", "finite", "unit")
