@@ -1,8 +1,15 @@
 """Optimizers with explicit state, and learning-rate schedules.
 
 An optimizer's state is plain data (``OptimizerState``: a step count and named lists of arrays, one per
-parameter), so it can be saved, restored and moved between backends. Updates are the backend's in-place
-ops, one call per parameter. Semantics follow torch.optim (SGD, Adam, AdamW, RMSprop).
+parameter), so it can be saved, restored and moved between backends. The built-in updates are the
+backend's fused in-place ops, one call per parameter; semantics follow torch.optim (SGD, Adam, AdamW,
+RMSprop).
+
+Your own optimizer is one subclass: its hyperparameters as ``__init__`` arguments (stored under the same
+names), ``slot_names``, and ``update(xp, p, g, slots, lr, step)``, the update written once against the array
+module ``xp`` in place. It runs on every backend (the compiled ones run it through their arrays, as the
+reference path), a tripped non-finite guard leaves it undone as it does the built-in ones, and
+``register`` makes it known by name (``Trainer(optimizer="name")``, checkpoints).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from ._checks import check_nonneg_float, check_positive_float, check_positive_in
 from .backends import Backend, get_backend
 
 __all__ = [
-    "SGD", "Adam", "AdamW", "RMSProp", "Optimizer", "OptimizerState",
+    "SGD", "Adam", "AdamW", "RMSProp", "Optimizer", "OptimizerState", "OPTIMIZERS", "register", "unregister",
     "Schedule", "Constant", "StepDecay", "Cosine", "LinearWarmup",
 ]
 
@@ -117,7 +124,7 @@ class OptimizerState:
 
 class Optimizer:
     """Base optimizer: holds the hyperparameters, the state, and a scratch buffer; subclasses define
-    ``slot_names`` and ``_update``."""
+    ``slot_names`` and ``update`` (or, for a fused backend op, ``_update``)."""
 
     slot_names: tuple[str, ...] = ()
 
@@ -253,9 +260,23 @@ class Optimizer:
             for i, (p, g) in enumerate(zip(params, grads)):
                 self._update(backend, i, p, g, self._work[i], lr, state, gate)
 
+    def update(self, xp: Any, p: Any, g: Any, slots: dict[str, Any], lr: float, step: int) -> None:
+        """The update of one parameter ``p`` (in place) from its gradient ``g``, written with the array
+        module ``xp`` (numpy, or cupy on a GPU): ``slots`` maps each of ``slot_names`` to this parameter's
+        state array (updated in place too, zeros before the first step); ``lr`` is this step's learning
+        rate, ``step`` the step number (1 for the first). Subclasses without a fused backend op define it."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither update() nor _update()")
+
     def _update(self, bk: Backend, i: int, p: Any, g: Any, work: Any, lr: float, state: OptimizerState,
                 gate: Any) -> None:
-        raise NotImplementedError
+        """One parameter's update on ``bk``: by default ``update`` through the backend's arrays, undone
+        where ``gate`` (a tripped non-finite guard) says so, as the fused ops are."""
+        slots = {name: state.slots[name][i] for name in self.slot_names}
+        saved = bk._gate_open(gate, p, *slots.values())
+        if saved is None:
+            return
+        self.update(bk.xp, p, g, slots, lr, state.step)
+        bk._gate_restore(gate, saved, p, *slots.values())
 
 
 class SGD(Optimizer):
@@ -327,4 +348,34 @@ class RMSProp(Optimizer):
                           self.momentum, self.weight_decay, gate=gate)
 
 
-OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSProp}
+OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSProp}
+
+
+def register(name: str, cls: type[Optimizer], replace: bool = False) -> type[Optimizer]:
+    """Make an Optimizer subclass known by ``name``: ``Trainer(optimizer=name)`` builds one with its
+    defaults, and checkpoints of it load (by its class name; its ``__init__`` must take its
+    ``hyperparameters()`` as keyword arguments, and ``lr``). Returns ``cls``."""
+    if not (isinstance(cls, type) and issubclass(cls, Optimizer)):
+        raise TypeError(f"cls must be a fastbp.optim.Optimizer subclass, got {cls!r}")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"an optimizer name must be an identifier such as 'lion', got {name!r}")
+    key = name.lower()
+    if key in OPTIMIZERS and OPTIMIZERS[key] is not cls:
+        if key in _BUILTIN or not replace:
+            raise ValueError(f"optimizer {name!r} is {'built in' if key in _BUILTIN else 'registered already'}")
+    if cls.__name__ in {c.__name__ for k, c in OPTIMIZERS.items() if k != key and c is not cls}:
+        raise ValueError(f"another registered optimizer's class is named {cls.__name__} too: checkpoints name "
+                         f"optimizers by class name")
+    OPTIMIZERS[key] = cls
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Forget an optimizer added by ``register``."""
+    key = name.lower()
+    if key in _BUILTIN or key not in OPTIMIZERS:
+        raise ValueError(f"{name!r} is not a registered (user) optimizer")
+    del OPTIMIZERS[key]
+
+
+_BUILTIN = frozenset(OPTIMIZERS)

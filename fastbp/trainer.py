@@ -97,7 +97,12 @@ class Trainer:
         if not isinstance(model, MLP):
             raise TypeError(f"model must be a fastbp.MLP, got {type(model).__name__}")
         if isinstance(optimizer, str):
-            optimizer = OPTIMIZERS[check_choice(optimizer, OPTIMIZERS, "optimizer")]()
+            name = check_choice(optimizer, OPTIMIZERS, "optimizer")
+            try:
+                optimizer = OPTIMIZERS[name]()  # type: ignore[call-arg]
+            except TypeError as exc:
+                raise TypeError(f"optimizer {name!r} has no defaults for every argument ({exc}): pass an "
+                                f"instance, e.g. optimizer={OPTIMIZERS[name].__name__}(lr=...)") from exc
         if optimizer is not None and not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a fastbp.optim optimizer, got {type(optimizer).__name__}")
         check_seed(seed)
