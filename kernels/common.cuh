@@ -49,8 +49,8 @@ __device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(
 __device__ __forceinline__ float sqrt_rn(float x) { return __fsqrt_rn(x); }
 __device__ __forceinline__ double sqrt_rn(double x) { return __dsqrt_rn(x); }
 
-// Activation codes: the same numbers as fastbp.activations.CODES.
-enum Activation : int { IDENTITY = 0, RELU = 1, LEAKY_RELU = 2, SIGMOID = 3, TANH = 4, GELU = 5, SILU = 6 };
+// The activation codes, generated from fastbp.activations.
+#include "activations.cuh"
 
 template <typename T> __device__ __forceinline__ T sigmoid(T z) {
     if (z >= T(0)) {

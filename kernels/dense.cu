@@ -12,7 +12,7 @@ __global__ void bias_act(T* Z, const T* __restrict__ b, T* A, long long total, i
     int j = static_cast<int>(idx % n);
     for (; idx < total; idx += stride) {
         const T z = Z[idx] + b[j];
-        if constexpr (ACT == GELU || ACT == SILU) {
+        if constexpr (keeps_preactivation<ACT>) {
             Z[idx] = z;  // g' reads Z
         }
         A[idx] = act_forward<T, ACT>(z);

@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+from fastbp.activations import CODES
 from fastbp.backends import cuda_sources
 from fastbp.backends.base import TARGET_KINDS
 
@@ -67,7 +68,7 @@ def test_the_cupy_backend_only_launches_listed_kernels():
     variants = {"pointwise_loss": range(2), "check_batch": range(len(TARGET_KINDS))}
     for file, template in used:
         for ctype in cuda_sources.DTYPES.values():
-            codes = variants.get(template.split("<")[0], range(7)) if "{ACT}" in template else [0]
+            codes = variants.get(template.split("<")[0], sorted(CODES.values())) if "{ACT}" in template else [0]
             for code in codes:
                 name = template.replace("{T}", ctype).replace("{ACT}", str(code))
                 assert (file, name) in listed, name
@@ -98,3 +99,13 @@ def test_the_headers_default_block_sizes_are_the_python_ones():
     assert f"#define FASTBP_REDUCE_THREADS {cuda_sources.REDUCE_THREADS}\n" in header
     assert cuda_sources.source("optim.cu").startswith(cuda_sources.defines())
 
+
+
+def test_the_activation_header_is_the_python_table():
+    """kernels/activations.cuh is generated from fastbp.activations (codes, what g' reads): a built-in
+    activation added in Python without regenerating it (cuda_sources.write_activation_header()) fails
+    here, instead of computing wrong gradients on a GPU alone."""
+    path = cuda_sources.kernel_dir() / cuda_sources.ACTIVATION_HEADER
+    assert path.read_text() == cuda_sources.activation_header(), (
+        "kernels/activations.cuh is stale: run python -c 'from fastbp.backends import cuda_sources; "
+        "cuda_sources.write_activation_header()'")

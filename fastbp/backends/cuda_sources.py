@@ -44,6 +44,38 @@ def defines() -> str:
     return f"#define FASTBP_THREADS {THREADS}\n#define FASTBP_REDUCE_THREADS {REDUCE_THREADS}\n"
 
 
+ACTIVATION_HEADER = "activations.cuh"
+
+
+def activation_header() -> str:
+    """The text of kernels/activations.cuh, generated from ``fastbp.activations``: the activation codes
+    (``CODES``) as a C++ enum, and which activations' g' reads the pre-activation Z (``saves == 'Z'``),
+    so the kernels and the Python tables cannot disagree. ``write_activation_header`` writes it; a test
+    fails when the file differs from this."""
+    from ..activations import ACTIVATIONS
+
+    names = sorted(CODES, key=CODES.get)  # type: ignore[arg-type]
+    enum = ", ".join(f"{name.upper()} = {CODES[name]}" for name in names)
+    keeps_z = " || ".join(f"ACT == {name.upper()}" for name in names if ACTIVATIONS[name].saves == "Z") or "false"
+    return (
+        "// Generated from fastbp.activations by fastbp.backends.cuda_sources.write_activation_header(): do not\n"
+        "// edit by hand (tests/test_kernels.py fails when this file and the Python table differ).\n"
+        "#pragma once\n\n"
+        "// Activation codes: fastbp.activations.CODES.\n"
+        f"enum Activation : int {{ {enum} }};\n\n"
+        "// Whether g' reads the pre-activation Z, which the forward pass then keeps (Activation.saves == 'Z');\n"
+        "// for the others g' reads the output A, written over Z.\n"
+        f"template <int ACT> constexpr bool keeps_preactivation = {keeps_z};\n"
+    )
+
+
+def write_activation_header(folder: Path | None = None) -> Path:
+    """Write kernels/activations.cuh from the Python tables (after adding a built-in activation)."""
+    path = (kernel_dir() if folder is None else folder) / ACTIVATION_HEADER
+    path.write_text(activation_header())
+    return path
+
+
 def launch_threads(name_expression: str) -> int:
     """The most threads per block the cupy backend launches this kernel instantiation with."""
     base = name_expression.split("<")[0]
