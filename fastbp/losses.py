@@ -16,6 +16,21 @@ from ._checks import check_choice, check_finite, check_nonneg_float, host_array,
 
 #: The loss names, as ``Trainer(loss=...)`` and every backend's ``output_delta`` take them.
 LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")
+#: The compiled kernels' codes for a loss with its form of targets (Numba's output_delta and whole step,
+#: CUDA's pointwise_loss), one table: kernels/codes.cuh is generated from it.
+LOSS_CODES = {"cross_entropy_labels": 0, "cross_entropy_soft": 1, "binary_cross_entropy": 2, "mse": 3}
+#: The forms of prepared targets, as ``Backend.check_batch`` (and CUDA's check_batch KIND) numbers them:
+#: integer labels in [0, C), targets that must be finite (mse), targets in [0, 1] (the classification losses).
+TARGET_KINDS = ("labels", "finite", "unit")
+
+
+def loss_code(loss: str, labels: bool) -> int:
+    """The kernels' code (``LOSS_CODES``) of ``loss`` with labels (1-D integer targets) or target rows."""
+    if loss == "cross_entropy":
+        return LOSS_CODES["cross_entropy_labels" if labels else "cross_entropy_soft"]
+    if loss not in LOSS_CODES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    return LOSS_CODES[loss]
 
 CLASSIFICATION_LOSSES = ("cross_entropy", "binary_cross_entropy")
 

@@ -49,8 +49,8 @@ __device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(
 __device__ __forceinline__ float sqrt_rn(float x) { return __fsqrt_rn(x); }
 __device__ __forceinline__ double sqrt_rn(double x) { return __dsqrt_rn(x); }
 
-// The activation codes, generated from fastbp.activations.
-#include "activations.cuh"
+// The activation, loss and target codes, generated from fastbp's Python tables.
+#include "codes.cuh"
 
 template <typename T> __device__ __forceinline__ T sigmoid(T z) {
     if (z >= T(0)) {

@@ -95,9 +95,9 @@ __global__ void softmax_ce(const T* __restrict__ Z, const long long* __restrict_
 }
 
 // The elementwise losses, one warp per row; delta = dc/dz / (rows C):
-//   LOSS 0, binary cross-entropy with logits: c = max(z, 0) - z y + log(1 + exp(-|z|)), dc/dz = sigmoid(z) - y;
+//   LOSS_BINARY_CROSS_ENTROPY, with logits: c = max(z, 0) - z y + log(1 + exp(-|z|)), dc/dz = sigmoid(z) - y;
 //           an output is correct when (z > 0) == (y > 0.5)
-//   LOSS 1, squared error: c = (z - y)^2, dc/dz = 2 (z - y); no correct count (0)
+//   LOSS_MSE, squared error: c = (z - y)^2, dc/dz = 2 (z - y); no correct count (0)
 template <typename T, int LOSS>
 __global__ void pointwise_loss(const T* __restrict__ Z, const T* __restrict__ Y, T* __restrict__ delta,
                                typename Acc<T>::type* __restrict__ row_stats, int rows, int C) {
@@ -113,7 +113,7 @@ __global__ void pointwise_loss(const T* __restrict__ Z, const T* __restrict__ Y,
         const long long k = warp * C + c;
         const A z = static_cast<A>(Z[k]), t = static_cast<A>(Y[k]);
         A grad;
-        if constexpr (LOSS == 0) {
+        if constexpr (LOSS == LOSS_BINARY_CROSS_ENTROPY) {
             const A e = m_exp(z >= A(0) ? -z : z);
             loss += (z > A(0) ? z : A(0)) - z * t + m_log1p(e);
             grad = (z >= A(0) ? A(1) / (A(1) + e) : e / (A(1) + e)) - t;
@@ -153,8 +153,8 @@ __global__ void reduce_loss(const A* __restrict__ row_stats, int rows, A scale, 
 }
 
 // The check of a batch handed over as device arrays, where it lives: counts the features X[0:nx] that are
-// not finite and the targets that are wrong for the loss: KIND 0, labels y[0:ny] outside [0, C); KIND 1,
-// targets Y[0:ny] that are not finite; KIND 2, targets outside [0, 1] (or NaN). One block. Unless guard is
+// not finite and the targets that are wrong for the loss: TARGETS_LABELS, labels y[0:ny] outside [0, C);
+// TARGETS_FINITE, targets Y[0:ny] that are not finite; TARGETS_UNIT, targets outside [0, 1] (or NaN). One block. Unless guard is
 // tripped already, a nonzero count trips it as [2, step, count, KIND], so the step's update does nothing and
 // the Trainer's next read of the guard raises (a host check would cost a copy there and back).
 template <typename T, int KIND>
@@ -167,9 +167,9 @@ __global__ void check_batch(const T* __restrict__ X, long long nx, const long lo
         bad += isfinite(static_cast<double>(X[i])) ? 0.0 : 1.0;
     }
     for (long long i = threadIdx.x; i < ny; i += blockDim.x) {
-        if constexpr (KIND == 0) {
+        if constexpr (KIND == TARGETS_LABELS) {
             bad += (y[i] < 0 || y[i] >= C) ? 1.0 : 0.0;
-        } else if constexpr (KIND == 1) {
+        } else if constexpr (KIND == TARGETS_FINITE) {
             bad += isfinite(static_cast<double>(Y[i])) ? 0.0 : 1.0;
         } else {
             bad += (Y[i] >= T(0) && Y[i] <= T(1)) ? 0.0 : 1.0;

@@ -19,6 +19,7 @@ from reference import ACT, DACT
 from fastbp.activations import ACTIVATIONS, CODES
 from fastbp.backends import cuda_sources
 from fastbp.backends.base import Backend
+from fastbp.losses import LOSS_CODES
 from fastbp.testing import cuda_emulator
 
 pytestmark = [pytest.mark.emulator, pytest.mark.skipif(
@@ -164,20 +165,22 @@ def check_softmax_ce(kernel, dtype):
         np.testing.assert_array_equal(row_stats[rows:][invalid], 0)
 
 
-def check_pointwise_loss(kernel, dtype, variant):
+def check_pointwise_loss(kernel, dtype, code):
     acc = np.float64 if dtype == np.float64 else np.float32
-    rng = np.random.default_rng(5 + variant)
+    bce = code == LOSS_CODES["binary_cross_entropy"]
+    assert bce or code == LOSS_CODES["mse"], code
+    rng = np.random.default_rng(5 + code)
     for rows, C in loss_shapes():
         Z = (3 * rng.standard_normal((rows, C))).astype(dtype)
-        Y = (rng.integers(0, 2, (rows, C)) if variant == 0 else rng.standard_normal((rows, C))).astype(dtype)
+        Y = (rng.integers(0, 2, (rows, C)) if bce else rng.standard_normal((rows, C))).astype(dtype)
         z, y = Z.astype(np.float64), Y.astype(np.float64)
-        if variant == 0:  # binary cross-entropy with logits
+        if bce:  # binary cross-entropy with logits
             elementwise = np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
             grad = 1 / (1 + np.exp(-z)) - y
         else:  # squared error
             elementwise = (z - y) ** 2
             grad = 2 * (z - y)
-        want_correct = ((Z > 0) == (Y > 0.5)).sum(1) if variant == 0 else np.zeros(rows)
+        want_correct = ((Z > 0) == (Y > 0.5)).sum(1) if bce else np.zeros(rows)
         for threads in (32, 128, 256):
             blocks = -(-rows * 32 // threads)
             args = (Z, Y, poisoned((rows, C), dtype), poisoned(2 * rows, acc), np.int32(rows), np.int32(C))

@@ -12,7 +12,7 @@ import pytest
 
 from fastbp.activations import CODES
 from fastbp.backends import cuda_sources
-from fastbp.backends.base import TARGET_KINDS
+from fastbp.losses import LOSS_CODES, TARGET_KINDS
 
 NVCC = shutil.which("nvcc")
 
@@ -65,7 +65,8 @@ def test_the_cupy_backend_only_launches_listed_kernels():
     assert used, "no kernel launches found"
     listed = {(f, n) for f in cuda_sources.FILES for n in cuda_sources.name_expressions(f)}
     # {ACT} is the loss variant or the targets' kind there, an activation code elsewhere
-    variants = {"pointwise_loss": range(2), "check_batch": range(len(TARGET_KINDS))}
+    variants = {"pointwise_loss": [LOSS_CODES[loss] for loss in cuda_sources.POINTWISE_LOSSES],
+                "check_batch": range(len(TARGET_KINDS))}
     for file, template in used:
         for ctype in cuda_sources.DTYPES.values():
             codes = variants.get(template.split("<")[0], sorted(CODES.values())) if "{ACT}" in template else [0]
@@ -101,11 +102,11 @@ def test_the_headers_default_block_sizes_are_the_python_ones():
 
 
 
-def test_the_activation_header_is_the_python_table():
-    """kernels/activations.cuh is generated from fastbp.activations (codes, what g' reads): a built-in
-    activation added in Python without regenerating it (cuda_sources.write_activation_header()) fails
-    here, instead of computing wrong gradients on a GPU alone."""
-    path = cuda_sources.kernel_dir() / cuda_sources.ACTIVATION_HEADER
-    assert path.read_text() == cuda_sources.activation_header(), (
-        "kernels/activations.cuh is stale: run python -c 'from fastbp.backends import cuda_sources; "
-        "cuda_sources.write_activation_header()'")
+def test_the_codes_header_is_the_python_tables():
+    """kernels/codes.cuh is generated from the Python tables (activation codes and what g' reads, loss codes,
+    target kinds): a change to them without regenerating it (cuda_sources.write_codes_header()) fails here,
+    instead of computing wrong gradients on a GPU alone."""
+    path = cuda_sources.kernel_dir() / cuda_sources.CODES_HEADER
+    assert path.read_text() == cuda_sources.codes_header(), (
+        "kernels/codes.cuh is stale: run python -c 'from fastbp.backends import cuda_sources; "
+        "cuda_sources.write_codes_header()'")

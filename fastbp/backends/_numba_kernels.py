@@ -22,6 +22,7 @@ import numpy as np
 from numba import njit as _njit
 
 from ..activations import CODES
+from ..losses import LOSS_CODES
 from ._numba_cache import install
 
 install()  # the disk cache goes to fastbp's cache folder, never into site-packages
@@ -36,7 +37,8 @@ njit = functools.partial(_njit, cache=True, error_model="numpy")
 
 IDENTITY, RELU, LEAKY_RELU = CODES["identity"], CODES["relu"], CODES["leaky_relu"]
 FUSED = (IDENTITY, RELU, LEAKY_RELU)
-CE_LABELS, CE_SOFT, BCE, MSE = range(4)
+CE_LABELS, CE_SOFT = LOSS_CODES["cross_entropy_labels"], LOSS_CODES["cross_entropy_soft"]
+BCE, MSE = LOSS_CODES["binary_cross_entropy"], LOSS_CODES["mse"]
 
 _SLOPE = 0.01
 

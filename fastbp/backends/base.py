@@ -19,10 +19,6 @@ import numpy as np
 from ..activations import ACTIVATIONS, Activation
 from ..losses import LOSSES
 
-#: The forms of prepared targets, as ``check_batch`` (and loss.cu's check_batch KIND) numbers them: integer
-#: labels in [0, C), targets that must be finite (mse), targets in [0, 1] (the classification losses).
-TARGET_KINDS = ("labels", "finite", "unit")
-
 
 def target_kind(y: Any, loss: str) -> int:
     """The TARGET_KINDS index of prepared targets ``y`` for ``loss``."""

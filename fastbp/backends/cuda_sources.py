@@ -12,9 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..activations import CODES
-from .base import TARGET_KINDS
+from ..losses import LOSS_CODES, TARGET_KINDS
 
 DTYPES = {"float32": "float", "float64": "double"}
+#: The losses of loss.cu's pointwise_loss kernel (its LOSS parameter is their LOSS_CODES code).
+POINTWISE_LOSSES = ("binary_cross_entropy", "mse")
 _ACTS = sorted(CODES.values())
 
 #: Threads per block of the cupy backend's launches: the grid-stride kernels and the warp-per-row loss
@@ -44,35 +46,43 @@ def defines() -> str:
     return f"#define FASTBP_THREADS {THREADS}\n#define FASTBP_REDUCE_THREADS {REDUCE_THREADS}\n"
 
 
-ACTIVATION_HEADER = "activations.cuh"
+CODES_HEADER = "codes.cuh"
 
 
-def activation_header() -> str:
-    """The text of kernels/activations.cuh, generated from ``fastbp.activations``: the activation codes
-    (``CODES``) as a C++ enum, and which activations' g' reads the pre-activation Z (``saves == 'Z'``),
-    so the kernels and the Python tables cannot disagree. ``write_activation_header`` writes it; a test
-    fails when the file differs from this."""
+def _enum(name: str, codes: dict[str, int], prefix: str = "") -> str:
+    items = ", ".join(f"{prefix}{key.upper()} = {value}" for key, value in sorted(codes.items(), key=lambda kv: kv[1]))
+    return f"enum {name} : int {{ {items} }};\n"
+
+
+def codes_header() -> str:
+    """The text of kernels/codes.cuh, generated from the Python tables, so the kernels and the tables
+    cannot disagree: the activation codes (``fastbp.activations.CODES``) and which activations' g' reads
+    the pre-activation Z (``saves == 'Z'``), the loss codes (``fastbp.losses.LOSS_CODES``) and the target
+    kinds (``TARGET_KINDS``). ``write_codes_header`` writes it; a test fails when the file differs."""
     from ..activations import ACTIVATIONS
 
-    names = sorted(CODES, key=CODES.get)  # type: ignore[arg-type]
-    enum = ", ".join(f"{name.upper()} = {CODES[name]}" for name in names)
-    keeps_z = " || ".join(f"ACT == {name.upper()}" for name in names if ACTIVATIONS[name].saves == "Z") or "false"
+    keeps_z = " || ".join(f"ACT == {name.upper()}" for name in sorted(CODES, key=lambda n: CODES[n])
+                          if ACTIVATIONS[name].saves == "Z") or "false"
     return (
-        "// Generated from fastbp.activations by fastbp.backends.cuda_sources.write_activation_header(): do not\n"
-        "// edit by hand (tests/test_kernels.py fails when this file and the Python table differ).\n"
+        "// Generated from fastbp's Python tables by fastbp.backends.cuda_sources.write_codes_header(): do not\n"
+        "// edit by hand (tests/test_kernels.py fails when this file and the tables differ).\n"
         "#pragma once\n\n"
         "// Activation codes: fastbp.activations.CODES.\n"
-        f"enum Activation : int {{ {enum} }};\n\n"
-        "// Whether g' reads the pre-activation Z, which the forward pass then keeps (Activation.saves == 'Z');\n"
+        + _enum("Activation", CODES)
+        + "\n// Whether g' reads the pre-activation Z, which the forward pass then keeps (Activation.saves == 'Z');\n"
         "// for the others g' reads the output A, written over Z.\n"
-        f"template <int ACT> constexpr bool keeps_preactivation = {keeps_z};\n"
+        f"template <int ACT> constexpr bool keeps_preactivation = {keeps_z};\n\n"
+        "// Loss codes: fastbp.losses.LOSS_CODES.\n"
+        + _enum("Loss", LOSS_CODES, "LOSS_")
+        + "\n// The forms of prepared targets: fastbp.losses.TARGET_KINDS.\n"
+        + _enum("TargetKind", {kind: i for i, kind in enumerate(TARGET_KINDS)}, "TARGETS_")
     )
 
 
-def write_activation_header(folder: Path | None = None) -> Path:
-    """Write kernels/activations.cuh from the Python tables (after adding a built-in activation)."""
-    path = (kernel_dir() if folder is None else folder) / ACTIVATION_HEADER
-    path.write_text(activation_header())
+def write_codes_header(folder: Path | None = None) -> Path:
+    """Write kernels/codes.cuh from the Python tables (after adding a built-in activation or loss)."""
+    path = (kernel_dir() if folder is None else folder) / CODES_HEADER
+    path.write_text(codes_header())
     return path
 
 
@@ -108,8 +118,8 @@ def name_expressions(file: str) -> list[str]:
             names += [f"dact_colsum<{ctype}, {a}>" for a in _ACTS]
             names.append(f"sum_partials<{ctype}>")
         elif file == "loss.cu":
-            names += [f"softmax_ce<{ctype}>", f"pointwise_loss<{ctype}, 0>", f"pointwise_loss<{ctype}, 1>",
-                      f"reduce_loss<{ctype}>", f"reduce_rows<{ctype}>"]
+            names += [f"softmax_ce<{ctype}>", f"reduce_loss<{ctype}>", f"reduce_rows<{ctype}>"]
+            names += [f"pointwise_loss<{ctype}, {LOSS_CODES[loss]}>" for loss in POINTWISE_LOSSES]
             names += [f"check_batch<{ctype}, {kind}>" for kind in range(len(TARGET_KINDS))]
         elif file == "optim.cu":
             names += [f"sgd<{ctype}>", f"adam<{ctype}>", f"rmsprop<{ctype}>", f"sumsq_partial<{ctype}>",

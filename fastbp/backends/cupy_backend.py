@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..activations import ACTIVATIONS, CODES
+from ..losses import LOSS_CODES
 from . import BackendUnavailable, cuda_sources
 from .base import Backend, target_kind
 from .cuda_sources import COLSUM_BLOCK, DTYPES, kernel_dir, name_expressions
@@ -74,7 +75,7 @@ class CupyBackend(Backend):
     # ------------------------------------------------------------------ kernels
     def _kernel(self, file: str, template: str, dtype: Any, act: int = 0) -> Any:
         """The compiled kernel ``template`` from ``file``; {T} is replaced by the C type, {ACT} by ``act``
-        (an activation code, or the loss variant of pointwise_loss)."""
+        (an activation code, or the loss code of pointwise_loss: the kernel's int template parameter)."""
         name = template.replace("{T}", DTYPES[np.dtype(dtype).name]).replace("{ACT}", str(act))
         kernel = self._kernels.get((file, name))
         if kernel is None:
@@ -295,10 +296,9 @@ class CupyBackend(Backend):
                          (Z_L, labels, targets, delta, row_stats, np.int32(rows), np.int32(C), np.int32(soft)))
             scale = 1.0 / rows
         elif loss in ("binary_cross_entropy", "mse"):
-            variant = 0 if loss == "binary_cross_entropy" else 1
             targets = xp.ascontiguousarray(y, dtype=Z_L.dtype)
             self._launch("loss.cu", "pointwise_loss<{T}, {ACT}>", Z_L.dtype, (blocks,), (cuda_sources.THREADS,),
-                         (Z_L, targets, delta, row_stats, np.int32(rows), np.int32(C)), act=variant)
+                         (Z_L, targets, delta, row_stats, np.int32(rows), np.int32(C)), act=LOSS_CODES[loss])
             scale = 1.0 / (rows * C)
         else:
             raise ValueError(f"unknown loss {loss!r}")

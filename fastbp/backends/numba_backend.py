@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..losses import loss_code
 from . import BackendUnavailable
 from .base import Backend, target_kind
 
@@ -32,7 +33,6 @@ from .base import Backend, target_kind
 #: (even) at 784-1024-1024-10 batch 256. False runs the ops one by one (for comparison and tests).
 WHOLE_STEP = True
 
-_LOSS = {"mse": 3, "binary_cross_entropy": 2}
 
 
 class NumbaBackend(Backend):
@@ -95,11 +95,8 @@ class NumbaBackend(Backend):
     # ------------------------------------------------------------------ losses
     def _loss_args(self, Z, y, loss):
         if loss == "cross_entropy" and y.ndim == 1:
-            return np.ascontiguousarray(y, np.int64), self._empty_2d[Z.dtype.type], self.k.CE_LABELS
-        code = self.k.CE_SOFT if loss == "cross_entropy" else _LOSS.get(loss)
-        if code is None:
-            raise ValueError(f"unknown loss {loss!r}")
-        return self._empty_labels, y, code
+            return np.ascontiguousarray(y, np.int64), self._empty_2d[Z.dtype.type], loss_code(loss, True)
+        return self._empty_labels, y, loss_code(loss, False)
 
     def output_delta(self, Z_L, y, loss, delta_out=None, stats_out=None, weights=None):
         if weights is not None:  # the kernel's delta, weighted by the reference
