@@ -20,7 +20,6 @@ from numba import njit
 import fastbp as fb
 from fastbp.backends import _numba_kernels as k
 from fastbp.backends._numba_blas import gemm
-from fastbp.backends.numba_backend import _whole_step_plan
 from fastbp.bench import CONFIGS, floor_candidates
 
 
@@ -102,7 +101,7 @@ def main() -> None:
     model = fb.MLP(sizes, seed=0, backend=backend)
     X, y = model.prepare_batch(rng.standard_normal((batch, sizes[0])), rng.integers(0, sizes[-1], batch),
                                "cross_entropy")
-    plan = _whole_step_plan(model, batch)
+    plan = backend._whole_step_plan(model, batch)
     assert plan is not None
     flat, grad = model.flat_parameters(), model.flat_grad()
     labels, Y = np.ascontiguousarray(y, np.int64), np.zeros((0, 0), np.float32)

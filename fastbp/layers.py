@@ -3,6 +3,7 @@ they never do array math of their own."""
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -140,6 +141,8 @@ class MLP:
         shapes = [np.shape(a) for W, b, _ in weights for a in (W, b)]
         views = _views(self._flat, shapes)
         self.layers = [Dense(views[2 * i], views[2 * i + 1], act) for i, (_, _, act) in enumerate(weights)]
+        #: Held by a Trainer while it trains this model: one thread at a time (a second gets an error).
+        self.lock: threading.Lock = getattr(self, "lock", None) or threading.Lock()
         self._workspaces: OrderedDict[int, _Workspace] = OrderedDict()
         self._flat_grad: Any = None
         self._grads: list[Any] | None = None
@@ -170,6 +173,15 @@ class MLP:
         model.backend = resolve_backend(backend)
         model._set_layers(host)
         return model
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("lock", None)  # a lock does not pickle; the copy gets its own
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.Lock()
 
     # ------------------------------------------------------------------ introspection
     @property

@@ -166,7 +166,10 @@ class Optimizer:
         flat = backend.empty((largest,), params[0].dtype)
         self._work = [flat[: int(np.prod(p.shape))].reshape(p.shape) for p in params]
 
-    def _check_state(self, params: list[Any], backend: Backend) -> None:
+    def prepare(self, params: list[Any], backend: Backend) -> None:
+        """Ready the state for ``params`` on ``backend`` before an update: created (zeros) on the first call,
+        checked against the parameters' shapes, moved when the backend or dtype changed. ``step`` calls it;
+        a backend's fused whole step calls it before reading ``state``."""
         if self.state is None:
             self._init_state(params, backend)
             return
@@ -251,7 +254,7 @@ class Optimizer:
             raise ValueError(f"params and grads must be non-empty lists of equal length, "
                              f"got {len(params)} and {len(grads)}")
         backend = backend or get_backend()
-        self._check_state(params, backend)
+        self.prepare(params, backend)
         state = self.state
         assert state is not None
         state.step += 1
@@ -305,6 +308,11 @@ class Adam(Optimizer):
     slot_names = ("m", "v")
     _decoupled = False
 
+    @property
+    def decoupled(self) -> bool:
+        """Whether the weight decay is decoupled from the gradient (AdamW) rather than added to it."""
+        return self._decoupled
+
     def __init__(self, lr: Schedule | float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0) -> None:
         super().__init__(lr)
@@ -317,7 +325,7 @@ class Adam(Optimizer):
 
     def _update(self, bk, i, p, g, work, lr, state, gate):
         bk.adam_update(p, g, state.slots["m"][i], state.slots["v"][i], work, lr, self.betas[0], self.betas[1],
-                       self.eps, state.step, self.weight_decay, self._decoupled, gate=gate)
+                       self.eps, state.step, self.weight_decay, self.decoupled, gate=gate)
 
 
 class AdamW(Adam):

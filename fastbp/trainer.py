@@ -124,7 +124,7 @@ class Trainer:
 
     def _acquire(self) -> threading.Lock:
         """The model's lock, taken: a RuntimeError when another thread holds it."""
-        lock = self.model.__dict__.get("_busy") or self.model.__dict__.setdefault("_busy", threading.Lock())
+        lock = self.model.lock
         if not lock.acquire(blocking=False):
             raise RuntimeError("this model is being trained in another thread: a Trainer and its model serve "
                                "one thread at a time (use one model per thread)")

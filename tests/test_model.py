@@ -292,3 +292,14 @@ def test_batches_ready_for_the_ops_are_still_checked(backend, dtype, bad, rng):
         trainer.step(X, y)
     for a, b in zip(model.get_weights(), before):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_trained_model_pickles_with_a_lock_of_its_own(rng):
+    import pickle
+
+    model = fb.MLP([3, 4, 2], dtype="float64", backend="numpy")
+    fb.Trainer(model).fit(rng.standard_normal((16, 3)), rng.integers(0, 2, 16), epochs=1, verbose=0)
+    copy = pickle.loads(pickle.dumps(model))
+    X = rng.standard_normal((5, 3))
+    np.testing.assert_array_equal(copy.forward(X), model.forward(X))
+    assert copy.lock is not model.lock and copy.lock.acquire(blocking=False)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 from typing import Any
 
 import numpy as np
@@ -45,13 +44,6 @@ class Backend:
     #: offer them (the reference ops do). A backend whose fused kernels never read them says False, and
     #: nobody allocates them on it (on a GPU they would be device memory held for nothing).
     uses_scratch: bool = True
-
-    @property
-    def _local_rows(self) -> threading.local:
-        local = self.__dict__.get("_rows_local")
-        if local is None:
-            local = self.__dict__.setdefault("_rows_local", threading.local())
-        return local
 
     def __repr__(self) -> str:
         return f"<fastbp backend {self.name!r}>"
@@ -250,10 +242,11 @@ class Backend:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
     def _rows(self, n: int) -> Any:
-        """arange(n) of this backend, kept for the last n (the cross-entropy's row index at every step)."""
-        cached = getattr(self._local_rows, "rows", None)
+        """arange(n) of this backend, kept for the last n (the cross-entropy's row index at every step; only
+        ever read, so threads may share it)."""
+        cached = self.__dict__.get("_rows_cache")
         if cached is None or cached.shape[0] != n:
-            cached = self._local_rows.rows = self.xp.arange(n)
+            cached = self.__dict__["_rows_cache"] = self.xp.arange(n)
         return cached
 
     def _weighted_output_delta(self, Z_L: Any, y: Any, loss: str, delta_out: Any, stats_out: Any,

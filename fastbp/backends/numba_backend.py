@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import time
+import weakref
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,7 @@ class NumbaBackend(Backend):
         #: The GEMMs' BLAS: _numba_blas.ROUTE_NUMPY (NumPy's OpenBLAS) or ROUTE_NUMBA (np.dot, SciPy's).
         self.blas_route = _numba_blas.ROUTE
         self.blas = _numba_blas.DESCRIPTION
+        self._plans: weakref.WeakKeyDictionary[Any, dict[int, Any]] = weakref.WeakKeyDictionary()
         self._empty_labels = np.zeros(0, np.int64)
         self._empty_2d = {dt: np.zeros((0, 0), dt) for dt in (np.float32, np.float64)}
         self._empty_1d = {dt: np.zeros(0, dt) for dt in (np.float32, np.float64)}
@@ -141,11 +143,11 @@ class NumbaBackend(Backend):
     def train_step(self, model, X, y, loss, optimizer, clip=0.0, stats_out=None):
         """Forward, backward and update in one compiled call, for small relu-like networks."""
         kind = _optimizer_kinds().get(type(optimizer))
-        plan = _whole_step_plan(model, X.shape[0]) if WHOLE_STEP and kind is not None else None
+        plan = self._whole_step_plan(model, X.shape[0]) if WHOLE_STEP and kind is not None else None
         if plan is None:
             return None
         flat, grad = model.flat_parameters(), model.flat_grad()
-        optimizer._check_state([flat], self)
+        optimizer.prepare([flat], self)
         state = optimizer.state
         slots = state.slots
         lr = optimizer.schedule(state.step + 1)
@@ -156,7 +158,7 @@ class NumbaBackend(Backend):
             s1, s2 = (slots["momentum"][0] if optimizer.momentum else empty), empty
         elif kind == 1:
             hyper = np.array([lr, optimizer.betas[0], optimizer.betas[1], optimizer.eps, optimizer.weight_decay,
-                              1.0 if optimizer._decoupled else 0.0])
+                              1.0 if optimizer.decoupled else 0.0])
             s1, s2 = slots["m"][0], slots["v"][0]
         else:
             hyper = np.array([lr, optimizer.alpha, optimizer.eps, optimizer.momentum, optimizer.weight_decay])
@@ -168,6 +170,20 @@ class NumbaBackend(Backend):
         if updated:
             state.step += 1
         return self._record(stats_out, value, plan.output, y, loss), plan.output, sumsq, updated
+
+    def _whole_step_plan(self, model: Any, batch: int) -> _Plan | None:
+        """The whole-step plan for this model and batch size (kept by this backend while the model lives), or
+        None when the model uses activations the kernel does not fuse."""
+        cache = self._plans.get(model)
+        if cache is None:
+            cache = self._plans[model] = {}
+        entry = cache.get(batch)
+        if entry is None or entry[0] is not model.dtype:  # built for another dtype
+            if len(cache) >= 4:
+                cache.pop(next(iter(cache)))
+            fused = all(self.k.CODES.get(a) in self.k.FUSED for a in model.activations)
+            entry = cache[batch] = (model.dtype, _Plan(model, batch) if fused else None)
+        return entry[1]
 
     def sum_of_squares(self, x, out=None):
         if not x.flags.c_contiguous:
@@ -228,21 +244,6 @@ class _Plan:
         n_top = model.layers[-1].n_out
         top = scratch - 2 * batch * n_top
         self.output = self.ws[top:top + batch * n_top].reshape(batch, n_top)
-
-
-def _whole_step_plan(model: Any, batch: int) -> _Plan | None:
-    """The whole-step plan for this model and batch size (cached on the model), or None when the model
-    uses activations the kernel does not fuse."""
-    cache = model.__dict__.setdefault("_numba_plans", {})
-    entry = cache.get(batch)
-    if entry is None or entry[0] is not model.dtype:  # built for another dtype
-        from . import _numba_kernels as k
-
-        if len(cache) >= 4:
-            cache.pop(next(iter(cache)))
-        fused = all(k.CODES.get(a) in k.FUSED for a in model.activations)
-        entry = cache[batch] = (model.dtype, _Plan(model, batch) if fused else None)
-    return entry[1]
 
 
 def create() -> NumbaBackend:
