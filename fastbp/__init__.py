@@ -6,11 +6,13 @@ from . import callbacks, datasets, optim
 from .activations import register as register_activation
 from .backends import available_backends, backend_status, get_backend, set_backend, use_backend
 from .callbacks import Callback, EarlyStopping, ModelCheckpoint
+from .divergence import DivergenceError
 from .gradcheck import gradcheck
+from .history import History
 from .io import load
 from .layers import MLP, Dense
 from .threads import get_num_threads, num_threads, set_num_threads
-from .trainer import DivergenceError, History, Trainer
+from .trainer import Trainer
 
 __version__ = "0.1.0"
 

@@ -10,11 +10,9 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,47 +28,15 @@ from ._checks import (
 )
 from .backends.base import invalid_batch_message
 from .callbacks import Callback
+from .divergence import ON_NONFINITE, DivergenceError, DivergenceGuard, divergence_message
 from .dtypes import accumulator_dtype
+from .history import History
 from .layers import MLP, _on_device
 from .losses import CLASSIFICATION_LOSSES, check_loss, check_sample_weight, class_weights, learn_classes
 from .optim import OPTIMIZERS, Adam, Optimizer
+from .progress import Reporter, resolve_verbose
 
-#: fit's ``verbose`` levels, as Keras's: silent, a progress bar per epoch (steps), one line per epoch.
-VERBOSE = (0, 1, 2, "auto")
-#: On a backend with deferred checks (a GPU), how many steps may pass between reads of the non-finite
-#: guard. Steps after a non-finite one change nothing (their updates are gated off on the device), so a
-#: longer interval costs only wasted work after a divergence, never correctness.
-DEFERRED_CHECK_STEPS = 32
-ON_NONFINITE = ("raise", "skip")
-
-
-class DivergenceError(FloatingPointError):
-    """Training met a non-finite loss or gradient; the parameters are those before that step."""
-
-
-@dataclass
-class History:
-    """Per-epoch metrics of a ``fit``: ``history['loss']`` is the list of epoch losses, and so on."""
-
-    epochs: list[dict[str, Any]] = field(default_factory=list)
-    #: True when Ctrl-C ended the fit early (the last row is the last completed epoch).
-    interrupted: bool = False
-
-    def __getitem__(self, key: str) -> list[Any]:
-        if not self.epochs or key not in self.epochs[0]:
-            raise KeyError(f"{key!r} is not a logged metric; logged: {self.keys()}")
-        return [row[key] for row in self.epochs]
-
-    def keys(self) -> list[str]:
-        return list(self.epochs[0]) if self.epochs else []
-
-    def __len__(self) -> int:
-        return len(self.epochs)
-
-    @property
-    def history(self) -> dict[str, list[Any]]:
-        """The metrics as a dict of lists (Keras style)."""
-        return {k: self[k] for k in self.keys()}
+__all__ = ["Trainer", "History", "DivergenceError"]
 
 
 class Trainer:
@@ -117,9 +83,7 @@ class Trainer:
         self.steps = 0
         self.skipped_steps = 0
         self.stop_training = False
-        self._guard: Any = None  # the device-side non-finite guard (backends with deferred checks)
-        self._guard_backend: Any = None
-        self._unchecked = 0  # steps taken since the guard was last read
+        self._guard = DivergenceGuard()  # the device-side non-finite check (backends with deferred checks)
         self._sumsq: Any = None  # the last step's squared gradient norm, handed back to be written into
 
     def _acquire(self) -> threading.Lock:
@@ -160,7 +124,7 @@ class Trainer:
                 value, _ = self._step(Xd, yd, weights=weights)
                 if value is None:  # skipped as non-finite
                     return math.nan
-                if not self._unchecked:  # nothing deferred: the loss alone
+                if not self._guard.unchecked:  # nothing deferred: the loss alone
                     return self.model.backend.to_float(value)
                 return float(self._check_deferred(value)[0])  # the guard and the loss in one read
         finally:
@@ -183,9 +147,7 @@ class Trainer:
         bk = self.model.backend
         if not (bk.deferred_checks and self.on_nonfinite == "raise"):
             return None
-        if self._guard is None or self._guard_backend is not bk:
-            self._guard, self._guard_backend = bk.guard_state(), bk
-        return self._guard
+        return self._guard.array(bk)
 
     def _step(self, Xd: Any, yd: Any, stats_out: Any = None, weights: Any = None) -> tuple[Any, Any]:
         """One step on prepared arrays: the backend's whole-step op where it has one (and no sample weights
@@ -214,7 +176,7 @@ class Trainer:
         gate = self._deferred_guard()
         if gate is not None:
             bk.nonfinite_guard(value, sumsq, gate, self.steps + 1)
-            self._unchecked += 1
+            self._guard.unchecked += 1
         else:
             loss_value, sq = bk.to_floats(value, sumsq)
             if not (math.isfinite(loss_value) and math.isfinite(sq)):
@@ -227,27 +189,19 @@ class Trainer:
         return value, output
 
     def _check_deferred(self, extra: Any = None) -> np.ndarray:
-        """Read the device guard of the steps since the last read. When one of them was non-finite, or its
-        batch invalid (``Backend.check_batch``), its update and every later one did nothing; wind the step
-        counts back to it and raise. ``extra``: a backend array read in the same transfer as the guard and
-        returned as a flat float64 host array (empty when None)."""
-        bk = self.model.backend
-        if not self._unchecked:
-            return np.zeros(0) if extra is None else np.asarray(bk.to_numpy(extra), np.float64).reshape(-1)
-        self._unchecked = 0
-        xp = bk.xp
-        parts = [self._guard] + ([] if extra is None else [xp.asarray(extra, dtype=np.float64).reshape(-1)])
-        host = bk.to_numpy(xp.concatenate(parts))
-        tripped, step, first, second = (float(v) for v in host[:4])
-        if tripped:
-            self._guard = None  # a fresh guard for any training after the error
-            undone = self.steps - int(step) + 1  # the failed step and those after it
+        """Read the device guard of the steps since the last read (``DivergenceGuard.read``). When one of
+        them was non-finite, or its batch invalid (``Backend.check_batch``), its update and every later one
+        did nothing; wind the step counts back to it and raise. ``extra``: a backend array read in the same
+        transfer and returned as a flat float64 host array (empty when None)."""
+        tripped, host = self._guard.read(self.model.backend, extra)
+        if tripped is not None:
+            undone = self.steps - tripped.step + 1  # the failed step and those after it
             self.steps -= undone
             self.optimizer.rewind(undone)
-            if tripped == 2:  # an invalid batch (first: how many values, second: the targets' kind)
-                raise ValueError(invalid_batch_message(first, int(second), self.model.sizes[-1]))
-            self._nonfinite(first, second)  # raises ('raise' is the mode with deferred checks)
-        return host[4:]
+            if tripped.kind == 2:  # an invalid batch (first: how many values, second: the targets' kind)
+                raise ValueError(invalid_batch_message(tripped.first, int(tripped.second), self.model.sizes[-1]))
+            self._nonfinite(tripped.first, tripped.second)  # raises ('raise' is the mode with deferred checks)
+        return host
 
     def _nonfinite(self, loss_value: float, sumsq: float) -> None:
         """A non-finite step that changed nothing: count it as skipped, or raise."""
@@ -255,11 +209,7 @@ class Trainer:
             self.steps += 1
             self.skipped_steps += 1
             return
-        what = "loss" if not math.isfinite(loss_value) else "gradient"
-        raise DivergenceError(
-            f"non-finite {what} at epoch {self.epoch}, step {self.steps + 1} (loss {loss_value}, squared "
-            f"gradient norm {sumsq}); the parameters and optimizer state are those before this step. Lower "
-            f"the learning rate, set clip_norm, or pass on_nonfinite='skip' to skip such steps.")
+        raise DivergenceError(divergence_message(self.epoch, self.steps + 1, loss_value, sumsq))
 
     # ------------------------------------------------------------------ many epochs
     def fit(
@@ -304,7 +254,7 @@ class Trainer:
                 generator are those of the last completed epoch, so a resumed fit redoes that epoch.
         """
         epochs = check_positive_int(epochs, "epochs")
-        verbose = _resolve_verbose(verbose)
+        verbose = resolve_verbose(verbose)
         callbacks = list(callbacks or [])
         for cb in callbacks:
             if not isinstance(cb, Callback):
@@ -386,7 +336,7 @@ class Trainer:
         # each step's [loss, correct count], written by the loss kernel and read once at the epoch's end
         stats = bk.zeros((len(sizes), 2), accumulator_dtype(self.model.dtype))
         classify = self.loss in CLASSIFICATION_LOSSES
-        reporter = _Reporter(verbose, epochs, len(sizes))
+        reporter = Reporter(verbose, epochs, len(sizes))
         self.stop_training = False
         for cb in callbacks:
             cb.on_train_begin(self)
@@ -412,7 +362,7 @@ class Trainer:
                         bk.take_rows(wd, idx[s:s + size], out=wb)
                     value, _ = self._step(xb, yb, stats[k], wb)
                     taken[k] = value is not None  # a step skipped as non-finite is not in the metrics
-                    if self._unchecked >= DEFERRED_CHECK_STEPS:
+                    if self._guard.due():
                         self._check_deferred()
                     if reporter.bar is not None:
                         reporter.bar.update()
@@ -509,73 +459,3 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def _targets_per_row(yd: Any, loss: str) -> int:
     return yd.shape[1] if loss == "binary_cross_entropy" else 1
-
-
-class _Reporter:
-    """fit's progress (``verbose``): nothing (0), a tqdm bar per epoch advanced by the steps (1), or a
-    printed line per epoch (2)."""
-
-    def __init__(self, verbose: int, epochs: int, steps: int) -> None:
-        self.verbose = verbose
-        self.epochs = epochs
-        self.steps = steps
-        self.bar: Any = None
-        self.done = 0  # epochs of this fit begun (numbered from 1 in each fit, as Keras's)
-
-    def epoch_begin(self) -> None:
-        self.done += 1
-        if self.verbose == 1:
-            from tqdm.auto import tqdm
-
-            width = len(str(self.epochs))
-            self.bar = tqdm(total=self.steps, desc=f"epoch {self.done:>{width}}/{self.epochs}", unit="step",
-                            leave=True, dynamic_ncols=True)
-
-    def epoch(self, row: dict[str, Any]) -> None:
-        metrics = {k: v for k, v in row.items() if k not in ("epoch", "time", "lr")}
-        if self.bar is not None:
-            self.bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()}, refresh=False)
-            self.close()
-        elif self.verbose == 2:
-            text = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            print(f"epoch {self.done:>{len(str(self.epochs))}}/{self.epochs}  {text}  ({row['time']:.3f} s)",
-                  flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def _resolve_verbose(verbose: Any) -> int:
-    """fit's ``verbose`` as 0, 1 or 2 (see ``Trainer.fit``)."""
-    if isinstance(verbose, str):
-        check_choice(verbose, ("auto",), "verbose")
-        if not (sys.stderr.isatty() or _in_notebook()):
-            return 0
-        return 1 if _has_tqdm() else 2
-    if verbose not in (0, 1, 2) or isinstance(verbose, float):
-        raise ValueError(f"verbose must be 0 (silent), 1 (a progress bar), 2 (a line per epoch) or 'auto', "
-                         f"got {verbose!r}")
-    if verbose == 1 and not _has_tqdm():
-        import warnings
-
-        warnings.warn("verbose=1 draws its progress bar with tqdm, which is not installed (pip install "
-                      "'fastbp[progress]'): printing a line per epoch instead", stacklevel=3)
-        return 2
-    return int(verbose)
-
-
-def _in_notebook() -> bool:
-    """Whether this runs in a Jupyter kernel (where tqdm.auto draws a widget)."""
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None else None
-    return type(shell).__name__ == "ZMQInteractiveShell"
-
-
-def _has_tqdm() -> bool:
-    try:
-        import tqdm  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -128,7 +128,7 @@ def test_tf32_option(gpu):
 def test_training_steps_read_nothing_back_from_the_gpu(gpu, monkeypatch):
     """The non-finite check runs on the device: a 70-step epoch reads back the guard every
     DEFERRED_CHECK_STEPS steps, and at the epoch's end together with the epoch's metrics, not once per step."""
-    import fastbp.trainer as trainer_module
+    from fastbp import divergence
 
     rng = np.random.default_rng(0)
     X, y = rng.standard_normal((70 * 16, 20)), rng.integers(0, 4, 70 * 16)
@@ -139,15 +139,15 @@ def test_training_steps_read_nothing_back_from_the_gpu(gpu, monkeypatch):
         original = getattr(gpu, name)
         monkeypatch.setattr(gpu, name, lambda *a, _o=original, _n=name: reads.append(_n) or _o(*a))
     trainer.fit(X, y, epochs=1, verbose=0)
-    every = trainer_module.DEFERRED_CHECK_STEPS
+    every = divergence.DEFERRED_CHECK_STEPS
     # every 32 steps, then at the epoch's end with the loss and accuracy: nothing else
     assert reads == ["to_numpy"] * (70 // every + (70 % every > 0)), reads
 
 
 def test_a_diverging_step_on_the_gpu_leaves_the_state_before_it(gpu, monkeypatch):
-    import fastbp.trainer as trainer_module
+    from fastbp import divergence
 
-    monkeypatch.setattr(trainer_module, "DEFERRED_CHECK_STEPS", 1000)  # read the guard at the epoch's end only
+    monkeypatch.setattr(divergence, "DEFERRED_CHECK_STEPS", 1000)  # read the guard at the epoch's end only
     rng = np.random.default_rng(1)
     X, y = rng.standard_normal((160, 12)), rng.integers(0, 3, 160)
     bad = X.copy()

@@ -99,9 +99,9 @@ def test_deferred_divergence_reports_the_step_and_keeps_the_state_before_it(monk
     """A non-finite batch at step 4 of 13: the guard is read only at the epoch's end, after 9 more steps
     ran gated; the error, the parameters, the optimizer state and the step counts are those of the
     per-step check."""
-    import fastbp.trainer as trainer_module
+    from fastbp import divergence
 
-    monkeypatch.setattr(trainer_module, "DEFERRED_CHECK_STEPS", 1000)
+    monkeypatch.setattr(divergence, "DEFERRED_CHECK_STEPS", 1000)
     X, y = data
     bad = X.copy()
     bad[50] *= 1e38  # float32 overflow in row 50, which is in the fourth batch of 16 (no shuffling)
