@@ -145,7 +145,7 @@ def floor_candidates(backends: list[Any], sizes: list[int], batch: int, dtype: s
         libraries.append(("blas:numpy", "numpy", np.asarray, lambda a, b, out: np.matmul(a, b, out=out), _nothing))
         numba_bk = next((bk for bk in backends if bk.name == "numba"), None)
         if numba_bk is not None:
-            from .backends._numba_blas import ROUTE_NUMBA
+            from ..backends._numba_blas import ROUTE_NUMBA
 
             def scipy_matmul(a: Any, b: Any, out: Any, k: Any = numba_bk.k) -> None:
                 k.matmul(a, b, out, ROUTE_NUMBA)  # Numba's np.dot, as a compiled kernel calls it

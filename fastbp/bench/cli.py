@@ -37,7 +37,7 @@ def add_bench_parser(sub: Any, sizes_type: Callable[[str], list[int]]) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import fastbp as fb
 
-    from .envinfo import environment, format_environment
+    from ..envinfo import environment, format_environment
 
     if args.reps < 1 or args.min_time <= 0:
         raise ValueError(f"--reps must be >= 1 and --min-time > 0, got {args.reps} and {args.min_time}")
