@@ -59,15 +59,15 @@ def _gemms(n, X, flat, grad, layout, ws, route):
 
 
 @njit
-def _bias_act(n, Z, b):
+def _forward_epilogue(n, Z, b):
     for _ in range(n):
-        k.bias_act(Z, b, k.RELU)
+        k.forward_epilogue(Z, b, k.RELU)
 
 
 @njit
-def _dact_colsum(n, D, A, db):
+def _backward_epilogue(n, D, A, db):
     for _ in range(n):
-        k.dact_colsum(D, A, k.RELU, db)
+        k.backward_epilogue(D, A, k.RELU, db)
 
 
 @njit
@@ -125,8 +125,8 @@ def main() -> None:
                                                        plan.ws, hyper, empty, route),
         "its GEMMs alone (compiled loop)": lambda n: _gemms(n, X, flat, grad, plan.layout, plan.ws, route),
         "GEMM floor (from Python)": floor_step,
-        f"bias_act ({batch}x{hidden})": lambda n: _bias_act(n, Z, b),
-        f"dact_colsum ({batch}x{hidden})": lambda n: _dact_colsum(n, Z.copy(), A, db),
+        f"forward_epilogue ({batch}x{hidden})": lambda n: _forward_epilogue(n, Z, b),
+        f"backward_epilogue ({batch}x{hidden})": lambda n: _backward_epilogue(n, Z.copy(), A, db),
         f"output_delta ({batch}x{n_out})": lambda n: _output_delta(n, logits, labels, Y, D),
         f"sum_of_squares ({grad.size})": lambda n: _sumsq(n, grad, route),
         f"sgd update ({grad.size})": lambda n: _sgd(n, p, grad, empty),

@@ -3,8 +3,8 @@
 Each activation is written against an array module ``xp`` (numpy or cupy) and works in place where it
 can. ``forward(xp, Z, out, work)`` writes g(Z) into ``out`` (which may be Z itself).
 ``backward(xp, delta, Z, A, work, work2)`` multiplies ``delta`` in place by g'(z), using what the forward pass
-kept: activations whose derivative is a function of the output (``saves == 'A'``) let the forward pass
-overwrite Z with A, so only one buffer per layer is kept; the others (``saves == 'Z'``) keep Z.
+kept: activations whose derivative is a function of the output (``keeps == 'output'``) let the forward pass
+overwrite Z with A, so only one buffer per layer is kept; the others (``keeps == 'preactivation'``) keep Z.
 
 ``register`` adds a user's activation from two plain functions of an array, g and g'. It then works on every
 backend: the compiled backends run it through this reference path (their fused kernels know only the
@@ -30,7 +30,7 @@ class Activation:
     name: str
     forward: Callable[[Any, Any, Any, Any], Any]
     backward: Callable[[Any, Any, Any, Any, Any, Any], Any]
-    saves: str  # 'A': g' is computed from the output; 'Z': from the pre-activation
+    keeps: str  # what the forward pass keeps for g': 'output' (A, written over Z) or 'preactivation' (Z)
     init: str  # default initializer family: 'he' or 'glorot'
     forward_scratch: bool = False  # forward needs one scratch buffer shaped like Z
     backward_scratch: int = 1  # scratch buffers the backward needs (0, 1 or 2)
@@ -171,13 +171,14 @@ CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "ge
 ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in (
-        Activation("identity", _identity_f, _identity_b, saves="A", init="glorot", backward_scratch=0),
-        Activation("relu", _relu_f, _relu_b, saves="A", init="he"),
-        Activation("leaky_relu", _leaky_f, _leaky_b, saves="A", init="he", forward_scratch=True),
-        Activation("sigmoid", _sigmoid_f, _sigmoid_b, saves="A", init="glorot"),
-        Activation("tanh", _tanh_f, _tanh_b, saves="A", init="glorot"),
-        Activation("gelu", _gelu_f, _gelu_b, saves="Z", init="he", forward_scratch=True, backward_scratch=2),
-        Activation("silu", _silu_f, _silu_b, saves="Z", init="he", forward_scratch=True),
+        Activation("identity", _identity_f, _identity_b, keeps="output", init="glorot", backward_scratch=0),
+        Activation("relu", _relu_f, _relu_b, keeps="output", init="he"),
+        Activation("leaky_relu", _leaky_f, _leaky_b, keeps="output", init="he", forward_scratch=True),
+        Activation("sigmoid", _sigmoid_f, _sigmoid_b, keeps="output", init="glorot"),
+        Activation("tanh", _tanh_f, _tanh_b, keeps="output", init="glorot"),
+        Activation("gelu", _gelu_f, _gelu_b, keeps="preactivation", init="he", forward_scratch=True,
+                   backward_scratch=2),
+        Activation("silu", _silu_f, _silu_b, keeps="preactivation", init="he", forward_scratch=True),
     )
 }
 
@@ -231,8 +232,8 @@ def register(name: str, forward: Callable[[Any, Any], Any], derivative: Callable
 
     if existing is not None:
         del ACTIVATIONS[next(n for n in ACTIVATIONS if n.lower() == name.lower())]
-    act = ACTIVATIONS[name] = Activation(name, forward_, backward_, saves="Z", init=init, backward_scratch=0,
-                                         builtin=False)
+    act = ACTIVATIONS[name] = Activation(name, forward_, backward_, keeps="preactivation", init=init,
+                                         backward_scratch=0, builtin=False)
     return act
 
 

@@ -65,7 +65,7 @@ class _Workspace:
             shape = (batch, layer.n_out)
             self.Z.append(backend.empty(shape, dtype))
             act = ACTIVATIONS[layer.activation]
-            self.A.append(backend.empty(shape, dtype) if act.saves == "Z" else None)
+            self.A.append(backend.empty(shape, dtype) if act.keeps == "preactivation" else None)
             self.delta.append(backend.empty(shape, dtype))
             scratch = backend.uses_scratch
             self.work.append(backend.empty(shape, dtype)

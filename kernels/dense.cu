@@ -5,7 +5,7 @@
 // For activations whose g' reads A, the caller passes A == Z and the output is written over Z.
 // The column j of idx is kept up to date as idx strides: one 64-bit modulo per thread, not per element.
 template <typename T, int ACT>
-__global__ void bias_act(T* Z, const T* __restrict__ b, T* A, long long total, int n) {
+__global__ void forward_epilogue(T* Z, const T* __restrict__ b, T* A, long long total, int n) {
     const long long stride = grid_stride();
     const int step = static_cast<int>(stride % n);
     long long idx = global_index();
@@ -29,7 +29,7 @@ __global__ void bias_act(T* Z, const T* __restrict__ b, T* A, long long total, i
 // Block (32, 8): x over 32 consecutive columns (coalesced), y over 8 row lanes; grid (column tiles,
 // slabs). The slab partition and the summation order are fixed, so db is the same bits every run.
 template <typename T, int ACT>
-__global__ void dact_colsum(T* delta, const T* S, typename Acc<T>::type* partial, int rows, int n,
+__global__ void backward_epilogue(T* delta, const T* S, typename Acc<T>::type* partial, int rows, int n,
                             int rows_per_slab) {
     using A = typename Acc<T>::type;
     __shared__ A tile[8][33];

@@ -186,7 +186,7 @@ __global__ void check_batch(const T* __restrict__ X, long long nx, const long lo
 
 // out[0] = scale * sum(values[0:n]), one block of FASTBP_REDUCE_THREADS threads (at most that many), fixed order.
 template <typename A>
-__global__ void reduce_rows(const A* __restrict__ values, long long n, A scale, A* __restrict__ out) {
+__global__ void ordered_sum(const A* __restrict__ values, long long n, A scale, A* __restrict__ out) {
     __shared__ A shared[FASTBP_REDUCE_THREADS];
     A s = A(0);
     for (long long i = threadIdx.x; i < n; i += blockDim.x) {

@@ -69,30 +69,30 @@ def tolerance(dtype):
 
 
 # ------------------------------------------------------------------------------------------------ dense.cu
-def check_bias_act(kernel, dtype, act):
+def check_forward_epilogue(kernel, dtype, act):
     name = NAMES[act]
-    saves_output = ACTIVATIONS[name].saves == "A"
+    keeps_output = ACTIVATIONS[name].keeps == "output"
     rng = np.random.default_rng(act)
     for rows, n in rows_and_columns():
         Z0 = rng.standard_normal((rows, n)).astype(dtype)
         b = rng.standard_normal(n).astype(dtype)
         total = rows * n
         z = Z0.astype(np.float64) + b
-        args = (Z0, b, Z0 if saves_output else poisoned((rows, n), dtype), np.int64(total), np.int32(n))
+        args = (Z0, b, Z0 if keeps_output else poisoned((rows, n), dtype), np.int64(total), np.int32(n))
         for grid, block in [(1, 32), (3, 64), (-(-total // 256), 256)]:
             Z, A = launch(kernel, grid, block, args, [0, 2])
             assert_close(A, ACT[name](z), dtype, **tolerance(dtype), err_msg=f"{kernel.name} {rows}x{n} {grid}x{block}")
-            if not saves_output:  # g' reads z: the pre-activation is kept in Z
+            if not keeps_output:  # g' reads z: the pre-activation is kept in Z
                 assert_close(Z, z, dtype, **tolerance(dtype))
 
 
-def check_dact_colsum(kernel, dtype, act):
+def check_backward_epilogue(kernel, dtype, act):
     name = NAMES[act]
     acc = np.float64 if dtype == np.float64 else np.float32
     rng = np.random.default_rng(10 + act)
     for rows, n in rows_and_columns() + [(64, 257)]:
         z = rng.standard_normal((rows, n)).astype(dtype)
-        S = ACT[name](z.astype(np.float64)).astype(dtype) if ACTIVATIONS[name].saves == "A" else z
+        S = ACT[name](z.astype(np.float64)).astype(dtype) if ACTIVATIONS[name].keeps == "output" else z
         delta0 = rng.standard_normal((rows, n)).astype(dtype)
         want = delta0.astype(np.float64) * DACT[name](z.astype(np.float64))
         col_tiles = -(-n // 32)
@@ -233,7 +233,7 @@ def check_check_batch(kernel, dtype, kind):
             np.testing.assert_array_equal(guard, first)
 
 
-def check_reduce_rows(kernel, acc):
+def check_ordered_sum(kernel, acc):
     rng = np.random.default_rng(6)
     for n in SIZES:
         values = rng.standard_normal(n).astype(acc)
@@ -348,8 +348,9 @@ def check_clip_by_norm(kernel, dtype):
 
 
 CHECKS = {
-    "bias_act": check_bias_act, "dact_colsum": check_dact_colsum, "sum_partials": check_sum_partials,
-    "softmax_ce": check_softmax_ce, "pointwise_loss": check_pointwise_loss, "reduce_rows": check_reduce_rows,
+    "forward_epilogue": check_forward_epilogue, "backward_epilogue": check_backward_epilogue,
+    "sum_partials": check_sum_partials,
+    "softmax_ce": check_softmax_ce, "pointwise_loss": check_pointwise_loss, "ordered_sum": check_ordered_sum,
     "reduce_loss": check_reduce_loss, "check_batch": check_check_batch,
     "sgd": check_sgd, "adam": check_adam, "rmsprop": check_rmsprop, "sumsq_partial": check_sumsq_partial,
     "nonfinite_guard": check_nonfinite_guard, "clip_by_norm": check_clip_by_norm,

@@ -45,7 +45,7 @@ _SLOPE = 0.01
 
 # ----------------------------------------------------------------------------------- fused passes
 @njit
-def bias_act(Z, b, code):
+def forward_epilogue(Z, b, code):
     """Z = g(Z + b) in place, one pass (codes in FUSED)."""
     B, n = Z.shape
     if code == RELU:
@@ -65,7 +65,7 @@ def bias_act(Z, b, code):
 
 
 @njit
-def dact_colsum(delta, A, code, db):
+def backward_epilogue(delta, A, code, db):
     """eq. (2)'s elementwise part with eq. (4): delta *= g'(z), read from A, and db = column sums of
     delta, in one pass (codes in FUSED; IDENTITY gives the column sums alone).
 
@@ -130,20 +130,20 @@ def matmul(A, B, out, route):
 def dense_forward(X, W, b, code, Z, route):
     """A = g(X W + b) into Z: the GEMM (BLAS), then bias and activation in one pass."""
     gemm(X, W, Z, route)
-    bias_act(Z, b, code)
+    forward_epilogue(Z, b, code)
 
 
 @njit
 def dense_grads(delta, A_prev, dW, db, route):
     gemm(A_prev.T, delta, dW, route)  # eq. (3)
-    dact_colsum(delta, delta, IDENTITY, db)  # eq. (4): the column sums alone
+    backward_epilogue(delta, delta, IDENTITY, db)  # eq. (4): the column sums alone
 
 
 @njit
 def backprop_dense(delta_next, W_next, A, A_prev, code, delta, dW, db, route):
     """Eqs. (2), (3), (4): two GEMMs and one fused pass between them."""
     gemm(delta_next, W_next.T, delta, route)  # eq. (2), the product
-    dact_colsum(delta, A, code, db)  # eq. (2) * g'(z), and eq. (4)
+    backward_epilogue(delta, A, code, db)  # eq. (2) * g'(z), and eq. (4)
     gemm(A_prev.T, delta, dW, route)  # eq. (3)
 
 
@@ -314,7 +314,7 @@ def train_step(X, y_labels, Y, loss, flat, grad, layout, codes, ws, opt, hyper, 
         w0, b0, n_in, n_out = layout[l, 0], layout[l, 1], layout[l, 2], layout[l, 3]
         A = ws[a_at[l]:a_at[l] + B * n_out].reshape((B, n_out))
         gemm(A_prev, flat[w0:w0 + n_in * n_out].reshape((n_in, n_out)), A, route)
-        bias_act(A, flat[b0:b0 + n_out], codes[l])
+        forward_epilogue(A, flat[b0:b0 + n_out], codes[l])
         A_prev = A
     # ---- eq. (1)
     n_top = layout[L - 1, 3]
@@ -322,7 +322,7 @@ def train_step(X, y_labels, Y, loss, flat, grad, layout, codes, ws, opt, hyper, 
     value = output_delta(A_prev, y_labels, Y, loss, delta)
     # ---- eqs. (2)-(4), top down; each layer's delta gets g' and yields its bias gradient in one pass
     b_top = layout[L - 1, 1]
-    dact_colsum(delta, delta, IDENTITY, grad[b_top:b_top + n_top])  # eq. (4), top layer
+    backward_epilogue(delta, delta, IDENTITY, grad[b_top:b_top + n_top])  # eq. (4), top layer
     for l in range(L - 1, -1, -1):
         w0, n_in, n_out = layout[l, 0], layout[l, 2], layout[l, 3]
         A_in = ws[a_at[l - 1]:a_at[l - 1] + B * n_in].reshape((B, n_in)) if l > 0 else X
@@ -331,7 +331,7 @@ def train_step(X, y_labels, Y, loss, flat, grad, layout, codes, ws, opt, hyper, 
             below = ws[d_at[l - 1]:d_at[l - 1] + B * n_in].reshape((B, n_in))
             gemm(delta, flat[w0:w0 + n_in * n_out].reshape((n_in, n_out)).T, below, route)  # eq. (2)
             b0 = layout[l - 1, 1]
-            dact_colsum(below, A_in, codes[l - 1], grad[b0:b0 + n_in])  # eq. (2) * g', eq. (4)
+            backward_epilogue(below, A_in, codes[l - 1], grad[b0:b0 + n_in])  # eq. (2) * g', eq. (4)
             delta = below
     sumsq = sum_of_squares(grad, route)
     if not (math.isfinite(value) and math.isfinite(sumsq)):

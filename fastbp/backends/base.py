@@ -120,7 +120,7 @@ class Backend:
     ) -> tuple[Any, Any]:
         """Z = X W + b, A = g(Z); returns (A, Z).
 
-        When g' can be computed from A (``Activation.saves == 'A'``), A is written over Z and the
+        When g' can be computed from A (``Activation.keeps == 'output'``), A is written over Z and the
         same array is returned twice; otherwise Z is kept in ``Z_out`` and A is written to ``A_out``.
         """
         act = ACTIVATIONS[activation]
@@ -129,7 +129,7 @@ class Backend:
         Z += b
         if work is None and act.forward_scratch:
             work = xp.empty_like(Z)
-        if act.saves == "A":
+        if act.keeps == "output":
             A = act.forward(xp, Z, Z, work)
             return A, A
         if A_out is None:

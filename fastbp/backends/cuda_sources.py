@@ -22,11 +22,11 @@ _ACTS = sorted(CODES.values())
 #: Threads per block of the cupy backend's launches: the grid-stride kernels and the warp-per-row loss
 #: kernels. sumsq_partial's shared array is this size.
 THREADS = 256
-#: reduce_rows, reduce_loss and check_batch run as one block of this many threads (block_sum needs a
+#: ordered_sum, reduce_loss and check_batch run as one block of this many threads (block_sum needs a
 #: power of two up to 1024).
 REDUCE_THREADS = 1024
 
-#: dact_colsum's block: 32 columns by 8 row lanes (its shared tile is [8][33]).
+#: backward_epilogue's block: 32 columns by 8 row lanes (its shared tile is [8][33]).
 COLSUM_BLOCK = (32, 8)
 
 
@@ -57,20 +57,20 @@ def _enum(name: str, codes: dict[str, int], prefix: str = "") -> str:
 def codes_header() -> str:
     """The text of kernels/codes.cuh, generated from the Python tables, so the kernels and the tables
     cannot disagree: the activation codes (``fastbp.activations.CODES``) and which activations' g' reads
-    the pre-activation Z (``saves == 'Z'``), the loss codes (``fastbp.losses.LOSS_CODES``) and the target
+    the pre-activation Z (``keeps == 'preactivation'``), the loss codes (``fastbp.losses.LOSS_CODES``) and the target
     kinds (``TARGET_KINDS``). ``write_codes_header`` writes it; a test fails when the file differs."""
     from ..activations import ACTIVATIONS
 
     keeps_z = " || ".join(f"ACT == {name.upper()}" for name in sorted(CODES, key=lambda n: CODES[n])
-                          if ACTIVATIONS[name].saves == "Z") or "false"
+                          if ACTIVATIONS[name].keeps == "preactivation") or "false"
     return (
         "// Generated from fastbp's Python tables by fastbp.backends.cuda_sources.write_codes_header(): do not\n"
         "// edit by hand (tests/test_kernels.py fails when this file and the tables differ).\n"
         "#pragma once\n\n"
         "// Activation codes: fastbp.activations.CODES.\n"
         + _enum("Activation", CODES)
-        + "\n// Whether g' reads the pre-activation Z, which the forward pass then keeps (Activation.saves == 'Z');\n"
-        "// for the others g' reads the output A, written over Z.\n"
+        + "\n// Whether g' reads the pre-activation Z, which the forward pass then keeps\n"
+        "// (Activation.keeps == 'preactivation'); for the others g' reads the output A, written over Z.\n"
         f"template <int ACT> constexpr bool keeps_preactivation = {keeps_z};\n\n"
         "// Loss codes: fastbp.losses.LOSS_CODES.\n"
         + _enum("Loss", LOSS_CODES, "LOSS_")
@@ -89,11 +89,11 @@ def write_codes_header(folder: Path | None = None) -> Path:
 def launch_threads(name_expression: str) -> int:
     """The most threads per block the cupy backend launches this kernel instantiation with."""
     base = name_expression.split("<")[0]
-    if base in ("reduce_rows", "reduce_loss", "check_batch"):
+    if base in ("ordered_sum", "reduce_loss", "check_batch"):
         return REDUCE_THREADS
     if base == "nonfinite_guard":
         return 1
-    if base == "dact_colsum":
+    if base == "backward_epilogue":
         return COLSUM_BLOCK[0] * COLSUM_BLOCK[1]
     return THREADS
 
@@ -114,11 +114,11 @@ def name_expressions(file: str) -> list[str]:
     names = []
     for ctype in DTYPES.values():
         if file == "dense.cu":
-            names += [f"bias_act<{ctype}, {a}>" for a in _ACTS]
-            names += [f"dact_colsum<{ctype}, {a}>" for a in _ACTS]
+            names += [f"forward_epilogue<{ctype}, {a}>" for a in _ACTS]
+            names += [f"backward_epilogue<{ctype}, {a}>" for a in _ACTS]
             names.append(f"sum_partials<{ctype}>")
         elif file == "loss.cu":
-            names += [f"softmax_ce<{ctype}>", f"reduce_loss<{ctype}>", f"reduce_rows<{ctype}>"]
+            names += [f"softmax_ce<{ctype}>", f"reduce_loss<{ctype}>", f"ordered_sum<{ctype}>"]
             names += [f"pointwise_loss<{ctype}, {LOSS_CODES[loss]}>" for loss in POINTWISE_LOSSES]
             names += [f"check_batch<{ctype}, {kind}>" for kind in range(len(TARGET_KINDS))]
         elif file == "optim.cu":

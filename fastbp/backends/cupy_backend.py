@@ -225,18 +225,18 @@ class CupyBackend(Backend):
     def dense_forward(self, X, W, b, activation, A_out=None, Z_out=None, work=None):
         act = ACTIVATIONS[activation]
         Z = self.xp.matmul(X, W, out=Z_out)
-        A = Z if act.saves == "A" else (A_out if A_out is not None else self.xp.empty_like(Z))
+        A = Z if act.keeps == "output" else (A_out if A_out is not None else self.xp.empty_like(Z))
         total = Z.size
         b = self.xp.ascontiguousarray(b, dtype=Z.dtype)
         # a user's activation (activations.register) has no kernel: the bias kernel, then its xp forward
         code = CODES["identity"] if not act.builtin else CODES[activation]
-        self._launch("dense.cu", "bias_act<{T}, {ACT}>", Z.dtype, (self._grid(total),), (cuda_sources.THREADS,),
+        self._launch("dense.cu", "forward_epilogue<{T}, {ACT}>", Z.dtype, (self._grid(total),), (cuda_sources.THREADS,),
                      (Z, b, Z if not act.builtin else A, np.int64(total), np.int32(Z.shape[1])), act=code)
         if not act.builtin:
             act.forward(self.xp, Z, A, None)
         return A, Z
 
-    def _dact_colsum(self, delta, S, code, db):
+    def _backward_epilogue(self, delta, S, code, db):
         """delta *= g'(S) (code != identity) and db = column sums of delta, deterministic."""
         rows, n = delta.shape
         col_tiles = (n + 31) // 32
@@ -245,7 +245,7 @@ class CupyBackend(Backend):
         slabs = (rows + rows_per_slab - 1) // rows_per_slab
         partial = self._scratch("colsum", (slabs, n), self._acc_dtype(delta.dtype))
         S = delta if S is None else self.xp.ascontiguousarray(S, dtype=delta.dtype)
-        self._launch("dense.cu", "dact_colsum<{T}, {ACT}>", delta.dtype, (col_tiles, slabs), COLSUM_BLOCK,
+        self._launch("dense.cu", "backward_epilogue<{T}, {ACT}>", delta.dtype, (col_tiles, slabs), COLSUM_BLOCK,
                      (delta, S, partial, np.int32(rows), np.int32(n), np.int32(rows_per_slab)), act=code)
         self._launch("dense.cu", "sum_partials<{T}>", delta.dtype, (self._grid(n),), (cuda_sources.THREADS,),
                      (partial, db, np.int32(slabs), np.int32(n)))
@@ -254,7 +254,7 @@ class CupyBackend(Backend):
     def dense_grads(self, delta, A_prev, dW_out=None, db_out=None):
         dW = self.xp.matmul(A_prev.T, delta, out=dW_out)  # eq. (3)
         db = db_out if db_out is not None else self.xp.empty(delta.shape[1], delta.dtype)
-        self._dact_colsum(delta, None, CODES["identity"], db)  # eq. (4)
+        self._backward_epilogue(delta, None, CODES["identity"], db)  # eq. (4)
         return dW, db
 
     @_on_device
@@ -266,9 +266,10 @@ class CupyBackend(Backend):
         act = ACTIVATIONS[activation]
         if not act.builtin:  # a user's activation: its xp derivative, then the plain column sums
             act.backward(xp, delta, Z, A, None, None)
-            self._dact_colsum(delta, None, CODES["identity"], db)
+            self._backward_epilogue(delta, None, CODES["identity"], db)
         else:
-            self._dact_colsum(delta, A if act.saves == "A" else Z, CODES[activation], db)  # eq. (2) * g', (4)
+            kept = A if act.keeps == "output" else Z
+            self._backward_epilogue(delta, kept, CODES[activation], db)  # eq. (2) * g', and eq. (4)
         dW = xp.matmul(A_prev.T, delta, out=dW_out)  # eq. (3)
         return delta, dW, db
 
@@ -408,7 +409,7 @@ class CupyBackend(Backend):
         self._launch("optim.cu", "sumsq_partial<{T}>", x.dtype, (blocks,), (cuda_sources.THREADS,),
                      (x, np.int64(x.size), partial))
         out = self._out_scalar(out, acc)
-        self._launch("loss.cu", "reduce_rows<{T}>", acc, (1,), (cuda_sources.REDUCE_THREADS,),
+        self._launch("loss.cu", "ordered_sum<{T}>", acc, (1,), (cuda_sources.REDUCE_THREADS,),
                      (partial, np.int64(blocks), acc(1.0), out))
         return out
 

@@ -37,7 +37,7 @@ class NvrtcError(RuntimeError):
 class KernelResources:
     """ptxas's report for one kernel instantiation on one architecture."""
 
-    name: str  # the C++ name expression, e.g. 'bias_act<float, 1>'
+    name: str  # the C++ name expression, e.g. 'forward_epilogue<float, 1>'
     arch: str
     registers: int
     stack_frame: int
