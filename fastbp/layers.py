@@ -53,24 +53,18 @@ class Dense:
 
 class _Workspace:
     """Buffers of one batch size, reused across steps: Z (or A written over Z), separate A where g'
-    needs Z, delta, and scratch for the activations (on backends whose ops read scratch)."""
+    needs Z, and delta. (Scratch space inside an op is the backend's own, ``Backend._scratch``.)"""
 
     def __init__(self, backend: Backend, layers: list[Dense], batch: int, dtype: np.dtype) -> None:
         self.Z: list[Any] = []
         self.A: list[Any] = []  # None where A is written over Z
         self.delta: list[Any] = []
-        self.work: list[Any] = []
-        self.work2: list[Any] = []
         for layer in layers:
             shape = (batch, layer.n_out)
             self.Z.append(backend.empty(shape, dtype))
             act = ACTIVATIONS[layer.activation]
             self.A.append(backend.empty(shape, dtype) if act.keeps == "preactivation" else None)
             self.delta.append(backend.empty(shape, dtype))
-            scratch = backend.uses_scratch
-            self.work.append(backend.empty(shape, dtype)
-                             if scratch and (act.forward_scratch or act.backward_scratch) else None)
-            self.work2.append(backend.empty(shape, dtype) if scratch and act.backward_scratch == 2 else None)
 
 
 class _Trace:
@@ -415,7 +409,7 @@ class MLP:
         trace = _Trace(ws, X)
         for i, layer in enumerate(self.layers):
             A, Z = bk.dense_forward(trace.a[-1], layer.W, layer.b, layer.activation,
-                                    A_out=ws.A[i], Z_out=ws.Z[i], work=ws.work[i])
+                                    A_out=ws.A[i], Z_out=ws.Z[i])
             trace.a.append(A)
             trace.Z.append(Z)
         return trace
@@ -437,7 +431,6 @@ class MLP:
             delta, _, _ = bk.backprop_dense(
                 delta, layers[i + 1].W, trace.Z[i], trace.a[i + 1], trace.a[i], layers[i].activation,
                 delta_out=ws.delta[i], dW_out=grads[2 * i], db_out=grads[2 * i + 1],
-                work=ws.work[i], work2=ws.work2[i],
             )
         return grads
 

@@ -123,7 +123,7 @@ class OptimizerState:
 
 
 class Optimizer:
-    """Base optimizer: holds the hyperparameters, the state, and a scratch buffer; subclasses define
+    """Base optimizer: holds the hyperparameters and the state; subclasses define
     ``slot_names`` and ``update`` (or, for a fused backend op, ``_update``)."""
 
     slot_names: tuple[str, ...] = ()
@@ -132,7 +132,6 @@ class Optimizer:
         self.schedule = _as_schedule(lr)
         self.state: OptimizerState | None = None
         self._backend: Backend | None = None
-        self._work: list[Any] = []
         self._dtype: Any = None
 
     @property
@@ -159,12 +158,6 @@ class Optimizer:
     def _bind(self, params: list[Any], backend: Backend) -> None:
         self._backend = backend
         self._dtype = params[0].dtype
-        if not backend.uses_scratch:  # its update kernels need no scratch
-            self._work = [None] * len(params)
-            return
-        largest = max(int(np.prod(p.shape)) for p in params)
-        flat = backend.empty((largest,), params[0].dtype)
-        self._work = [flat[: int(np.prod(p.shape))].reshape(p.shape) for p in params]
 
     def prepare(self, params: list[Any], backend: Backend) -> None:
         """Ready the state for ``params`` on ``backend`` before an update: created (zeros) on the first call,
@@ -191,7 +184,6 @@ class Optimizer:
         """Forget the state (moments, step count)."""
         self.state = None
         self._backend = None
-        self._work = []
         self._dtype = None
 
     def to(self, backend: str | Backend, dtype: Any = None) -> Optimizer:
@@ -261,7 +253,7 @@ class Optimizer:
         lr = self.schedule(state.step)
         with backend.device_scope():
             for i, (p, g) in enumerate(zip(params, grads)):
-                self._update(backend, i, p, g, self._work[i], lr, state, gate)
+                self._update(backend, i, p, g, lr, state, gate)
 
     def update(self, xp: Any, p: Any, g: Any, slots: dict[str, Any], lr: float, step: int) -> None:
         """The update of one parameter ``p`` (in place) from its gradient ``g``, written with the array
@@ -270,8 +262,7 @@ class Optimizer:
         rate, ``step`` the step number (1 for the first). Subclasses without a fused backend op define it."""
         raise NotImplementedError(f"{type(self).__name__} defines neither update() nor _update()")
 
-    def _update(self, bk: Backend, i: int, p: Any, g: Any, work: Any, lr: float, state: OptimizerState,
-                gate: Any) -> None:
+    def _update(self, bk: Backend, i: int, p: Any, g: Any, lr: float, state: OptimizerState, gate: Any) -> None:
         """One parameter's update on ``bk``: by default ``update`` through the backend's arrays, undone
         where ``gate`` (a tripped non-finite guard) says so, as the fused ops are."""
         slots = {name: state.slots[name][i] for name in self.slot_names}
@@ -296,9 +287,9 @@ class SGD(Optimizer):
         self.nesterov = bool(nesterov)
         self.slot_names = ("momentum",) if self.momentum else ()
 
-    def _update(self, bk, i, p, g, work, lr, state, gate):
+    def _update(self, bk, i, p, g, lr, state, gate):
         buf = state.slots["momentum"][i] if self.momentum else None
-        bk.sgd_update(p, g, buf, work, lr, self.momentum, self.dampening, self.nesterov,
+        bk.sgd_update(p, g, buf, lr, self.momentum, self.dampening, self.nesterov,
                       self.weight_decay, first=state.step == 1, gate=gate)
 
 
@@ -323,8 +314,8 @@ class Adam(Optimizer):
         self.eps = check_positive_float(eps, "eps")
         self.weight_decay = check_nonneg_float(weight_decay, "weight_decay")
 
-    def _update(self, bk, i, p, g, work, lr, state, gate):
-        bk.adam_update(p, g, state.slots["m"][i], state.slots["v"][i], work, lr, self.betas[0], self.betas[1],
+    def _update(self, bk, i, p, g, lr, state, gate):
+        bk.adam_update(p, g, state.slots["m"][i], state.slots["v"][i], lr, self.betas[0], self.betas[1],
                        self.eps, state.step, self.weight_decay, self.decoupled, gate=gate)
 
 
@@ -350,9 +341,9 @@ class RMSProp(Optimizer):
         self.weight_decay = check_nonneg_float(weight_decay, "weight_decay")
         self.slot_names = ("square_avg", "momentum") if self.momentum else ("square_avg",)
 
-    def _update(self, bk, i, p, g, work, lr, state, gate):
+    def _update(self, bk, i, p, g, lr, state, gate):
         buf = state.slots["momentum"][i] if self.momentum else None
-        bk.rmsprop_update(p, g, state.slots["square_avg"][i], buf, work, lr, self.alpha, self.eps,
+        bk.rmsprop_update(p, g, state.slots["square_avg"][i], buf, lr, self.alpha, self.eps,
                           self.momentum, self.weight_decay, gate=gate)
 
 

@@ -271,7 +271,7 @@ def check_sgd(kernel, dtype):
         for n in SIZES:
             p, g, buf = (rng.standard_normal(n).astype(dtype) for _ in range(3))
             want = [p.copy(), g, buf.copy()]
-            REFERENCE.sgd_update(want[0], g, want[2], np.empty_like(p), lr, momentum, dampening, bool(nesterov), wd,
+            REFERENCE.sgd_update(want[0], g, want[2], lr, momentum, dampening, bool(nesterov), wd,
                                  bool(first))
             args = (p, g, buf, np.int64(n), lr, momentum, dampening, np.int32(nesterov), wd, np.int32(first),
                     np.zeros(4))
@@ -286,7 +286,7 @@ def check_adam(kernel, dtype):
             p, g, m = (rng.standard_normal(n).astype(dtype) for _ in range(3))
             v = rng.random(n).astype(dtype)
             want = [p.copy(), m.copy(), v.copy()]
-            REFERENCE.adam_update(want[0], g, want[1], want[2], np.empty_like(p), lr, b1, b2, eps, step, wd,
+            REFERENCE.adam_update(want[0], g, want[1], want[2], lr, b1, b2, eps, step, wd,
                                   bool(decoupled))
             args = (p, g, m, v, np.int64(n), lr, b1, b2, eps, 1 - b1**step, math.sqrt(1 - b2**step), wd, 1 - lr * wd,
                     np.int32(decoupled), np.zeros(4))
@@ -301,7 +301,7 @@ def check_rmsprop(kernel, dtype):
             p, g, buf = (rng.standard_normal(n).astype(dtype) for _ in range(3))
             sq = rng.random(n).astype(dtype)
             want = [p.copy(), sq.copy(), buf.copy()]
-            REFERENCE.rmsprop_update(want[0], g, want[1], want[2], np.empty_like(p), lr, alpha, eps, momentum, wd)
+            REFERENCE.rmsprop_update(want[0], g, want[1], want[2], lr, alpha, eps, momentum, wd)
             args = (p, g, sq, buf, np.int64(n), lr, alpha, eps, momentum, wd, np.zeros(4))
             check_update(kernel, args, [0, 2, 3] if momentum else [0, 2], want if momentum else want[:2], gate=10)
 

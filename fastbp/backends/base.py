@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -40,13 +42,36 @@ class Backend:
     name: str = "base"
     #: The array module the ops are written against.
     xp: Any = np
-    #: Whether the ops read the ``work``/``work2`` scratch buffers that the model and the optimizers
-    #: offer them (the reference ops do). A backend whose fused kernels never read them says False, and
-    #: nobody allocates them on it (on a GPU they would be device memory held for nothing).
-    uses_scratch: bool = True
 
     def __repr__(self) -> str:
         return f"<fastbp backend {self.name!r}>"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_local", None)  # per-thread scratch: rebuilt on use
+        return state
+
+    def _scratch(self, tag: str, shape: tuple, dtype: Any) -> Any:
+        """A buffer for intermediate values that never leave an op (an activation's or an update's
+        temporaries, reduction partials), owned by this backend and kept per thread and per (tag, shape,
+        dtype), so that a training step allocates nothing after its first run and callers never hand
+        scratch space in. Ops use it only within one call (a device's queue runs in order, so a later use
+        waits for the earlier one); threads each get their own."""
+        local = self.__dict__.get("_local")
+        if local is None:
+            local = self.__dict__.setdefault("_local", threading.local())
+        cache = getattr(local, "scratch", None)
+        if cache is None:
+            cache = local.scratch = OrderedDict()
+        key = (tag, tuple(shape), np.dtype(dtype).str)
+        buf = cache.get(key)
+        if buf is None:
+            if len(cache) >= 64:  # a few shapes per batch size and layer: drop the oldest past that
+                cache.popitem(last=False)
+            buf = cache[key] = self.empty(shape, dtype)
+        else:
+            cache.move_to_end(key)
+        return buf
 
     # ------------------------------------------------------------------ memory
     def asarray(self, x: Any, dtype: Any = None) -> Any:
@@ -116,7 +141,6 @@ class Backend:
         activation: str,
         A_out: Any = None,
         Z_out: Any = None,
-        work: Any = None,
     ) -> tuple[Any, Any]:
         """Z = X W + b, A = g(Z); returns (A, Z).
 
@@ -127,8 +151,7 @@ class Backend:
         xp = self.xp
         Z = xp.matmul(X, W, out=Z_out)
         Z += b
-        if work is None and act.forward_scratch:
-            work = xp.empty_like(Z)
+        work = self._scratch("activation", Z.shape, Z.dtype) if act.forward_scratch else None
         if act.keeps == "output":
             A = act.forward(xp, Z, Z, work)
             return A, A
@@ -155,8 +178,6 @@ class Backend:
         delta_out: Any = None,
         dW_out: Any = None,
         db_out: Any = None,
-        work: Any = None,
-        work2: Any = None,
     ) -> tuple[Any, Any, Any]:
         """Eqs. (2), (3), (4) for one hidden layer: returns (delta, dW, db).
 
@@ -171,10 +192,8 @@ class Backend:
         xp = self.xp
         delta = xp.matmul(delta_next, W_next.T, out=delta_out)
         if act.name != "identity":
-            if work is None and act.backward_scratch:
-                work = xp.empty_like(delta)
-            if work2 is None and act.backward_scratch == 2:
-                work2 = xp.empty_like(delta)
+            work = self._scratch("activation", delta.shape, delta.dtype) if act.backward_scratch else None
+            work2 = self._scratch("activation2", delta.shape, delta.dtype) if act.backward_scratch == 2 else None
             act.backward(xp, delta, Z, A, work, work2)  # eq. (2): delta *= g'(z)
         dW, db = self.dense_grads(delta, A_prev, dW_out, db_out)
         return delta, dW, db
@@ -327,7 +346,6 @@ class Backend:
         p: Any,
         g: Any,
         buf: Any,
-        work: Any,
         lr: float,
         momentum: float,
         dampening: float,
@@ -337,13 +355,12 @@ class Backend:
         gate: Any = None,
     ) -> None:
         """One SGD step on one parameter, as torch.optim.SGD: p -= lr * (momentum-smoothed g + wd p).
-        Nothing happens when ``gate`` (a guard, see ``nonfinite_guard``) is tripped. ``work``: scratch
-        shaped like p (allocated here when None)."""
+        Nothing happens when ``gate`` (a guard, see ``nonfinite_guard``) is tripped."""
         saved = self._gate_open(gate, p, buf if momentum else None)
         if saved is None:
             return
         xp = self.xp
-        work = xp.empty_like(p) if work is None else work
+        work = self._scratch("update", p.shape, p.dtype)
         if weight_decay:
             xp.multiply(p, weight_decay, out=work)
             work += g
@@ -376,7 +393,6 @@ class Backend:
         g: Any,
         m: Any,
         v: Any,
-        work: Any,
         lr: float,
         beta1: float,
         beta2: float,
@@ -392,7 +408,7 @@ class Backend:
         if saved is None:
             return
         xp = self.xp
-        work = xp.empty_like(p) if work is None else work
+        work = self._scratch("update", p.shape, p.dtype)
         if weight_decay:
             if decoupled:
                 p *= 1 - lr * weight_decay
@@ -429,7 +445,6 @@ class Backend:
         g: Any,
         sq: Any,
         buf: Any,
-        work: Any,
         lr: float,
         alpha: float,
         eps: float,
@@ -443,7 +458,7 @@ class Backend:
         if saved is None:
             return
         xp = self.xp
-        work = xp.empty_like(p) if work is None else work
+        work = self._scratch("update", p.shape, p.dtype)
         if weight_decay:
             xp.multiply(p, weight_decay, out=work)
             work += g

@@ -17,8 +17,6 @@ import contextlib
 import functools
 import importlib
 import math
-import threading
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -51,7 +49,6 @@ class CupyBackend(Backend):
     """CuPy arrays on one CUDA device, cuBLAS GEMMs and fused CUDA kernels."""
 
     name = "cupy"
-    uses_scratch = False  # the fused kernels need no work buffers: none are allocated on the device
 
     def __init__(self, device_id: int = 0, cupy_module: Any = None) -> None:
         """The backend on CUDA device ``device_id``. ``cupy_module`` is the CuPy module to drive (the tests'
@@ -65,7 +62,6 @@ class CupyBackend(Backend):
         self._modules: dict[str, Any] = {}
         self._kernels: dict[tuple[str, str], Any] = {}
         self._open_gate: Any = None  # an untripped guard, for ungated updates
-        self._local = threading.local()  # per-thread scratch (see _scratch)
         with self.device:
             self._sm_count = self.device.attributes["MultiProcessorCount"]
 
@@ -111,21 +107,6 @@ class CupyBackend(Backend):
                 continue
             raise ValueError(f"{template} argument {i} {problem}")
         kernel(grid, block, args)
-
-    def _scratch(self, tag: str, shape: tuple, dtype: Any) -> Any:
-        """A device buffer for intermediate results that never leave an op (reduction partials, row losses),
-        kept per thread and per shape so that a step allocates nothing after its first run. Kernels on the
-        stream run in order, so the next use waits for the last; threads each get their own buffers."""
-        cache = getattr(self._local, "scratch", None)
-        if cache is None:
-            cache = self._local.scratch = OrderedDict()
-        key = (tag, shape, np.dtype(dtype).str)
-        buf = cache.get(key)
-        if buf is None:
-            if len(cache) >= 64:  # a few shapes per batch size and layer: drop the oldest past that
-                cache.popitem(last=False)
-            buf = cache[key] = self.xp.empty(shape, dtype)
-        return buf
 
     def _out_scalar(self, out: Any, dtype: Any) -> Any:
         """``out`` when it is a 0-d ``dtype`` array on this device (the caller's buffer), else a new one."""
@@ -222,7 +203,7 @@ class CupyBackend(Backend):
 
     # ------------------------------------------------------------------ layers
     @_on_device
-    def dense_forward(self, X, W, b, activation, A_out=None, Z_out=None, work=None):
+    def dense_forward(self, X, W, b, activation, A_out=None, Z_out=None):
         act = ACTIVATIONS[activation]
         Z = self.xp.matmul(X, W, out=Z_out)
         A = Z if act.keeps == "output" else (A_out if A_out is not None else self.xp.empty_like(Z))
@@ -259,7 +240,7 @@ class CupyBackend(Backend):
 
     @_on_device
     def backprop_dense(self, delta_next, W_next, Z, A, A_prev, activation, delta_out=None, dW_out=None,
-                       db_out=None, work=None, work2=None):
+                       db_out=None):
         xp = self.xp
         delta = xp.matmul(delta_next, W_next.T, out=delta_out)  # eq. (2), the product
         db = db_out if db_out is not None else xp.empty(delta.shape[1], delta.dtype)
@@ -347,7 +328,7 @@ class CupyBackend(Backend):
         return self._open_gate
 
     @_on_device
-    def sgd_update(self, p, g, buf, work, lr, momentum, dampening, nesterov, weight_decay, first, gate=None):
+    def sgd_update(self, p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first, gate=None):
         g = self._flat_in(g, p.dtype)
         with self._in_place(p.dtype, p, buf) as (p, buf):
             buf = buf if buf is not None else p  # unused without momentum
@@ -356,7 +337,7 @@ class CupyBackend(Backend):
                           np.int32(nesterov), np.float64(weight_decay), np.int32(first), self._gate(gate)))
 
     @_on_device
-    def adam_update(self, p, g, m, v, work, lr, beta1, beta2, eps, step, weight_decay, decoupled, gate=None):
+    def adam_update(self, p, g, m, v, lr, beta1, beta2, eps, step, weight_decay, decoupled, gate=None):
         g = self._flat_in(g, p.dtype)
         with self._in_place(p.dtype, p, m, v) as (p, m, v):
             self._launch("optim.cu", "adam<{T}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
@@ -366,7 +347,7 @@ class CupyBackend(Backend):
                           self._gate(gate)))
 
     @_on_device
-    def rmsprop_update(self, p, g, sq, buf, work, lr, alpha, eps, momentum, weight_decay, gate=None):
+    def rmsprop_update(self, p, g, sq, buf, lr, alpha, eps, momentum, weight_decay, gate=None):
         g = self._flat_in(g, p.dtype)
         with self._in_place(p.dtype, p, sq, buf) as (p, sq, buf):
             buf = buf if buf is not None else p  # unused without momentum

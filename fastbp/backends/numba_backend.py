@@ -67,10 +67,10 @@ class NumbaBackend(Backend):
         return out
 
     # ------------------------------------------------------------------ layers
-    def dense_forward(self, X, W, b, activation, A_out=None, Z_out=None, work=None):
+    def dense_forward(self, X, W, b, activation, A_out=None, Z_out=None):
         code = self.k.CODES.get(activation)  # None for a user's activation (activations.register)
         if code not in self.k.FUSED:
-            return super().dense_forward(X, W, b, activation, A_out, Z_out, work)
+            return super().dense_forward(X, W, b, activation, A_out, Z_out)
         Z = Z_out if Z_out is not None else np.empty((X.shape[0], W.shape[1]), W.dtype)
         self.k.dense_forward(X, W, b, code, Z, self.blas_route)
         return Z, Z
@@ -82,11 +82,10 @@ class NumbaBackend(Backend):
         return dW, db
 
     def backprop_dense(self, delta_next, W_next, Z, A, A_prev, activation, delta_out=None, dW_out=None,
-                       db_out=None, work=None, work2=None):
+                       db_out=None):
         code = self.k.CODES.get(activation)
         if code not in self.k.FUSED:
-            return super().backprop_dense(delta_next, W_next, Z, A, A_prev, activation, delta_out, dW_out,
-                                          db_out, work, work2)
+            return super().backprop_dense(delta_next, W_next, Z, A, A_prev, activation, delta_out, dW_out, db_out)
         B, n = A.shape
         delta = delta_out if delta_out is not None else np.empty((B, n), A.dtype)
         dW = dW_out if dW_out is not None else np.empty((A_prev.shape[1], n), A.dtype)
@@ -109,27 +108,27 @@ class NumbaBackend(Backend):
         return self._record(stats_out, value, Z_L, y, loss), delta
 
     # ------------------------------------------------------------------ optimizers (flat, one pass)
-    def sgd_update(self, p, g, buf, work, lr, momentum, dampening, nesterov, weight_decay, first, gate=None):
+    def sgd_update(self, p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first, gate=None):
         if self._gate_closed(gate):
             return
         if not (p.flags.c_contiguous and g.flags.c_contiguous):
-            return super().sgd_update(p, g, buf, work, lr, momentum, dampening, nesterov, weight_decay, first)
+            return super().sgd_update(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first)
         b = buf.reshape(-1) if buf is not None else self._empty_1d[p.dtype.type]
         self.k.sgd(p.reshape(-1), g.reshape(-1), b, lr, momentum, dampening, nesterov, weight_decay, first)
 
-    def adam_update(self, p, g, m, v, work, lr, beta1, beta2, eps, step, weight_decay, decoupled, gate=None):
+    def adam_update(self, p, g, m, v, lr, beta1, beta2, eps, step, weight_decay, decoupled, gate=None):
         if self._gate_closed(gate):
             return
         if not (p.flags.c_contiguous and g.flags.c_contiguous):
-            return super().adam_update(p, g, m, v, work, lr, beta1, beta2, eps, step, weight_decay, decoupled)
+            return super().adam_update(p, g, m, v, lr, beta1, beta2, eps, step, weight_decay, decoupled)
         self.k.adam(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), lr, beta1, beta2, eps, step,
                     weight_decay, decoupled)
 
-    def rmsprop_update(self, p, g, sq, buf, work, lr, alpha, eps, momentum, weight_decay, gate=None):
+    def rmsprop_update(self, p, g, sq, buf, lr, alpha, eps, momentum, weight_decay, gate=None):
         if self._gate_closed(gate):
             return
         if not (p.flags.c_contiguous and g.flags.c_contiguous):
-            return super().rmsprop_update(p, g, sq, buf, work, lr, alpha, eps, momentum, weight_decay)
+            return super().rmsprop_update(p, g, sq, buf, lr, alpha, eps, momentum, weight_decay)
         b = buf.reshape(-1) if buf is not None else self._empty_1d[p.dtype.type]
         self.k.rmsprop(p.reshape(-1), g.reshape(-1), sq.reshape(-1), b, lr, alpha, eps, momentum, weight_decay)
 
