@@ -50,7 +50,7 @@ class Tripped:
 
 class DivergenceGuard:
     """The device-side guard of one Trainer (backends with deferred checks, 'raise' mode): the array the
-    backend's ``nonfinite_guard`` and ``check_batch`` trip and the update kernels read as their gate, the
+    backend's ``nonfinite_guard`` and ``check_batch`` trip and the update kernels read as their guard, the
     count of steps since it was last read, and the read."""
 
     def __init__(self) -> None:

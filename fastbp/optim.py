@@ -237,10 +237,10 @@ class Optimizer:
         self._bind(params, backend)
 
     # -------------------------------------------------------------- the step
-    def step(self, params: list[Any], grads: list[Any], backend: Backend | None = None, gate: Any = None) -> None:
+    def step(self, params: list[Any], grads: list[Any], backend: Backend | None = None, guard: Any = None) -> None:
         """Update ``params`` in place from ``grads`` (same order and shapes).
 
-        ``gate``: a guard of ``backend.nonfinite_guard``; when it is tripped the update kernels do nothing
+        ``guard``: the array ``backend.nonfinite_guard`` trips; when it is tripped the update kernels do nothing
         (the step count still advances: the Trainer winds it back when it reads the guard)."""
         if len(params) != len(grads) or not params:
             raise ValueError(f"params and grads must be non-empty lists of equal length, "
@@ -253,7 +253,7 @@ class Optimizer:
         lr = self.schedule(state.step)
         with backend.device_scope():
             for i, (p, g) in enumerate(zip(params, grads)):
-                self._update(backend, i, p, g, lr, state, gate)
+                self._update(backend, i, p, g, lr, state, guard)
 
     def update(self, xp: Any, p: Any, g: Any, slots: dict[str, Any], lr: float, step: int) -> None:
         """The update of one parameter ``p`` (in place) from its gradient ``g``, written with the array
@@ -262,15 +262,15 @@ class Optimizer:
         rate, ``step`` the step number (1 for the first). Subclasses without a fused backend op define it."""
         raise NotImplementedError(f"{type(self).__name__} defines neither update() nor _update()")
 
-    def _update(self, bk: Backend, i: int, p: Any, g: Any, lr: float, state: OptimizerState, gate: Any) -> None:
+    def _update(self, bk: Backend, i: int, p: Any, g: Any, lr: float, state: OptimizerState, guard: Any) -> None:
         """One parameter's update on ``bk``: by default ``update`` through the backend's arrays, undone
-        where ``gate`` (a tripped non-finite guard) says so, as the fused ops are."""
+        where ``guard`` (a tripped non-finite guard) says so, as the fused ops are."""
         slots = {name: state.slots[name][i] for name in self.slot_names}
-        saved = bk._gate_open(gate, p, *slots.values())
+        saved = bk._guard_open(guard, p, *slots.values())
         if saved is None:
             return
         self.update(bk.xp, p, g, slots, lr, state.step)
-        bk._gate_restore(gate, saved, p, *slots.values())
+        bk._guard_restore(guard, saved, p, *slots.values())
 
 
 class SGD(Optimizer):
@@ -287,10 +287,10 @@ class SGD(Optimizer):
         self.nesterov = bool(nesterov)
         self.slot_names = ("momentum",) if self.momentum else ()
 
-    def _update(self, bk, i, p, g, lr, state, gate):
+    def _update(self, bk, i, p, g, lr, state, guard):
         buf = state.slots["momentum"][i] if self.momentum else None
         bk.sgd_update(p, g, buf, lr, self.momentum, self.dampening, self.nesterov,
-                      self.weight_decay, first=state.step == 1, gate=gate)
+                      self.weight_decay, first=state.step == 1, guard=guard)
 
 
 class Adam(Optimizer):
@@ -314,9 +314,9 @@ class Adam(Optimizer):
         self.eps = check_positive_float(eps, "eps")
         self.weight_decay = check_nonneg_float(weight_decay, "weight_decay")
 
-    def _update(self, bk, i, p, g, lr, state, gate):
+    def _update(self, bk, i, p, g, lr, state, guard):
         bk.adam_update(p, g, state.slots["m"][i], state.slots["v"][i], lr, self.betas[0], self.betas[1],
-                       self.eps, state.step, self.weight_decay, self.decoupled, gate=gate)
+                       self.eps, state.step, self.weight_decay, self.decoupled, guard=guard)
 
 
 class AdamW(Adam):
@@ -341,10 +341,10 @@ class RMSProp(Optimizer):
         self.weight_decay = check_nonneg_float(weight_decay, "weight_decay")
         self.slot_names = ("square_avg", "momentum") if self.momentum else ("square_avg",)
 
-    def _update(self, bk, i, p, g, lr, state, gate):
+    def _update(self, bk, i, p, g, lr, state, guard):
         buf = state.slots["momentum"][i] if self.momentum else None
         bk.rmsprop_update(p, g, state.slots["square_avg"][i], buf, lr, self.alpha, self.eps,
-                          self.momentum, self.weight_decay, gate=gate)
+                          self.momentum, self.weight_decay, guard=guard)
 
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSProp}

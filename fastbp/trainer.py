@@ -173,9 +173,9 @@ class Trainer:
         value, _, output = model._loss_and_grads(Xd, yd, self.loss, stats_out, weights)
         grad = model.flat_grad()
         sumsq = self._sumsq = bk.sum_of_squares(grad, out=self._sumsq)
-        gate = self._deferred_guard()
-        if gate is not None:
-            bk.nonfinite_guard(value, sumsq, gate, self.steps + 1)
+        guard = self._deferred_guard()
+        if guard is not None:
+            bk.nonfinite_guard(value, sumsq, guard, self.steps + 1)
             self._guard.unchecked += 1
         else:
             loss_value, sq = bk.to_floats(value, sumsq)
@@ -184,8 +184,8 @@ class Trainer:
                 return None, None
         self.steps += 1
         if clip:
-            bk.clip_by_norm(grad, sumsq, clip, gate)
-        self.optimizer.step([model.flat_parameters()], [grad], bk, gate=gate)
+            bk.clip_by_norm(grad, sumsq, clip, guard)
+        self.optimizer.step([model.flat_parameters()], [grad], bk, guard=guard)
         return value, output
 
     def _check_deferred(self, extra: Any = None) -> np.ndarray:

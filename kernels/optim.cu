@@ -8,14 +8,14 @@
 // fused), so the results equal the reference's bit for bit. A constant with a product in it is computed on
 // the host: nvcc would fuse it here.
 //
-// gate points at a guard of nonfinite_guard below: when it is tripped (gate[0] != 0), the update does
+// guard is the array nonfinite_guard below trips: when it is tripped (guard[0] != 0), the update does
 // nothing. The Trainer thus keeps a non-finite step out of the parameters without reading anything back
 // to the host; it reads the guard every few steps.
 template <typename T>
 __global__ void sgd(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ buf, long long n, double lr,
                     double momentum, double dampening, int nesterov, double wd, int first,
-                    const double* __restrict__ gate) {
-    if (gate[0] != 0.0) {
+                    const double* __restrict__ guard) {
+    if (guard[0] != 0.0) {
         return;
     }
     const T lr_ = static_cast<T>(lr), mom = static_cast<T>(momentum), damp1 = static_cast<T>(1.0 - dampening),
@@ -46,8 +46,8 @@ __global__ void sgd(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ 
 template <typename T>
 __global__ void adam(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v, long long n,
                      double lr, double beta1, double beta2, double eps, double bias1, double bias2_sqrt, double wd,
-                     double shrink, int decoupled, const double* __restrict__ gate) {
-    if (gate[0] != 0.0) {
+                     double shrink, int decoupled, const double* __restrict__ guard) {
+    if (guard[0] != 0.0) {
         return;
     }
     const T b1 = static_cast<T>(beta1), omb1 = static_cast<T>(1.0 - beta1), b2 = static_cast<T>(beta2),
@@ -75,8 +75,8 @@ __global__ void adam(T* __restrict__ p, const T* __restrict__ g, T* __restrict__
 template <typename T>
 __global__ void rmsprop(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ sq, T* __restrict__ buf,
                         long long n, double lr, double alpha, double eps, double momentum, double wd,
-                        const double* __restrict__ gate) {
-    if (gate[0] != 0.0) {
+                        const double* __restrict__ guard) {
+    if (guard[0] != 0.0) {
         return;
     }
     const T lr_ = static_cast<T>(lr), a = static_cast<T>(alpha), oma = static_cast<T>(1.0 - alpha),
@@ -132,11 +132,11 @@ __global__ void nonfinite_guard(const T* __restrict__ loss, const T* __restrict_
 
 // Global-norm clipping on the device: x *= max_norm / (sqrt(sumsq) + 1e-6) when that is below 1 (as
 // torch.nn.utils.clip_grad_norm_; the coefficient in double, rounded to T once, as on the host path);
-// nothing when gate is tripped.
+// nothing when guard is tripped.
 template <typename T>
 __global__ void clip_by_norm(T* __restrict__ x, long long n, const T* __restrict__ sumsq, double max_norm,
-                             const double* __restrict__ gate) {
-    if (gate[0] != 0.0) {
+                             const double* __restrict__ guard) {
+    if (guard[0] != 0.0) {
         return;
     }
     const double coef = max_norm / (sqrt(static_cast<double>(sumsq[0])) + 1e-6);

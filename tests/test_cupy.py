@@ -296,8 +296,8 @@ def test_no_scratch_buffers_are_allocated_on_the_device(gpu):
 
 def test_inherited_reference_ops_read_nothing_back_from_the_device(gpu):
     """An op the cupy backend does not override (a new optimizer's update, clipping) runs the reference's
-    code: under a gate it must neither read the gate nor the norm back to the host (a sync per parameter
-    per step), yet skip exactly when the gate is tripped and equal the reference when it is not."""
+    code: under a guard it must neither read the guard nor the norm back to the host (a sync per parameter
+    per step), yet skip exactly when the guard is tripped and equal the reference when it is not."""
     if gpu.name == "cupy":
         pytest.skip("host reads are counted by the emulated CuPy")
     from fastbp.backends.base import Backend
@@ -307,26 +307,26 @@ def test_inherited_reference_ops_read_nothing_back_from_the_device(gpu):
     rng = np.random.default_rng(6)
     arrays = [rng.standard_normal(50) for _ in range(3)] + [rng.random(50)]  # p, g, a moment, a square average
     ops = {
-        "sgd": lambda bk, a, gate: Backend.sgd_update(bk, a[0], a[1], a[2], 0.1, 0.9, 0.1, True, 1e-2, False,
-                                                      gate=gate),
-        "adam": lambda bk, a, gate: Backend.adam_update(bk, a[0], a[1], a[2], a[3], 1e-2, 0.9, 0.999, 1e-8, 3,
-                                                        1e-2, True, gate=gate),
-        "rmsprop": lambda bk, a, gate: Backend.rmsprop_update(bk, a[0], a[1], a[3], a[2], 1e-2, 0.99, 1e-8,
-                                                              0.5, 1e-2, gate=gate),
-        "clip": lambda bk, a, gate: Backend.clip_by_norm(bk, a[0], bk.sum_of_squares(a[0]), 0.5, gate=gate),
+        "sgd": lambda bk, a, guard: Backend.sgd_update(bk, a[0], a[1], a[2], 0.1, 0.9, 0.1, True, 1e-2, False,
+                                                      guard=guard),
+        "adam": lambda bk, a, guard: Backend.adam_update(bk, a[0], a[1], a[2], a[3], 1e-2, 0.9, 0.999, 1e-8, 3,
+                                                        1e-2, True, guard=guard),
+        "rmsprop": lambda bk, a, guard: Backend.rmsprop_update(bk, a[0], a[1], a[3], a[2], 1e-2, 0.99, 1e-8,
+                                                              0.5, 1e-2, guard=guard),
+        "clip": lambda bk, a, guard: Backend.clip_by_norm(bk, a[0], bk.sum_of_squares(a[0]), 0.5, guard=guard),
     }
     for name, op in ops.items():
         for tripped in (False, True):
             dev = [gpu.asarray(a.copy(), np.float64) for a in arrays]
-            gate = gpu.asarray(np.array([float(tripped), 0, 0, 0]))
+            guard = gpu.asarray(np.array([float(tripped), 0, 0, 0]))
             fake_cupy.stats.reset()
-            op(gpu, dev, gate)
+            op(gpu, dev, guard)
             assert fake_cupy.stats.device_to_host == 0, f"{name}: read back from the device"
             host = [a.copy() for a in arrays]
             if not tripped:
                 op(ref, host, None)
             for d, h in zip(dev, host):
-                np.testing.assert_array_equal(gpu.to_numpy(d), h, err_msg=f"{name}, gate tripped: {tripped}")
+                np.testing.assert_array_equal(gpu.to_numpy(d), h, err_msg=f"{name}, guard tripped: {tripped}")
 
 
 def test_a_step_on_a_second_device_switches_devices_once(gpu):

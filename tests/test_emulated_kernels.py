@@ -249,17 +249,17 @@ def update_configs(n):
     return [(1, 32), (3, 64), (-(-n // 256), 256)]
 
 
-def check_update(kernel, args, state, want, gate):
+def check_update(kernel, args, state, want, guard):
     """An optimizer kernel: the arrays at positions ``state`` come out equal to ``want`` (the NumPy
     reference's update, bit for bit) under every launch shape, and unchanged once the guard at position
-    ``gate`` is tripped."""
+    ``guard`` is tripped."""
     n = args[state[0]].size
     for grid, block in update_configs(n):
         got = launch(kernel, grid, block, args, state)
         for i, g, w in zip(state, got, want):
             np.testing.assert_array_equal(g, w, err_msg=f"{kernel.name} argument {i}, n={n}, {grid}x{block}")
     tripped = list(args)
-    tripped[gate] = np.array([1.0, 0, 0, 0])
+    tripped[guard] = np.array([1.0, 0, 0, 0])
     for i, g in zip(state, launch(kernel, 2, 64, tuple(tripped), state)):
         np.testing.assert_array_equal(g, args[i])
 
@@ -275,7 +275,7 @@ def check_sgd(kernel, dtype):
                                  bool(first))
             args = (p, g, buf, np.int64(n), lr, momentum, dampening, np.int32(nesterov), wd, np.int32(first),
                     np.zeros(4))
-            check_update(kernel, args, [0, 2], [want[0], want[2]], gate=10)
+            check_update(kernel, args, [0, 2], [want[0], want[2]], guard=10)
 
 
 def check_adam(kernel, dtype):
@@ -290,7 +290,7 @@ def check_adam(kernel, dtype):
                                   bool(decoupled))
             args = (p, g, m, v, np.int64(n), lr, b1, b2, eps, 1 - b1**step, math.sqrt(1 - b2**step), wd, 1 - lr * wd,
                     np.int32(decoupled), np.zeros(4))
-            check_update(kernel, args, [0, 2, 3], want, gate=14)
+            check_update(kernel, args, [0, 2, 3], want, guard=14)
 
 
 def check_rmsprop(kernel, dtype):
@@ -303,7 +303,7 @@ def check_rmsprop(kernel, dtype):
             want = [p.copy(), sq.copy(), buf.copy()]
             REFERENCE.rmsprop_update(want[0], g, want[1], want[2], lr, alpha, eps, momentum, wd)
             args = (p, g, sq, buf, np.int64(n), lr, alpha, eps, momentum, wd, np.zeros(4))
-            check_update(kernel, args, [0, 2, 3] if momentum else [0, 2], want if momentum else want[:2], gate=10)
+            check_update(kernel, args, [0, 2, 3] if momentum else [0, 2], want if momentum else want[:2], guard=10)
 
 
 def check_sumsq_partial(kernel, dtype):
@@ -344,7 +344,7 @@ def check_clip_by_norm(kernel, dtype):
                 (out,) = launch(kernel, grid, block, (x, np.int64(n), sumsq, max_norm, np.zeros(4)), [0])
                 np.testing.assert_array_equal(out, want)
         (out,) = launch(kernel, 2, 64, (x, np.int64(n), sumsq, 0.5, np.ones(4)), [0])
-        np.testing.assert_array_equal(out, x)  # gate tripped: untouched
+        np.testing.assert_array_equal(out, x)  # guard tripped: untouched
 
 
 CHECKS = {

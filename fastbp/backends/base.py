@@ -352,11 +352,11 @@ class Backend:
         nesterov: bool,
         weight_decay: float,
         first: bool,
-        gate: Any = None,
+        guard: Any = None,
     ) -> None:
         """One SGD step on one parameter, as torch.optim.SGD: p -= lr * (momentum-smoothed g + wd p).
-        Nothing happens when ``gate`` (a guard, see ``nonfinite_guard``) is tripped."""
-        saved = self._gate_open(gate, p, buf if momentum else None)
+        Nothing happens when ``guard`` (see ``nonfinite_guard``) is tripped."""
+        saved = self._guard_open(guard, p, buf if momentum else None)
         if saved is None:
             return
         xp = self.xp
@@ -385,7 +385,7 @@ class Backend:
                 g = buf
         xp.multiply(g, lr, out=work)
         p -= work
-        self._gate_restore(gate, saved, p, buf if momentum else None)
+        self._guard_restore(guard, saved, p, buf if momentum else None)
 
     def adam_update(
         self,
@@ -400,11 +400,11 @@ class Backend:
         step: int,
         weight_decay: float,
         decoupled: bool,
-        gate: Any = None,
+        guard: Any = None,
     ) -> None:
         """One Adam (or AdamW, ``decoupled=True``) step on one parameter, as torch.optim.Adam/AdamW;
-        nothing when ``gate`` is tripped."""
-        saved = self._gate_open(gate, p, m, v)
+        nothing when ``guard`` is tripped."""
+        saved = self._guard_open(guard, p, m, v)
         if saved is None:
             return
         xp = self.xp
@@ -437,7 +437,7 @@ class Backend:
         xp.divide(m, work, out=work)
         work *= lr / bias1
         p -= work
-        self._gate_restore(gate, saved, p, m, v)
+        self._guard_restore(guard, saved, p, m, v)
 
     def rmsprop_update(
         self,
@@ -450,11 +450,11 @@ class Backend:
         eps: float,
         momentum: float,
         weight_decay: float,
-        gate: Any = None,
+        guard: Any = None,
     ) -> None:
         """One RMSProp step on one parameter, as torch.optim.RMSprop (not centered); nothing when
-        ``gate`` is tripped."""
-        saved = self._gate_open(gate, p, sq, buf if momentum else None)
+        ``guard`` is tripped."""
+        saved = self._guard_open(guard, p, sq, buf if momentum else None)
         if saved is None:
             return
         xp = self.xp
@@ -479,7 +479,7 @@ class Backend:
         else:
             work *= lr
         p -= work
-        self._gate_restore(gate, saved, p, sq, buf if momentum else None)
+        self._guard_restore(guard, saved, p, sq, buf if momentum else None)
 
     def sum_of_squares(self, x: Any, out: Any = None) -> Any:
         """sum(x^2) as a 0-d array (for global-norm clipping). ``out``: a 0-d array from an earlier call
@@ -488,11 +488,11 @@ class Backend:
         flat = x.ravel()
         return self.xp.vdot(flat, flat)
 
-    def clip_by_norm(self, grad: Any, sumsq: Any, max_norm: float, gate: Any = None) -> None:
+    def clip_by_norm(self, grad: Any, sumsq: Any, max_norm: float, guard: Any = None) -> None:
         """Scale ``grad`` to global norm ``max_norm`` when its norm sqrt(sumsq) is larger, by
-        max_norm / (norm + 1e-6) as torch.nn.utils.clip_grad_norm_; nothing when ``gate`` is tripped."""
+        max_norm / (norm + 1e-6) as torch.nn.utils.clip_grad_norm_; nothing when ``guard`` is tripped."""
         if not self.deferred_checks:
-            if self._gate_closed(gate):
+            if self._guard_tripped(guard):
                 return
             coef = max_norm / (math.sqrt(self.to_float(sumsq)) + 1e-6)
             if coef < 1.0:
@@ -502,7 +502,7 @@ class Backend:
         # the coefficient rounded to the gradient's dtype), and a factor of exactly 1 where nothing is done.
         xp = self.xp
         coef = max_norm / (xp.sqrt(xp.asarray(sumsq, dtype=np.float64)) + 1e-6)
-        unchanged = coef >= 1.0 if gate is None else (coef >= 1.0) | (gate[0] != 0)
+        unchanged = coef >= 1.0 if guard is None else (coef >= 1.0) | (guard[0] != 0)
         grad *= xp.where(unchanged, 1.0, coef).astype(grad.dtype)
 
     def check_batch(self, X: Any, y: Any, loss: str, n_out: int, guard: Any, step: int) -> None:
@@ -550,23 +550,23 @@ class Backend:
             if not (math.isfinite(loss) and math.isfinite(sq)):
                 guard[:] = (1.0, step, loss, sq)
 
-    def _gate_closed(self, gate: Any) -> bool:
-        return gate is not None and bool(gate[0] != 0)
+    def _guard_tripped(self, guard: Any) -> bool:
+        return guard is not None and bool(guard[0] != 0)
 
-    def _gate_open(self, gate: Any, *state: Any) -> list[Any] | None:
-        """Before a reference update under ``gate``: None when it must not run, else copies of ``state``
-        (the arrays it updates; None entries ignored) to put back afterwards where the gate is tripped.
-        CPU backends read the gate (free there) and skip a tripped update. Backends with deferred checks
-        must not read it (a sync per parameter per step): they run the update, then ``_gate_restore``
-        puts the state back on the device if the gate was tripped."""
-        if gate is None:
+    def _guard_open(self, guard: Any, *state: Any) -> list[Any] | None:
+        """Before a reference update under ``guard``: None when it must not run, else copies of ``state``
+        (the arrays it updates; None entries ignored) to put back afterwards where the guard is tripped.
+        CPU backends read the guard (free there) and skip a tripped update. Backends with deferred checks
+        must not read it (a sync per parameter per step): they run the update, then ``_guard_restore``
+        puts the state back on the device if the guard was tripped."""
+        if guard is None:
             return []
         if not self.deferred_checks:
-            return None if self._gate_closed(gate) else []
+            return None if self._guard_tripped(guard) else []
         return [a.copy() for a in state if a is not None]
 
-    def _gate_restore(self, gate: Any, saved: list[Any], *state: Any) -> None:
+    def _guard_restore(self, guard: Any, saved: list[Any], *state: Any) -> None:
         if saved:
-            tripped = gate[0] != 0
+            tripped = guard[0] != 0
             for a, before in zip([a for a in state if a is not None], saved):
                 self.xp.copyto(a, before, where=tripped)

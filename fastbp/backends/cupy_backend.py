@@ -61,7 +61,7 @@ class CupyBackend(Backend):
         self.device = cupy_module.cuda.Device(device_id)
         self._modules: dict[str, Any] = {}
         self._kernels: dict[tuple[str, str], Any] = {}
-        self._open_gate: Any = None  # an untripped guard, for ungated updates
+        self._open_guard: Any = None  # an untripped guard, for ungated updates
         with self.device:
             self._sm_count = self.device.attributes["MultiProcessorCount"]
 
@@ -319,41 +319,41 @@ class CupyBackend(Backend):
         """An array a kernel reads, flat, C-contiguous and in ``dtype`` (a copy only where needed)."""
         return self.xp.ascontiguousarray(x, dtype=dtype).reshape(-1)
 
-    def _gate(self, gate):
+    def _guard_or_open(self, guard):
         """The guard the update kernels read (an untripped one for an ungated update)."""
-        if gate is not None:
-            return gate
-        if self._open_gate is None:
-            self._open_gate = self.xp.zeros(1, np.float64)
-        return self._open_gate
+        if guard is not None:
+            return guard
+        if self._open_guard is None:
+            self._open_guard = self.xp.zeros(1, np.float64)
+        return self._open_guard
 
     @_on_device
-    def sgd_update(self, p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first, gate=None):
+    def sgd_update(self, p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first, guard=None):
         g = self._flat_in(g, p.dtype)
         with self._in_place(p.dtype, p, buf) as (p, buf):
             buf = buf if buf is not None else p  # unused without momentum
             self._launch("optim.cu", "sgd<{T}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
                          (p, g, buf, np.int64(p.size), np.float64(lr), np.float64(momentum), np.float64(dampening),
-                          np.int32(nesterov), np.float64(weight_decay), np.int32(first), self._gate(gate)))
+                          np.int32(nesterov), np.float64(weight_decay), np.int32(first), self._guard_or_open(guard)))
 
     @_on_device
-    def adam_update(self, p, g, m, v, lr, beta1, beta2, eps, step, weight_decay, decoupled, gate=None):
+    def adam_update(self, p, g, m, v, lr, beta1, beta2, eps, step, weight_decay, decoupled, guard=None):
         g = self._flat_in(g, p.dtype)
         with self._in_place(p.dtype, p, m, v) as (p, m, v):
             self._launch("optim.cu", "adam<{T}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
                          (p, g, m, v, np.int64(p.size), np.float64(lr), np.float64(beta1), np.float64(beta2),
                           np.float64(eps), np.float64(1 - beta1**step), np.float64(math.sqrt(1 - beta2**step)),
                           np.float64(weight_decay), np.float64(1 - lr * weight_decay), np.int32(decoupled),
-                          self._gate(gate)))
+                          self._guard_or_open(guard)))
 
     @_on_device
-    def rmsprop_update(self, p, g, sq, buf, lr, alpha, eps, momentum, weight_decay, gate=None):
+    def rmsprop_update(self, p, g, sq, buf, lr, alpha, eps, momentum, weight_decay, guard=None):
         g = self._flat_in(g, p.dtype)
         with self._in_place(p.dtype, p, sq, buf) as (p, sq, buf):
             buf = buf if buf is not None else p  # unused without momentum
             self._launch("optim.cu", "rmsprop<{T}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
                          (p, g, sq, buf, np.int64(p.size), np.float64(lr), np.float64(alpha), np.float64(eps),
-                          np.float64(momentum), np.float64(weight_decay), self._gate(gate)))
+                          np.float64(momentum), np.float64(weight_decay), self._guard_or_open(guard)))
 
     # ------------------------------------------------------------------ the deferred non-finite check
     deferred_checks = True  # a host read per step would stall the GPU's queue every step
@@ -373,11 +373,11 @@ class CupyBackend(Backend):
                      act=kind)
 
     @_on_device
-    def clip_by_norm(self, grad, sumsq, max_norm, gate=None):
+    def clip_by_norm(self, grad, sumsq, max_norm, guard=None):
         with self._in_place(grad.dtype, grad) as (x,):
             self._launch("optim.cu", "clip_by_norm<{T}>", x.dtype, (self._grid(x.size),), (cuda_sources.THREADS,),
                          (x, np.int64(x.size), sumsq.astype(x.dtype, copy=False), np.float64(max_norm),
-                          self._gate(gate)))
+                          self._guard_or_open(guard)))
 
     @_on_device
     def sum_of_squares(self, x, out=None):

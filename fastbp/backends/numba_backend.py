@@ -108,24 +108,24 @@ class NumbaBackend(Backend):
         return self._record(stats_out, value, Z_L, y, loss), delta
 
     # ------------------------------------------------------------------ optimizers (flat, one pass)
-    def sgd_update(self, p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first, gate=None):
-        if self._gate_closed(gate):
+    def sgd_update(self, p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first, guard=None):
+        if self._guard_tripped(guard):
             return
         if not (p.flags.c_contiguous and g.flags.c_contiguous):
             return super().sgd_update(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first)
         b = buf.reshape(-1) if buf is not None else self._empty_1d[p.dtype.type]
         self.k.sgd(p.reshape(-1), g.reshape(-1), b, lr, momentum, dampening, nesterov, weight_decay, first)
 
-    def adam_update(self, p, g, m, v, lr, beta1, beta2, eps, step, weight_decay, decoupled, gate=None):
-        if self._gate_closed(gate):
+    def adam_update(self, p, g, m, v, lr, beta1, beta2, eps, step, weight_decay, decoupled, guard=None):
+        if self._guard_tripped(guard):
             return
         if not (p.flags.c_contiguous and g.flags.c_contiguous):
             return super().adam_update(p, g, m, v, lr, beta1, beta2, eps, step, weight_decay, decoupled)
         self.k.adam(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), lr, beta1, beta2, eps, step,
                     weight_decay, decoupled)
 
-    def rmsprop_update(self, p, g, sq, buf, lr, alpha, eps, momentum, weight_decay, gate=None):
-        if self._gate_closed(gate):
+    def rmsprop_update(self, p, g, sq, buf, lr, alpha, eps, momentum, weight_decay, guard=None):
+        if self._guard_tripped(guard):
             return
         if not (p.flags.c_contiguous and g.flags.c_contiguous):
             return super().rmsprop_update(p, g, sq, buf, lr, alpha, eps, momentum, weight_decay)
@@ -133,16 +133,16 @@ class NumbaBackend(Backend):
         self.k.rmsprop(p.reshape(-1), g.reshape(-1), sq.reshape(-1), b, lr, alpha, eps, momentum, weight_decay)
 
     def count_invalid(self, X, y, loss, n_out):
-        kind = target_kind(y, loss)
-        if kind == 0:
+        targets = target_kind(y, loss)
+        if targets == 0:
             return int(self.k.count_invalid(X, y, self._empty_2d[X.dtype.type], 0, n_out))
-        return int(self.k.count_invalid(X, self._empty_labels, y, kind, n_out))
+        return int(self.k.count_invalid(X, self._empty_labels, y, targets, n_out))
 
     # ------------------------------------------------------------------ the whole step
     def train_step(self, model, X, y, loss, optimizer, clip=0.0, stats_out=None):
         """Forward, backward and update in one compiled call, for small relu-like networks."""
-        kind = _optimizer_kinds().get(type(optimizer))
-        plan = self._whole_step_plan(model, X.shape[0]) if WHOLE_STEP and kind is not None else None
+        opt_code = _optimizer_codes().get(type(optimizer))
+        plan = self._whole_step_plan(model, X.shape[0]) if WHOLE_STEP and opt_code is not None else None
         if plan is None:
             return None
         flat, grad = model.flat_parameters(), model.flat_grad()
@@ -151,11 +151,11 @@ class NumbaBackend(Backend):
         slots = state.slots
         lr = optimizer.schedule(state.step + 1)
         empty = self._empty_1d[flat.dtype.type]
-        if kind == 0:
+        if opt_code == 0:
             hyper = np.array([lr, optimizer.momentum, optimizer.dampening, float(optimizer.nesterov),
                               optimizer.weight_decay])
             s1, s2 = (slots["momentum"][0] if optimizer.momentum else empty), empty
-        elif kind == 1:
+        elif opt_code == 1:
             hyper = np.array([lr, optimizer.betas[0], optimizer.betas[1], optimizer.eps, optimizer.weight_decay,
                               1.0 if optimizer.decoupled else 0.0])
             s1, s2 = slots["m"][0], slots["v"][0]
@@ -164,7 +164,7 @@ class NumbaBackend(Backend):
             s1, s2 = slots["square_avg"][0], (slots["momentum"][0] if optimizer.momentum else empty)
         labels, Y, code = self._loss_args(X, y, loss)
         value, sumsq, updated = self.k.train_step(X, labels, Y, code, flat, grad, plan.layout, plan.codes, plan.ws,
-                                                  kind, hyper, s1, s2, state.step + 1, state.step == 0, clip,
+                                                  opt_code, hyper, s1, s2, state.step + 1, state.step == 0, clip,
                                                   self.blas_route)
         if updated:
             state.step += 1
@@ -218,7 +218,7 @@ class NumbaBackend(Backend):
 
 
 @functools.lru_cache(maxsize=1)
-def _optimizer_kinds() -> dict[type, int]:
+def _optimizer_codes() -> dict[type, int]:
     """The optimizers the whole-step kernel updates with, and its code for each."""
     from ..optim import SGD, Adam, AdamW, RMSProp
 
