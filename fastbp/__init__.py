@@ -9,8 +9,7 @@ from .callbacks import Callback, EarlyStopping, ModelCheckpoint
 from .divergence import DivergenceError
 from .gradcheck import gradcheck
 from .history import History
-from .io import load
-from .layers import MLP, Dense
+from .layers import MLP, Dense, load
 from .threads import get_num_threads, num_threads, set_num_threads
 from .trainer import Trainer
 

@@ -116,6 +116,4 @@ class ModelCheckpoint(Callback):
     def on_epoch_end(self, trainer: Any, epoch: int, logs: dict[str, Any]) -> None:
         if self.save_best_only and not self._monitor.improved(self._monitor.value(logs)):
             return
-        from .io import save_model
-
-        self.saved.append(save_model(trainer.model, self.path.format(**logs)))
+        self.saved.append(trainer.model.save(self.path.format(**logs)))

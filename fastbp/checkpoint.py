@@ -14,14 +14,15 @@ from typing import Any
 import numpy as np
 
 from . import optim
-from .io import VERSION, model_arrays, model_from_arrays, read_npz, write_npz_atomic
+from .io import VERSION, read_npz, write_npz_atomic
+from .layers import MLP
 
 FORMAT = "fastbp-checkpoint"
 
 
 def save_checkpoint(trainer: Any, path: Any) -> Path:
     """Write ``trainer``'s whole training state to ``path``; returns the path written."""
-    arrays, model_meta = model_arrays(trainer.model)
+    arrays, model_meta = trainer.model.to_arrays()
     opt = trainer.optimizer
     state = opt.state_dict()
     for key, value in state.items():
@@ -41,16 +42,15 @@ def save_checkpoint(trainer: Any, path: Any) -> Path:
     return write_npz_atomic(path, arrays, meta)
 
 
-def load_checkpoint(path: Any, backend: Any = None) -> Any:
-    """A Trainer restored from ``save_checkpoint``; ValueError for any file that is not a valid one."""
-    from .trainer import Trainer
-
+def load_checkpoint(path: Any, backend: Any, trainer_cls: Any) -> Any:
+    """A ``trainer_cls`` (``fastbp.Trainer``) restored from ``save_checkpoint``; ValueError for any file
+    that is not a valid one."""
     where = repr(str(path))
     arrays, meta = read_npz(path, FORMAT)
     try:
         model_meta, tmeta, ometa = meta["model"], meta["trainer"], meta["optimizer"]
         model_arrays_ = {k: v for k, v in arrays.items() if not k.startswith("opt.")}
-        model = model_from_arrays(model_arrays_, dict(model_meta, format="fastbp-model"), backend, where)
+        model = MLP.from_arrays(model_arrays_, dict(model_meta, format="fastbp-model"), backend, where)
         cls = {c.__name__: c for c in optim.OPTIMIZERS.values()}.get(ometa["type"])  # the one registry
         if cls is None:
             raise ValueError(f"unknown optimizer {ometa['type']!r}")
@@ -67,7 +67,7 @@ def load_checkpoint(path: Any, backend: Any = None) -> Any:
         opt.load_state_dict(state, [model.flat_parameters()], model.backend)
         rng = np.random.default_rng()
         rng.bit_generator.state = meta["rng"]
-        trainer = Trainer(model, loss=tmeta["loss"], optimizer=opt, batch_size=tmeta["batch_size"],
+        trainer = trainer_cls(model, loss=tmeta["loss"], optimizer=opt, batch_size=tmeta["batch_size"],
                           clip_norm=tmeta["clip_norm"], on_nonfinite=tmeta["on_nonfinite"])
         counts = [tmeta[k] for k in ("epoch", "steps", "skipped_steps")]
         if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):

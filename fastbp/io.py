@@ -16,8 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from .backends import Backend
-
 FORMAT = "fastbp-model"
 VERSION = 1
 _META = "__meta__"
@@ -129,75 +127,3 @@ def read_npz(path: Any, expected_format: str | tuple[str, ...]) -> tuple[dict[st
     if meta.get("version") != VERSION:
         raise ValueError(f"{str(path)!r} has format version {meta.get('version')!r}; this fastbp reads {VERSION}")
     return arrays, meta
-
-
-def model_arrays(model: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The arrays and metadata that describe a model."""
-    arrays = {}
-    for i, layer in enumerate(model.layers):
-        arrays[f"W{i}"] = model.backend.to_numpy(layer.W)
-        arrays[f"b{i}"] = model.backend.to_numpy(layer.b)
-    meta = {"format": FORMAT, "version": VERSION, "dtype": model.dtype.name,
-            "activations": model.activations, "sizes": model.sizes, "loss": model.loss_,
-            "preprocess": getattr(model, "preprocess_", None)}
-    if model.classes_ is not None:
-        arrays["classes"] = np.asarray(model.classes_)  # numbers or fixed-width strings: no pickle needed
-    return arrays, meta
-
-
-def save_model(model: Any, path: Any) -> Path:
-    """Save a model (bit-exact) to ``path``; returns the path written."""
-    arrays, meta = model_arrays(model)
-    return write_npz_atomic(path, arrays, meta)
-
-
-def model_from_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any], backend: Any, where: str) -> Any:
-    """Rebuild an MLP after checking that the arrays match the metadata."""
-    from .layers import MLP
-
-    acts = meta.get("activations")
-    dtype = meta.get("dtype")
-    if not isinstance(acts, list) or not acts or dtype not in ("float32", "float64"):
-        raise ValueError(f"{where} has invalid model metadata")
-    classes = arrays.get("classes")
-    loss = meta.get("loss")
-    n_out = meta.get("sizes", [None])[-1] if isinstance(meta.get("sizes"), list) else None
-    if loss not in (None, "mse", "cross_entropy", "binary_cross_entropy") or (
-            classes is not None and (classes.ndim != 1 or len(classes) != n_out)):
-        raise ValueError(f"{where} has invalid model metadata (loss or classes)")
-    from .activations import ACTIVATIONS
-
-    unknown = sorted({a for a in acts if isinstance(a, str) and a not in ACTIVATIONS})
-    if unknown:
-        raise ValueError(f"{where} uses the activation {', '.join(map(repr, unknown))}, which is not registered "
-                         f"in this process: register it (fastbp.register_activation) before loading")
-    layers = []
-    for i, act in enumerate(acts):
-        W, b = arrays.get(f"W{i}"), arrays.get(f"b{i}")
-        if W is None or b is None:
-            raise ValueError(f"{where} lacks the arrays of layer {i}")
-        if W.dtype.name != dtype or b.dtype.name != dtype or W.ndim != 2 or b.shape != (W.shape[1],):
-            raise ValueError(f"{where}: layer {i} has shapes {W.shape}, {b.shape} or dtype {W.dtype} "
-                             f"that do not match its metadata")
-        layers.append((W, b, act))
-    try:
-        model = MLP.from_weights(layers, dtype=dtype, backend=backend)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where} does not describe a valid model: {exc}") from exc
-    model.classes_, model.loss_ = classes, loss
-    preprocess = meta.get("preprocess")
-    model.preprocess_ = preprocess if isinstance(preprocess, dict) else None
-    return model
-
-
-def load(path: Any, backend: str | Backend | None = None) -> Any:
-    """Load a model saved with ``MLP.save`` (or the model of a training checkpoint) onto ``backend``
-    (None: the active backend)."""
-    arrays, meta = read_npz(path, (FORMAT, "fastbp-checkpoint"))
-    if meta["format"] == "fastbp-checkpoint":
-        model_meta = meta.get("model")
-        if not isinstance(model_meta, dict):
-            raise ValueError(f"{str(path)!r} has invalid checkpoint metadata")
-        arrays = {k: v for k, v in arrays.items() if not k.startswith("opt.")}
-        meta = dict(model_meta, format=FORMAT)
-    return model_from_arrays(arrays, meta, backend, repr(str(path)))

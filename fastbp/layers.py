@@ -16,6 +16,7 @@ from .backends import Backend, resolve_backend
 from .backends.base import invalid_batch_message
 from .dtypes import resolve_dtype
 from .init import INITIALIZERS, initialize
+from .io import FORMAT, VERSION, read_npz, write_npz_atomic
 from .losses import check_loss, check_sample_weight, is_identity, prepare_targets, target_shape
 
 _MAX_WORKSPACES = 4  # batch sizes whose buffers are kept: the batch, the last partial batch, eval sizes
@@ -464,9 +465,70 @@ class MLP:
 
     def save(self, path: Any) -> Any:
         """Write the model to an .npz file atomically (see ``fastbp.io``); returns the path written."""
-        from .io import save_model
+        arrays, meta = self.to_arrays()
+        return write_npz_atomic(path, arrays, meta)
 
-        return save_model(self, path)
+    def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The host arrays and the metadata that describe the model (what ``save`` writes, bit-exact)."""
+        arrays = {}
+        for i, layer in enumerate(self.layers):
+            arrays[f"W{i}"] = self.backend.to_numpy(layer.W)
+            arrays[f"b{i}"] = self.backend.to_numpy(layer.b)
+        meta = {"format": FORMAT, "version": VERSION, "dtype": self.dtype.name, "activations": self.activations,
+                "sizes": self.sizes, "loss": self.loss_, "preprocess": self.preprocess_}
+        if self.classes_ is not None:
+            arrays["classes"] = np.asarray(self.classes_)  # numbers or fixed-width strings: no pickle needed
+        return arrays, meta
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any], backend: Any = None,
+                    where: str = "the arrays") -> MLP:
+        """The model that ``to_arrays`` describes, after checking that the arrays match the metadata;
+        ValueError naming ``where`` (a file) otherwise."""
+        acts = meta.get("activations")
+        dtype = meta.get("dtype")
+        if not isinstance(acts, list) or not acts or dtype not in ("float32", "float64"):
+            raise ValueError(f"{where} has invalid model metadata")
+        classes = arrays.get("classes")
+        loss = meta.get("loss")
+        n_out = meta.get("sizes", [None])[-1] if isinstance(meta.get("sizes"), list) else None
+        if loss not in (None, "mse", "cross_entropy", "binary_cross_entropy") or (
+                classes is not None and (classes.ndim != 1 or len(classes) != n_out)):
+            raise ValueError(f"{where} has invalid model metadata (loss or classes)")
+        unknown = sorted({a for a in acts if isinstance(a, str) and a not in ACTIVATIONS})
+        if unknown:
+            raise ValueError(f"{where} uses the activation {', '.join(map(repr, unknown))}, which is not "
+                             f"registered in this process: register it (fastbp.register_activation) before loading")
+        layers = []
+        for i, act in enumerate(acts):
+            W, b = arrays.get(f"W{i}"), arrays.get(f"b{i}")
+            if W is None or b is None:
+                raise ValueError(f"{where} lacks the arrays of layer {i}")
+            if W.dtype.name != dtype or b.dtype.name != dtype or W.ndim != 2 or b.shape != (W.shape[1],):
+                raise ValueError(f"{where}: layer {i} has shapes {W.shape}, {b.shape} or dtype {W.dtype} "
+                                 f"that do not match its metadata")
+            layers.append((W, b, act))
+        try:
+            model = cls.from_weights(layers, dtype=dtype, backend=backend)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where} does not describe a valid model: {exc}") from exc
+        model.classes_, model.loss_ = classes, loss
+        preprocess = meta.get("preprocess")
+        model.preprocess_ = preprocess if isinstance(preprocess, dict) else None
+        return model
+
+
+def load(path: Any, backend: str | Backend | None = None) -> MLP:
+    """Load a model saved with ``MLP.save`` (or the model of a training checkpoint) onto ``backend``
+    (None: the active backend)."""
+    arrays, meta = read_npz(path, (FORMAT, "fastbp-checkpoint"))
+    if meta["format"] == "fastbp-checkpoint":
+        model_meta = meta.get("model")
+        if not isinstance(model_meta, dict):
+            raise ValueError(f"{str(path)!r} has invalid checkpoint metadata")
+        arrays = {k: v for k, v in arrays.items() if not k.startswith("opt.")}
+        meta = dict(model_meta, format=FORMAT)
+    return MLP.from_arrays(arrays, meta, backend, repr(str(path)))
 
 
 def _views(flat: Any, shapes: list[tuple[int, ...]]) -> list[Any]:

@@ -28,6 +28,7 @@ from ._checks import (
 )
 from .backends.base import invalid_batch_message
 from .callbacks import Callback
+from .checkpoint import load_checkpoint, save_checkpoint
 from .divergence import ON_NONFINITE, DivergenceError, DivergenceGuard, divergence_message
 from .dtypes import accumulator_dtype
 from .history import History
@@ -398,17 +399,13 @@ class Trainer:
     def save_checkpoint(self, path: Any) -> Path:
         """Write the model, the optimizer (hyperparameters, schedule, state), the epoch and step counts and
         the shuffling generator's state to one .npz file, atomically; returns the path written."""
-        from .checkpoint import save_checkpoint
-
         return save_checkpoint(self, path)
 
     @classmethod
     def load_checkpoint(cls, path: Any, backend: Any = None) -> Trainer:
         """A Trainer restored from ``save_checkpoint``, on ``backend`` (None: the active one); training
         resumes exactly where it was saved (bit-identically on the CPU backends)."""
-        from .checkpoint import load_checkpoint
-
-        return load_checkpoint(path, backend)
+        return load_checkpoint(path, backend, cls)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, X: Any, y: Any, sample_weight: Any = None) -> dict[str, float]:
