@@ -77,7 +77,7 @@ class _BaseMLP(BaseEstimator):
     _loss: str  # fastbp's loss
     _loss_scale = 1.0  # fastbp's loss times this is the estimator's loss_ (scikit-learn's definition)
 
-    def _targets(self, y: np.ndarray, fitting: bool) -> np.ndarray:
+    def _targets(self, y: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     def _score_for_stopping(self, X: np.ndarray, y: np.ndarray) -> float:
@@ -122,13 +122,13 @@ class _BaseMLP(BaseEstimator):
         first = not (self.warm_start and hasattr(self, "coefs_"))
         X, y = validate_data(self, X, y, reset=first, dtype=[np.float64, np.float32], multi_output=True,
                              y_numeric=isinstance(self, RegressorMixin))
-        targets = self._targets(y, fitting=True)
+        targets = self._targets(y)
         self._check_params(X.shape[0])
         dtype = self.dtype if self.dtype is not None else X.dtype
         rng = check_random_state(self.random_state)
         if first:
             seed = int(rng.randint(np.iinfo(np.int32).max))
-            sizes = [X.shape[1], *self._hidden, targets.shape[1] if targets.ndim == 2 else self._n_out]
+            sizes = [X.shape[1], *self._hidden, targets.shape[1] if targets.ndim == 2 else len(self.classes_)]
             model = fb.MLP(sizes, activation=_ACTIVATIONS[self.activation], dtype=dtype, seed=seed,
                            backend=self.backend)
             self._trainer = fb.Trainer(model, loss=self._loss, optimizer=self._optimizer(), batch_size=self._batch,
@@ -140,17 +140,17 @@ class _BaseMLP(BaseEstimator):
             self.validation_scores_: list[float] | None = [] if self.early_stopping else None
             self.best_validation_score_: float | None = -np.inf if self.early_stopping else None
         else:
-            self._trainer = self._trainer_for_warm_start(dtype)
+            self._trainer = self._trainer_for_warm_start()
         X_val = y_val = None
         X_fit, y_fit = X, targets
         if self.early_stopping:
             stratify = y if (isinstance(self, ClassifierMixin) and targets.ndim == 1) else None
-            X_fit, X_val, y_fit, y_val, _, y_val_raw = train_test_split(
+            # the validation labels in the user's values: the score compares them with predictions
+            X_fit, X_val, y_fit, _, _, y_val = train_test_split(
                 X, targets, y, random_state=rng, test_size=self.validation_fraction, stratify=stratify)
             if X_val.shape[0] < 2:
                 raise ValueError("The validation set is too small. Increase 'validation_fraction' or the size "
                                  "of your dataset.")
-            y_val = y_val_raw
         stopper = _Stopping(self, X_fit.shape[0], X_val, y_val)
         self._trainer.fit(X_fit, y_fit, epochs=self.max_iter, shuffle=self.shuffle, verbose=0, callbacks=[stopper])
         if stopper.best is not None:  # early stopping: the best validation score's weights
@@ -161,7 +161,7 @@ class _BaseMLP(BaseEstimator):
                           f"optimization hasn't converged yet.", ConvergenceWarning, stacklevel=3)
         return self
 
-    def _trainer_for_warm_start(self, dtype: Any) -> Any:
+    def _trainer_for_warm_start(self) -> Any:
         """The trainer of the last fit (its optimizer state kept), or one rebuilt from coefs_ (unpickled)."""
         import fastbp as fb
 
@@ -174,9 +174,8 @@ class _BaseMLP(BaseEstimator):
 
     def _export_weights(self) -> None:
         model = self._trainer.model
-        weights = model.get_weights()
-        self.coefs_ = [w.astype(model.dtype) for w in weights[::2]]
-        self.intercepts_ = [b.astype(model.dtype) for b in weights[1::2]]
+        weights = model.get_weights()  # host copies in the model's dtype
+        self.coefs_, self.intercepts_ = weights[::2], weights[1::2]
         self.n_layers_ = len(self.coefs_) + 1
         self.n_outputs_ = int(self.coefs_[-1].shape[1])
         self._model = model
@@ -274,7 +273,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     float32 input, else float64).
     """
 
-    def _targets(self, y: np.ndarray, fitting: bool) -> np.ndarray:
+    def _targets(self, y: np.ndarray) -> np.ndarray:
         if type_of_target(y) == "multilabel-indicator":
             self._multilabel = True
             self._loss = "binary_cross_entropy"
@@ -295,7 +294,6 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             self.classes_ = classes
         self._multilabel = False
         self._loss = "cross_entropy"
-        self._n_out = len(self.classes_)
         self.out_activation_ = "softmax"
         return np.searchsorted(self.classes_, y).astype(np.int64)
 
@@ -361,12 +359,11 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
                          n_iter_no_change=n_iter_no_change, backend=backend, dtype=dtype)
         self.loss = loss
 
-    def _targets(self, y: np.ndarray, fitting: bool) -> np.ndarray:
+    def _targets(self, y: np.ndarray) -> np.ndarray:
         if self.loss != "squared_error":
             raise ValueError(f"loss must be 'squared_error' (fastbp has no other regression loss), got {self.loss!r}")
         self.out_activation_ = "identity"
         y = np.asarray(y, np.float64)
-        self._n_out = 1 if y.ndim == 1 else y.shape[1]
         self._single = y.ndim == 1
         return y.reshape(len(y), -1)
 

@@ -115,10 +115,8 @@ class Trainer:
         lock = self._acquire()  # not _exclusive: a generator context costs 2 us, a tenth of a small step
         try:
             with self.model.backend.device_scope():  # one device switch for the whole call
-                if self.model.classes_ is None:
-                    y = self.model.backend.adopt(y)
-                    self._learn_classes(y)
-                self.model.loss_ = self.loss
+                if self.model.classes_ is None or self.model.loss_ != self.loss:
+                    self._learn_classes(self.model.backend.adopt(y))
                 guard = self._deferred_guard()
                 Xd, yd = self.model.prepare_batch(X, y, self.loss, guard=guard, step=self.steps + 1)
                 weights = None if sample_weight is None else self.model.prepare_weights(sample_weight, Xd.shape[0])

@@ -286,7 +286,7 @@ class Backend:
             m = xp.max(Z_L, axis=1, keepdims=True)
             lse = xp.log(xp.sum(xp.exp(Z_L - m), axis=1, keepdims=True)) + m
             if y.ndim == 1:
-                return lse[:, 0] - Z_L[xp.arange(Z_L.shape[0]), y]
+                return lse[:, 0] - Z_L[self._rows(Z_L.shape[0]), y]
             return xp.sum(y * (lse - Z_L), axis=1)
         if loss == "binary_cross_entropy":
             return xp.sum(xp.maximum(Z_L, 0) - Z_L * y + xp.log1p(xp.exp(-xp.abs(Z_L))), axis=1)

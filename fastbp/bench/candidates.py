@@ -49,10 +49,9 @@ def fastbp_candidates(backend: Any, sizes: list[int], batch: int, dtype: str,
             backend.synchronize()
             info[f"device_mem_bytes_{opt_name}"] = backend.memory_in_use()
 
-        Xb, yb = backend.asarray(X, dtype), backend.asarray(y)  # the batch as the backend holds it
-
-        def step(trainer=trainer, Xb=Xb, yb=yb):
-            trainer.step(Xb, yb)  # the public step, as users call it: checks and the loss read included
+        def step(trainer=trainer, Xd=Xd, yd=yd):
+            # the public step, as users call it on a batch held by the backend: checks and the loss read included
+            trainer.step(Xd, yd)
             sync()
 
         cands.append(Candidate(f"step_{opt_name}", backend.name, step, step_flops(sizes, batch), "step"))
