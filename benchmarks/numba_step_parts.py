@@ -20,13 +20,15 @@ from numba import njit
 import fastbp as fb
 from fastbp.backends import _numba_kernels as k
 from fastbp.backends._numba_blas import gemm
+from fastbp.backends.update_args import STRUCTS
 from fastbp.bench import CONFIGS, floor_candidates
 
 
 @njit
-def _steps(n, X, labels, Y, flat, grad, layout, codes, ws, hyper, empty, route):
+def _steps(n, X, labels, Y, flat, grad, layout, codes, ws, args, empty, route):
     for _ in range(n):
-        k.train_step(X, labels, Y, 0, flat, grad, layout, codes, ws, 0, hyper, empty, empty, 1, True, 0.0, route)
+        k.train_step(X, labels, Y, 0, flat, grad, layout, codes, ws, 0, args["sgd"], args["adam"], args["rmsprop"],
+                     empty, empty, 0.0, route)
 
 
 @njit
@@ -105,7 +107,8 @@ def main() -> None:
     assert plan is not None
     flat, grad = model.flat_parameters(), model.flat_grad()
     labels, Y = np.ascontiguousarray(y, np.int64), np.zeros((0, 0), np.float32)
-    empty, hyper = np.zeros(0, np.float32), np.zeros(5)  # lr 0: the weights stay put
+    empty = np.zeros(0, np.float32)
+    args = {name: np.zeros(1, dtype) for name, (_, dtype) in STRUCTS.items()}  # SGD with lr 0: the weights stay put
     hidden, n_out = sizes[1], sizes[-1]
     Z = rng.standard_normal((batch, hidden)).astype(np.float32)
     b, db = np.zeros(hidden, np.float32), np.zeros(hidden, np.float32)
@@ -122,7 +125,7 @@ def main() -> None:
 
     parts = {
         "whole step (compiled loop)": lambda n: _steps(n, X, labels, Y, flat, grad, plan.layout, plan.codes,
-                                                       plan.ws, hyper, empty, route),
+                                                       plan.ws, args, empty, route),
         "its GEMMs alone (compiled loop)": lambda n: _gemms(n, X, flat, grad, plan.layout, plan.ws, route),
         "GEMM floor (from Python)": floor_step,
         f"forward_epilogue ({batch}x{hidden})": lambda n: _forward_epilogue(n, Z, b),

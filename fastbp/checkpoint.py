@@ -54,10 +54,7 @@ def load_checkpoint(path: Any, backend: Any, trainer_cls: Any) -> Any:
         cls = {c.__name__: c for c in optim.OPTIMIZERS.values()}.get(ometa["type"])  # the one registry
         if cls is None:
             raise ValueError(f"unknown optimizer {ometa['type']!r}")
-        hyper = dict(ometa["hyperparameters"])
-        if "betas" in hyper:
-            hyper["betas"] = tuple(hyper["betas"])
-        opt = cls(lr=optim.schedule_from_config(ometa["schedule"]), **hyper)
+        opt = cls.from_hyperparameters(optim.schedule_from_config(ometa["schedule"]), ometa["hyperparameters"])
         state = {k[len("opt."):]: v for k, v in arrays.items() if k.startswith("opt.")}
         state["step"] = ometa["step"]
         for key, value in state.items():

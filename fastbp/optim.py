@@ -1,19 +1,21 @@
 """Optimizers with explicit state, and learning-rate schedules.
 
 An optimizer's state is plain data (``OptimizerState``: a step count and named lists of arrays, one per
-parameter), so it can be saved, restored and moved between backends. The built-in updates are the
-backend's fused in-place ops, one call per parameter; semantics follow torch.optim (SGD, Adam, AdamW,
-RMSprop).
+parameter), so it can be saved, restored and moved between backends. Semantics follow torch.optim (SGD,
+Adam, AdamW, RMSprop).
 
-Your own optimizer is one subclass: its hyperparameters as ``__init__`` arguments (stored under the same
-names), ``slot_names``, and ``update(xp, p, g, slots, lr, step)``, the update written once against the array
-module ``xp`` in place. It runs on every backend (the compiled ones run it through their arrays, as the
-reference path), a tripped non-finite guard leaves it undone as it does the built-in ones, and
-``register`` makes it known by name (``Trainer(optimizer="name")``, checkpoints).
+An optimizer is one class: its hyperparameters as a frozen dataclass ``Hyper`` (checked in its
+``__post_init__``; the instance's ``hp``), the names of its per-parameter state arrays ``slot_names``, and
+``update(xp, p, g, slots, lr, step)``, the reference update written once against the array module ``xp``, in
+place. It runs on every backend. A backend may have a fused update for it (``Backend.fused_updates``, by the
+class's ``fused`` name): the compiled backends have one for each built-in optimizer, equal to the reference
+bit for bit. A tripped non-finite guard leaves an update undone either way, and ``register`` makes an
+optimizer known by name (``Trainer(optimizer="name")``; checkpoints find it by class name).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,16 +125,56 @@ class OptimizerState:
 
 
 class Optimizer:
-    """Base optimizer: holds the hyperparameters and the state; subclasses define
-    ``slot_names`` and ``update`` (or, for a fused backend op, ``_update``)."""
+    """Base optimizer: the learning rate (a schedule), the hyperparameters ``hp`` (an instance of the
+    subclass's frozen dataclass ``Hyper``) and the state. A subclass defines ``Hyper``, ``slot_names`` and
+    ``update``, the reference update; ``fused`` names the fused update a backend may have for it."""
+
+    @dataclass(frozen=True)
+    class Hyper:
+        """No hyperparameters besides the learning rate."""
 
     slot_names: tuple[str, ...] = ()
+    #: The name of the fused in-place update a backend may register for this optimizer (see
+    #: ``Backend.fused_updates``); None: the reference ``update`` runs everywhere. A subclass that writes its
+    #: own ``update`` loses its parent's fused update.
+    fused: str | None = None
 
-    def __init__(self, lr: Schedule | float) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "update" in cls.__dict__ and "fused" not in cls.__dict__:
+            cls.fused = None
+
+    def __init__(self, lr: Schedule | float = 1e-3, **hyper: Any) -> None:
         self.schedule = _as_schedule(lr)
+        self.hp: Any = self.Hyper(**hyper)  # a frozen dataclass: replace() changes it
         self.state: OptimizerState | None = None
         self._backend: Backend | None = None
         self._dtype: Any = None
+
+    @classmethod
+    def from_hyperparameters(cls, lr: Schedule | float, hyperparameters: dict[str, Any]) -> Optimizer:
+        """An optimizer of this class with ``hyperparameters`` (as ``hyperparameters()`` gives them), not
+        through ``__init__``: what a checkpoint restores."""
+        opt = cls.__new__(cls)
+        Optimizer.__init__(opt, lr, **hyperparameters)
+        return opt
+
+    def __getattr__(self, name: str) -> Any:  # opt.momentum reads opt.hp.momentum
+        hp = self.__dict__.get("hp")
+        if hp is not None and name in _field_names(hp):
+            return getattr(hp, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        hp = self.__dict__.get("hp")
+        if hp is not None and name in _field_names(hp):
+            raise AttributeError(f"hyperparameters are frozen: use opt.replace({name}={value!r})")
+        super().__setattr__(name, value)
+
+    def replace(self, **changes: Any) -> Optimizer:
+        """Change hyperparameters between steps (checked as in the constructor); returns self."""
+        self.hp = dataclasses.replace(self.hp, **changes)
+        return self
 
     @property
     def lr(self) -> float:
@@ -140,12 +182,12 @@ class Optimizer:
         return self.schedule((self.state.step if self.state else 0) + 1)
 
     def hyperparameters(self) -> dict[str, Any]:
-        hidden = ("state", "schedule", "slot_names")
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in hidden}
+        """The hyperparameters besides the learning rate, by name."""
+        return {f.name: getattr(self.hp, f.name) for f in dataclasses.fields(self.hp)}
 
     def __repr__(self) -> str:
-        hp = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
-        return f"{type(self).__name__}(lr={self.schedule.config()}, {hp})"
+        hp = "".join(f", {k}={v!r}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}(lr={self.schedule.config()}{hp})"
 
     # -------------------------------------------------------------- state management
     def _init_state(self, params: list[Any], backend: Backend) -> None:
@@ -161,8 +203,9 @@ class Optimizer:
 
     def prepare(self, params: list[Any], backend: Backend) -> None:
         """Ready the state for ``params`` on ``backend`` before an update: created (zeros) on the first call,
-        checked against the parameters' shapes, moved when the backend or dtype changed. ``step`` calls it;
-        a backend's fused whole step calls it before reading ``state``."""
+        checked against the parameters' shapes, moved when the backend or dtype changed, a slot added (zeros)
+        or dropped when changed hyperparameters changed ``slot_names``. ``step`` calls it; a backend's fused
+        whole step calls it before reading ``state``."""
         if self.state is None:
             self._init_state(params, backend)
             return
@@ -173,6 +216,10 @@ class Optimizer:
         if backend is not self._backend or self._dtype != params[0].dtype:
             self.to(backend, params[0].dtype)
             self._bind(params, backend)
+        if tuple(self.state.slots) != self.slot_names:
+            self.state.slots = {name: self.state.slots.get(name) or [backend.zeros(p.shape, params[0].dtype)
+                                                                     for p in params]
+                                for name in self.slot_names}
 
     def rewind(self, steps: int) -> None:
         """Take back the step count of ``steps`` updates that a tripped guard turned into no-ops (their
@@ -240,7 +287,7 @@ class Optimizer:
     def step(self, params: list[Any], grads: list[Any], backend: Backend | None = None, guard: Any = None) -> None:
         """Update ``params`` in place from ``grads`` (same order and shapes).
 
-        ``guard``: the array ``backend.nonfinite_guard`` trips; when it is tripped the update kernels do nothing
+        ``guard``: the array ``backend.nonfinite_guard`` trips; when it is tripped the update does nothing
         (the step count still advances: the Trainer winds it back when it reads the guard)."""
         if len(params) != len(grads) or not params:
             raise ValueError(f"params and grads must be non-empty lists of equal length, "
@@ -251,78 +298,140 @@ class Optimizer:
         assert state is not None
         state.step += 1
         lr = self.schedule(state.step)
+        fused = backend.fused_updates.get(self.fused) if self.fused else None
         with backend.device_scope():
             for i, (p, g) in enumerate(zip(params, grads)):
-                self._update(backend, i, p, g, lr, state, guard)
+                slots = {name: state.slots[name][i] for name in self.slot_names}
+                if fused is None or not fused(backend, p, g, slots, lr, state.step, self.hp, guard):
+                    self._reference_update(backend, p, g, slots, lr, state.step, guard)
 
     def update(self, xp: Any, p: Any, g: Any, slots: dict[str, Any], lr: float, step: int) -> None:
         """The update of one parameter ``p`` (in place) from its gradient ``g``, written with the array
         module ``xp`` (numpy, or cupy on a GPU): ``slots`` maps each of ``slot_names`` to this parameter's
         state array (updated in place too, zeros before the first step); ``lr`` is this step's learning
-        rate, ``step`` the step number (1 for the first). Subclasses without a fused backend op define it."""
-        raise NotImplementedError(f"{type(self).__name__} defines neither update() nor _update()")
+        rate, ``step`` the step number (1 for the first); the hyperparameters are ``self.hp``."""
+        raise NotImplementedError(f"{type(self).__name__} defines no update()")
 
-    def _update(self, bk: Backend, i: int, p: Any, g: Any, lr: float, state: OptimizerState, guard: Any) -> None:
-        """One parameter's update on ``bk``: by default ``update`` through the backend's arrays, undone
-        where ``guard`` (a tripped non-finite guard) says so, as the fused ops are."""
-        slots = {name: state.slots[name][i] for name in self.slot_names}
+    def _reference_update(self, bk: Backend, p: Any, g: Any, slots: dict[str, Any], lr: float, step: int,
+                          guard: Any) -> None:
+        """``update`` through the backend's arrays, undone where ``guard`` (a tripped non-finite guard)
+        says so, as the fused updates are."""
         saved = bk._guard_open(guard, p, *slots.values())
         if saved is None:
             return
-        self.update(bk.xp, p, g, slots, lr, state.step)
+        self.update(bk.xp, p, g, slots, lr, step)
         bk._guard_restore(guard, saved, p, *slots.values())
 
 
+def _field_names(hp: Any) -> set[str]:
+    return {f.name for f in dataclasses.fields(hp)}
+
+
+def _checked(hp: Any, **values: Any) -> None:
+    """Store checked (converted) values in a frozen dataclass from its ``__post_init__``."""
+    for name, value in values.items():
+        object.__setattr__(hp, name, value)
+
+
+# The built-in optimizers. Each ``update`` is the reference, in the order of operations the fused updates
+# of the compiled backends follow (kernels/optim.cu, fastbp/backends/_numba_kernels.py), so that they agree
+# bit for bit: change one, change all (tests/test_optim.py compares them).
 class SGD(Optimizer):
-    """Stochastic gradient descent with optional momentum, Nesterov momentum and L2 weight decay."""
+    """Stochastic gradient descent with optional momentum, Nesterov momentum and L2 weight decay, as
+    torch.optim.SGD."""
+
+    @dataclass(frozen=True)
+    class Hyper:
+        momentum: float = 0.0
+        dampening: float = 0.0
+        nesterov: bool = False
+        weight_decay: float = 0.0
+
+        def __post_init__(self) -> None:
+            _checked(self, momentum=check_nonneg_float(self.momentum, "momentum", upper=1.0),
+                     dampening=check_nonneg_float(self.dampening, "dampening", upper=1.0),
+                     nesterov=bool(self.nesterov),
+                     weight_decay=check_nonneg_float(self.weight_decay, "weight_decay"))
+            if self.nesterov and (self.momentum == 0 or self.dampening != 0):
+                raise ValueError("nesterov needs momentum > 0 and dampening = 0")
+
+    fused = "sgd"
 
     def __init__(self, lr: Schedule | float = 0.01, momentum: float = 0.0, dampening: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0) -> None:
-        super().__init__(lr)
-        self.momentum = check_nonneg_float(momentum, "momentum", upper=1.0)
-        self.dampening = check_nonneg_float(dampening, "dampening", upper=1.0)
-        self.weight_decay = check_nonneg_float(weight_decay, "weight_decay")
-        if nesterov and (self.momentum == 0 or self.dampening != 0):
-            raise ValueError("nesterov needs momentum > 0 and dampening = 0")
-        self.nesterov = bool(nesterov)
-        self.slot_names = ("momentum",) if self.momentum else ()
+        super().__init__(lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay)
 
-    def _update(self, bk, i, p, g, lr, state, guard):
-        buf = state.slots["momentum"][i] if self.momentum else None
-        bk.sgd_update(p, g, buf, lr, self.momentum, self.dampening, self.nesterov,
-                      self.weight_decay, first=state.step == 1, guard=guard)
+    @property
+    def slot_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("momentum",) if self.hp.momentum else ()
+
+    def update(self, xp, p, g, slots, lr, step):
+        hp = self.hp
+        if hp.weight_decay:
+            g = g + hp.weight_decay * p
+        if hp.momentum:
+            buf = slots["momentum"]
+            if step == 1:
+                xp.copyto(buf, g)
+            else:
+                buf *= hp.momentum
+                buf += (1 - hp.dampening) * g
+            g = g + hp.momentum * buf if hp.nesterov else buf
+        p -= lr * g
 
 
 class Adam(Optimizer):
-    """Adam (Kingma & Ba), with optional L2 weight decay added to the gradient."""
+    """Adam (Kingma & Ba), with optional L2 weight decay added to the gradient, as torch.optim.Adam."""
+
+    @dataclass(frozen=True)
+    class Hyper:
+        betas: tuple[float, float] = (0.9, 0.999)
+        eps: float = 1e-8
+        weight_decay: float = 0.0
+        decoupled: bool = False  # AdamW's decay (p *= 1 - lr * weight_decay) instead of the L2 term
+
+        def __post_init__(self) -> None:
+            betas = self.betas
+            if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+                raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+            _checked(self, betas=(check_nonneg_float(betas[0], "betas[0]", upper=1.0),
+                                  check_nonneg_float(betas[1], "betas[1]", upper=1.0)),
+                     eps=check_positive_float(self.eps, "eps"),
+                     weight_decay=check_nonneg_float(self.weight_decay, "weight_decay"),
+                     decoupled=bool(self.decoupled))
 
     slot_names = ("m", "v")
-    _decoupled = False
-
-    @property
-    def decoupled(self) -> bool:
-        """Whether the weight decay is decoupled from the gradient (AdamW) rather than added to it."""
-        return self._decoupled
+    fused = "adam"
 
     def __init__(self, lr: Schedule | float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0) -> None:
-        super().__init__(lr)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        self.betas = (check_nonneg_float(betas[0], "betas[0]", upper=1.0),
-                      check_nonneg_float(betas[1], "betas[1]", upper=1.0))
-        self.eps = check_positive_float(eps, "eps")
-        self.weight_decay = check_nonneg_float(weight_decay, "weight_decay")
+        super().__init__(lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
-    def _update(self, bk, i, p, g, lr, state, guard):
-        bk.adam_update(p, g, state.slots["m"][i], state.slots["v"][i], lr, self.betas[0], self.betas[1],
-                       self.eps, state.step, self.weight_decay, self.decoupled, guard=guard)
+    def update(self, xp, p, g, slots, lr, step):
+        hp = self.hp
+        beta1, beta2 = hp.betas
+        m, v = slots["m"], slots["v"]
+        if hp.weight_decay:
+            if hp.decoupled:
+                p *= 1 - lr * hp.weight_decay
+            else:
+                g = g + hp.weight_decay * p
+        m *= beta1
+        m += (1 - beta1) * g
+        v *= beta2
+        v += (1 - beta2) * (g * g)
+        bias1 = 1 - beta1**step
+        bias2_sqrt = math.sqrt(1 - beta2**step)  # as torch
+        p -= m / (xp.sqrt(v) / bias2_sqrt + hp.eps) * (lr / bias1)
 
 
 class AdamW(Adam):
     """Adam with decoupled weight decay (Loshchilov & Hutter): p *= 1 - lr * weight_decay each step."""
 
-    _decoupled = True
+    @dataclass(frozen=True)
+    class Hyper(Adam.Hyper):
+        weight_decay: float = 0.01
+        decoupled: bool = True
 
     def __init__(self, lr: Schedule | float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01) -> None:
@@ -332,19 +441,43 @@ class AdamW(Adam):
 class RMSProp(Optimizer):
     """RMSProp (Hinton), as torch.optim.RMSprop (not centered)."""
 
+    @dataclass(frozen=True)
+    class Hyper:
+        alpha: float = 0.99
+        eps: float = 1e-8
+        momentum: float = 0.0
+        weight_decay: float = 0.0
+
+        def __post_init__(self) -> None:
+            _checked(self, alpha=check_nonneg_float(self.alpha, "alpha", upper=1.0),
+                     eps=check_positive_float(self.eps, "eps"),
+                     momentum=check_nonneg_float(self.momentum, "momentum", upper=1.0),
+                     weight_decay=check_nonneg_float(self.weight_decay, "weight_decay"))
+
+    fused = "rmsprop"
+
     def __init__(self, lr: Schedule | float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  momentum: float = 0.0, weight_decay: float = 0.0) -> None:
-        super().__init__(lr)
-        self.alpha = check_nonneg_float(alpha, "alpha", upper=1.0)
-        self.eps = check_positive_float(eps, "eps")
-        self.momentum = check_nonneg_float(momentum, "momentum", upper=1.0)
-        self.weight_decay = check_nonneg_float(weight_decay, "weight_decay")
-        self.slot_names = ("square_avg", "momentum") if self.momentum else ("square_avg",)
+        super().__init__(lr, alpha=alpha, eps=eps, momentum=momentum, weight_decay=weight_decay)
 
-    def _update(self, bk, i, p, g, lr, state, guard):
-        buf = state.slots["momentum"][i] if self.momentum else None
-        bk.rmsprop_update(p, g, state.slots["square_avg"][i], buf, lr, self.alpha, self.eps,
-                          self.momentum, self.weight_decay, guard=guard)
+    @property
+    def slot_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("square_avg", "momentum") if self.hp.momentum else ("square_avg",)
+
+    def update(self, xp, p, g, slots, lr, step):
+        hp = self.hp
+        sq = slots["square_avg"]
+        if hp.weight_decay:
+            g = g + hp.weight_decay * p
+        sq *= hp.alpha
+        sq += (1 - hp.alpha) * (g * g)
+        u = g / (xp.sqrt(sq) + hp.eps)
+        if hp.momentum:
+            buf = slots["momentum"]
+            buf *= hp.momentum
+            buf += u
+            u = buf
+        p -= lr * u
 
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSProp}

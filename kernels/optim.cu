@@ -2,98 +2,89 @@
 // squares for clipping and divergence checks (two fixed-order stages, deterministic).
 #include "common.cuh"
 
-// The updates compute in T with the NumPy reference's operations in its order (fastbp/backends/base.py):
-// each constant (1 - beta1, lr / bias1, ...) is computed in double on the host or here and rounded to T
-// once, as NumPy rounds a Python float, and every operation is an IEEE round-to-nearest one (*_rn, never
-// fused), so the results equal the reference's bit for bit. A constant with a product in it is computed on
-// the host: nvcc would fuse it here.
+// The updates compute in T with the reference's operations in its order (the optimizers' update() in
+// fastbp/optim.py): each constant (1 - beta1, lr / bias1, ...) is computed in double on the host or here and
+// rounded to T once, as NumPy rounds a Python float, and every operation is an IEEE round-to-nearest one
+// (*_rn, never fused), so the results equal the reference's bit for bit. Their hyperparameters come as one
+// structure each (SgdArgs, AdamArgs, RmspropArgs: codes.cuh, generated from cuda_sources.UPDATE_ARGS);
+// a constant with a product in it is computed on the host (nvcc would fuse it here).
 //
 // guard is the array nonfinite_guard below trips: when it is tripped (guard[0] != 0), the update does
 // nothing. The Trainer thus keeps a non-finite step out of the parameters without reading anything back
 // to the host; it reads the guard every few steps.
 template <typename T>
-__global__ void sgd(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ buf, long long n, double lr,
-                    double momentum, double dampening, int nesterov, double wd, int first,
+__global__ void sgd(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ buf, long long n, SgdArgs a,
                     const double* __restrict__ guard) {
     if (guard[0] != 0.0) {
         return;
     }
-    const T lr_ = static_cast<T>(lr), mom = static_cast<T>(momentum), damp1 = static_cast<T>(1.0 - dampening),
-            wd_ = static_cast<T>(wd);
+    const T lr = static_cast<T>(a.lr), mom = static_cast<T>(a.momentum), damp1 = static_cast<T>(1.0 - a.dampening),
+            wd = static_cast<T>(a.weight_decay);
     for (long long i = global_index(); i < n; i += grid_stride()) {
         T d = g[i];
-        if (wd != 0.0) {
-            d = add_rn(mul_rn(p[i], wd_), d);
+        if (a.weight_decay != 0.0) {
+            d = add_rn(d, mul_rn(wd, p[i]));
         }
-        if (momentum != 0.0) {
-            T b;
-            if (first) {
-                b = d;
-            } else if (dampening != 0.0) {
-                b = add_rn(mul_rn(buf[i], mom), mul_rn(d, damp1));
-            } else {
-                b = add_rn(mul_rn(buf[i], mom), d);
-            }
+        if (a.momentum != 0.0) {
+            // buf = buf * momentum + (1 - dampening) * d (the first step: buf = d)
+            const T b = a.first ? d : add_rn(mul_rn(buf[i], mom), mul_rn(damp1, d));
             buf[i] = b;
-            d = nesterov ? add_rn(mul_rn(b, mom), d) : b;
+            d = a.nesterov ? add_rn(d, mul_rn(mom, b)) : b;
         }
-        p[i] = sub_rn(p[i], mul_rn(d, lr_));
+        p[i] = sub_rn(p[i], mul_rn(lr, d));
     }
 }
 
-// shrink = 1 - lr * wd (AdamW's decay factor) comes from the host: computed here, nvcc would contract it into
-// one FMA and round it differently from the reference for some (lr, wd) pairs.
 template <typename T>
 __global__ void adam(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v, long long n,
-                     double lr, double beta1, double beta2, double eps, double bias1, double bias2_sqrt, double wd,
-                     double shrink, int decoupled, const double* __restrict__ guard) {
+                     AdamArgs a, const double* __restrict__ guard) {
     if (guard[0] != 0.0) {
         return;
     }
-    const T b1 = static_cast<T>(beta1), omb1 = static_cast<T>(1.0 - beta1), b2 = static_cast<T>(beta2),
-            omb2 = static_cast<T>(1.0 - beta2), bias2 = static_cast<T>(bias2_sqrt), eps_ = static_cast<T>(eps),
-            step_size = static_cast<T>(lr / bias1), shrink_ = static_cast<T>(shrink), wd_ = static_cast<T>(wd);
+    const T b1 = static_cast<T>(a.beta1), omb1 = static_cast<T>(1.0 - a.beta1), b2 = static_cast<T>(a.beta2),
+            omb2 = static_cast<T>(1.0 - a.beta2), bias2 = static_cast<T>(a.bias2_sqrt), eps = static_cast<T>(a.eps),
+            step_size = static_cast<T>(a.lr / a.bias1), shrink = static_cast<T>(a.shrink),
+            wd = static_cast<T>(a.weight_decay);
     for (long long i = global_index(); i < n; i += grid_stride()) {
         T pi = p[i];
         T d = g[i];
-        if (wd != 0.0) {
-            if (decoupled) {
-                pi = mul_rn(pi, shrink_);
+        if (a.weight_decay != 0.0) {
+            if (a.decoupled) {
+                pi = mul_rn(pi, shrink);
             } else {
-                d = add_rn(mul_rn(pi, wd_), d);
+                d = add_rn(d, mul_rn(wd, pi));
             }
         }
-        const T mi = add_rn(mul_rn(m[i], b1), mul_rn(d, omb1));
-        const T vi = add_rn(mul_rn(v[i], b2), mul_rn(mul_rn(d, d), omb2));
+        const T mi = add_rn(mul_rn(m[i], b1), mul_rn(omb1, d));
+        const T vi = add_rn(mul_rn(v[i], b2), mul_rn(omb2, mul_rn(d, d)));
         m[i] = mi;
         v[i] = vi;
         // p -= m / (sqrt(v) / sqrt(bias2) + eps) * (lr / bias1)
-        p[i] = sub_rn(pi, mul_rn(div_rn(mi, add_rn(div_rn(sqrt_rn(vi), bias2), eps_)), step_size));
+        p[i] = sub_rn(pi, mul_rn(div_rn(mi, add_rn(div_rn(sqrt_rn(vi), bias2), eps)), step_size));
     }
 }
 
 template <typename T>
 __global__ void rmsprop(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ sq, T* __restrict__ buf,
-                        long long n, double lr, double alpha, double eps, double momentum, double wd,
-                        const double* __restrict__ guard) {
+                        long long n, RmspropArgs a, const double* __restrict__ guard) {
     if (guard[0] != 0.0) {
         return;
     }
-    const T lr_ = static_cast<T>(lr), a = static_cast<T>(alpha), oma = static_cast<T>(1.0 - alpha),
-            eps_ = static_cast<T>(eps), mom = static_cast<T>(momentum), wd_ = static_cast<T>(wd);
+    const T lr = static_cast<T>(a.lr), alpha = static_cast<T>(a.alpha), oma = static_cast<T>(1.0 - a.alpha),
+            eps = static_cast<T>(a.eps), mom = static_cast<T>(a.momentum), wd = static_cast<T>(a.weight_decay);
     for (long long i = global_index(); i < n; i += grid_stride()) {
         T d = g[i];
-        if (wd != 0.0) {
-            d = add_rn(mul_rn(p[i], wd_), d);
+        if (a.weight_decay != 0.0) {
+            d = add_rn(d, mul_rn(wd, p[i]));
         }
-        const T s = add_rn(mul_rn(sq[i], a), mul_rn(mul_rn(d, d), oma));
+        const T s = add_rn(mul_rn(sq[i], alpha), mul_rn(oma, mul_rn(d, d)));
         sq[i] = s;
-        T u = div_rn(d, add_rn(sqrt_rn(s), eps_));
-        if (momentum != 0.0) {
+        T u = div_rn(d, add_rn(sqrt_rn(s), eps));
+        if (a.momentum != 0.0) {
             u = add_rn(mul_rn(buf[i], mom), u);
             buf[i] = u;
         }
-        p[i] = sub_rn(p[i], mul_rn(u, lr_));
+        p[i] = sub_rn(p[i], mul_rn(lr, u));
     }
 }
 

@@ -16,9 +16,11 @@ import pytest
 from conftest import EMULATOR_MISSING, assert_close
 from reference import ACT, DACT
 
+from fastbp import optim
 from fastbp.activations import ACTIVATIONS, CODES
 from fastbp.backends import cuda_sources
 from fastbp.backends.base import Backend
+from fastbp.backends.update_args import update_args
 from fastbp.losses import LOSS_CODES
 from fastbp.testing import cuda_emulator
 
@@ -271,11 +273,11 @@ def check_sgd(kernel, dtype):
         for n in SIZES:
             p, g, buf = (rng.standard_normal(n).astype(dtype) for _ in range(3))
             want = [p.copy(), g, buf.copy()]
-            REFERENCE.sgd_update(want[0], g, want[2], lr, momentum, dampening, bool(nesterov), wd,
-                                 bool(first))
-            args = (p, g, buf, np.int64(n), lr, momentum, dampening, np.int32(nesterov), wd, np.int32(first),
-                    np.zeros(4))
-            check_update(kernel, args, [0, 2], [want[0], want[2]], guard=10)
+            opt = optim.SGD(lr, momentum=momentum, dampening=dampening, nesterov=bool(nesterov), weight_decay=wd)
+            step = 1 if first else 2
+            opt.update(np, want[0], g, {"momentum": want[2]}, lr, step)
+            args = (p, g, buf, np.int64(n), update_args("sgd", lr, step, opt.hp)[0], np.zeros(4))
+            check_update(kernel, args, [0, 2], [want[0], want[2]], guard=5)
 
 
 def check_adam(kernel, dtype):
@@ -286,11 +288,10 @@ def check_adam(kernel, dtype):
             p, g, m = (rng.standard_normal(n).astype(dtype) for _ in range(3))
             v = rng.random(n).astype(dtype)
             want = [p.copy(), m.copy(), v.copy()]
-            REFERENCE.adam_update(want[0], g, want[1], want[2], lr, b1, b2, eps, step, wd,
-                                  bool(decoupled))
-            args = (p, g, m, v, np.int64(n), lr, b1, b2, eps, 1 - b1**step, math.sqrt(1 - b2**step), wd, 1 - lr * wd,
-                    np.int32(decoupled), np.zeros(4))
-            check_update(kernel, args, [0, 2, 3], want, guard=14)
+            opt = (optim.AdamW if decoupled else optim.Adam)(lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+            opt.update(np, want[0], g, {"m": want[1], "v": want[2]}, lr, step)
+            args = (p, g, m, v, np.int64(n), update_args("adam", lr, step, opt.hp)[0], np.zeros(4))
+            check_update(kernel, args, [0, 2, 3], want, guard=6)
 
 
 def check_rmsprop(kernel, dtype):
@@ -301,9 +302,10 @@ def check_rmsprop(kernel, dtype):
             p, g, buf = (rng.standard_normal(n).astype(dtype) for _ in range(3))
             sq = rng.random(n).astype(dtype)
             want = [p.copy(), sq.copy(), buf.copy()]
-            REFERENCE.rmsprop_update(want[0], g, want[1], want[2], lr, alpha, eps, momentum, wd)
-            args = (p, g, sq, buf, np.int64(n), lr, alpha, eps, momentum, wd, np.zeros(4))
-            check_update(kernel, args, [0, 2, 3] if momentum else [0, 2], want if momentum else want[:2], guard=10)
+            opt = optim.RMSProp(lr, alpha=alpha, eps=eps, momentum=momentum, weight_decay=wd)
+            opt.update(np, want[0], g, {"square_avg": want[1], "momentum": want[2]}, lr, 1)
+            args = (p, g, sq, buf, np.int64(n), update_args("rmsprop", lr, 1, opt.hp)[0], np.zeros(4))
+            check_update(kernel, args, [0, 2, 3] if momentum else [0, 2], want if momentum else want[:2], guard=6)
 
 
 def check_sumsq_partial(kernel, dtype):

@@ -107,7 +107,7 @@ def test_whole_step_follows_optimizer_changes_between_steps():
         opt = fb.optim.SGD(lr=0.1, momentum=0.9)
         trainer = fb.Trainer(m, optimizer=opt, batch_size=16)
         trainer.step(X, y)
-        opt.momentum = 0.5  # changed between steps
+        opt.replace(momentum=0.5)  # changed between steps
         trainer.step(X, y)
         trainer2 = fb.Trainer(m, optimizer=fb.optim.Adam(lr=0.01), batch_size=16)  # a new optimizer
         trainer2.step(X, y)

@@ -166,7 +166,7 @@ def test_updates_equal_the_reference_bit_for_bit_with_random_hyperparameters(bac
     sensitive = [optim.AdamW(lr=lr, weight_decay=wd) for lr, wd in _fma_sensitive_pairs(rng, 40)]
     for opt in _random_optimizers(rng, 100) + sensitive:
         results = []
-        for bk, o in ((backend, opt), (ref, type(opt)(**opt.hyperparameters(), lr=opt.lr))):
+        for bk, o in ((backend, opt), (ref, type(opt).from_hyperparameters(opt.lr, opt.hyperparameters()))):
             p = bk.asarray(p0.copy())
             for g in grads:
                 o.step([p], [bk.asarray(g)], bk)
@@ -309,3 +309,53 @@ def test_schedule_drives_the_update(backend):
 def test_bad_hyperparameters_are_rejected(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         bad()
+
+
+def test_hyperparameters_are_a_frozen_dataclass_changed_through_replace(backend):
+    """opt.hp holds them; reading opt.momentum works, assigning it is refused with the way to change it, and
+    replace() checks the new values and takes effect at the next step, slots following (momentum on)."""
+    opt = optim.SGD(lr=0.1)
+    assert opt.hp == optim.SGD.Hyper() and opt.momentum == 0.0 and opt.slot_names == ()
+    with pytest.raises(AttributeError, match=r"opt.replace\(momentum=0.9\)"):
+        opt.momentum = 0.9
+    with pytest.raises(ValueError, match="momentum must be"):
+        opt.replace(momentum=1.5)
+    rng = np.random.default_rng(3)
+    p0, g = rng.standard_normal(6), rng.standard_normal(6)
+    p = backend.asarray(p0.copy())
+    opt.step([p], [backend.asarray(g)], backend)
+    opt.replace(momentum=0.9)
+    assert opt.slot_names == ("momentum",)
+    opt.step([p], [backend.asarray(g)], backend)  # a new zero buffer: 0.9 * 0 + g
+    np.testing.assert_allclose(backend.to_numpy(p), p0 - 0.1 * g - 0.1 * g, rtol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(opt.state.slots["momentum"][0]), g, rtol=1e-12)
+
+
+def test_checkpoints_rebuild_optimizers_from_their_hyperparameters():
+    for opt in (optim.AdamW(lr=3e-4, betas=(0.8, 0.99), weight_decay=0.05), optim.SGD(momentum=0.5, nesterov=True),
+                optim.RMSProp(alpha=0.9, momentum=0.1)):
+        back = type(opt).from_hyperparameters(opt.schedule, opt.hyperparameters())
+        assert back.hp == opt.hp and type(back) is type(opt) and back.lr == opt.lr
+    # JSON gives a list for a tuple: the dataclass's check makes it a pair again
+    assert optim.Adam.from_hyperparameters(1e-3, {"betas": [0.5, 0.9]}).hp.betas == (0.5, 0.9)
+    assert optim.AdamW().decoupled and not optim.Adam().decoupled
+
+
+def test_a_subclass_with_its_own_update_leaves_the_fused_one(backend):
+    """Adam's fused kernels must not run for a subclass that rewrites the update (here: no bias correction)."""
+    class NoBiasAdam(optim.Adam):
+        def update(self, xp, p, g, slots, lr, step):
+            m, v = slots["m"], slots["v"]
+            beta1, beta2 = self.hp.betas
+            m *= beta1
+            m += (1 - beta1) * g
+            v *= beta2
+            v += (1 - beta2) * (g * g)
+            p -= lr * m / (xp.sqrt(v) + self.hp.eps)
+
+    assert optim.Adam.fused == "adam" and optim.AdamW.fused == "adam" and NoBiasAdam.fused is None
+    p0, g = np.full(4, 1.0), np.full(4, 0.5)
+    p = backend.asarray(p0.copy())
+    NoBiasAdam(lr=0.1).step([p], [backend.asarray(g)], backend)
+    m, v = 0.1 * g, 0.001 * g * g
+    np.testing.assert_allclose(backend.to_numpy(p), p0 - 0.1 * m / (np.sqrt(v) + 1e-8), rtol=1e-12)

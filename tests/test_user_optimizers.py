@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 from conftest import assert_close
@@ -14,20 +16,26 @@ from fastbp.activations import unregister as unregister_activation
 class Lion(optim.Optimizer):
     """Lion (Chen et al. 2023): p -= lr * (sign(beta1 m + (1 - beta1) g) + wd p); m = beta2 m + (1 - beta2) g."""
 
+    @dataclass(frozen=True)
+    class Hyper:
+        beta1: float = 0.9
+        beta2: float = 0.99
+        weight_decay: float = 0.0
+
+        def __post_init__(self):
+            if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+                raise ValueError(f"betas must be in [0, 1), got {self.beta1}, {self.beta2}")
+
     slot_names = ("m",)
 
-    def __init__(self, lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.0):
-        super().__init__(lr)
-        self.beta1, self.beta2, self.weight_decay = beta1, beta2, weight_decay
-
     def update(self, xp, p, g, slots, lr, step):
-        m = slots["m"]
-        direction = xp.sign(m * self.beta1 + g * (1 - self.beta1))
-        if self.weight_decay:
-            direction += self.weight_decay * p
+        hp, m = self.hp, slots["m"]
+        direction = xp.sign(m * hp.beta1 + g * (1 - hp.beta1))
+        if hp.weight_decay:
+            direction += hp.weight_decay * p
         p -= lr * direction
-        m *= self.beta2
-        m += (1 - self.beta2) * g
+        m *= hp.beta2
+        m += (1 - hp.beta2) * g
 
 
 def lion_reference(params, grads, ms, lr, beta1, beta2):

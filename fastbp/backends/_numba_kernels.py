@@ -219,81 +219,86 @@ def _consts(like, values):
 
 
 @njit
-def sgd(p, g, buf, lr, momentum, dampening, nesterov, wd, first):
-    """torch.optim.SGD on a flat vector, one pass."""
-    c = _consts(p, (float(lr), float(momentum), 1.0 - dampening, float(wd)))
-    lr_, mom, damp1, wd_ = c[0], c[1], c[2], c[3]
-    if momentum == 0.0 and wd == 0.0:  # plain SGD: a loop without branches, so it vectorizes
+def sgd(p, g, buf, args):
+    """torch.optim.SGD on a flat vector, one pass; args: update_args.STRUCTS['sgd'], one record."""
+    a = args[0]
+    c = _consts(p, (a.lr, a.momentum, 1.0 - a.dampening, a.weight_decay))
+    lr, mom, damp1, wd = c[0], c[1], c[2], c[3]
+    if a.momentum == 0.0 and a.weight_decay == 0.0:  # plain SGD: a loop without branches, so it vectorizes
         for i in range(p.size):
-            p[i] -= g[i] * lr_
+            p[i] -= g[i] * lr
         return
     for i in range(p.size):
-        d = p[i] * wd_ + g[i] if wd != 0.0 else g[i]
-        if momentum != 0.0:
-            if first:
-                bi = d
-            elif dampening != 0.0:
-                bi = buf[i] * mom + d * damp1
-            else:
-                bi = buf[i] * mom + d
+        d = p[i] * wd + g[i] if a.weight_decay != 0.0 else g[i]
+        if a.momentum != 0.0:
+            bi = d if a.first else buf[i] * mom + d * damp1
             buf[i] = bi
-            d = bi * mom + d if nesterov else bi
-        p[i] -= d * lr_
+            d = bi * mom + d if a.nesterov else bi
+        p[i] -= d * lr
 
 
 @njit
-def adam(p, g, m, v, lr, beta1, beta2, eps, step, wd, decoupled):
-    """torch.optim.Adam / AdamW on a flat vector: m, v and p together in one pass."""
-    bias1 = 1.0 - beta1 ** float(step)  # pow, as Python computes float ** int
-    c = _consts(p, (float(beta1), 1.0 - beta1, float(beta2), 1.0 - beta2, math.sqrt(1.0 - beta2 ** float(step)),
-                    float(eps), lr / bias1, 1.0 - lr * wd, float(wd)))
-    b1, omb1, b2, omb2, bias2_sqrt, eps_, step_size, shrink, wd_ = c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8]
-    if wd == 0.0:  # the common case, without branches in the loop
+def adam(p, g, m, v, args):
+    """torch.optim.Adam / AdamW on a flat vector: m, v and p together in one pass; args:
+    update_args.STRUCTS['adam'], one record."""
+    a = args[0]
+    c = _consts(p, (a.beta1, 1.0 - a.beta1, a.beta2, 1.0 - a.beta2, a.bias2_sqrt, a.eps, a.lr / a.bias1, a.shrink,
+                    a.weight_decay))
+    b1, omb1, b2, omb2, bias2_sqrt, eps, step_size, shrink, wd = c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8]
+    if a.weight_decay == 0.0:  # the common case, without branches in the loop
         for i in range(p.size):
             d = g[i]
             mi = m[i] * b1 + d * omb1
             vi = v[i] * b2 + d * d * omb2
             m[i] = mi
             v[i] = vi
-            p[i] -= mi / (np.sqrt(vi) / bias2_sqrt + eps_) * step_size
+            p[i] -= mi / (np.sqrt(vi) / bias2_sqrt + eps) * step_size
         return
     for i in range(p.size):
-        if decoupled:
+        if a.decoupled:
             p[i] *= shrink
             d = g[i]
         else:
-            d = p[i] * wd_ + g[i]
+            d = p[i] * wd + g[i]
         mi = m[i] * b1 + d * omb1
         vi = v[i] * b2 + d * d * omb2
         m[i] = mi
         v[i] = vi
-        p[i] -= mi / (np.sqrt(vi) / bias2_sqrt + eps_) * step_size
+        p[i] -= mi / (np.sqrt(vi) / bias2_sqrt + eps) * step_size
 
 
 @njit
-def rmsprop(p, g, sq, buf, lr, alpha, eps, momentum, wd):
-    """torch.optim.RMSprop (not centered) on a flat vector, one pass."""
-    c = _consts(p, (float(lr), float(alpha), 1.0 - alpha, float(eps), float(momentum), float(wd)))
-    lr_, a, oma, eps_, mom, wd_ = c[0], c[1], c[2], c[3], c[4], c[5]
+def rmsprop(p, g, sq, buf, args):
+    """torch.optim.RMSprop (not centered) on a flat vector, one pass; args: update_args.STRUCTS['rmsprop'],
+    one record."""
+    a = args[0]
+    c = _consts(p, (a.lr, a.alpha, 1.0 - a.alpha, a.eps, a.momentum, a.weight_decay))
+    lr, alpha, oma, eps, mom, wd = c[0], c[1], c[2], c[3], c[4], c[5]
     for i in range(p.size):
-        d = p[i] * wd_ + g[i] if wd != 0.0 else g[i]
-        si = sq[i] * a + d * d * oma
+        d = p[i] * wd + g[i] if a.weight_decay != 0.0 else g[i]
+        si = sq[i] * alpha + d * d * oma
         sq[i] = si
-        u = d / (np.sqrt(si) + eps_)
-        if momentum != 0.0:
+        u = d / (np.sqrt(si) + eps)
+        if a.momentum != 0.0:
             u = buf[i] * mom + u
             buf[i] = u
-        p[i] -= u * lr_
+        p[i] -= u * lr
 
 
 # ----------------------------------------------------------------------------------- the whole step
+#: The fused updates of the whole step, by its ``opt`` index.
+UPDATES = ("sgd", "adam", "rmsprop")
+
+
 @njit
-def train_step(X, y_labels, Y, loss, flat, grad, layout, codes, ws, opt, hyper, s1, s2, step, first, clip, route):
+def train_step(X, y_labels, Y, loss, flat, grad, layout, codes, ws, opt, sgd_args, adam_args, rmsprop_args, s1, s2,
+               clip, route):
     """Forward, backward and the optimizer update of one step, in one call (codes in FUSED).
 
     layout[l] = (offset of W_l in flat, offset of b_l, n_in, n_out). ws: one flat scratch vector holding,
     per layer, A (written over Z) then delta, each (B, n_out).
-    opt: 0 SGD, 1 Adam (decoupled weight decay when hyper[5] != 0), 2 RMSProp; hyper: its hyperparameters.
+    opt: the update, an index into UPDATES (sgd, adam, rmsprop); it reads its arguments (update_args.STRUCTS,
+    one record each), the others are not read. s1, s2: its state vectors (slot_names order).
     clip > 0 rescales the gradient to that global norm when it is larger (as torch's clip_grad_norm_).
     route: the GEMMs' BLAS (``_numba_blas``).
     Returns (mean loss, sum of squared gradients, whether the update ran): a non-finite loss or gradient
@@ -340,11 +345,11 @@ def train_step(X, y_labels, Y, loss, flat, grad, layout, codes, ws, opt, hyper, 
         clip_grad(grad, sumsq, clip)
     # ---- the update, over the whole flat vector
     if opt == 0:
-        sgd(flat, grad, s1, hyper[0], hyper[1], hyper[2], hyper[3] != 0.0, hyper[4], first)
+        sgd(flat, grad, s1, sgd_args)
     elif opt == 1:
-        adam(flat, grad, s1, s2, hyper[0], hyper[1], hyper[2], hyper[3], step, hyper[4], hyper[5] != 0.0)
+        adam(flat, grad, s1, s2, adam_args)
     else:
-        rmsprop(flat, grad, s1, s2, hyper[0], hyper[1], hyper[2], hyper[3], hyper[4])
+        rmsprop(flat, grad, s1, s2, rmsprop_args)
     return value, sumsq, True
 
 

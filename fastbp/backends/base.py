@@ -13,6 +13,7 @@ import contextlib
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -340,146 +341,13 @@ class Backend:
         """x *= alpha, in place."""
         x *= alpha
 
-    # ------------------------------------------------------------------ optimizer updates (in place)
-    def sgd_update(
-        self,
-        p: Any,
-        g: Any,
-        buf: Any,
-        lr: float,
-        momentum: float,
-        dampening: float,
-        nesterov: bool,
-        weight_decay: float,
-        first: bool,
-        guard: Any = None,
-    ) -> None:
-        """One SGD step on one parameter, as torch.optim.SGD: p -= lr * (momentum-smoothed g + wd p).
-        Nothing happens when ``guard`` (see ``nonfinite_guard``) is tripped."""
-        saved = self._guard_open(guard, p, buf if momentum else None)
-        if saved is None:
-            return
-        xp = self.xp
-        work = self._scratch("update", p.shape, p.dtype)
-        if weight_decay:
-            xp.multiply(p, weight_decay, out=work)
-            work += g
-            g = work
-        if momentum:
-            if first:
-                xp.copyto(buf, g)
-            else:
-                buf *= momentum
-                if dampening:
-                    buf += (1 - dampening) * g
-                else:
-                    buf += g
-            if nesterov:
-                if g is work:
-                    work += momentum * buf
-                else:
-                    xp.multiply(buf, momentum, out=work)
-                    work += g
-                g = work
-            else:
-                g = buf
-        xp.multiply(g, lr, out=work)
-        p -= work
-        self._guard_restore(guard, saved, p, buf if momentum else None)
-
-    def adam_update(
-        self,
-        p: Any,
-        g: Any,
-        m: Any,
-        v: Any,
-        lr: float,
-        beta1: float,
-        beta2: float,
-        eps: float,
-        step: int,
-        weight_decay: float,
-        decoupled: bool,
-        guard: Any = None,
-    ) -> None:
-        """One Adam (or AdamW, ``decoupled=True``) step on one parameter, as torch.optim.Adam/AdamW;
-        nothing when ``guard`` is tripped."""
-        saved = self._guard_open(guard, p, m, v)
-        if saved is None:
-            return
-        xp = self.xp
-        work = self._scratch("update", p.shape, p.dtype)
-        if weight_decay:
-            if decoupled:
-                p *= 1 - lr * weight_decay
-            else:
-                xp.multiply(p, weight_decay, out=work)
-                work += g
-                g = work
-        # m = beta1 m + (1 - beta1) g ; v = beta2 v + (1 - beta2) g^2, through work (g may be work)
-        m *= beta1
-        v *= beta2
-        if g is work:
-            v += (1 - beta2) * (g * g)
-            m += (1 - beta1) * g
-        else:
-            xp.multiply(g, 1 - beta1, out=work)
-            m += work
-            xp.multiply(g, g, out=work)
-            work *= 1 - beta2
-            v += work
-        bias1 = 1 - beta1**step
-        bias2_sqrt = math.sqrt(1 - beta2**step)  # as torch
-        # p -= (lr / bias1) * m / (sqrt(v) / sqrt(bias2) + eps)
-        xp.sqrt(v, out=work)
-        work /= bias2_sqrt
-        work += eps
-        xp.divide(m, work, out=work)
-        work *= lr / bias1
-        p -= work
-        self._guard_restore(guard, saved, p, m, v)
-
-    def rmsprop_update(
-        self,
-        p: Any,
-        g: Any,
-        sq: Any,
-        buf: Any,
-        lr: float,
-        alpha: float,
-        eps: float,
-        momentum: float,
-        weight_decay: float,
-        guard: Any = None,
-    ) -> None:
-        """One RMSProp step on one parameter, as torch.optim.RMSprop (not centered); nothing when
-        ``guard`` is tripped."""
-        saved = self._guard_open(guard, p, sq, buf if momentum else None)
-        if saved is None:
-            return
-        xp = self.xp
-        work = self._scratch("update", p.shape, p.dtype)
-        if weight_decay:
-            xp.multiply(p, weight_decay, out=work)
-            work += g
-            g = work
-        sq *= alpha
-        sq += (1 - alpha) * (g * g)
-        # work = g / (sqrt(sq) + eps); g may live in work, so divide in the right order
-        if g is work:
-            work /= xp.sqrt(sq) + eps
-        else:
-            xp.sqrt(sq, out=work)
-            work += eps
-            xp.divide(g, work, out=work)
-        if momentum:
-            buf *= momentum
-            buf += work
-            xp.multiply(buf, lr, out=work)
-        else:
-            work *= lr
-        p -= work
-        self._guard_restore(guard, saved, p, sq, buf if momentum else None)
+    # ------------------------------------------------------------------ fused optimizer updates
+    #: Fused in-place updates by optimizer (``Optimizer.fused`` names them): ``fn(backend, p, g, slots, lr,
+    #: step, hp, guard)`` updates the parameter ``p`` and its ``slots`` (see ``Optimizer.update``) with the
+    #: optimizer's hyperparameters ``hp``, does nothing when ``guard`` is tripped, and returns False when it
+    #: cannot take these arrays (then the reference runs). The reference backend has none: every optimizer's
+    #: ``update`` is the reference.
+    fused_updates: Mapping[str, Callable[..., bool]] = {}
 
     def sum_of_squares(self, x: Any, out: Any = None) -> Any:
         """sum(x^2) as a 0-d array (for global-norm clipping). ``out``: a 0-d array from an earlier call

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..activations import CODES
 from ..losses import LOSS_CODES, TARGET_KINDS
+from .update_args import STRUCTS, c_struct
 
 DTYPES = {"float32": "float", "float64": "double"}
 #: The losses of loss.cu's pointwise_loss kernel (its LOSS parameter is their LOSS_CODES code).
@@ -58,7 +59,8 @@ def codes_header() -> str:
     """The text of kernels/codes.cuh, generated from the Python tables, so the kernels and the tables
     cannot disagree: the activation codes (``fastbp.activations.CODES``) and which activations' g' reads
     the pre-activation Z (``keeps == 'preactivation'``), the loss codes (``fastbp.losses.LOSS_CODES``) and the target
-    kinds (``TARGET_KINDS``). ``write_codes_header`` writes it; a test fails when the file differs."""
+    kinds (``TARGET_KINDS``), and the update kernels' argument structures (``update_args.STRUCTS``).
+    ``write_codes_header`` writes it; a test fails when the file differs."""
     from ..activations import ACTIVATIONS
 
     keeps_z = " || ".join(f"ACT == {name.upper()}" for name in sorted(CODES, key=lambda n: CODES[n])
@@ -76,6 +78,8 @@ def codes_header() -> str:
         + _enum("Loss", LOSS_CODES, "LOSS_")
         + "\n// The forms of prepared targets: fastbp.losses.TARGET_KINDS.\n"
         + _enum("TargetKind", {kind: i for i, kind in enumerate(TARGET_KINDS)}, "TARGETS_")
+        + "\n// The fused optimizer updates' hyperparameters: fastbp.backends.update_args.STRUCTS.\n"
+        + "".join(c_struct(update) for update in STRUCTS)
     )
 
 

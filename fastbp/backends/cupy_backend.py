@@ -26,6 +26,7 @@ from ..losses import LOSS_CODES
 from . import BackendUnavailable, cuda_sources
 from .base import Backend, target_kind
 from .cuda_sources import COLSUM_BLOCK, DTYPES, kernel_dir, name_expressions
+from .update_args import update_args
 
 _DLPACK_CUDA = 2  # DLPack's kDLCUDA device type
 
@@ -327,33 +328,38 @@ class CupyBackend(Backend):
             self._open_guard = self.xp.zeros(1, np.float64)
         return self._open_guard
 
+    # ------------------------------------------------------------------ fused optimizer updates
+    # Optimizer.step calls them by the optimizer's ``fused`` name (see Backend.fused_updates); each is one
+    # kernel of optim.cu over the flat parameter, equal to the optimizer's reference update bit for bit.
     @_on_device
-    def sgd_update(self, p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first, guard=None):
+    def _sgd_update(self, p, g, slots, lr, step, hp, guard):
         g = self._flat_in(g, p.dtype)
-        with self._in_place(p.dtype, p, buf) as (p, buf):
-            buf = buf if buf is not None else p  # unused without momentum
+        with self._in_place(p.dtype, p, slots.get("momentum")) as (p, buf):
+            args = update_args("sgd", lr, step, hp)[0]
             self._launch("optim.cu", "sgd<{T}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
-                         (p, g, buf, np.int64(p.size), np.float64(lr), np.float64(momentum), np.float64(dampening),
-                          np.int32(nesterov), np.float64(weight_decay), np.int32(first), self._guard_or_open(guard)))
+                         (p, g, buf if buf is not None else p, np.int64(p.size), args, self._guard_or_open(guard)))
+        return True
 
     @_on_device
-    def adam_update(self, p, g, m, v, lr, beta1, beta2, eps, step, weight_decay, decoupled, guard=None):
+    def _adam_update(self, p, g, slots, lr, step, hp, guard):
         g = self._flat_in(g, p.dtype)
-        with self._in_place(p.dtype, p, m, v) as (p, m, v):
+        with self._in_place(p.dtype, p, slots["m"], slots["v"]) as (p, m, v):
+            args = update_args("adam", lr, step, hp)[0]
             self._launch("optim.cu", "adam<{T}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
-                         (p, g, m, v, np.int64(p.size), np.float64(lr), np.float64(beta1), np.float64(beta2),
-                          np.float64(eps), np.float64(1 - beta1**step), np.float64(math.sqrt(1 - beta2**step)),
-                          np.float64(weight_decay), np.float64(1 - lr * weight_decay), np.int32(decoupled),
-                          self._guard_or_open(guard)))
+                         (p, g, m, v, np.int64(p.size), args, self._guard_or_open(guard)))
+        return True
 
     @_on_device
-    def rmsprop_update(self, p, g, sq, buf, lr, alpha, eps, momentum, weight_decay, guard=None):
+    def _rmsprop_update(self, p, g, slots, lr, step, hp, guard):
         g = self._flat_in(g, p.dtype)
-        with self._in_place(p.dtype, p, sq, buf) as (p, sq, buf):
-            buf = buf if buf is not None else p  # unused without momentum
+        with self._in_place(p.dtype, p, slots["square_avg"], slots.get("momentum")) as (p, sq, buf):
+            args = update_args("rmsprop", lr, step, hp)[0]
             self._launch("optim.cu", "rmsprop<{T}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
-                         (p, g, sq, buf, np.int64(p.size), np.float64(lr), np.float64(alpha), np.float64(eps),
-                          np.float64(momentum), np.float64(weight_decay), self._guard_or_open(guard)))
+                         (p, g, sq, buf if buf is not None else p, np.int64(p.size), args,
+                          self._guard_or_open(guard)))
+        return True
+
+    fused_updates = {"sgd": _sgd_update, "adam": _adam_update, "rmsprop": _rmsprop_update}
 
     # ------------------------------------------------------------------ the deferred non-finite check
     deferred_checks = True  # a host read per step would stall the GPU's queue every step

@@ -17,7 +17,6 @@ NUMBA_CACHE_DIR, where set, wins), never in the installed package; ``warmup()`` 
 
 from __future__ import annotations
 
-import functools
 import time
 import weakref
 from typing import Any
@@ -27,6 +26,7 @@ import numpy as np
 from ..losses import loss_code
 from . import BackendUnavailable
 from .base import Backend, target_kind
+from .update_args import STRUCTS, update_args
 
 #: Train through the whole-step kernel wherever it applies (relu-like activations; SGD, Adam, AdamW,
 #: RMSProp). Measured on the development machine (benchmarks/numba_blas_route.py, SGD, float32, one process
@@ -107,30 +107,36 @@ class NumbaBackend(Backend):
         value = self.k.output_delta(Z_L, labels, Y, code, delta)
         return self._record(stats_out, value, Z_L, y, loss), delta
 
-    # ------------------------------------------------------------------ optimizers (flat, one pass)
-    def sgd_update(self, p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first, guard=None):
-        if self._guard_tripped(guard):
-            return
+    # ------------------------------------------------------------------ fused optimizer updates (flat, one pass)
+    # Optimizer.step calls them by the optimizer's ``fused`` name (see Backend.fused_updates).
+    def _sgd_update(self, p, g, slots, lr, step, hp, guard):
         if not (p.flags.c_contiguous and g.flags.c_contiguous):
-            return super().sgd_update(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first)
-        b = buf.reshape(-1) if buf is not None else self._empty_1d[p.dtype.type]
-        self.k.sgd(p.reshape(-1), g.reshape(-1), b, lr, momentum, dampening, nesterov, weight_decay, first)
+            return False
+        if not self._guard_tripped(guard):
+            buf = slots.get("momentum")
+            buf = buf.reshape(-1) if buf is not None else self._empty_1d[p.dtype.type]
+            self.k.sgd(p.reshape(-1), g.reshape(-1), buf, update_args("sgd", lr, step, hp))
+        return True
 
-    def adam_update(self, p, g, m, v, lr, beta1, beta2, eps, step, weight_decay, decoupled, guard=None):
-        if self._guard_tripped(guard):
-            return
+    def _adam_update(self, p, g, slots, lr, step, hp, guard):
         if not (p.flags.c_contiguous and g.flags.c_contiguous):
-            return super().adam_update(p, g, m, v, lr, beta1, beta2, eps, step, weight_decay, decoupled)
-        self.k.adam(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), lr, beta1, beta2, eps, step,
-                    weight_decay, decoupled)
+            return False
+        if not self._guard_tripped(guard):
+            self.k.adam(p.reshape(-1), g.reshape(-1), slots["m"].reshape(-1), slots["v"].reshape(-1),
+                        update_args("adam", lr, step, hp))
+        return True
 
-    def rmsprop_update(self, p, g, sq, buf, lr, alpha, eps, momentum, weight_decay, guard=None):
-        if self._guard_tripped(guard):
-            return
+    def _rmsprop_update(self, p, g, slots, lr, step, hp, guard):
         if not (p.flags.c_contiguous and g.flags.c_contiguous):
-            return super().rmsprop_update(p, g, sq, buf, lr, alpha, eps, momentum, weight_decay)
-        b = buf.reshape(-1) if buf is not None else self._empty_1d[p.dtype.type]
-        self.k.rmsprop(p.reshape(-1), g.reshape(-1), sq.reshape(-1), b, lr, alpha, eps, momentum, weight_decay)
+            return False
+        if not self._guard_tripped(guard):
+            buf = slots.get("momentum")
+            self.k.rmsprop(p.reshape(-1), g.reshape(-1), slots["square_avg"].reshape(-1),
+                           buf.reshape(-1) if buf is not None else self._empty_1d[p.dtype.type],
+                           update_args("rmsprop", lr, step, hp))
+        return True
+
+    fused_updates = {"sgd": _sgd_update, "adam": _adam_update, "rmsprop": _rmsprop_update}
 
     def count_invalid(self, X, y, loss, n_out):
         targets = target_kind(y, loss)
@@ -141,31 +147,22 @@ class NumbaBackend(Backend):
     # ------------------------------------------------------------------ the whole step
     def train_step(self, model, X, y, loss, optimizer, clip=0.0, stats_out=None):
         """Forward, backward and update in one compiled call, for small relu-like networks."""
-        opt_code = _optimizer_codes().get(type(optimizer))
-        plan = self._whole_step_plan(model, X.shape[0]) if WHOLE_STEP and opt_code is not None else None
+        update = optimizer.fused if optimizer.fused in self.fused_updates else None
+        plan = self._whole_step_plan(model, X.shape[0]) if WHOLE_STEP and update is not None else None
         if plan is None:
             return None
         flat, grad = model.flat_parameters(), model.flat_grad()
         optimizer.prepare([flat], self)
         state = optimizer.state
-        slots = state.slots
-        lr = optimizer.schedule(state.step + 1)
+        step = state.step + 1
+        args = update_args(update, optimizer.schedule(step), step, optimizer.hp)
         empty = self._empty_1d[flat.dtype.type]
-        if opt_code == 0:
-            hyper = np.array([lr, optimizer.momentum, optimizer.dampening, float(optimizer.nesterov),
-                              optimizer.weight_decay])
-            s1, s2 = (slots["momentum"][0] if optimizer.momentum else empty), empty
-        elif opt_code == 1:
-            hyper = np.array([lr, optimizer.betas[0], optimizer.betas[1], optimizer.eps, optimizer.weight_decay,
-                              1.0 if optimizer.decoupled else 0.0])
-            s1, s2 = slots["m"][0], slots["v"][0]
-        else:
-            hyper = np.array([lr, optimizer.alpha, optimizer.eps, optimizer.momentum, optimizer.weight_decay])
-            s1, s2 = slots["square_avg"][0], (slots["momentum"][0] if optimizer.momentum else empty)
+        s1, s2 = ([state.slots[name][0] for name in optimizer.slot_names] + [empty, empty])[:2]
+        sgd_args, adam_args, rmsprop_args = (args if name == update else _NO_ARGS[name] for name in self.k.UPDATES)
         labels, Y, code = self._loss_args(X, y, loss)
         value, sumsq, updated = self.k.train_step(X, labels, Y, code, flat, grad, plan.layout, plan.codes, plan.ws,
-                                                  opt_code, hyper, s1, s2, state.step + 1, state.step == 0, clip,
-                                                  self.blas_route)
+                                                  self.k.UPDATES.index(update), sgd_args, adam_args, rmsprop_args,
+                                                  s1, s2, clip, self.blas_route)
         if updated:
             state.step += 1
         return self._record(stats_out, value, plan.output, y, loss), plan.output, sumsq, updated
@@ -217,12 +214,8 @@ class NumbaBackend(Backend):
         return time.perf_counter() - start
 
 
-@functools.lru_cache(maxsize=1)
-def _optimizer_codes() -> dict[type, int]:
-    """The optimizers the whole-step kernel updates with, and its code for each."""
-    from ..optim import SGD, Adam, AdamW, RMSProp
-
-    return {SGD: 0, Adam: 1, AdamW: 1, RMSProp: 2}
+#: An unread record for each update the whole step does not run.
+_NO_ARGS = {name: np.zeros(1, dtype) for name, (_, dtype) in STRUCTS.items()}
 
 
 class _Plan:
