@@ -141,6 +141,7 @@ class MLP:
         self._workspaces: OrderedDict[int, _Workspace] = OrderedDict()
         self._flat_grad: Any = None
         self._grads: list[Any] | None = None
+        self._grad_block: Any = None  # flat_grad() and the slots after it (reduction_buffer)
         self.classes_ = getattr(self, "_classes", None)
         #: The loss the model was trained with (set by the Trainer, saved with the model): how ``predict``
         #: and ``predict_proba`` read the outputs.
@@ -170,13 +171,18 @@ class MLP:
         return model
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.pop("lock", None)  # a lock does not pickle; the copy gets its own
+        # The layers' arrays are views of one flat buffer, which pickle would copy apart: keep the weights
+        # as host arrays and lay them out anew on unpickling. Locks, workspaces and gradients are not kept.
+        skip = ("lock", "layers", "_flat", "_workspaces", "_flat_grad", "_grads", "_grad_block")
+        state = {k: v for k, v in self.__dict__.items() if k not in skip}
+        state["_weights"] = [(self.backend.to_numpy(layer.W), self.backend.to_numpy(layer.b), layer.activation)
+                             for layer in self.layers]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        weights = state.pop("_weights")
         self.__dict__.update(state)
-        self.lock = threading.Lock()
+        self._set_layers(weights)
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -377,9 +383,20 @@ class MLP:
         """The model's gradient buffers, in ``parameters()`` order, reused by every step (views of
         ``flat_grad()``)."""
         if self._grads is None:
-            self._flat_grad = self.backend.zeros(self._flat.shape, self.dtype)
-            self._grads = _views(self._flat_grad, [p.shape for p in self.parameters()])
+            self.reduction_buffer(0)
+        assert self._grads is not None
         return self._grads
+
+    def reduction_buffer(self, extra: int) -> Any:
+        """One vector: ``flat_grad()`` followed by ``extra`` more slots, so that data-parallel training
+        reduces the gradient and its metrics in one collective. The gradient buffers become views of it
+        (their values are not kept when ``extra`` changes)."""
+        block = self._grad_block
+        if block is None or block.shape[0] != self.n_params + extra:
+            block = self._grad_block = self.backend.zeros((self.n_params + extra,), self.dtype)
+            self._flat_grad = block[:self.n_params]
+            self._grads = _views(self._flat_grad, [p.shape for p in self.parameters()])
+        return block
 
     def flat_parameters(self) -> Any:
         """All parameters as one vector (W1, b1, W2, ... flattened); ``parameters()`` are views of it."""

@@ -303,3 +303,9 @@ def test_a_trained_model_pickles_with_a_lock_of_its_own(rng):
     X = rng.standard_normal((5, 3))
     np.testing.assert_array_equal(copy.forward(X), model.forward(X))
     assert copy.lock is not model.lock and copy.lock.acquire(blocking=False)
+    copy.lock.release()
+    # the copy trains: its layers are views of its flat parameters again (pickle copies views apart)
+    fb.Trainer(copy, optimizer=fb.optim.SGD(lr=0.5)).fit(rng.standard_normal((16, 3)), rng.integers(0, 2, 16),
+                                                         epochs=1, verbose=0)
+    assert np.shares_memory(copy.layers[0].W, copy.flat_parameters())
+    assert not np.array_equal(copy.forward(X), model.forward(X))
