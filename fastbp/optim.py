@@ -312,6 +312,13 @@ class Optimizer:
         rate, ``step`` the step number (1 for the first); the hyperparameters are ``self.hp``."""
         raise NotImplementedError(f"{type(self).__name__} defines no update()")
 
+    def work(self, like: Any) -> Any:
+        """A scratch array shaped like ``like`` (its values are garbage), owned by the backend and reused by
+        every step: an update that computes through it with ``out=`` and in-place operators allocates
+        nothing per step (a temporary of a large parameter costs page faults on every step)."""
+        assert self._backend is not None, "work() is for update(), after prepare()"
+        return self._backend._scratch("optimizer", tuple(like.shape), like.dtype)
+
     def _reference_update(self, bk: Backend, p: Any, g: Any, slots: dict[str, Any], lr: float, step: int,
                           guard: Any) -> None:
         """``update`` through the backend's arrays, undone where ``guard`` (a tripped non-finite guard)
@@ -366,18 +373,29 @@ class SGD(Optimizer):
         return ("momentum",) if self.hp.momentum else ()
 
     def update(self, xp, p, g, slots, lr, step):
-        hp = self.hp
+        # d = g + wd p; buf = momentum buf + (1 - dampening) d (buf = d at the first step);
+        # d = d + momentum buf (Nesterov) or buf; p -= lr d. Through one scratch array, in place.
+        hp, work = self.hp, self.work(p)
         if hp.weight_decay:
-            g = g + hp.weight_decay * p
+            xp.multiply(p, hp.weight_decay, out=work)
+            work += g
+            g = work
         if hp.momentum:
             buf = slots["momentum"]
             if step == 1:
                 xp.copyto(buf, g)
             else:
                 buf *= hp.momentum
-                buf += (1 - hp.dampening) * g
-            g = g + hp.momentum * buf if hp.nesterov else buf
-        p -= lr * g
+                buf += (1 - hp.dampening) * g if hp.dampening else g
+            if hp.nesterov:
+                if g is not work:
+                    xp.copyto(work, g)
+                work += hp.momentum * buf
+                g = work
+            else:
+                g = buf
+        xp.multiply(g, lr, out=work)
+        p -= work
 
 
 class Adam(Optimizer):
@@ -408,21 +426,38 @@ class Adam(Optimizer):
         super().__init__(lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
     def update(self, xp, p, g, slots, lr, step):
-        hp = self.hp
+        # m = beta1 m + (1 - beta1) g; v = beta2 v + (1 - beta2) g^2;
+        # p -= m / (sqrt(v) / sqrt(1 - beta2^step) + eps) * (lr / (1 - beta1^step)), as torch.
+        # Through one scratch array, in place (g may live in it after the L2 term).
+        hp, work = self.hp, self.work(p)
         beta1, beta2 = hp.betas
         m, v = slots["m"], slots["v"]
         if hp.weight_decay:
             if hp.decoupled:
                 p *= 1 - lr * hp.weight_decay
             else:
-                g = g + hp.weight_decay * p
+                xp.multiply(p, hp.weight_decay, out=work)
+                work += g
+                g = work
         m *= beta1
-        m += (1 - beta1) * g
         v *= beta2
-        v += (1 - beta2) * (g * g)
+        if g is work:
+            v += (1 - beta2) * (g * g)
+            m += (1 - beta1) * g
+        else:
+            xp.multiply(g, 1 - beta1, out=work)
+            m += work
+            xp.multiply(g, g, out=work)
+            work *= 1 - beta2
+            v += work
         bias1 = 1 - beta1**step
-        bias2_sqrt = math.sqrt(1 - beta2**step)  # as torch
-        p -= m / (xp.sqrt(v) / bias2_sqrt + hp.eps) * (lr / bias1)
+        bias2_sqrt = math.sqrt(1 - beta2**step)
+        xp.sqrt(v, out=work)
+        work /= bias2_sqrt
+        work += hp.eps
+        xp.divide(m, work, out=work)
+        work *= lr / bias1
+        p -= work
 
 
 class AdamW(Adam):
@@ -465,19 +500,30 @@ class RMSProp(Optimizer):
         return ("square_avg", "momentum") if self.hp.momentum else ("square_avg",)
 
     def update(self, xp, p, g, slots, lr, step):
-        hp = self.hp
+        # d = g + wd p; sq = alpha sq + (1 - alpha) d^2; u = d / (sqrt(sq) + eps);
+        # buf = momentum buf + u (with momentum: u = buf); p -= lr u. Through one scratch array, in place.
+        hp, work = self.hp, self.work(p)
         sq = slots["square_avg"]
         if hp.weight_decay:
-            g = g + hp.weight_decay * p
+            xp.multiply(p, hp.weight_decay, out=work)
+            work += g
+            g = work
         sq *= hp.alpha
         sq += (1 - hp.alpha) * (g * g)
-        u = g / (xp.sqrt(sq) + hp.eps)
+        if g is work:  # divide in the order that keeps g until it is read
+            work /= xp.sqrt(sq) + hp.eps
+        else:
+            xp.sqrt(sq, out=work)
+            work += hp.eps
+            xp.divide(g, work, out=work)
         if hp.momentum:
             buf = slots["momentum"]
             buf *= hp.momentum
-            buf += u
-            u = buf
-        p -= lr * u
+            buf += work
+            xp.multiply(buf, lr, out=work)
+        else:
+            work *= lr
+        p -= work
 
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSProp}

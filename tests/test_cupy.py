@@ -278,9 +278,9 @@ def test_the_kernels_shared_arrays_follow_the_launch_size(gpu, monkeypatch):
 
 
 def test_no_scratch_buffers_are_allocated_on_the_device(gpu):
-    """Scratch space belongs to the backend (Backend._scratch): the reference ops ask for theirs (activation
-    temporaries), the cupy kernels need none, so no activation scratch is allocated on the device (it was
-    about 0.8 GB at the large config when the model and optimizers allocated it)."""
+    """Scratch space belongs to the backend (Backend._scratch): the reference ops and updates ask for theirs
+    (activation temporaries, Optimizer.work), the cupy kernels need none, so none is allocated on the
+    device (it was about 0.8 GB at the large config when the model and optimizers allocated it)."""
     rng = np.random.default_rng(5)
     X, y = rng.standard_normal((64, 30)), rng.integers(0, 5, 64)
     kept = {}
@@ -290,8 +290,8 @@ def test_no_scratch_buffers_are_allocated_on_the_device(gpu):
         trainer.step(X, y)
         local = backend.__dict__.get("_local")
         cache = getattr(local, "scratch", {}) if local is not None else {}
-        kept[backend.name] = sorted({tag for tag, _, _ in cache if tag in ("activation", "activation2")})
-    assert kept[gpu.name] == [] and kept["numpy"] == ["activation", "activation2"]
+        kept[backend.name] = sorted({tag for tag, _, _ in cache if tag in ("activation", "activation2", "optimizer")})
+    assert kept[gpu.name] == [] and kept["numpy"] == ["activation", "activation2", "optimizer"]
 
 
 def test_inherited_reference_ops_read_nothing_back_from_the_device(gpu):
@@ -309,11 +309,16 @@ def test_inherited_reference_ops_read_nothing_back_from_the_device(gpu):
     sgd = fb.optim.SGD(momentum=0.9, nesterov=True, weight_decay=1e-2)
     adam = fb.optim.AdamW(weight_decay=1e-2)
     rmsprop = fb.optim.RMSProp(momentum=0.5, weight_decay=1e-2)
+    def reference(opt, slots, lr, step):
+        def op(bk, a, guard):
+            opt.prepare([a[0]], bk)  # binds the backend that lends the update its scratch
+            opt._reference_update(bk, a[0], a[1], {name: a[i] for name, i in slots.items()}, lr, step, guard)
+        return op
+
     ops = {  # the optimizers' reference updates (their fused kernels are tested against them elsewhere)
-        "sgd": lambda bk, a, guard: sgd._reference_update(bk, a[0], a[1], {"momentum": a[2]}, 0.1, 2, guard),
-        "adam": lambda bk, a, guard: adam._reference_update(bk, a[0], a[1], {"m": a[2], "v": a[3]}, 1e-2, 3, guard),
-        "rmsprop": lambda bk, a, guard: rmsprop._reference_update(
-            bk, a[0], a[1], {"square_avg": a[3], "momentum": a[2]}, 1e-2, 1, guard),
+        "sgd": reference(sgd, {"momentum": 2}, 0.1, 2),
+        "adam": reference(adam, {"m": 2, "v": 3}, 1e-2, 3),
+        "rmsprop": reference(rmsprop, {"square_avg": 3, "momentum": 2}, 1e-2, 1),
         "clip": lambda bk, a, guard: Backend.clip_by_norm(bk, a[0], bk.sum_of_squares(a[0]), 0.5, guard=guard),
     }
     for name, op in ops.items():

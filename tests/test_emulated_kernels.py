@@ -275,6 +275,7 @@ def check_sgd(kernel, dtype):
             want = [p.copy(), g, buf.copy()]
             opt = optim.SGD(lr, momentum=momentum, dampening=dampening, nesterov=bool(nesterov), weight_decay=wd)
             step = 1 if first else 2
+            opt.prepare([want[0]], REFERENCE)  # binds the backend that lends update() its scratch
             opt.update(np, want[0], g, {"momentum": want[2]}, lr, step)
             args = (p, g, buf, np.int64(n), update_args("sgd", lr, step, opt.hp)[0], np.zeros(4))
             check_update(kernel, args, [0, 2], [want[0], want[2]], guard=5)
@@ -289,6 +290,7 @@ def check_adam(kernel, dtype):
             v = rng.random(n).astype(dtype)
             want = [p.copy(), m.copy(), v.copy()]
             opt = (optim.AdamW if decoupled else optim.Adam)(lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+            opt.prepare([want[0]], REFERENCE)
             opt.update(np, want[0], g, {"m": want[1], "v": want[2]}, lr, step)
             args = (p, g, m, v, np.int64(n), update_args("adam", lr, step, opt.hp)[0], np.zeros(4))
             check_update(kernel, args, [0, 2, 3], want, guard=6)
@@ -303,6 +305,7 @@ def check_rmsprop(kernel, dtype):
             sq = rng.random(n).astype(dtype)
             want = [p.copy(), sq.copy(), buf.copy()]
             opt = optim.RMSProp(lr, alpha=alpha, eps=eps, momentum=momentum, weight_decay=wd)
+            opt.prepare([want[0]], REFERENCE)
             opt.update(np, want[0], g, {"square_avg": want[1], "momentum": want[2]}, lr, 1)
             args = (p, g, sq, buf, np.int64(n), update_args("rmsprop", lr, 1, opt.hp)[0], np.zeros(4))
             check_update(kernel, args, [0, 2, 3] if momentum else [0, 2], want if momentum else want[:2], guard=6)
