@@ -100,7 +100,8 @@ class EarlyStopping(Callback):
 class ModelCheckpoint(Callback):
     """Save the model after an epoch: every epoch, or only when ``monitor`` improved.
 
-    ``path`` may contain ``{epoch}`` (and any logged metric, e.g. ``{val_loss:.3f}``).
+    ``path`` may contain ``{epoch}`` (and any logged metric, e.g. ``{val_loss:.3f}``). In data-parallel
+    training rank 0 alone writes (every rank holds the same weights and decides alike).
     """
 
     def __init__(self, path: Any, monitor: str = "val_loss", save_best_only: bool = True,
@@ -116,4 +117,21 @@ class ModelCheckpoint(Callback):
     def on_epoch_end(self, trainer: Any, epoch: int, logs: dict[str, Any]) -> None:
         if self.save_best_only and not self._monitor.improved(self._monitor.value(logs)):
             return
-        self.saved.append(trainer.model.save(self.path.format(**logs)))
+        if getattr(trainer, "is_writer", True):
+            self.saved.append(trainer.model.save(self.path.format(**logs)))
+
+
+class PeriodicCheckpoint(Callback):
+    """Write a training checkpoint (``Trainer.save_checkpoint``: model, optimizer, counts, shuffling state)
+    every ``every`` epochs, over the same file: what a job killed without warning resumes from (a Ctrl-C
+    sent to mpiexec ends the ranks without Python's KeyboardInterrupt)."""
+
+    def __init__(self, path: Any, every: int = 1) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive number of epochs, got {every!r}")
+        self.path = path
+        self.every = every
+
+    def on_epoch_end(self, trainer: Any, epoch: int, logs: dict[str, Any]) -> None:
+        if epoch % self.every == 0:
+            trainer.save_checkpoint(self.path)

@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no per-epoch progress")
     train.add_argument("--checkpoint", metavar="FILE",
                        help="write a training checkpoint (.npz) at the end, and on Ctrl-C")
+    train.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
+                       help="also write the --checkpoint every N epochs (what a killed job resumes from)")
+    train.add_argument("--distributed", action="store_true",
+                       help="data-parallel training over the ranks of an MPI job (mpiexec -n K fastbp train "
+                            "--distributed ...): --batch-size is the global batch; needs fastbp[mpi]")
     train.add_argument("--resume", metavar="FILE",
                        help="continue from a checkpoint for --epochs more epochs (its model and optimizer "
                             "replace --hidden, --activation, --optimizer, --lr, --dtype)")
@@ -260,6 +265,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     wall = time.perf_counter()
     _check_outputs(args)  # before anything is loaded, compiled or trained
+    if args.checkpoint_every and not args.checkpoint:
+        raise UsageError("--checkpoint-every needs --checkpoint FILE")
+    comm = _communicator() if args.distributed else None
     X, y, source, divisor = _load_data(args)
     n_out = _n_outputs(args.loss, y, source)
     if args.class_weight != "none" and not (args.loss == "cross_entropy" or (args.loss == "binary_cross_entropy"
@@ -282,8 +290,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     backend = fb.set_backend(args.backend)
     print(f"backend: {backend.name} (available: {', '.join(fb.available_backends())})")
+    if comm is not None:
+        comm = fb.distributed.init("auto", backend, mpi=comm)
+        print(f"data-parallel: {comm.size} ranks over {comm.name}; global batch {args.batch_size}")
     if args.resume:
         trainer = fb.Trainer.load_checkpoint(args.resume, backend=backend)
+        trainer.comm = comm if comm is not None else trainer.comm
         model = trainer.model
         if model.sizes[0] != X.shape[1] or model.sizes[-1] != n_out or trainer.loss != args.loss:
             raise UsageError(f"checkpoint {args.resume} holds a {model.sizes} network trained with {trainer.loss}; "
@@ -296,7 +308,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.optimizer in ("sgd", "rmsprop"):
             kwargs["momentum"] = args.momentum
         trainer = fb.Trainer(model, loss=args.loss, optimizer=OPTIMIZERS[args.optimizer](**kwargs),
-                             batch_size=args.batch_size, seed=args.seed)
+                             batch_size=args.batch_size, seed=args.seed, comm=comm)
     model.preprocess_ = spec
     warmup = getattr(backend, "warmup", None)
     if warmup is not None:
@@ -307,8 +319,9 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{args.epochs} epochs, loss {args.loss}")
     verbose = 0 if args.quiet else ("auto" if sys.stderr.isatty() else 2)  # a line per epoch into logs
     start = time.perf_counter()
+    periodic = [fb.PeriodicCheckpoint(args.checkpoint, args.checkpoint_every)] if args.checkpoint_every else []
     history = trainer.fit(X_train, y_train, epochs=args.epochs, validation_data=validation,
-                          verbose=verbose, interrupt_checkpoint=args.checkpoint,
+                          verbose=verbose, interrupt_checkpoint=args.checkpoint, callbacks=periodic,
                           class_weight=None if args.class_weight == "none" else args.class_weight)
     train_time = time.perf_counter() - start
     if history.interrupted:
@@ -329,6 +342,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"training time: {epoch_time:.2f} s in {len(history)} epochs (fit {train_time:.2f} s, "
           f"wall {time.perf_counter() - wall:.2f} s)")
     return 130 if history.interrupted else 0
+
+
+def _communicator() -> Any:
+    """The MPI communicator of ``train --distributed``; the ranks other than 0 print nothing (one report)."""
+    from . import distributed
+
+    try:
+        comm = distributed.MPICommunicator()
+    except distributed.DistributedUnavailable as exc:
+        raise UsageError(str(exc)) from exc
+    if comm.rank != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
+    return comm
 
 
 def _load_model(args: argparse.Namespace) -> Any:

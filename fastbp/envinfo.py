@@ -9,6 +9,7 @@ from importlib import metadata
 from typing import Any
 
 from .backends import backend_status
+from .distributed import mpi_info
 
 _PACKAGES = ("numpy", "scipy", "numba", "cupy-cuda12x", "cupy-cuda13x", "torch", "threadpoolctl", "tqdm")
 
@@ -126,6 +127,7 @@ def environment() -> dict[str, Any]:
         "numba_blas": numba_blas(),
         "gpu": gpu_info(),
         "torch_threads": torch_threads(),
+        "mpi": mpi_info(),
         "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
                                                "OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "NUMBA_CACHE_DIR")},
     }
@@ -151,6 +153,8 @@ def format_environment(env: dict[str, Any]) -> str:
         lines.append(f"numba kernels' BLAS: {env['numba_blas']}")
     if env.get("torch_threads") is not None:
         lines.append(f"torch threads: {env['torch_threads']}")
+    if env.get("mpi"):
+        lines.append(f"data-parallel: {env['mpi']}")
     gpu = env["gpu"]
     lines.append(f"gpu: {gpu['name']}, {gpu['memory_total_gib']} GiB, cc {gpu['compute_capability']}, "
                  f"driver {gpu['driver']}" if gpu else "gpu: none usable")

@@ -8,6 +8,7 @@ accumulated on the backend and read back once per epoch.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 import threading
@@ -29,6 +30,7 @@ from ._checks import (
 from .backends.base import invalid_batch_message
 from .callbacks import Callback
 from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed import TAIL, Communicator, LocalCommunicator, abort_on_error, check_same, shard
 from .divergence import ON_NONFINITE, DivergenceError, DivergenceGuard, divergence_message
 from .dtypes import accumulator_dtype
 from .history import History
@@ -53,6 +55,11 @@ class Trainer:
         clip_norm: rescale each step's gradient to this global norm when it is larger (None: never).
         on_nonfinite: what a non-finite loss or gradient does: 'raise' a DivergenceError (the parameters
             and optimizer state stay those of the last finite step), or 'skip' the step and count it.
+        comm: a ``fastbp.distributed`` communicator (``fastbp.distributed.init()`` in a job started by
+            mpiexec) for data-parallel training: ``batch_size`` is then the global batch, each rank
+            computes the gradient of its slice of every batch, and one allreduce per step gives every rank
+            the same update (see ``fastbp.distributed``). Rank 0 alone reports progress and writes
+            checkpoints. None: this process alone.
 
     A Trainer (and its model) serves one thread at a time: a second thread that calls ``step`` or ``fit``
     while the first is inside gets a RuntimeError instead of a silent race on shared buffers.
@@ -60,7 +67,7 @@ class Trainer:
 
     def __init__(self, model: MLP, loss: str = "cross_entropy", optimizer: Optimizer | str | None = None,
                  batch_size: int = 64, seed: int | None = 0, clip_norm: float | None = None,
-                 on_nonfinite: str = "raise") -> None:
+                 on_nonfinite: str = "raise", comm: Communicator | None = None) -> None:
         if not isinstance(model, MLP):
             raise TypeError(f"model must be a fastbp.MLP, got {type(model).__name__}")
         if isinstance(optimizer, str):
@@ -73,6 +80,9 @@ class Trainer:
         if optimizer is not None and not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a fastbp.optim optimizer, got {type(optimizer).__name__}")
         check_seed(seed)
+        if comm is not None and not isinstance(comm, Communicator):
+            raise TypeError(f"comm must be a fastbp.distributed communicator, got {type(comm).__name__}")
+        self.comm: Communicator = comm if comm is not None else LocalCommunicator()
         self.model = model
         self.loss = check_loss(loss)
         self.optimizer = optimizer if optimizer is not None else Adam(lr=1e-3)
@@ -86,6 +96,8 @@ class Trainer:
         self.stop_training = False
         self._guard = DivergenceGuard()  # the device-side non-finite check (backends with deferred checks)
         self._sumsq: Any = None  # the last step's squared gradient norm, handed back to be written into
+        self._stop_requested = False  # set by SIGINT/SIGTERM in data-parallel training, reduced each step
+        self._local_stats: Any = None  # this rank's [loss, correct count] of a data-parallel step
 
     def _acquire(self) -> threading.Lock:
         """The model's lock, taken: a RuntimeError when another thread holds it."""
@@ -117,9 +129,16 @@ class Trainer:
             with self.model.backend.device_scope():  # one device switch for the whole call
                 if self.model.classes_ is None or self.model.loss_ != self.loss:
                     self._learn_classes(self.model.backend.adopt(y))
-                guard = self._deferred_guard()
+                guard = None if self.distributed else self._deferred_guard()
                 Xd, yd = self.model.prepare_batch(X, y, self.loss, guard=guard, step=self.steps + 1)
                 weights = None if sample_weight is None else self.model.prepare_weights(sample_weight, Xd.shape[0])
+                if self.distributed:  # (X, y) is the global batch; this rank computes its slice
+                    n = Xd.shape[0]
+                    with abort_on_error(self.comm, self._where):
+                        stats = np.zeros(2)
+                        taken = self._dist_step(Xd, yd, weights, self.model.backend.asarray(np.arange(n)), 0, n,
+                                                stats, _BatchBuffers(self.model.backend, Xd, yd, weights))
+                    return float(stats[0]) if taken else math.nan
                 value, _ = self._step(Xd, yd, weights=weights)
                 if value is None:  # skipped as non-finite
                     return math.nan
@@ -128,6 +147,19 @@ class Trainer:
                 return float(self._check_deferred(value)[0])  # the guard and the loss in one read
         finally:
             lock.release()
+
+    @property
+    def distributed(self) -> bool:
+        """Whether this trainer trains data parallel (its communicator has more than one rank)."""
+        return self.comm.size > 1
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process writes checkpoints and reports progress: rank 0 (or the only process)."""
+        return self.comm.rank == 0
+
+    def _where(self) -> str:
+        return f"epoch {self.epoch}, step {self.steps + 1}"
 
     def _learn_classes(self, y: Any) -> None:
         """Record the loss on the model, and for cross_entropy on labels the classes, when the model has
@@ -186,6 +218,87 @@ class Trainer:
             bk.clip_by_norm(grad, sumsq, clip, guard)
         self.optimizer.step([model.flat_parameters()], [grad], bk, guard=guard)
         return value, output
+
+    def _dist_step(self, Xd: Any, yd: Any, wd: Any, idx: Any, start: int, size: int, stats_row: np.ndarray,
+                   batches: _BatchBuffers) -> bool:
+        """One data-parallel step on the global batch ``idx[start:start + size]`` of (Xd, yd, wd): this
+        rank's slice of it, its mean gradient scaled by rows / size, then one allreduce of the gradient with
+        [loss x rows, correct count, rows, stop flag] behind it; the checks, clipping and the update follow
+        from the reduced values, alike on every rank. Writes [loss, correct count] into ``stats_row``;
+        returns whether the step was taken (False: skipped as non-finite)."""
+        model, bk, comm = self.model, self.model.backend, self.comm
+        lo, hi = shard(size, comm.rank, comm.size)
+        rows = hi - lo
+        block = model.reduction_buffer(TAIL)
+        grad, tail = block[:-TAIL], block[-TAIL:]
+        if rows:
+            xb, yb, wb = batches.take(idx[start + lo:start + hi], rows)
+            if self._local_stats is None:
+                self._local_stats = bk.zeros((2,), accumulator_dtype(model.dtype))
+            local = self._local_stats
+            model._loss_and_grads(xb, yb, self.loss, local, wb)
+            if rows != size:
+                bk.scale(grad, rows / size)
+            tail[0] = local[0] * rows
+            tail[1] = local[1]
+        else:  # no rows here: zeros, so the sum is the other ranks' alone
+            grad.fill(0)
+            tail[0] = tail[1] = 0
+        tail[2] = rows
+        tail[3] = 1.0 if self._stop_requested else 0.0
+        comm.allreduce(block)
+        loss_rows, correct, total, stop = (float(v) for v in bk.to_numpy(tail))
+        if total != size:
+            raise RuntimeError(f"the ranks' slices of a batch of {size} rows add up to {total:g}: the ranks do not "
+                               f"run the same data")
+        if stop:
+            interrupt = KeyboardInterrupt("stopped by SIGINT or SIGTERM on a rank")
+            interrupt.collective = True  # type: ignore[attr-defined]
+            raise interrupt
+        loss = loss_rows / size
+        sumsq = self._sumsq = bk.sum_of_squares(grad, out=self._sumsq)
+        sq = bk.to_float(sumsq)
+        if not (math.isfinite(loss) and math.isfinite(sq)):
+            try:
+                self._nonfinite(loss, sq)
+            except DivergenceError as exc:
+                exc.collective = True  # type: ignore[attr-defined] # decided from reduced values, on every rank
+                raise
+            return False
+        self.steps += 1
+        if self.clip_norm:
+            bk.clip_by_norm(grad, sumsq, self.clip_norm)
+        self.optimizer.step([model.flat_parameters()], [grad], bk)
+        stats_row[:] = loss, correct
+        return True
+
+    def _start_distributed(self, Xd: Any, yd: Any, wd: Any) -> None:
+        """Before data-parallel training: every rank must run the same configuration on the same data
+        shape (a ValueError naming the ranks that differ); then rank 0's parameters, optimizer state,
+        counts and shuffling generator become every rank's."""
+        comm, model, opt, bk = self.comm, self.model, self.optimizer, self.model.backend
+        facts = {"sizes": model.sizes, "activations": model.activations, "dtype": model.dtype.name,
+                 "backend": type(bk).__name__, "loss": self.loss, "batch_size": self.batch_size,
+                 "optimizer": type(opt).__name__, "hyperparameters": opt.hyperparameters(),
+                 "schedule": opt.schedule.config(), "clip_norm": self.clip_norm, "on_nonfinite": self.on_nonfinite,
+                 "data": [list(Xd.shape), list(yd.shape), wd is not None]}
+        try:
+            check_same(comm, facts)
+        except ValueError as exc:
+            exc.collective = True  # type: ignore[attr-defined] # every rank saw the same difference
+            raise
+        flat = model.flat_parameters()
+        opt.prepare([flat], bk)
+        assert opt.state is not None
+        comm.broadcast(flat)
+        for arrays in opt.state.slots.values():
+            for a in arrays:
+                comm.broadcast(a)
+        counts = np.array([opt.state.step, self.epoch, self.steps, self.skipped_steps], np.int64)
+        comm.broadcast(counts)
+        opt.state.step, self.epoch, self.steps, self.skipped_steps = (int(c) for c in counts)
+        state = comm.allgather(json.dumps(self.rng.bit_generator.state).encode())[0]
+        self.rng.bit_generator.state = json.loads(state)
 
     def _check_deferred(self, extra: Any = None) -> np.ndarray:
         """Read the device guard of the steps since the last read (``DivergenceGuard.read``). When one of
@@ -290,7 +403,12 @@ class Trainer:
 
             check_writable(interrupt_checkpoint, "interrupt_checkpoint")
         history = History()
-        with self._exclusive(), _sigterm_as_interrupt():
+        if not self.is_writer:
+            verbose = 0  # rank 0 alone reports
+        signals = _stop_on_signals(self) if self.distributed else _sigterm_as_interrupt()
+        with self._exclusive(), signals, abort_on_error(self.comm, self._where):
+            if self.distributed:
+                self._start_distributed(Xd, yd, wd)
             self._fit_epochs(Xd, yd, wd, val, epochs, callbacks, shuffle, history, verbose, interrupt_checkpoint)
         for cb in callbacks:
             cb.on_train_end(self, history)
@@ -328,12 +446,12 @@ class Trainer:
         bk = self.model.backend
         n = Xd.shape[0]
         bs = min(self.batch_size, n)
-        batches = {size: (bk.empty((size,) + Xd.shape[1:], Xd.dtype), bk.empty((size,) + yd.shape[1:], yd.dtype),
-                          None if wd is None else bk.empty((size,), wd.dtype))
-                   for size in {bs, n % bs or bs}}
         sizes = np.array([min(bs, n - s) for s in range(0, n, bs)], np.float64)
-        # each step's [loss, correct count], written by the loss kernel and read once at the epoch's end
-        stats = bk.zeros((len(sizes), 2), accumulator_dtype(self.model.dtype))
+        batches = _BatchBuffers(bk, Xd, yd, wd)
+        dist = self.distributed
+        # each step's [loss, correct count]: written by the loss kernel and read once at the epoch's end, or,
+        # in data-parallel training, the reduced values that each step reads anyway
+        stats = np.zeros((len(sizes), 2)) if dist else bk.zeros((len(sizes), 2), accumulator_dtype(self.model.dtype))
         classify = self.loss in CLASSIFICATION_LOSSES
         reporter = Reporter(verbose, epochs, len(sizes))
         self.stop_training = False
@@ -354,18 +472,17 @@ class Trainer:
                 taken = np.ones(len(sizes), bool)
                 for k, s in enumerate(range(0, n, bs)):
                     size = int(sizes[k])
-                    xb, yb, wb = batches[size]
-                    bk.take_rows(Xd, idx[s:s + size], out=xb)
-                    bk.take_rows(yd, idx[s:s + size], out=yb)
-                    if wb is not None:
-                        bk.take_rows(wd, idx[s:s + size], out=wb)
-                    value, _ = self._step(xb, yb, stats[k], wb)
-                    taken[k] = value is not None  # a step skipped as non-finite is not in the metrics
-                    if self._guard.due():
-                        self._check_deferred()
+                    if dist:
+                        taken[k] = self._dist_step(Xd, yd, wd, idx, s, size, stats[k], batches)
+                    else:
+                        xb, yb, wb = batches.take(idx[s:s + size], size)
+                        value, _ = self._step(xb, yb, stats[k], wb)
+                        taken[k] = value is not None  # a step skipped as non-finite is not in the metrics
+                        if self._guard.due():
+                            self._check_deferred()
                     if reporter.bar is not None:
                         reporter.bar.update()
-                host = self._check_deferred(stats).reshape(-1, 2)[taken]
+                host = stats[taken] if dist else self._check_deferred(stats).reshape(-1, 2)[taken]
                 # the epoch's metrics are over the rows of the steps taken (all of them unless skipped)
                 rows_taken = float(sizes[taken].sum()) if taken.any() else math.nan
                 row: dict[str, Any] = {"epoch": self.epoch, "loss": float(host[:, 0] @ sizes[taken]) / rows_taken}
@@ -396,7 +513,11 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: Any) -> Path:
         """Write the model, the optimizer (hyperparameters, schedule, state), the epoch and step counts and
-        the shuffling generator's state to one .npz file, atomically; returns the path written."""
+        the shuffling generator's state to one .npz file, atomically; returns the path written. In
+        data-parallel training rank 0 writes it (every rank holds the same state); the others write nothing
+        and return the path."""
+        if not self.is_writer:
+            return Path(path)
         return save_checkpoint(self, path)
 
     @classmethod
@@ -413,16 +534,33 @@ class Trainer:
         return self._evaluate(Xd, yd, self.model.prepare_weights(sample_weight, Xd.shape[0]))
 
     def _evaluate(self, Xd: Any, yd: Any, weights: Any = None) -> dict[str, float]:
+        """The metrics on prepared arrays; in data-parallel training each rank evaluates its shard of the
+        rows and the sums are reduced, so every rank returns the same metrics."""
+        n = Xd.shape[0]
+        if not self.distributed:
+            value, correct = self._metric_sums(Xd, yd, weights)
+        else:
+            lo, hi = shard(n, self.comm.rank, self.comm.size)
+            sums = np.zeros(2)
+            if hi > lo:
+                part, sums[1] = self._metric_sums(Xd[lo:hi], yd[lo:hi], None if weights is None else weights[lo:hi])
+                sums[0] = part * (hi - lo)
+            self.comm.allreduce_host(sums)
+            value, correct = sums[0] / n, sums[1]
+        metrics = {"loss": value}
+        if self.loss in CLASSIFICATION_LOSSES:
+            metrics["accuracy"] = correct / _targets_per_row(yd, self.loss) / n
+        return metrics
+
+    def _metric_sums(self, Xd: Any, yd: Any, weights: Any) -> tuple[float, float]:
+        """(mean loss, correct count) of the rows of Xd, read in one transfer."""
         bk = self.model.backend
         with bk.device_scope():
             out = self.model.forward(Xd)
             stats = bk.empty((2,), accumulator_dtype(self.model.dtype))
             bk.output_delta(out, yd, self.loss, stats_out=stats, weights=weights)
             value, correct = (float(v) for v in bk.to_numpy(stats))  # one read
-        metrics = {"loss": value}
-        if self.loss in CLASSIFICATION_LOSSES:
-            metrics["accuracy"] = correct / _targets_per_row(yd, self.loss) / Xd.shape[0]
-        return metrics
+        return value, correct
 
     def predict(self, X: Any) -> np.ndarray:
         """Host numpy predictions: class labels for cross_entropy (in the training labels' values),
@@ -450,6 +588,56 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(term, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
+    """Within (data-parallel training), SIGINT and SIGTERM set a flag that rides in the next step's
+    allreduce, so every rank stops at the same step (a KeyboardInterrupt raised on one rank alone would
+    leave the others waiting). Only in the main thread, and only over the default handlers."""
+    defaults = {signal.SIGINT: signal.default_int_handler, getattr(signal, "SIGTERM", None): signal.SIG_DFL}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request_stop(signum: int, frame: Any) -> None:
+        trainer._stop_requested = True
+
+    replaced = {}
+    for sig, default in defaults.items():
+        if sig is not None and signal.getsignal(sig) is default:
+            replaced[sig] = default
+            signal.signal(sig, request_stop)
+    trainer._stop_requested = False
+    try:
+        yield
+    finally:
+        for sig, default in replaced.items():
+            signal.signal(sig, default)
+
+
+class _BatchBuffers:
+    """The reused batch buffers of ``fit``, by row count (one or two sizes; a rank's slices in data-parallel
+    training, two or three)."""
+
+    def __init__(self, bk: Any, Xd: Any, yd: Any, wd: Any) -> None:
+        self.bk, self.Xd, self.yd, self.wd = bk, Xd, yd, wd
+        self._kept: dict[int, tuple[Any, Any, Any]] = {}
+
+    def take(self, rows_idx: Any, rows: int) -> tuple[Any, Any, Any]:
+        """The rows ``rows_idx`` (``rows`` of them) of X, y and the weights, gathered into the buffers."""
+        bk, Xd, yd, wd = self.bk, self.Xd, self.yd, self.wd
+        kept = self._kept.get(rows)
+        if kept is None:
+            kept = self._kept[rows] = (bk.empty((rows,) + Xd.shape[1:], Xd.dtype),
+                                       bk.empty((rows,) + yd.shape[1:], yd.dtype),
+                                       None if wd is None else bk.empty((rows,), wd.dtype))
+        xb, yb, wb = kept
+        bk.take_rows(Xd, rows_idx, out=xb)
+        bk.take_rows(yd, rows_idx, out=yb)
+        if wb is not None:
+            bk.take_rows(wd, rows_idx, out=wb)
+        return kept
 
 
 def _targets_per_row(yd: Any, loss: str) -> int:

@@ -1,0 +1,98 @@
+"""The program the multi-process tests (tests/test_mpi.py) run under ``mpiexec -n K``; also imported by them,
+to train the same run in one process for the comparison. Not a test module itself.
+
+python tests/mpi_worker.py OUT.npz [--dtype float64] [--epochs 2] [--batch 10] [--scenario train] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+import fastbp as fb
+from fastbp import distributed
+
+
+def data(n: int = 103, features: int = 6, classes: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Separable-ish rows; 103 rows in batches of 10 leave a last batch of 3, which 4 ranks split unevenly
+    (one of them gets none)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    X = rng.standard_normal((n, features)) + y[:, None] * 0.7
+    return X, y
+
+
+def build(args: argparse.Namespace, comm: distributed.Communicator | None) -> fb.Trainer:
+    if args.resume:
+        trainer = fb.Trainer.load_checkpoint(args.resume, backend=args.backend)
+        trainer.comm = comm if comm is not None else trainer.comm
+        return trainer
+    model = fb.MLP([6, args.hidden, 3], dtype=args.dtype, seed=1, backend=args.backend)
+    optimizer = fb.optim.Adam(lr=1e-2) if args.optimizer == "adam" else fb.optim.SGD(lr=0.1, momentum=0.9)
+    return fb.Trainer(model, optimizer=optimizer, batch_size=args.batch, seed=2, comm=comm, clip_norm=args.clip)
+
+
+class _Fault(fb.Callback):
+    """Raises, or stalls, on one rank at the end of an epoch."""
+
+    def __init__(self, scenario: str, rank: int) -> None:
+        self.scenario, self.rank = scenario, rank
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if trainer.comm.rank != self.rank:
+            return
+        if self.scenario == "raise":
+            raise RuntimeError("a fault injected on one rank")
+        if self.scenario == "stall":
+            time.sleep(120)
+
+
+def run(args: argparse.Namespace, comm: distributed.Communicator | None) -> dict[str, np.ndarray]:
+    X, y = data()
+    trainer = build(args, comm)
+    callbacks = [_Fault(args.scenario, 1)] if args.scenario in ("raise", "stall") else []
+    if args.checkpoint:
+        callbacks.append(fb.PeriodicCheckpoint(args.checkpoint, 1))
+    history = trainer.fit(X, y, epochs=args.epochs, validation_data=(X[:40], y[:40]), verbose=0,
+                          callbacks=callbacks)
+    return {"flat": trainer.model.backend.to_numpy(trainer.model.flat_parameters()).copy(),
+            "loss": np.array(history["loss"]), "val_loss": np.array(history["val_loss"]),
+            "accuracy": np.array(history["accuracy"]), "steps": np.array(trainer.steps),
+            "epoch": np.array(trainer.epoch)}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    p.add_argument("out", nargs="?")
+    p.add_argument("--dtype", default="float64")
+    p.add_argument("--backend", default="numpy")
+    p.add_argument("--optimizer", default="adam")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch", type=int, default=10)
+    p.add_argument("--hidden", type=int, default=8)
+    p.add_argument("--clip", type=float, default=None)
+    p.add_argument("--scenario", default="train", choices=("train", "raise", "stall", "mismatch"))
+    p.add_argument("--checkpoint")
+    p.add_argument("--resume")
+    return p
+
+
+def main() -> int:
+    args = parser().parse_args()
+    comm = distributed.init("mpi")
+    if args.scenario == "mismatch" and comm.rank == 1:
+        args.hidden += 1
+    result = run(args, comm)
+    # every rank's parameters, gathered, so the test can check they are byte-identical
+    every = comm.allgather(result["flat"].tobytes())
+    if comm.rank == 0 and args.out:
+        np.savez(args.out, ranks=np.stack([np.frombuffer(b, result["flat"].dtype) for b in every]), size=comm.size,
+                 **result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
