@@ -354,6 +354,10 @@ def _communicator() -> Any:
         raise UsageError(str(exc)) from exc
     if comm.rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
+    if comm.local_size > 1:  # the ranks of this machine share its cores
+        from .threads import set_num_threads
+
+        set_num_threads(max(1, (os.cpu_count() or 1) // comm.local_size))
     return comm
 
 

@@ -68,14 +68,16 @@ def timeout_seconds() -> float:
 
 # ----------------------------------------------------------------------------------------- communicators
 class Communicator:
-    """What data-parallel training needs of a communication library: ``rank``, ``size``, ``local_rank``
-    (the rank among the processes of this machine, which picks the GPU), in-place ``allreduce`` (sum) and
-    ``broadcast`` of a backend array, ``allgather`` of a few bytes, ``barrier`` and ``abort``."""
+    """What data-parallel training needs of a communication library: ``rank``, ``size``, ``local_rank`` and
+    ``local_size`` (this process's rank among those of its machine, which picks the GPU, and how many they
+    are), in-place ``allreduce`` (sum) and ``broadcast`` of a backend array, ``allgather`` of a few bytes,
+    ``barrier`` and ``abort``."""
 
     name = "local"
     rank = 0
     size = 1
     local_rank = 0
+    local_size = 1
 
     def allreduce(self, x: Any) -> None:
         """x = the sum of every rank's x, in place (a NumPy or CuPy array)."""
@@ -188,7 +190,7 @@ class MPICommunicator(Communicator):
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         local = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        self.local_rank = local.Get_rank()
+        self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
         local.Free()
         self.cuda_aware = _mpi_cuda_aware(MPI)
         self._staging: dict[tuple, Any] = {}
@@ -283,7 +285,8 @@ class NCCLCommunicator(Communicator):
 
     def __init__(self, mpi: Communicator | None = None, nccl: Any = None, cupy: Any = None) -> None:
         self.mpi = mpi if mpi is not None else MPICommunicator()
-        self.rank, self.size, self.local_rank = self.mpi.rank, self.mpi.size, self.mpi.local_rank
+        self.rank, self.size = self.mpi.rank, self.mpi.size
+        self.local_rank, self.local_size = self.mpi.local_rank, self.mpi.local_size
         try:
             if cupy is None:
                 cupy = importlib.import_module("cupy")

@@ -236,7 +236,8 @@ class Trainer:
             if self._local_stats is None:
                 self._local_stats = bk.zeros((2,), accumulator_dtype(model.dtype))
             local = self._local_stats
-            model._loss_and_grads(xb, yb, self.loss, local, wb)
+            if wb is not None or bk.train_gradients(model, xb, yb, self.loss, local) is None:
+                model._loss_and_grads(xb, yb, self.loss, local, wb)
             if rows != size:
                 bk.scale(grad, rows / size)
             tail[0] = local[0] * rows

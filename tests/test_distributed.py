@@ -153,3 +153,19 @@ def test_a_bad_watchdog_limit_is_refused(monkeypatch):
 def test_a_trainer_refuses_what_is_not_a_communicator():
     with pytest.raises(TypeError, match="communicator"):
         fb.Trainer(fb.MLP([2, 2]), comm="mpi")
+
+
+@pytest.mark.gpu
+def test_nccl_allreduce_and_broadcast_with_one_rank():
+    """The real NCCL on one GPU, one rank (no MPI needed: the local communicator stands in for it)."""
+    if "cupy" not in fb.available_backends() or not distributed.nccl_usable():
+        pytest.skip("needs the cupy backend and CuPy with NCCL")
+    import cupy
+
+    comm = NCCLCommunicator(LocalCommunicator())
+    for dtype in ("float32", "float64"):
+        x = cupy.arange(1000, dtype=dtype)
+        comm.allreduce(x)  # the sum over one rank
+        comm.broadcast(x, 0)
+        cupy.cuda.get_current_stream().synchronize()
+        np.testing.assert_array_equal(cupy.asnumpy(x), np.arange(1000, dtype=dtype))

@@ -144,3 +144,16 @@ def test_the_command_line_trains_digits_data_parallel_to_the_same_accuracy(tmp_p
         return float(re.search(r"test accuracy: ([0-9.]+)", text).group(1))
 
     assert abs(accuracy(out) - accuracy(one.stdout)) <= 0.01, (out, one.stdout)
+
+
+@pytest.mark.gpu
+def test_two_ranks_share_one_gpu_through_mpi_staging(tmp_path):
+    """CuPy arrays through pinned host memory and MPI (NCCL needs a GPU per rank): the same training as one
+    process on the GPU."""
+    import fastbp as fb
+
+    if "cupy" not in fb.available_backends():
+        pytest.skip("needs the cupy backend")
+    args = ("--backend", "cupy")
+    got = together(tmp_path, 2, *args, timeout=240)
+    assert relative_error(got["flat"], alone(*args)["flat"]) < 1e-12

@@ -293,17 +293,21 @@ UPDATES = ("sgd", "adam", "rmsprop")
 @njit
 def train_step(X, y_labels, Y, loss, flat, grad, layout, codes, ws, opt, sgd_args, adam_args, rmsprop_args, s1, s2,
                clip, route):
-    """Forward, backward and the optimizer update of one step, in one call (codes in FUSED).
+    """Forward, backward and the optimizer update of one step, in one call (codes in FUSED): ``gradients``
+    then ``update``, the two phases that data-parallel training calls apart, with the allreduce between.
+    Returns (mean loss, sum of squared gradients, whether the update ran). The output is left in the top
+    layer's A."""
+    value = gradients(X, y_labels, Y, loss, flat, grad, layout, codes, ws, route)
+    sumsq, updated = update(flat, grad, value, opt, sgd_args, adam_args, rmsprop_args, s1, s2, clip, route)
+    return value, sumsq, updated
 
-    layout[l] = (offset of W_l in flat, offset of b_l, n_in, n_out). ws: one flat scratch vector holding,
-    per layer, A (written over Z) then delta, each (B, n_out).
-    opt: the update, an index into UPDATES (sgd, adam, rmsprop); it reads its arguments (update_args.STRUCTS,
-    one record each), the others are not read. s1, s2: its state vectors (slot_names order).
-    clip > 0 rescales the gradient to that global norm when it is larger (as torch's clip_grad_norm_).
-    route: the GEMMs' BLAS (``_numba_blas``).
-    Returns (mean loss, sum of squared gradients, whether the update ran): a non-finite loss or gradient
-    leaves the parameters and the optimizer state untouched. The output is left in the top layer's A.
-    """
+
+@njit
+def gradients(X, y_labels, Y, loss, flat, grad, layout, codes, ws, route):
+    """Forward and backward of one step, eqs. (1)-(4), the gradient written into ``grad``; returns the mean
+    loss. layout[l] = (offset of W_l in flat, offset of b_l, n_in, n_out). ws: one flat scratch vector
+    holding, per layer, A (written over Z) then delta, each (B, n_out). route: the GEMMs' BLAS
+    (``_numba_blas``). The output is left in the top layer's A."""
     B = X.shape[0]
     L = layout.shape[0]
     a_at = np.empty(L, np.int64)
@@ -338,19 +342,29 @@ def train_step(X, y_labels, Y, loss, flat, grad, layout, codes, ws, opt, sgd_arg
             b0 = layout[l - 1, 1]
             backward_epilogue(below, A_in, codes[l - 1], grad[b0:b0 + n_in])  # eq. (2) * g', eq. (4)
             delta = below
+    return value
+
+
+@njit
+def update(flat, grad, value, opt, sgd_args, adam_args, rmsprop_args, s1, s2, clip, route):
+    """The update phase of a step over the whole flat vector: the gradient's sum of squares, the non-finite
+    check (a non-finite loss ``value`` or gradient leaves the parameters and the optimizer state untouched),
+    clipping (clip > 0 rescales the gradient to that global norm when it is larger, as torch's
+    clip_grad_norm_), then the update: ``opt`` indexes UPDATES (sgd, adam, rmsprop), which reads its
+    arguments (update_args.STRUCTS, one record each; the others are not read); s1, s2 are its state vectors
+    (slot_names order). Returns (sum of squares, whether the update ran)."""
     sumsq = sum_of_squares(grad, route)
     if not (math.isfinite(value) and math.isfinite(sumsq)):
-        return value, sumsq, False
+        return sumsq, False
     if clip > 0:
         clip_grad(grad, sumsq, clip)
-    # ---- the update, over the whole flat vector
     if opt == 0:
         sgd(flat, grad, s1, sgd_args)
     elif opt == 1:
         adam(flat, grad, s1, s2, adam_args)
     else:
         rmsprop(flat, grad, s1, s2, rmsprop_args)
-    return value, sumsq, True
+    return sumsq, True
 
 
 @njit

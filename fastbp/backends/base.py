@@ -333,6 +333,13 @@ class Backend:
         """
         return None
 
+    def train_gradients(self, model: Any, X: Any, y: Any, loss: str,
+                        stats_out: Any = None) -> tuple[Any, Any] | None:
+        """The gradient phase of ``train_step`` alone, into ``model.flat_grad()`` (data-parallel training
+        reduces the gradient before the update): (the loss, the output), or None where this backend has no
+        such op for the model (the Trainer then runs the ops one by one)."""
+        return None
+
     def to_floats(self, *xs: Any) -> tuple[float, ...]:
         """Several 0-d arrays as Python floats, read back together (one transfer on a GPU)."""
         return tuple(self.to_float(x) for x in xs)

@@ -167,6 +167,18 @@ class NumbaBackend(Backend):
             state.step += 1
         return self._record(stats_out, value, plan.output, y, loss), plan.output, sumsq, updated
 
+    def train_gradients(self, model, X, y, loss, stats_out=None):
+        """The gradient phase of the whole step alone (forward and backward in one compiled call, into
+        ``model.flat_grad()``), for data-parallel training's allreduce to follow; None where the whole step
+        does not fuse the model."""
+        plan = self._whole_step_plan(model, X.shape[0]) if WHOLE_STEP else None
+        if plan is None:
+            return None
+        labels, Y, code = self._loss_args(X, y, loss)
+        value = self.k.gradients(X, labels, Y, code, model.flat_parameters(), model.flat_grad(), plan.layout,
+                                 plan.codes, plan.ws, self.blas_route)
+        return self._record(stats_out, value, plan.output, y, loss), plan.output
+
     def _whole_step_plan(self, model: Any, batch: int) -> _Plan | None:
         """The whole-step plan for this model and batch size (kept by this backend while the model lives), or
         None when the model uses activations the kernel does not fuse."""
