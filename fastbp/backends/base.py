@@ -165,7 +165,7 @@ class Backend:
         """Parameter gradients of a layer from its delta."""
         xp = self.xp
         dW = xp.matmul(A_prev.T, delta, out=dW_out)  # eq. (3): sum over the batch of outer products
-        db = xp.sum(delta, axis=0, out=db_out)  # eq. (4)
+        db = delta.sum(axis=0, out=db_out)  # eq. (4); the method skips np.sum's dispatch (~1 us)
         return dW, db
 
     def backprop_dense(
@@ -221,14 +221,14 @@ class Backend:
         B = Z_L.shape[0]
         if loss == "cross_entropy":
             # (softmax(z) - onehot(y)) / B, stably: exp(z - max z) / sum, each row scaled once by 1 / (B sum)
-            m = xp.max(Z_L, axis=1, keepdims=True)
+            m = Z_L.max(axis=1, keepdims=True)  # reductions as methods: np.max/np.sum add ~1 us each
             E = xp.subtract(Z_L, m, out=delta_out)
             xp.exp(E, out=E)
-            s = xp.sum(E, axis=1, keepdims=True)
+            s = E.sum(axis=1, keepdims=True)
             if y.ndim == 1:
                 # c = mean over rows of lse - z_y, with lse = log(s) + m
                 rows = self._rows(B)
-                value = (xp.sum(xp.log(s)) + (xp.sum(m) - xp.sum(Z_L[rows, y]))) / B
+                value = (xp.log(s).sum() + (m.sum() - Z_L[rows, y].sum())) / B
                 E *= (1.0 / B) / s
                 E[rows, y] -= 1.0 / B
             else:
@@ -314,9 +314,9 @@ class Backend:
         output's sign against its target rounded at 0.5."""
         xp = self.xp
         if loss == "cross_entropy":
-            pred = xp.argmax(Z_L, axis=1)
-            target = y if y.ndim == 1 else xp.argmax(y, axis=1)
-            return xp.sum(pred == target)
+            pred = Z_L.argmax(axis=1)
+            target = y if y.ndim == 1 else y.argmax(axis=1)
+            return (pred == target).sum()
         if loss == "binary_cross_entropy":
             return xp.sum((Z_L > 0) == (y > 0.5))
         raise ValueError(f"accuracy is defined for classification losses, not {loss!r}")
