@@ -17,6 +17,7 @@ NUMBA_CACHE_DIR, where set, wins), never in the installed package; ``warmup()`` 
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from typing import Any
@@ -115,7 +116,7 @@ class NumbaBackend(Backend):
         if not self._guard_tripped(guard):
             buf = slots.get("momentum")
             buf = buf.reshape(-1) if buf is not None else self._empty_1d[p.dtype.type]
-            self.k.sgd(p.reshape(-1), g.reshape(-1), buf, update_args("sgd", lr, step, hp))
+            self.k.sgd(p.reshape(-1), g.reshape(-1), buf, self._args("sgd", lr, step, hp))
         return True
 
     def _adam_update(self, p, g, slots, lr, step, hp, guard):
@@ -123,7 +124,7 @@ class NumbaBackend(Backend):
             return False
         if not self._guard_tripped(guard):
             self.k.adam(p.reshape(-1), g.reshape(-1), slots["m"].reshape(-1), slots["v"].reshape(-1),
-                        update_args("adam", lr, step, hp))
+                        self._args("adam", lr, step, hp))
         return True
 
     def _rmsprop_update(self, p, g, slots, lr, step, hp, guard):
@@ -133,10 +134,20 @@ class NumbaBackend(Backend):
             buf = slots.get("momentum")
             self.k.rmsprop(p.reshape(-1), g.reshape(-1), slots["square_avg"].reshape(-1),
                            buf.reshape(-1) if buf is not None else self._empty_1d[p.dtype.type],
-                           update_args("rmsprop", lr, step, hp))
+                           self._args("rmsprop", lr, step, hp))
         return True
 
     fused_updates = {"sgd": _sgd_update, "adam": _adam_update, "rmsprop": _rmsprop_update}
+
+    def _args(self, update, lr, step, hp):
+        """The update's argument record for this step, in a buffer this thread reuses."""
+        local = self.__dict__.get("_local")  # the per-thread state of Backend._scratch (not pickled)
+        if local is None:
+            local = self.__dict__.setdefault("_local", threading.local())
+        buffers = getattr(local, "update_args", None)
+        if buffers is None:
+            buffers = local.update_args = {name: np.zeros(1, dtype) for name, (_, dtype) in STRUCTS.items()}
+        return update_args(update, lr, step, hp, out=buffers[update])
 
     def count_invalid(self, X, y, loss, n_out):
         targets = target_kind(y, loss)
@@ -155,7 +166,7 @@ class NumbaBackend(Backend):
         optimizer.prepare([flat], self)
         state = optimizer.state
         step = state.step + 1
-        args = update_args(update, optimizer.schedule(step), step, optimizer.hp)
+        args = self._args(update, optimizer.schedule(step), step, optimizer.hp)
         empty = self._empty_1d[flat.dtype.type]
         s1, s2 = ([state.slots[name][0] for name in optimizer.slot_names] + [empty, empty])[:2]
         sgd_args, adam_args, rmsprop_args = (args if name == update else _NO_ARGS[name] for name in self.k.UPDATES)

