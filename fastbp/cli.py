@@ -333,9 +333,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"test loss: {result['loss']:.4f}")
     if "accuracy" in result:
         print(f"test accuracy: {result['accuracy']:.3f}")
-    if args.save:
+    if args.save and trainer.is_writer:  # data parallel: rank 0 writes (every rank holds the same model)
         print(f"saved model to {model.save(args.save)}")
-    if args.plot:
+    if args.plot and trainer.is_writer:
         _plot(history, args.plot)
         print(f"saved plot to {args.plot}")
     epoch_time = sum(history["time"])
@@ -344,12 +344,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 130 if history.interrupted else 0
 
 
+#: The communicator of a ``train --distributed`` job, for the error handling of ``main``.
+_JOB: dict[str, Any] = {"comm": None}
+
+
 def _communicator() -> Any:
     """The MPI communicator of ``train --distributed``; the ranks other than 0 print nothing (one report)."""
     from . import distributed
 
     try:
-        comm = distributed.MPICommunicator()
+        comm = _JOB["comm"] = distributed.MPICommunicator()
     except distributed.DistributedUnavailable as exc:
         raise UsageError(str(exc)) from exc
     if comm.rank != 0:
@@ -478,7 +482,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ValueError, TypeError, OSError, FloatingPointError, MemoryError, RuntimeError) as exc:
         # FloatingPointError: a DivergenceError; RuntimeError: a backend that cannot run here
         message = " ".join(str(exc).split())  # one line
-        print(f"fastbp {args.command}: error: {message}", file=sys.stderr)
+        job = _JOB["comm"]
+        if job is None or job.rank == 0 or not getattr(exc, "collective", False):
+            print(f"fastbp {args.command}: error: {message}", file=sys.stderr)
+        if job is not None and job.size > 1 and not getattr(exc, "collective", False):
+            job.abort(2)  # this rank alone failed: the others would wait for it forever
         return 2
     except KeyboardInterrupt:
         print(f"fastbp {args.command}: interrupted", file=sys.stderr)

@@ -353,10 +353,28 @@ def init(kind: str = "auto", backend: Any = None, mpi: MPICommunicator | None = 
     if kind not in ("auto", "mpi", "nccl"):
         raise ValueError(f"kind must be 'auto', 'mpi' or 'nccl', got {kind!r}")
     mpi = mpi if mpi is not None else MPICommunicator()
+    abort_on_uncaught(mpi)
     on_gpu = backend is not None and getattr(backend, "name", "").startswith("cupy")
     if kind == "nccl" or (kind == "auto" and on_gpu and mpi.size > 1 and nccl_usable()):
         return NCCLCommunicator(mpi)
     return mpi
+
+
+def abort_on_uncaught(comm: Communicator) -> None:
+    """Make an exception that nothing catches, on any rank, abort the whole job after its traceback (as
+    ``python -m mpi4py`` does): otherwise the other ranks wait for this one in their next collective
+    forever. Installed by ``init`` for jobs of more than one rank."""
+    if comm.size <= 1 or getattr(sys.excepthook, "fastbp_abort", False):
+        return
+    previous = sys.excepthook
+
+    def hook(kind: Any, value: Any, tb: Any) -> None:
+        previous(kind, value, tb)
+        _report(f"fastbp: rank {comm.rank} of {comm.size}: uncaught {kind.__name__}; aborting the job")
+        comm.abort(1)
+
+    hook.fastbp_abort = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 def nccl_usable() -> bool:

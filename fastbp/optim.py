@@ -216,7 +216,7 @@ class Optimizer:
         if backend is not self._backend or self._dtype != params[0].dtype:
             self.to(backend, params[0].dtype)
             self._bind(params, backend)
-        if tuple(self.state.slots) != self.slot_names:
+        if len(self.state.slots) != len(self.slot_names):  # changed hyperparameters (replace) changed the slots
             self.state.slots = {name: self.state.slots.get(name) or [backend.zeros(p.shape, params[0].dtype)
                                                                      for p in params]
                                 for name in self.slot_names}

@@ -74,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=10)
     p.add_argument("--hidden", type=int, default=8)
     p.add_argument("--clip", type=float, default=None)
-    p.add_argument("--scenario", default="train", choices=("train", "raise", "stall", "mismatch"))
+    p.add_argument("--scenario", default="train", choices=("train", "raise", "stall", "mismatch", "uncaught"))
     p.add_argument("--checkpoint")
     p.add_argument("--resume")
     return p
@@ -86,6 +86,10 @@ def main() -> int:
     if args.scenario == "mismatch" and comm.rank == 1:
         args.hidden += 1
     result = run(args, comm)
+    if args.scenario == "uncaught":  # after training, outside fastbp: rank 1 fails, rank 0 waits for it
+        if comm.rank == 1:
+            raise KeyError("a fault outside fit")
+        comm.barrier()
     # every rank's parameters, gathered, so the test can check they are byte-identical
     every = comm.allgather(result["flat"].tobytes())
     if comm.rank == 0 and args.out:

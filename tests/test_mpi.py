@@ -117,6 +117,14 @@ def test_an_exception_on_one_rank_ends_the_job_quickly_naming_it():
     assert re.search(r"fastbp: rank 1 of 2 failed at epoch 1, step \d+: RuntimeError: a fault injected", err), err
 
 
+def test_an_uncaught_exception_outside_fit_ends_the_job_too():
+    """init() installs an excepthook that aborts the job (as python -m mpi4py does): rank 0, waiting in a
+    barrier for rank 1, does not hang."""
+    code, _, err, seconds = mpirun(2, "--scenario", "uncaught", "--epochs", "1", timeout=60)
+    assert code != 0 and seconds < 10, (code, seconds)
+    assert "KeyError: 'a fault outside fit'" in err and "fastbp: rank 1 of 2: uncaught KeyError; aborting" in err, err
+
+
 def test_a_stalled_rank_trips_the_watchdog():
     code, _, err, seconds = mpirun(2, "--scenario", "stall", timeout=60, env={"FASTBP_DIST_TIMEOUT": "2"})
     assert code != 0 and seconds < 30, (code, seconds)

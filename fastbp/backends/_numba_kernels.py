@@ -286,10 +286,6 @@ def rmsprop(p, g, sq, buf, args):
 
 
 # ----------------------------------------------------------------------------------- the whole step
-#: The fused updates of the whole step, by its ``opt`` index.
-UPDATES = ("sgd", "adam", "rmsprop")
-
-
 @njit
 def train_step(X, y_labels, Y, loss, flat, grad, layout, codes, ws, opt, sgd_args, adam_args, rmsprop_args, s1, s2,
                clip, route):
@@ -350,7 +346,8 @@ def update(flat, grad, value, opt, sgd_args, adam_args, rmsprop_args, s1, s2, cl
     """The update phase of a step over the whole flat vector: the gradient's sum of squares, the non-finite
     check (a non-finite loss ``value`` or gradient leaves the parameters and the optimizer state untouched),
     clipping (clip > 0 rescales the gradient to that global norm when it is larger, as torch's
-    clip_grad_norm_), then the update: ``opt`` indexes UPDATES (sgd, adam, rmsprop), which reads its
+    clip_grad_norm_), then the update: ``opt`` is 0 sgd, 1 adam, 2 rmsprop (numba_backend's
+    _WHOLE_STEP_UPDATES), which reads its
     arguments (update_args.STRUCTS, one record each; the others are not read); s1, s2 are its state vectors
     (slot_names order). Returns (sum of squares, whether the update ran)."""
     sumsq = sum_of_squares(grad, route)

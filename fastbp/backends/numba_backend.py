@@ -158,22 +158,24 @@ class NumbaBackend(Backend):
     # ------------------------------------------------------------------ the whole step
     def train_step(self, model, X, y, loss, optimizer, clip=0.0, stats_out=None):
         """Forward, backward and update in one compiled call, for small relu-like networks."""
-        update = optimizer.fused if optimizer.fused in self.fused_updates else None
-        plan = self._whole_step_plan(model, X.shape[0]) if WHOLE_STEP and update is not None else None
+        update = optimizer.fused
+        opt = _WHOLE_STEP_UPDATES.get(update) if WHOLE_STEP else None  # type: ignore[arg-type]
+        plan = self._whole_step_plan(model, X.shape[0]) if opt is not None else None
         if plan is None:
             return None
         flat, grad = model.flat_parameters(), model.flat_grad()
         optimizer.prepare([flat], self)
         state = optimizer.state
         step = state.step + 1
-        args = self._args(update, optimizer.schedule(step), step, optimizer.hp)
+        records = list(_NO_ARGS.values())  # the update reads its own record, the others none
+        records[opt] = self._args(update, optimizer.schedule(step), step, optimizer.hp)
         empty = self._empty_1d[flat.dtype.type]
-        s1, s2 = ([state.slots[name][0] for name in optimizer.slot_names] + [empty, empty])[:2]
-        sgd_args, adam_args, rmsprop_args = (args if name == update else _NO_ARGS[name] for name in self.k.UPDATES)
+        names = optimizer.slot_names
+        s1 = state.slots[names[0]][0] if names else empty
+        s2 = state.slots[names[1]][0] if len(names) > 1 else empty
         labels, Y, code = self._loss_args(X, y, loss)
         value, sumsq, updated = self.k.train_step(X, labels, Y, code, flat, grad, plan.layout, plan.codes, plan.ws,
-                                                  self.k.UPDATES.index(update), sgd_args, adam_args, rmsprop_args,
-                                                  s1, s2, clip, self.blas_route)
+                                                  opt, *records, s1, s2, clip, self.blas_route)
         if updated:
             state.step += 1
         return self._record(stats_out, value, plan.output, y, loss), plan.output, sumsq, updated
@@ -237,8 +239,10 @@ class NumbaBackend(Backend):
         return time.perf_counter() - start
 
 
-#: An unread record for each update the whole step does not run.
-_NO_ARGS = {name: np.zeros(1, dtype) for name, (_, dtype) in STRUCTS.items()}
+#: The whole step's updates by name, and the index of each (``_numba_kernels.update``'s ``opt``).
+_WHOLE_STEP_UPDATES = {"sgd": 0, "adam": 1, "rmsprop": 2}
+#: An unread record for each update the whole step does not run, in that order.
+_NO_ARGS = {name: np.zeros(1, STRUCTS[name][1]) for name in _WHOLE_STEP_UPDATES}
 
 
 class _Plan:
