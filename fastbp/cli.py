@@ -294,8 +294,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         comm = fb.distributed.init("auto", backend, mpi=comm)
         print(f"data-parallel: {comm.size} ranks over {comm.name}; global batch {args.batch_size}")
     if args.resume:
-        trainer = fb.Trainer.load_checkpoint(args.resume, backend=backend)
-        trainer.comm = comm if comm is not None else trainer.comm
+        trainer = fb.Trainer.load_checkpoint(args.resume, backend=backend, comm=comm)
         model = trainer.model
         if model.sizes[0] != X.shape[1] or model.sizes[-1] != n_out or trainer.loss != args.loss:
             raise UsageError(f"checkpoint {args.resume} holds a {model.sizes} network trained with {trainer.loss}; "

@@ -136,8 +136,9 @@ class Trainer:
                     n = Xd.shape[0]
                     with abort_on_error(self.comm, self._where):
                         stats = np.zeros(2)
+                        buffers = _BatchBuffers(self.model.backend, Xd, yd, weights)  # this call's arrays
                         taken = self._dist_step(Xd, yd, weights, self.model.backend.asarray(np.arange(n)), 0, n,
-                                                stats, _BatchBuffers(self.model.backend, Xd, yd, weights))
+                                                stats, buffers)
                     return float(stats[0]) if taken else math.nan
                 value, _ = self._step(Xd, yd, weights=weights)
                 if value is None:  # skipped as non-finite
@@ -522,10 +523,17 @@ class Trainer:
         return save_checkpoint(self, path)
 
     @classmethod
-    def load_checkpoint(cls, path: Any, backend: Any = None) -> Trainer:
+    def load_checkpoint(cls, path: Any, backend: Any = None, comm: Communicator | None = None) -> Trainer:
         """A Trainer restored from ``save_checkpoint``, on ``backend`` (None: the active one); training
-        resumes exactly where it was saved (bit-identically on the CPU backends)."""
-        return load_checkpoint(path, backend, cls)
+        resumes exactly where it was saved (bit-identically on the CPU backends). ``comm``: the
+        communicator of a data-parallel run (a checkpoint holds the global batch size, not the number of
+        ranks, so a run resumes at any number of them)."""
+        trainer = load_checkpoint(path, backend, cls)
+        if comm is not None:
+            if not isinstance(comm, Communicator):
+                raise TypeError(f"comm must be a fastbp.distributed communicator, got {type(comm).__name__}")
+            trainer.comm = comm
+        return trainer
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, X: Any, y: Any, sample_weight: Any = None) -> dict[str, float]:

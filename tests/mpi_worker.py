@@ -27,9 +27,7 @@ def data(n: int = 103, features: int = 6, classes: int = 3, seed: int = 0) -> tu
 
 def build(args: argparse.Namespace, comm: distributed.Communicator | None) -> fb.Trainer:
     if args.resume:
-        trainer = fb.Trainer.load_checkpoint(args.resume, backend=args.backend)
-        trainer.comm = comm if comm is not None else trainer.comm
-        return trainer
+        return fb.Trainer.load_checkpoint(args.resume, backend=args.backend, comm=comm)
     model = fb.MLP([6, args.hidden, 3], dtype=args.dtype, seed=1, backend=args.backend)
     optimizer = fb.optim.Adam(lr=1e-2) if args.optimizer == "adam" else fb.optim.SGD(lr=0.1, momentum=0.9)
     return fb.Trainer(model, optimizer=optimizer, batch_size=args.batch, seed=2, comm=comm, clip_norm=args.clip)
@@ -56,8 +54,14 @@ def run(args: argparse.Namespace, comm: distributed.Communicator | None) -> dict
     callbacks = [_Fault(args.scenario, 1)] if args.scenario in ("raise", "stall") else []
     if args.checkpoint:
         callbacks.append(fb.PeriodicCheckpoint(args.checkpoint, 1))
-    history = trainer.fit(X, y, epochs=args.epochs, validation_data=(X[:40], y[:40]), verbose=0,
-                          callbacks=callbacks)
+    if args.public_steps:  # Trainer.step on batches the caller makes: each is the global batch
+        losses = [trainer.step(X[s:s + 13], y[s:s + 13]) for s in range(0, 65, 13)]
+        return {"flat": trainer.model.backend.to_numpy(trainer.model.flat_parameters()).copy(),
+                "loss": np.array(losses), "steps": np.array(trainer.steps)}
+    weights = np.linspace(0.2, 2.0, len(y)) if args.weights else None  # per-row weights, and on validation
+    validation = (X[:40], y[:40]) if weights is None else (X[:40], y[:40], weights[:40])
+    history = trainer.fit(X, y, epochs=args.epochs, validation_data=validation, verbose=0, callbacks=callbacks,
+                          sample_weight=weights)
     return {"flat": trainer.model.backend.to_numpy(trainer.model.flat_parameters()).copy(),
             "loss": np.array(history["loss"]), "val_loss": np.array(history["val_loss"]),
             "accuracy": np.array(history["accuracy"]), "steps": np.array(trainer.steps),
@@ -74,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=10)
     p.add_argument("--hidden", type=int, default=8)
     p.add_argument("--clip", type=float, default=None)
+    p.add_argument("--weights", action="store_true", help="train with sample weights")
+    p.add_argument("--public-steps", action="store_true", help="Trainer.step on 5 batches of 13 rows, no fit")
     p.add_argument("--scenario", default="train", choices=("train", "raise", "stall", "mismatch", "uncaught"))
     p.add_argument("--checkpoint")
     p.add_argument("--resume")

@@ -88,6 +88,21 @@ def test_momentum_and_clipping_decide_alike(tmp_path):
     assert relative_error(together(tmp_path, 3, *args)["flat"], alone(*args)["flat"]) < 1e-12
 
 
+def test_sample_weights_weigh_alike(tmp_path):
+    """Weighted rows: each rank's weighted mean, scaled by its share of the rows, sums to one process's."""
+    got, want = together(tmp_path, 3, "--weights"), alone("--weights")
+    assert relative_error(got["flat"], want["flat"]) < 1e-12
+    np.testing.assert_allclose(got["val_loss"], want["val_loss"], rtol=1e-12)
+
+
+def test_trainer_step_takes_the_global_batch(tmp_path):
+    """``Trainer.step(X, y)`` with a communicator: (X, y) is the global batch, each rank computes its slice;
+    the returned losses are the batch's, as one process's."""
+    got, want = together(tmp_path, 4, "--public-steps"), alone("--public-steps")
+    assert int(got["steps"]) == 5 and relative_error(got["flat"], want["flat"]) < 1e-12
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-12)
+
+
 def test_float32_after_one_step(tmp_path):
     args = ("--dtype", "float32", "--epochs", "1", "--batch", "103")  # one step over every row
     got, want = together(tmp_path, 2, *args), alone(*args)
