@@ -204,9 +204,12 @@ class MPICommunicator(Communicator):
         key = (x.shape, x.dtype.str)
         buf = self._staging.get(key)
         if buf is None:
-            import cupyx
-
-            buf = self._staging[key] = cupyx.empty_pinned(x.shape, x.dtype)
+            try:
+                cupyx = importlib.import_module("cupyx")
+                buf = cupyx.empty_pinned(x.shape, x.dtype)
+            except ImportError:  # an emulated CuPy: pageable memory does the same, slower
+                buf = np.empty(x.shape, x.dtype)
+            self._staging[key] = buf
         return buf
 
     def allreduce(self, x: Any) -> None:

@@ -88,6 +88,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = parser().parse_args()
+    if args.backend.startswith("cupy-emulated"):  # the cupy backend's code on fastbp's CUDA emulator
+        from fastbp.testing import fake_cupy
+
+        fake_cupy.register()
     comm = distributed.init("mpi")
     if args.scenario == "mismatch" and comm.rank == 1:
         args.hidden += 1

@@ -17,6 +17,7 @@ from pathlib import Path
 import mpi_worker
 import numpy as np
 import pytest
+from conftest import EMULATED, EMULATOR_MISSING
 
 HERE = Path(__file__).parent
 WORKER = str(HERE / "mpi_worker.py")
@@ -113,6 +114,16 @@ def test_float32_after_one_step(tmp_path):
 def test_the_numba_backend_trains_data_parallel(tmp_path):
     args = ("--backend", "numba")
     assert relative_error(together(tmp_path, 2, *args, timeout=240)["flat"], alone(*args)["flat"]) < 1e-12
+
+
+@pytest.mark.emulator
+@pytest.mark.skipif(bool(EMULATOR_MISSING), reason=EMULATOR_MISSING or "emulator available")
+def test_cupy_arrays_go_through_host_staging(tmp_path):
+    """The cupy backend's own code on the emulated CuPy: device arrays are reduced and broadcast through
+    host buffers (get(out=), MPI, set), as with an MPI that is not CUDA-aware."""
+    args = ("--backend", EMULATED, "--epochs", "1")
+    got = together(tmp_path, 2, *args, timeout=240)
+    assert relative_error(got["flat"], alone(*args)["flat"]) < 1e-12
 
 
 def test_a_run_resumes_at_another_rank_count(tmp_path):

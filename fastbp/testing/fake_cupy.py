@@ -329,9 +329,24 @@ class ndarray:  # noqa: N801 - CuPy's name
 
     # -- host reads
     def get(self, stream: Any = None, order: str = "C", out: Any = None) -> np.ndarray:
-        # CuPy copies from the array's own device, whichever is current
+        # CuPy copies from the array's own device, whichever is current; into ``out`` when given (a host
+        # array of the same shape and dtype, as CuPy requires)
         stats.device_to_host += 1
-        return np.array(self._a, order=order, copy=True)  # type: ignore[call-overload]
+        if out is None:
+            return np.array(self._a, order=order, copy=True)  # type: ignore[call-overload]
+        if not isinstance(out, np.ndarray) or out.shape != self.shape or out.dtype != self.dtype:
+            raise ValueError("Shape mismatch or dtype mismatch between out and the array")
+        np.copyto(out, self._a)
+        return out
+
+    def set(self, arr: np.ndarray, stream: Any = None) -> None:
+        """Copy the host array ``arr`` (same shape and dtype) into this array, as CuPy's set."""
+        if not isinstance(arr, np.ndarray):
+            raise TypeError(f"Only numpy.ndarray can be set to cupy.ndarray, got {type(arr).__name__}")
+        if arr.shape != self.shape or arr.dtype != self.dtype:
+            raise ValueError("Shape mismatch or dtype mismatch")
+        stats.host_to_device += 1
+        np.copyto(self._a, arr)
 
     def _scalar(self) -> Any:
         if self.size != 1:
