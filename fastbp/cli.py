@@ -289,6 +289,8 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"preprocessing: {spec['mode']}")
 
     backend = fb.set_backend(args.backend)
+    if comm is not None:
+        backend = fb.set_backend(_rank_device(args.backend, backend, comm))
     print(f"backend: {backend.name} (available: {', '.join(fb.available_backends())})")
     if comm is not None:
         comm = fb.distributed.init("auto", backend, mpi=comm)
@@ -362,6 +364,18 @@ def _communicator() -> Any:
 
         set_num_threads(max(1, (os.cpu_count() or 1) // comm.local_size))
     return comm
+
+
+def _rank_device(asked: str, backend: Any, comm: Any) -> Any:
+    """The backend of this rank in a data-parallel job: on a GPU backend whose device was not named
+    ('cupy', 'auto'), the rank's own GPU (``distributed.local_device``); otherwise the one asked for."""
+    from . import distributed
+
+    if ":" in asked or not hasattr(backend, "device_id"):
+        return backend
+    count = backend.xp.cuda.runtime.getDeviceCount()
+    device = distributed.local_device(comm, count)
+    return backend if device == backend.device_id else f"{backend.name.partition(':')[0]}:{device}"
 
 
 def _load_model(args: argparse.Namespace) -> Any:

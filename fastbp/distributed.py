@@ -280,13 +280,14 @@ def _mpi_cuda_aware(MPI: Any) -> bool:
 class NCCLCommunicator(Communicator):
     """NCCL through CuPy (``cupy.cuda.nccl``) for the gradients, on the current stream; MPI for the rest
     (the unique id's broadcast, host metrics, allgather, barrier, abort), as ChainerMN does. Each rank uses
-    the GPU ``local_rank % device count``. NCCL needs one GPU per rank."""
+    ``device`` (the cupy backend's), else the GPU ``local_device`` picks. NCCL needs one GPU per rank."""
 
     name = "nccl"
     _DTYPES = {"float16": "NCCL_FLOAT16", "float32": "NCCL_FLOAT32", "float64": "NCCL_FLOAT64",
                "int32": "NCCL_INT32", "int64": "NCCL_INT64"}
 
-    def __init__(self, mpi: Communicator | None = None, nccl: Any = None, cupy: Any = None) -> None:
+    def __init__(self, mpi: Communicator | None = None, nccl: Any = None, cupy: Any = None,
+                 device: int | None = None) -> None:
         self.mpi = mpi if mpi is not None else MPICommunicator()
         self.rank, self.size = self.mpi.rank, self.mpi.size
         self.local_rank, self.local_size = self.mpi.local_rank, self.mpi.local_size
@@ -301,8 +302,7 @@ class NCCLCommunicator(Communicator):
             raise DistributedUnavailable(f"the NCCL communicator needs CuPy with NCCL ({exc}): pip install "
                                          f"'fastbp[cuda12]' (or cuda13) and nvidia-nccl-cu12") from exc
         self.nccl, self.cupy = nccl, cupy
-        count = cupy.cuda.runtime.getDeviceCount()
-        self.device = self.local_rank % count
+        self.device = local_device(self, cupy.cuda.runtime.getDeviceCount()) if device is None else device
         cupy.cuda.Device(self.device).use()
         uid = np.zeros(128, np.int8)  # ncclUniqueId: 128 bytes
         if self.rank == 0:
@@ -359,8 +359,14 @@ def init(kind: str = "auto", backend: Any = None, mpi: MPICommunicator | None = 
     abort_on_uncaught(mpi)
     on_gpu = backend is not None and getattr(backend, "name", "").startswith("cupy")
     if kind == "nccl" or (kind == "auto" and on_gpu and mpi.size > 1 and nccl_usable()):
-        return NCCLCommunicator(mpi)
+        return NCCLCommunicator(mpi, device=getattr(backend, "device_id", None))
     return mpi
+
+
+def local_device(comm: Communicator, count: int) -> int:
+    """The GPU of this rank among the ``count`` of its machine: its local rank modulo ``count``, so the ranks
+    of a machine spread over its GPUs (NCCL needs one GPU per rank)."""
+    return comm.local_rank % count
 
 
 def abort_on_uncaught(comm: Communicator) -> None:

@@ -169,3 +169,20 @@ def test_nccl_allreduce_and_broadcast_with_one_rank():
         comm.broadcast(x, 0)
         cupy.cuda.get_current_stream().synchronize()
         np.testing.assert_array_equal(cupy.asnumpy(x), np.arange(1000, dtype=dtype))
+
+
+@pytest.mark.emulator
+@pytest.mark.skipif(bool(EMULATOR_MISSING), reason=EMULATOR_MISSING or "emulator available")
+def test_each_rank_of_a_machine_trains_on_its_own_gpu():
+    """train --distributed on a GPU backend without a device named: local rank r uses GPU r % count."""
+    from fastbp.backends import resolve_backend
+    from fastbp.cli import _rank_device
+    from fastbp.testing import fake_cupy
+
+    gpu = resolve_backend(EMULATED)
+    assert fake_cupy.settings.device_count == 2
+    assert _rank_device(EMULATED, gpu, _RecordingMPI(rank=5, size=8, local_rank=3)) == f"{EMULATED}:1"
+    assert _rank_device(EMULATED, gpu, _RecordingMPI(rank=4, size=8, local_rank=2)) is gpu  # device 0
+    assert _rank_device(f"{EMULATED}:0", gpu, _RecordingMPI(rank=1, size=2, local_rank=1)) is gpu  # named
+    cpu = resolve_backend("numpy")
+    assert _rank_device("numpy", cpu, _RecordingMPI(rank=1, size=2, local_rank=1)) is cpu
