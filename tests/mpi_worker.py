@@ -7,6 +7,8 @@ python tests/mpi_worker.py OUT.npz [--dtype float64] [--epochs 2] [--batch 10] [
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
 
@@ -34,7 +36,7 @@ def build(args: argparse.Namespace, comm: distributed.Communicator | None) -> fb
 
 
 class _Fault(fb.Callback):
-    """Raises, or stalls, on one rank at the end of an epoch."""
+    """Raises, stalls, or gets SIGTERM, on one rank at the end of an epoch."""
 
     def __init__(self, scenario: str, rank: int) -> None:
         self.scenario, self.rank = scenario, rank
@@ -46,13 +48,15 @@ class _Fault(fb.Callback):
             raise RuntimeError("a fault injected on one rank")
         if self.scenario == "stall":
             time.sleep(120)
+        if self.scenario == "sigterm" and epoch == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a job scheduler sends it
 
 
 def run(args: argparse.Namespace, comm: distributed.Communicator | None) -> dict[str, np.ndarray]:
     X, y = data()
     trainer = build(args, comm)
-    callbacks = [_Fault(args.scenario, 1)] if args.scenario in ("raise", "stall") else []
-    if args.checkpoint:
+    callbacks = [_Fault(args.scenario, 1)] if args.scenario in ("raise", "stall", "sigterm") else []
+    if args.checkpoint and args.scenario != "sigterm":
         callbacks.append(fb.PeriodicCheckpoint(args.checkpoint, 1))
     if args.public_steps:  # Trainer.step on batches the caller makes: each is the global batch
         losses = [trainer.step(X[s:s + 13], y[s:s + 13]) for s in range(0, 65, 13)]
@@ -61,11 +65,12 @@ def run(args: argparse.Namespace, comm: distributed.Communicator | None) -> dict
     weights = np.linspace(0.2, 2.0, len(y)) if args.weights else None  # per-row weights, and on validation
     validation = (X[:40], y[:40]) if weights is None else (X[:40], y[:40], weights[:40])
     history = trainer.fit(X, y, epochs=args.epochs, validation_data=validation, verbose=0, callbacks=callbacks,
-                          sample_weight=weights)
+                          sample_weight=weights, interrupt_checkpoint=args.checkpoint if args.scenario == "sigterm"
+                          else None)
     return {"flat": trainer.model.backend.to_numpy(trainer.model.flat_parameters()).copy(),
             "loss": np.array(history["loss"]), "val_loss": np.array(history["val_loss"]),
             "accuracy": np.array(history["accuracy"]), "steps": np.array(trainer.steps),
-            "epoch": np.array(trainer.epoch)}
+            "epoch": np.array(trainer.epoch), "interrupted": np.array(history.interrupted)}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -80,7 +85,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", type=float, default=None)
     p.add_argument("--weights", action="store_true", help="train with sample weights")
     p.add_argument("--public-steps", action="store_true", help="Trainer.step on 5 batches of 13 rows, no fit")
-    p.add_argument("--scenario", default="train", choices=("train", "raise", "stall", "mismatch", "uncaught"))
+    p.add_argument("--scenario", default="train",
+                   choices=("train", "raise", "stall", "mismatch", "uncaught", "sigterm"))
     p.add_argument("--checkpoint")
     p.add_argument("--resume")
     return p

@@ -151,6 +151,19 @@ def test_an_uncaught_exception_outside_fit_ends_the_job_too():
     assert "KeyError: 'a fault outside fit'" in err and "fastbp: rank 1 of 2: uncaught KeyError; aborting" in err, err
 
 
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """The stop flag rides in the step's allreduce: rank 1 gets SIGTERM after epoch 1, and every rank ends
+    fit at the same step (parameters byte-identical), interrupted, with rank 0's checkpoint of epoch 1."""
+    checkpoint = tmp_path / "stop.npz"
+    got = together(tmp_path, 2, "--scenario", "sigterm", "--epochs", "3", "--checkpoint", str(checkpoint))
+    assert bool(got["interrupted"]) and int(got["epoch"]) == 1
+    assert int(got["steps"]) == 11  # epoch 1's; the step whose allreduce carried the flag updated nothing
+    import fastbp as fb
+
+    resumed = fb.Trainer.load_checkpoint(checkpoint, backend="numpy")
+    assert resumed.epoch == 1 and resumed.steps == 11
+
+
 def test_a_stalled_rank_trips_the_watchdog():
     code, _, err, seconds = mpirun(2, "--scenario", "stall", timeout=60, env={"FASTBP_DIST_TIMEOUT": "2"})
     assert code != 0 and seconds < 30, (code, seconds)
