@@ -221,7 +221,7 @@ class MPICommunicator(Communicator):
                 x.set(host)
                 return
             if _on_device(x):
-                _synchronize(x)
+                _synchronize()
             self.comm.Allreduce(self.MPI.IN_PLACE, x, op=self.MPI.SUM)
 
     def allreduce_host(self, x: np.ndarray) -> None:
@@ -237,7 +237,7 @@ class MPICommunicator(Communicator):
                 x.set(host)
                 return
             if _on_device(x):
-                _synchronize(x)
+                _synchronize()
             self.comm.Bcast(x, root=root)
 
     def allgather(self, data: bytes) -> list[bytes]:
@@ -257,8 +257,9 @@ class MPICommunicator(Communicator):
         self.comm.Abort(code)
 
 
-def _synchronize(x: Any) -> None:
-    import cupy
+def _synchronize() -> None:
+    """Wait for the current stream (a CUDA-aware MPI reads device memory the stream may still write)."""
+    cupy = importlib.import_module("cupy")
 
     cupy.cuda.get_current_stream().synchronize()
 

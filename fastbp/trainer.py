@@ -8,6 +8,7 @@ accumulated on the backend and read back once per epoch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import signal
@@ -132,13 +133,12 @@ class Trainer:
                 guard = None if self.distributed else self._deferred_guard()
                 Xd, yd = self.model.prepare_batch(X, y, self.loss, guard=guard, step=self.steps + 1)
                 weights = None if sample_weight is None else self.model.prepare_weights(sample_weight, Xd.shape[0])
-                if self.distributed:  # (X, y) is the global batch; this rank computes its slice
-                    n = Xd.shape[0]
+                if self.distributed:  # (X, y) is the global batch; this rank computes its rows of it
+                    lo, hi = shard(Xd.shape[0], self.comm.rank, self.comm.size)
                     with abort_on_error(self.comm, self._where):
                         stats = np.zeros(2)
-                        buffers = _BatchBuffers(self.model.backend, Xd, yd, weights)  # this call's arrays
-                        taken = self._dist_step(Xd, yd, weights, self.model.backend.asarray(np.arange(n)), 0, n,
-                                                stats, buffers)
+                        taken = self._dist_step(Xd[lo:hi], yd[lo:hi], None if weights is None else weights[lo:hi],
+                                                Xd.shape[0], stats)
                     return float(stats[0]) if taken else math.nan
                 value, _ = self._step(Xd, yd, weights=weights)
                 if value is None:  # skipped as non-finite
@@ -220,20 +220,17 @@ class Trainer:
         self.optimizer.step([model.flat_parameters()], [grad], bk, guard=guard)
         return value, output
 
-    def _dist_step(self, Xd: Any, yd: Any, wd: Any, idx: Any, start: int, size: int, stats_row: np.ndarray,
-                   batches: _BatchBuffers) -> bool:
-        """One data-parallel step on the global batch ``idx[start:start + size]`` of (Xd, yd, wd): this
-        rank's slice of it, its mean gradient scaled by rows / size, then one allreduce of the gradient with
-        [loss x rows, correct count, rows, stop flag] behind it; the checks, clipping and the update follow
-        from the reduced values, alike on every rank. Writes [loss, correct count] into ``stats_row``;
-        returns whether the step was taken (False: skipped as non-finite)."""
+    def _dist_step(self, xb: Any, yb: Any, wb: Any, size: int, stats_row: np.ndarray) -> bool:
+        """One data-parallel step on a global batch of ``size`` rows, of which this rank holds (xb, yb, wb)
+        (its ``shard``, maybe empty): its mean gradient scaled by rows / size, then one allreduce of the
+        gradient with [loss x rows, correct count, rows, stop flag] behind it; the checks, clipping and the
+        update follow from the reduced values, alike on every rank. Writes [loss, correct count] into
+        ``stats_row``; returns whether the step was taken (False: skipped as non-finite)."""
         model, bk, comm = self.model, self.model.backend, self.comm
-        lo, hi = shard(size, comm.rank, comm.size)
-        rows = hi - lo
+        rows = xb.shape[0]
         block = model.reduction_buffer(TAIL)
         grad, tail = block[:-TAIL], block[-TAIL:]
         if rows:
-            xb, yb, wb = batches.take(idx[start + lo:start + hi], rows)
             if self._local_stats is None:
                 self._local_stats = bk.zeros((2,), accumulator_dtype(model.dtype))
             local = self._local_stats
@@ -474,10 +471,11 @@ class Trainer:
                 taken = np.ones(len(sizes), bool)
                 for k, s in enumerate(range(0, n, bs)):
                     size = int(sizes[k])
-                    if dist:
-                        taken[k] = self._dist_step(Xd, yd, wd, idx, s, size, stats[k], batches)
+                    if dist:  # this rank's rows of the global batch
+                        lo, hi = shard(size, self.comm.rank, self.comm.size)
+                        taken[k] = self._dist_step(*batches.take(idx[s + lo:s + hi]), size, stats[k])
                     else:
-                        xb, yb, wb = batches.take(idx[s:s + size], size)
+                        xb, yb, wb = batches.take(idx[s:s + size])
                         value, _ = self._step(xb, yb, stats[k], wb)
                         taken[k] = value is not None  # a step skipped as non-finite is not in the metrics
                         if self._guard.due():
@@ -528,12 +526,7 @@ class Trainer:
         resumes exactly where it was saved (bit-identically on the CPU backends). ``comm``: the
         communicator of a data-parallel run (a checkpoint holds the global batch size, not the number of
         ranks, so a run resumes at any number of them)."""
-        trainer = load_checkpoint(path, backend, cls)
-        if comm is not None:
-            if not isinstance(comm, Communicator):
-                raise TypeError(f"comm must be a fastbp.distributed communicator, got {type(comm).__name__}")
-            trainer.comm = comm
-        return trainer
+        return load_checkpoint(path, backend, functools.partial(cls, comm=comm))
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, X: Any, y: Any, sample_weight: Any = None) -> dict[str, float]:
@@ -633,9 +626,10 @@ class _BatchBuffers:
         self.bk, self.Xd, self.yd, self.wd = bk, Xd, yd, wd
         self._kept: dict[int, tuple[Any, Any, Any]] = {}
 
-    def take(self, rows_idx: Any, rows: int) -> tuple[Any, Any, Any]:
-        """The rows ``rows_idx`` (``rows`` of them) of X, y and the weights, gathered into the buffers."""
+    def take(self, rows_idx: Any) -> tuple[Any, Any, Any]:
+        """The rows ``rows_idx`` of X, y and the weights, gathered into the buffers of their count."""
         bk, Xd, yd, wd = self.bk, self.Xd, self.yd, self.wd
+        rows = rows_idx.shape[0]
         kept = self._kept.get(rows)
         if kept is None:
             kept = self._kept[rows] = (bk.empty((rows,) + Xd.shape[1:], Xd.dtype),

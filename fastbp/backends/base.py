@@ -20,6 +20,7 @@ import numpy as np
 
 from ..activations import ACTIVATIONS, Activation
 from ..losses import LOSSES
+from .update_args import STRUCTS, update_args
 
 
 def target_kind(y: Any, loss: str) -> int:
@@ -52,15 +53,30 @@ class Backend:
         state.pop("_local", None)  # per-thread scratch: rebuilt on use
         return state
 
+    def _thread_state(self) -> threading.local:
+        """This backend's per-thread state (scratch buffers, update records): never shared between threads,
+        never pickled."""
+        local = self.__dict__.get("_local")
+        if local is None:
+            local = self.__dict__.setdefault("_local", threading.local())
+        return local
+
+    def _update_record(self, update: str, lr: float, step: int, hp: Any) -> Any:
+        """The argument record of the fused update ``update`` for this step (``update_args``), filled into a
+        one-element structured array this thread reuses (making one costs ~2.4 us, filling one ~0.5 us)."""
+        local = self._thread_state()
+        records = getattr(local, "update_records", None)
+        if records is None:
+            records = local.update_records = {name: np.zeros(1, dtype) for name, (_, dtype) in STRUCTS.items()}
+        return update_args(update, lr, step, hp, out=records[update])
+
     def _scratch(self, tag: str, shape: tuple, dtype: Any) -> Any:
         """A buffer for intermediate values that never leave an op (an activation's or an update's
         temporaries, reduction partials), owned by this backend and kept per thread and per (tag, shape,
         dtype), so that a training step allocates nothing after its first run and callers never hand
         scratch space in. Ops use it only within one call (a device's queue runs in order, so a later use
         waits for the earlier one); threads each get their own."""
-        local = self.__dict__.get("_local")
-        if local is None:
-            local = self.__dict__.setdefault("_local", threading.local())
+        local = self._thread_state()
         cache = getattr(local, "scratch", None)
         if cache is None:
             cache = local.scratch = OrderedDict()

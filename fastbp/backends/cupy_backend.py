@@ -26,7 +26,6 @@ from ..losses import LOSS_CODES
 from . import BackendUnavailable, cuda_sources
 from .base import Backend, target_kind
 from .cuda_sources import COLSUM_BLOCK, DTYPES, kernel_dir, name_expressions
-from .update_args import update_args
 
 _DLPACK_CUDA = 2  # DLPack's kDLCUDA device type
 
@@ -335,7 +334,7 @@ class CupyBackend(Backend):
     def _sgd_update(self, p, g, slots, lr, step, hp, guard):
         g = self._flat_in(g, p.dtype)
         with self._in_place(p.dtype, p, slots.get("momentum")) as (p, buf):
-            args = update_args("sgd", lr, step, hp)[0]
+            args = self._update_record("sgd", lr, step, hp)[0]  # a struct, copied at launch
             self._launch("optim.cu", "sgd<{T}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
                          (p, g, buf if buf is not None else p, np.int64(p.size), args, self._guard_or_open(guard)))
         return True
@@ -344,7 +343,7 @@ class CupyBackend(Backend):
     def _adam_update(self, p, g, slots, lr, step, hp, guard):
         g = self._flat_in(g, p.dtype)
         with self._in_place(p.dtype, p, slots["m"], slots["v"]) as (p, m, v):
-            args = update_args("adam", lr, step, hp)[0]
+            args = self._update_record("adam", lr, step, hp)[0]
             self._launch("optim.cu", "adam<{T}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
                          (p, g, m, v, np.int64(p.size), args, self._guard_or_open(guard)))
         return True
@@ -353,7 +352,7 @@ class CupyBackend(Backend):
     def _rmsprop_update(self, p, g, slots, lr, step, hp, guard):
         g = self._flat_in(g, p.dtype)
         with self._in_place(p.dtype, p, slots["square_avg"], slots.get("momentum")) as (p, sq, buf):
-            args = update_args("rmsprop", lr, step, hp)[0]
+            args = self._update_record("rmsprop", lr, step, hp)[0]
             self._launch("optim.cu", "rmsprop<{T}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
                          (p, g, sq, buf if buf is not None else p, np.int64(p.size), args,
                           self._guard_or_open(guard)))

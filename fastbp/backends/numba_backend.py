@@ -17,7 +17,6 @@ NUMBA_CACHE_DIR, where set, wins), never in the installed package; ``warmup()`` 
 
 from __future__ import annotations
 
-import threading
 import time
 import weakref
 from typing import Any
@@ -27,7 +26,7 @@ import numpy as np
 from ..losses import loss_code
 from . import BackendUnavailable
 from .base import Backend, target_kind
-from .update_args import STRUCTS, update_args
+from .update_args import STRUCTS
 
 #: Train through the whole-step kernel wherever it applies (relu-like activations; SGD, Adam, AdamW,
 #: RMSProp). Measured on the development machine (benchmarks/numba_blas_route.py, SGD, float32, one process
@@ -116,7 +115,7 @@ class NumbaBackend(Backend):
         if not self._guard_tripped(guard):
             buf = slots.get("momentum")
             buf = buf.reshape(-1) if buf is not None else self._empty_1d[p.dtype.type]
-            self.k.sgd(p.reshape(-1), g.reshape(-1), buf, self._args("sgd", lr, step, hp))
+            self.k.sgd(p.reshape(-1), g.reshape(-1), buf, self._update_record("sgd", lr, step, hp))
         return True
 
     def _adam_update(self, p, g, slots, lr, step, hp, guard):
@@ -124,7 +123,7 @@ class NumbaBackend(Backend):
             return False
         if not self._guard_tripped(guard):
             self.k.adam(p.reshape(-1), g.reshape(-1), slots["m"].reshape(-1), slots["v"].reshape(-1),
-                        self._args("adam", lr, step, hp))
+                        self._update_record("adam", lr, step, hp))
         return True
 
     def _rmsprop_update(self, p, g, slots, lr, step, hp, guard):
@@ -134,20 +133,10 @@ class NumbaBackend(Backend):
             buf = slots.get("momentum")
             self.k.rmsprop(p.reshape(-1), g.reshape(-1), slots["square_avg"].reshape(-1),
                            buf.reshape(-1) if buf is not None else self._empty_1d[p.dtype.type],
-                           self._args("rmsprop", lr, step, hp))
+                           self._update_record("rmsprop", lr, step, hp))
         return True
 
     fused_updates = {"sgd": _sgd_update, "adam": _adam_update, "rmsprop": _rmsprop_update}
-
-    def _args(self, update, lr, step, hp):
-        """The update's argument record for this step, in a buffer this thread reuses."""
-        local = self.__dict__.get("_local")  # the per-thread state of Backend._scratch (not pickled)
-        if local is None:
-            local = self.__dict__.setdefault("_local", threading.local())
-        buffers = getattr(local, "update_args", None)
-        if buffers is None:
-            buffers = local.update_args = {name: np.zeros(1, dtype) for name, (_, dtype) in STRUCTS.items()}
-        return update_args(update, lr, step, hp, out=buffers[update])
 
     def count_invalid(self, X, y, loss, n_out):
         targets = target_kind(y, loss)
@@ -168,7 +157,7 @@ class NumbaBackend(Backend):
         state = optimizer.state
         step = state.step + 1
         records = list(_NO_ARGS.values())  # the update reads its own record, the others none
-        records[opt] = self._args(update, optimizer.schedule(step), step, optimizer.hp)
+        records[opt] = self._update_record(update, optimizer.schedule(step), step, optimizer.hp)
         empty = self._empty_1d[flat.dtype.type]
         names = optimizer.slot_names
         s1 = state.slots[names[0]][0] if names else empty
