@@ -305,12 +305,18 @@ class NCCLCommunicator(Communicator):
         self.nccl, self.cupy = nccl, cupy
         self.device = local_device(self, cupy.cuda.runtime.getDeviceCount()) if device is None else device
         cupy.cuda.Device(self.device).use()
-        uid = np.zeros(128, np.int8)  # ncclUniqueId: 128 bytes
+        # ncclUniqueId: 128 bytes, which CuPy gives as bytes (CuPy 14) or as a tuple of 128 ints (older
+        # releases); the last byte of the broadcast says which, for the ranks that did not ask CuPy
+        uid = np.zeros(129, np.int8)
         if self.rank == 0:
-            uid[:] = np.asarray(nccl.get_unique_id(), np.int64).astype(np.int8)
+            made = nccl.get_unique_id()
+            as_bytes = isinstance(made, (bytes, bytearray))
+            uid[:128] = np.frombuffer(made, np.int8) if as_bytes else np.asarray(made, np.int64).astype(np.int8)
+            uid[128] = as_bytes
         self.mpi.broadcast(uid, 0)
+        unique_id = uid[:128].tobytes() if uid[128] else tuple(int(v) for v in uid[:128])
         with self.mpi.watch("NCCL setup"):
-            self.comm = nccl.NcclCommunicator(self.size, tuple(int(v) for v in uid), self.rank)
+            self.comm = nccl.NcclCommunicator(self.size, unique_id, self.rank)
 
     def _nccl_dtype(self, x: Any) -> int:
         name = self._DTYPES.get(np.dtype(x.dtype).name)

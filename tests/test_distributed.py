@@ -76,11 +76,13 @@ class _RecordingNCCL:
     NCCL_FLOAT16, NCCL_FLOAT32, NCCL_FLOAT64, NCCL_INT32, NCCL_INT64, NCCL_SUM = 6, 7, 8, 2, 4, 0
     available = True
 
-    def __init__(self):
+    def __init__(self, as_bytes=False):
         self.calls = []
+        self.as_bytes = as_bytes
 
     def get_unique_id(self):
-        return tuple(range(-64, 64))  # 128 signed bytes
+        # 128 bytes: CuPy 14 gives bytes, older CuPy a tuple of 128 signed ints
+        return np.arange(-64, 64, dtype=np.int8).tobytes() if self.as_bytes else tuple(range(-64, 64))
 
     def NcclCommunicator(self, size, uid, rank):
         self.calls.append(("init", size, uid, rank))
@@ -98,12 +100,13 @@ class _RecordingNCCL:
 
 @pytest.mark.emulator
 @pytest.mark.skipif(bool(EMULATOR_MISSING), reason=EMULATOR_MISSING or "emulator available")
-def test_the_nccl_path_passes_device_pointers_counts_dtypes_and_the_stream():
+@pytest.mark.parametrize("as_bytes", [False, True], ids=["tuple-id", "bytes-id"])
+def test_the_nccl_path_passes_device_pointers_counts_dtypes_and_the_stream(as_bytes):
     from fastbp.backends import resolve_backend
     from fastbp.testing import fake_cupy
 
     gpu = resolve_backend(EMULATED)
-    nccl = _RecordingNCCL()
+    nccl = _RecordingNCCL(as_bytes)
     before = fake_cupy.settings.device_count
     fake_cupy.settings.device_count = 2
     try:
@@ -114,8 +117,9 @@ def test_the_nccl_path_passes_device_pointers_counts_dtypes_and_the_stream():
         fake_cupy.settings.device_count = before
         fake_cupy.cuda.Device(0).use()
     (uid, root), = mpi.broadcasts  # rank 0's unique id, over MPI
-    assert root == 0 and uid.dtype == np.int8 and list(uid) == list(range(-64, 64))
-    assert nccl.calls[0] == ("init", 3, tuple(range(-64, 64)), 0)
+    assert root == 0 and uid.dtype == np.int8 and list(uid) == list(range(-64, 64)) + [as_bytes]
+    # the other ranks hand NCCL the id in the form rank 0's CuPy gave it
+    assert nccl.calls[0] == ("init", 3, nccl.get_unique_id(), 0)
     stream = fake_cupy.get_current_stream().ptr
     for dtype, code in (("float32", 7), ("float64", 8)):
         x = gpu.asarray(np.arange(10), dtype)

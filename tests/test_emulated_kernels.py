@@ -204,8 +204,8 @@ def check_reduce_loss(kernel, acc):
 
 
 def check_check_batch(kernel, dtype, kind):
-    """The device-side batch check counts exactly what the host checks refuse, and trips the guard with
-    [2, step, count, kind] unless it is tripped already."""
+    """The device-side batch check's first stage counts exactly what the host checks refuse, each block its
+    grid-stride share, whatever the grid."""
     rng = np.random.default_rng(13 + kind)
     C = 5
     for rows in (1, 33, 300):
@@ -223,15 +223,31 @@ def check_check_batch(kernel, dtype, kind):
             count = n_bad_x + len(spots)
             labels = yb if kind == 0 else np.zeros(0, np.int64)
             targets = Xb if kind == 0 else yb
+            for grid, block in ((1, 32), (1, 256), (3, 64), (7, 256)):
+                args = (Xb, np.int64(Xb.size), labels, targets, np.int64(yb.size), np.int32(C), poisoned(grid, np.float64))
+                (partial,) = launch(kernel, grid, block, args, [6])
+                assert partial.sum() == count, f"{rows} rows, grid {grid} x {block}"
+                # each block counted its own share: the elements i with i // block % grid == its index
+                share = [sum(1 for i in range(Xb.size) if not np.isfinite(Xb.flat[i]) and i // block % grid == b)
+                         for b in range(grid)]
+                if not len(spots):
+                    np.testing.assert_array_equal(partial, np.array(share, np.float64))
+
+
+def check_check_batch_finish(kernel, acc, kind):
+    """The second stage trips the guard with [2, step, count, kind] when the partial counts add up to more
+    than zero, unless it is tripped already."""
+    for blocks in (1, 5, 1500):
+        for count in (0, 1, 7):
+            partial = np.zeros(blocks, acc)
+            partial[0] += min(count, 1)  # spread over the first and last blocks
+            partial[-1] += count - min(count, 1)
             for block in (32, 1024):
-                args = (Xb, np.int64(Xb.size), labels, targets, np.int64(yb.size), np.int32(C), np.zeros(4),
-                        np.int64(5))
-                (guard,) = launch(kernel, 1, block, args, [6])
+                (guard,) = launch(kernel, 1, block, (partial, np.int64(blocks), np.zeros(4), np.int64(5)), [2])
                 want = [2, 5, count, kind] if count else [0, 0, 0, 0]
-                np.testing.assert_array_equal(guard, np.array(want, np.float64), err_msg=f"{rows} rows")
+                np.testing.assert_array_equal(guard, np.array(want, np.float64), err_msg=f"{blocks} blocks")
             first = np.array([1.0, 3, np.nan, 2.0])  # tripped already: the first record stays
-            args = (Xb, np.int64(Xb.size), labels, targets, np.int64(yb.size), np.int32(C), first, np.int64(5))
-            (guard,) = launch(kernel, 1, 256, args, [6])
+            (guard,) = launch(kernel, 1, 256, (partial, np.int64(blocks), first, np.int64(5)), [2])
             np.testing.assert_array_equal(guard, first)
 
 
@@ -357,6 +373,7 @@ CHECKS = {
     "sum_partials": check_sum_partials,
     "softmax_ce": check_softmax_ce, "pointwise_loss": check_pointwise_loss, "ordered_sum": check_ordered_sum,
     "reduce_loss": check_reduce_loss, "check_batch": check_check_batch,
+    "check_batch_finish": check_check_batch_finish,
     "sgd": check_sgd, "adam": check_adam, "rmsprop": check_rmsprop, "sumsq_partial": check_sumsq_partial,
     "nonfinite_guard": check_nonfinite_guard, "clip_by_norm": check_clip_by_norm,
 }

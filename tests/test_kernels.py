@@ -66,7 +66,7 @@ def test_the_cupy_backend_only_launches_listed_kernels():
     listed = {(f, n) for f in cuda_sources.FILES for n in cuda_sources.name_expressions(f)}
     # {ACT} is the loss variant or the targets' kind there, an activation code elsewhere
     variants = {"pointwise_loss": [LOSS_CODES[loss] for loss in cuda_sources.POINTWISE_LOSSES],
-                "check_batch": range(len(TARGET_KINDS))}
+                "check_batch": range(len(TARGET_KINDS)), "check_batch_finish": range(len(TARGET_KINDS))}
     for file, template in used:
         for ctype in cuda_sources.DTYPES.values():
             codes = variants.get(template.split("<")[0], sorted(CODES.values())) if "{ACT}" in template else [0]

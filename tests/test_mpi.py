@@ -38,6 +38,8 @@ def mpirun(k: int, *args: str, timeout: float = 90, env: dict[str, str] | None =
     """Run ``mpiexec -n k`` (the worker, or ``program``) in a process group of its own; a run that outlives
     ``timeout`` is killed whole and fails the test. Returns (exit code, stdout, stderr, seconds)."""
     command = [MPIEXEC, "-n", str(k), *(program or [sys.executable, WORKER]), *args]
+    # Open MPI refuses to start as root (containers, the GPU machine) unless told; MPICH ignores these
+    env = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", **(env or {})}
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env={**os.environ, **(env or {})}, cwd=HERE)

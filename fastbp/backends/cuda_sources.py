@@ -23,7 +23,7 @@ _ACTS = sorted(CODES.values())
 #: Threads per block of the cupy backend's launches: the grid-stride kernels and the warp-per-row loss
 #: kernels. sumsq_partial's shared array is this size.
 THREADS = 256
-#: ordered_sum, reduce_loss and check_batch run as one block of this many threads (block_sum needs a
+#: ordered_sum, reduce_loss and check_batch_finish run as one block of this many threads (block_sum needs a
 #: power of two up to 1024).
 REDUCE_THREADS = 1024
 
@@ -93,7 +93,7 @@ def write_codes_header(folder: Path | None = None) -> Path:
 def launch_threads(name_expression: str) -> int:
     """The most threads per block the cupy backend launches this kernel instantiation with."""
     base = name_expression.split("<")[0]
-    if base in ("ordered_sum", "reduce_loss", "check_batch"):
+    if base in ("ordered_sum", "reduce_loss", "check_batch_finish"):
         return REDUCE_THREADS
     if base == "nonfinite_guard":
         return 1
@@ -125,6 +125,8 @@ def name_expressions(file: str) -> list[str]:
             names += [f"softmax_ce<{ctype}>", f"reduce_loss<{ctype}>", f"ordered_sum<{ctype}>"]
             names += [f"pointwise_loss<{ctype}, {LOSS_CODES[loss]}>" for loss in POINTWISE_LOSSES]
             names += [f"check_batch<{ctype}, {kind}>" for kind in range(len(TARGET_KINDS))]
+            if ctype == "double":  # the counts are doubles whatever the batch's dtype
+                names += [f"check_batch_finish<double, {kind}>" for kind in range(len(TARGET_KINDS))]
         elif file == "optim.cu":
             names += [f"sgd<{ctype}>", f"adam<{ctype}>", f"rmsprop<{ctype}>", f"sumsq_partial<{ctype}>",
                       f"nonfinite_guard<{ctype}>", f"clip_by_norm<{ctype}>"]

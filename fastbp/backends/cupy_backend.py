@@ -373,9 +373,13 @@ class CupyBackend(Backend):
         kind = target_kind(y, loss)
         labels = y if kind == 0 else self._scratch("no_labels", (0,), np.int64)
         targets = X if kind == 0 else y  # unused with labels
-        self._launch("loss.cu", "check_batch<{T}, {ACT}>", X.dtype, (1,), (cuda_sources.REDUCE_THREADS,),
-                     (X, np.int64(X.size), labels, targets, np.int64(y.size), np.int32(n_out), guard, np.int64(step)),
-                     act=kind)
+        # a fixed grid for the size (4 elements a thread at least), so a batch is read at the memory's speed
+        blocks = max(1, min(4 * self._sm_count, -(-(X.size + y.size) // (4 * cuda_sources.THREADS))))
+        partial = self._scratch("check_batch", (blocks,), np.float64)
+        self._launch("loss.cu", "check_batch<{T}, {ACT}>", X.dtype, (blocks,), (cuda_sources.THREADS,),
+                     (X, np.int64(X.size), labels, targets, np.int64(y.size), np.int32(n_out), partial), act=kind)
+        self._launch("loss.cu", "check_batch_finish<double, {ACT}>", np.float64, (1,), (cuda_sources.REDUCE_THREADS,),
+                     (partial, np.int64(blocks), guard, np.int64(step)), act=kind)
 
     @_on_device
     def clip_by_norm(self, grad, sumsq, max_norm, guard=None):
