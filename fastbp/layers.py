@@ -14,7 +14,7 @@ from ._checks import check_choice, check_feature_shape, check_features, check_po
 from .activations import ACTIVATIONS
 from .backends import Backend, resolve_backend
 from .backends.base import invalid_batch_message
-from .dtypes import resolve_dtype
+from .dtypes import resolve_compute_dtype, resolve_dtype
 from .init import INITIALIZERS, initialize
 from .io import FORMAT, VERSION, read_npz, write_npz_atomic
 from .losses import check_loss, check_sample_weight, is_identity, prepare_targets, target_shape
@@ -91,6 +91,11 @@ class MLP:
         init: 'auto' (He for relu-like activations, Glorot otherwise) or one of
             'he_normal', 'he_uniform', 'glorot_normal', 'glorot_uniform'.
         backend: a backend name, 'auto', a Backend, or None for the active one.
+        compute_dtype: None (compute in ``dtype``), or 'bfloat16' / 'float16' for mixed precision on the
+            cupy backend: the GEMMs, activations and gradients in 16 bits (GEMMs accumulate in float32),
+            the weights and the optimizer's state in float32 (``layers[i].W`` are these master weights),
+            updated in float32 from the 16-bit gradients, which also rounds them into the 16-bit copy the
+            next step computes with.
     """
 
     def __init__(
@@ -101,6 +106,7 @@ class MLP:
         seed: int | None = 0,
         init: str = "auto",
         backend: str | Backend | None = None,
+        compute_dtype: Any = None,
     ) -> None:
         sizes = _check_sizes(sizes)
         hidden = len(sizes) - 2
@@ -119,6 +125,7 @@ class MLP:
         check_seed(seed)
         self.dtype = resolve_dtype(dtype)
         self.backend = resolve_backend(backend)
+        self.compute_dtype = resolve_compute_dtype(compute_dtype, self.dtype, self.backend)
         rng = np.random.default_rng(seed)
         weights = []
         for n_in, n_out, act in zip(sizes[:-1], sizes[1:], activations):
@@ -136,6 +143,13 @@ class MLP:
         shapes = [np.shape(a) for W, b, _ in weights for a in (W, b)]
         views = _views(self._flat, shapes)
         self.layers = [Dense(views[2 * i], views[2 * i + 1], act) for i, (_, _, act) in enumerate(weights)]
+        if not hasattr(self, "compute_dtype"):
+            self.compute_dtype = self.dtype
+        # the weights the GEMMs read: the master weights, or (mixed precision) their 16-bit copy, laid out
+        # alike and rewritten by every update (Optimizer.step's copies)
+        self._flat_compute = self._flat if not self.mixed else self._flat.astype(self.compute_dtype)
+        compute = _views(self._flat_compute, shapes)
+        self._compute_params = [(compute[2 * i], compute[2 * i + 1]) for i in range(len(self.layers))]
         #: Held by a Trainer while it trains this model: one thread at a time (a second gets an error).
         self.lock: threading.Lock = getattr(self, "lock", None) or threading.Lock()
         self._workspaces: OrderedDict[int, _Workspace] = OrderedDict()
@@ -173,7 +187,8 @@ class MLP:
     def __getstate__(self) -> dict[str, Any]:
         # The layers' arrays are views of one flat buffer, which pickle would copy apart: keep the weights
         # as host arrays and lay them out anew on unpickling. Locks, workspaces and gradients are not kept.
-        skip = ("lock", "layers", "_flat", "_workspaces", "_flat_grad", "_grads", "_grad_block")
+        skip = ("lock", "layers", "_flat", "_workspaces", "_flat_grad", "_grads", "_grad_block", "_flat_compute",
+                "_compute_params")
         state = {k: v for k, v in self.__dict__.items() if k not in skip}
         state["_weights"] = [(self.backend.to_numpy(layer.W), self.backend.to_numpy(layer.b), layer.activation)
                              for layer in self.layers]
@@ -197,6 +212,17 @@ class MLP:
         self._classes = classes
         # whether labels must be encoded (classes other than 0..n-1), decided once, not at every batch
         self._encoded = classes is not None and not is_identity(classes)
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the model computes in 16 bits over float32 master weights (``compute_dtype``)."""
+        return self.compute_dtype != self.dtype
+
+    def _sync_compute(self) -> None:
+        """Round the master weights into the compute copy again (after they were written other than by an
+        optimizer step, which writes both)."""
+        if self.mixed:
+            self._flat_compute[...] = self._flat.astype(self.compute_dtype)
 
     @property
     def sizes(self) -> list[int]:
@@ -231,9 +257,11 @@ class MLP:
                 raise ValueError(f"weights[{i}] contains NaN or infinite values")
         for w, p in zip(host, params):
             p[...] = self.backend.asarray(w.astype(self.dtype))
+        self._sync_compute()
 
     def __repr__(self) -> str:
-        return (f"MLP(sizes={self.sizes}, activations={self.activations[:-1]}, dtype='{self.dtype.name}', "
+        mixed = f", compute_dtype='{self.compute_dtype.name}'" if self.mixed else ""
+        return (f"MLP(sizes={self.sizes}, activations={self.activations[:-1]}, dtype='{self.dtype.name}'{mixed}, "
                 f"backend='{self.backend.name}')")
 
     # ------------------------------------------------------------------ forward and gradients
@@ -242,7 +270,8 @@ class MLP:
         X = self._device_input(X)
         with self.backend.device_scope():
             outputs = [self._forward_rows(X[i:i + _INFER_CHUNK]) for i in range(0, X.shape[0], _INFER_CHUNK)]
-            return outputs[0] if len(outputs) == 1 else self.backend.xp.concatenate(outputs)
+            out = outputs[0] if len(outputs) == 1 else self.backend.xp.concatenate(outputs)
+            return out.astype(self.dtype) if self.mixed else out
 
     def __call__(self, X: Any) -> Any:
         """``forward(X)``: the outputs (logits), an array of the model's backend."""
@@ -285,8 +314,8 @@ class MLP:
 
     def _forward_rows(self, X: Any) -> Any:
         A = X
-        for layer in self.layers:
-            A, _ = self.backend.dense_forward(A, layer.W, layer.b, layer.activation)
+        for layer, (W, b) in zip(self.layers, self._compute_params):
+            A, _ = self.backend.dense_forward(A, W, b, layer.activation)
         return A
 
     def loss_and_grads(self, X: Any, y: Any, loss: str = "cross_entropy",
@@ -298,7 +327,7 @@ class MLP:
         wd = self.prepare_weights(sample_weight, Xd.shape[0])
         with self.backend.device_scope():
             value, grads, _ = self._loss_and_grads(Xd, yd, loss, weights=wd)
-            return self.backend.to_float(value), [g.copy() for g in grads]
+            return self.backend.to_float(value), [g.astype(self.dtype) for g in grads]  # fresh arrays
 
     def prepare_batch(self, X: Any, y: Any, loss: str, guard: Any = None, step: int = 0) -> tuple[Any, Any]:
         """Check (X, y) for this model and ``loss``; return them as arrays of the model's backend.
@@ -320,9 +349,9 @@ class MLP:
         elif _on_device(bk, X) and _on_device(bk, y) and not (loss == "cross_entropy" and y.ndim == 1 and (
                 y.dtype.kind == "f" or encoded)):  # float labels, labels to encode: the host path
             with bk.device_scope():
-                Xd = bk.asarray(check_feature_shape(X, n_in), self.dtype)
+                Xd = bk.asarray(check_feature_shape(X, n_in), self.compute_dtype)
                 shape = target_shape(y, loss, n_out, Xd.shape[0])
-                yd = bk.asarray(y, np.int64) if shape is None else bk.asarray(y.reshape(shape), self.dtype)
+                yd = bk.asarray(y, np.int64) if shape is None else bk.asarray(y.reshape(shape), self.compute_dtype)
                 own = guard is None
                 guard = bk.guard_state() if own else guard
                 bk.check_batch(Xd, yd, loss, n_out, guard, step)
@@ -333,13 +362,16 @@ class MLP:
             return Xd, yd
         X_host = check_features(X, n_in)
         y_host = prepare_targets(y, loss, n_out, X_host.shape[0], self.dtype, self.classes_)
+        if self.mixed:  # checked in float32, then rounded (on the device) to the compute dtype
+            Xd, yd = bk.asarray(X_host, self.dtype), bk.asarray(y_host)
+            return Xd.astype(self.compute_dtype), yd if yd.dtype == np.int64 else yd.astype(self.compute_dtype)
         return bk.asarray(X_host, self.dtype), bk.asarray(y_host)
 
     def _ready(self, X: Any, y: Any, loss: str, n_in: int, n_out: int) -> bool:
         """Whether (X, y) are host arrays of this backend already prepared: X (B, n_in) C-contiguous in the
         model's dtype; y int64 class indices (B,) for cross_entropy (nothing to encode), or targets (B, n_out)
         in the model's dtype. Their values remain to be checked."""
-        if type(X) is not np.ndarray or type(y) is not np.ndarray or not self.backend.is_array(X):
+        if type(X) is not np.ndarray or type(y) is not np.ndarray or not self.backend.is_array(X) or self.mixed:
             return False
         if X.dtype != self.dtype or X.ndim != 2 or X.shape[1] != n_in or not X.flags.c_contiguous \
                 or X.shape[0] == 0 or not y.flags.c_contiguous:
@@ -361,20 +393,21 @@ class MLP:
         back): the finite check is one flag read."""
         bk = self.backend
         X = bk.adopt(X)
-        if bk.is_array(X) and X.dtype == self.dtype:
+        if bk.is_array(X) and X.dtype == self.compute_dtype:
             check_feature_shape(X, self.sizes[0])
             with bk.device_scope():
                 if not bool(bk.xp.isfinite(X).all()):
                     raise ValueError("X contains NaN or infinite values")
             return X
-        return bk.asarray(check_features(X, self.layers[0].n_in), self.dtype)
+        Xd = bk.asarray(check_features(X, self.layers[0].n_in), self.dtype)
+        return Xd.astype(self.compute_dtype) if self.mixed else Xd
 
     def _workspace(self, batch: int) -> _Workspace:
         ws = self._workspaces.get(batch)
         if ws is None:
             if len(self._workspaces) >= _MAX_WORKSPACES:
                 self._workspaces.popitem(last=False)
-            ws = self._workspaces[batch] = _Workspace(self.backend, self.layers, batch, self.dtype)
+            ws = self._workspaces[batch] = _Workspace(self.backend, self.layers, batch, self.compute_dtype)
         else:
             self._workspaces.move_to_end(batch)
         return ws
@@ -393,7 +426,7 @@ class MLP:
         (their values are not kept when ``extra`` changes)."""
         block = self._grad_block
         if block is None or block.shape[0] != self.n_params + extra:
-            block = self._grad_block = self.backend.zeros((self.n_params + extra,), self.dtype)
+            block = self._grad_block = self.backend.zeros((self.n_params + extra,), self.compute_dtype)
             self._flat_grad = block[:self.n_params]
             self._grads = _views(self._flat_grad, [p.shape for p in self.parameters()])
         return block
@@ -425,9 +458,8 @@ class MLP:
         bk = self.backend
         ws = self._workspace(X.shape[0])
         trace = _Trace(ws, X)
-        for i, layer in enumerate(self.layers):
-            A, Z = bk.dense_forward(trace.a[-1], layer.W, layer.b, layer.activation,
-                                    A_out=ws.A[i], Z_out=ws.Z[i])
+        for i, (layer, (W, b)) in enumerate(zip(self.layers, self._compute_params)):
+            A, Z = bk.dense_forward(trace.a[-1], W, b, layer.activation, A_out=ws.A[i], Z_out=ws.Z[i])
             trace.a.append(A)
             trace.Z.append(Z)
         return trace
@@ -447,7 +479,7 @@ class MLP:
         bk.dense_grads(delta, trace.a[top], dW_out=grads[2 * top], db_out=grads[2 * top + 1])
         for i in range(top - 1, -1, -1):
             delta, _, _ = bk.backprop_dense(
-                delta, layers[i + 1].W, trace.Z[i], trace.a[i + 1], trace.a[i], layers[i].activation,
+                delta, self._compute_params[i + 1][0], trace.Z[i], trace.a[i + 1], trace.a[i], layers[i].activation,
                 delta_out=ws.delta[i], dW_out=grads[2 * i], db_out=grads[2 * i + 1],
             )
         return grads
@@ -461,8 +493,17 @@ class MLP:
         host = [(self.backend.to_numpy(layer.W), self.backend.to_numpy(layer.b), layer.activation)
                 for layer in self.layers]
         self.backend = target
+        if self.mixed and self.compute_dtype.name not in target.compute_dtypes:
+            self.compute_dtype = self.dtype  # mixed precision is a GPU setting: float32 elsewhere
         self._set_layers(host)
         return self
+
+    def _set_compute_dtype(self, compute_dtype: Any) -> None:
+        """Compute in ``compute_dtype`` from now on (see the class's ``compute_dtype``), where the backend
+        can; the master weights stay as they are."""
+        self.compute_dtype = resolve_compute_dtype(compute_dtype, self.dtype, self.backend)
+        self._set_layers([(W, b, layer.activation) for layer, (W, b) in
+                          zip(self.layers, ((layer.W, layer.b) for layer in self.layers))])
 
     def copy(self, dtype: Any = None, backend: str | Backend | None = None) -> MLP:
         """An independent copy, optionally in another dtype or on another backend."""
@@ -471,6 +512,8 @@ class MLP:
                                  backend=backend if backend is not None else self.backend)
         model.classes_ = None if self.classes_ is None else self.classes_.copy()
         model.loss_, model.preprocess_ = self.loss_, self.preprocess_
+        if self.mixed and model.dtype == self.dtype and self.compute_dtype.name in model.backend.compute_dtypes:
+            model._set_compute_dtype(self.compute_dtype.name)
         return model
 
     def to_onnx(self, path: Any = None, opset: int | None = None, probabilities: bool | None = None) -> Any:
@@ -493,6 +536,8 @@ class MLP:
             arrays[f"b{i}"] = self.backend.to_numpy(layer.b)
         meta = {"format": FORMAT, "version": VERSION, "dtype": self.dtype.name, "activations": self.activations,
                 "sizes": self.sizes, "loss": self.loss_, "preprocess": self.preprocess_}
+        if self.mixed:
+            meta["compute_dtype"] = self.compute_dtype.name
         if self.classes_ is not None:
             arrays["classes"] = np.asarray(self.classes_)  # numbers or fixed-width strings: no pickle needed
         return arrays, meta
@@ -530,6 +575,9 @@ class MLP:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{where} does not describe a valid model: {exc}") from exc
         model.classes_, model.loss_ = classes, loss
+        compute = meta.get("compute_dtype")
+        if compute in model.backend.compute_dtypes and compute != dtype and dtype == "float32":
+            model._set_compute_dtype(compute)  # a backend without it computes in float32
         preprocess = meta.get("preprocess")
         model.preprocess_ = preprocess if isinstance(preprocess, dict) else None
         return model

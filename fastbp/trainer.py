@@ -84,6 +84,9 @@ class Trainer:
         if comm is not None and not isinstance(comm, Communicator):
             raise TypeError(f"comm must be a fastbp.distributed communicator, got {type(comm).__name__}")
         self.comm: Communicator = comm if comm is not None else LocalCommunicator()
+        if self.comm.size > 1 and model.mixed:
+            raise ValueError(f"data-parallel training runs in the model's dtype; compute_dtype="
+                             f"{model.compute_dtype.name!r} (mixed precision) trains in one process for now")
         self.model = model
         self.loss = check_loss(loss)
         self.optimizer = optimizer if optimizer is not None else Adam(lr=1e-3)
@@ -217,7 +220,8 @@ class Trainer:
         self.steps += 1
         if clip:
             bk.clip_by_norm(grad, sumsq, clip, guard)
-        self.optimizer.step([model.flat_parameters()], [grad], bk, guard=guard)
+        self.optimizer.step([model.flat_parameters()], [grad], bk, guard=guard,
+                            copies=[model._flat_compute] if model.mixed else None)
         return value, output
 
     def _dist_step(self, xb: Any, yb: Any, wb: Any, size: int, stats_row: np.ndarray) -> bool:

@@ -12,9 +12,67 @@
 #define FASTBP_REDUCE_THREADS 1024
 #endif
 
-// Sums accumulate in float for float data and in double for double data.
+// 16-bit storage types for mixed precision, kept as their bits (no cuda_fp16.h / cuda_bf16.h: the same
+// code builds under NVRTC, nvcc and the CPU emulator). No kernel computes in them: values are loaded into
+// float (load), computed on, and stored rounded to nearest even (store), as NumPy and ml_dtypes convert.
+// dtype_name is the NumPy dtype whose bits they are (the emulator checks arrays against it).
+struct bf16 {
+    unsigned short bits;
+    static constexpr const char* dtype_name = "bfloat16";
+};
+struct f16 {
+    unsigned short bits;
+    static constexpr const char* dtype_name = "float16";
+};
+
+// Sums accumulate in float for float and 16-bit data and in double for double data.
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
+
+// What a kernel computes in for data of type T: T itself, float for the 16-bit types.
+template <typename T> struct Compute { using type = T; };
+template <> struct Compute<bf16> { using type = float; };
+template <> struct Compute<f16> { using type = float; };
+
+__device__ __forceinline__ float load(float x) { return x; }
+__device__ __forceinline__ double load(double x) { return x; }
+__device__ __forceinline__ float load(bf16 x) { return __uint_as_float(static_cast<unsigned>(x.bits) << 16); }
+__device__ __forceinline__ float load(f16 x) {
+    const unsigned h = x.bits, sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    if (exp == 0) {  // zero or subnormal: man * 2^-24, exact in float
+        const float v = static_cast<float>(man) * 5.9604644775390625e-8f;
+        return sign ? -v : v;
+    }
+    if (exp == 31) {  // infinity or NaN (the payload kept)
+        return __uint_as_float(sign | 0x7f800000u | (man << 13));
+    }
+    return __uint_as_float(sign | ((exp + 112u) << 23) | (man << 13));
+}
+
+template <typename T> __device__ __forceinline__ T store(typename Compute<T>::type v) { return v; }
+template <> __device__ __forceinline__ bf16 store<bf16>(float v) {
+    const unsigned u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN: quiet, its sign kept
+        return bf16{static_cast<unsigned short>((u >> 16) | 0x40u)};
+    }
+    return bf16{static_cast<unsigned short>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+}
+template <> __device__ __forceinline__ f16 store<f16>(float v) {
+    const unsigned u = __float_as_uint(v), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) {  // NaN: quiet
+        return f16{static_cast<unsigned short>(sign | 0x7e00u | ((a >> 13) & 0x3ffu))};
+    }
+    if (a >= 0x477ff000u) {  // 65520 and above round to infinity
+        return f16{static_cast<unsigned short>(sign | 0x7c00u)};
+    }
+    if (a < 0x38800000u) {  // below 2^-14: a subnormal (or zero), round(|v| * 2^24) to nearest even
+        const float scaled = __uint_as_float(a) * 16777216.0f;  // exact: a power-of-two scale
+        return f16{static_cast<unsigned short>(sign | static_cast<unsigned>(rintf(scaled)))};
+    }
+    // normal: rebias the exponent (127 - 15), round the 13 dropped bits to nearest even (a carry moves
+    // into the exponent, as rounding up to the next binade must)
+    return f16{static_cast<unsigned short>(sign | ((a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13))};
+}
 
 __device__ __forceinline__ long long global_index() {
     return static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -137,6 +195,8 @@ template <> __device__ __forceinline__ float quiet_nan<float>() { return __int_a
 template <> __device__ __forceinline__ double quiet_nan<double>() {
     return __longlong_as_double(0x7ff8000000000000LL);
 }
+template <> __device__ __forceinline__ bf16 quiet_nan<bf16>() { return bf16{0x7fc0}; }
+template <> __device__ __forceinline__ f16 quiet_nan<f16>() { return f16{0x7e00}; }
 
 // Sum of one block's values (blockDim.x a power of two, at most 1024), in a fixed order; thread 0
 // gets the result. ``shared`` holds blockDim.x values.

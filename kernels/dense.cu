@@ -4,18 +4,20 @@
 // Forward, one pass over the GEMM output Z = X W (rows x n, row-major): Z += b, A = g(Z).
 // For activations whose g' reads A, the caller passes A == Z and the output is written over Z.
 // The column j of idx is kept up to date as idx strides: one 64-bit modulo per thread, not per element.
+// T is the data's type; the arithmetic is in Compute<T> (float for 16-bit data, rounded once on store).
 template <typename T, int ACT>
 __global__ void forward_epilogue(T* Z, const T* __restrict__ b, T* A, long long total, int n) {
+    using C = typename Compute<T>::type;
     const long long stride = grid_stride();
     const int step = static_cast<int>(stride % n);
     long long idx = global_index();
     int j = static_cast<int>(idx % n);
     for (; idx < total; idx += stride) {
-        const T z = Z[idx] + b[j];
+        const C z = load(Z[idx]) + load(b[j]);
         if constexpr (keeps_preactivation<ACT>) {
-            Z[idx] = z;  // g' reads Z
+            Z[idx] = store<T>(z);  // g' reads Z
         }
-        A[idx] = act_forward<T, ACT>(z);
+        A[idx] = store<T>(act_forward<C, ACT>(z));
         j += step;  // step < n and j < n: one subtraction wraps it
         if (j >= n) {
             j -= n;
@@ -32,6 +34,7 @@ template <typename T, int ACT>
 __global__ void backward_epilogue(T* delta, const T* S, typename Acc<T>::type* partial, int rows, int n,
                             int rows_per_slab) {
     using A = typename Acc<T>::type;
+    using C = typename Compute<T>::type;
     __shared__ A tile[8][33];
     const int j = blockIdx.x * 32 + threadIdx.x;
     const int r0 = blockIdx.y * rows_per_slab;
@@ -40,10 +43,12 @@ __global__ void backward_epilogue(T* delta, const T* S, typename Acc<T>::type* p
     if (j < n) {
         for (int i = r0 + threadIdx.y; i < r1; i += 8) {
             const long long k = static_cast<long long>(i) * n + j;
-            T d = delta[k];
+            C d = load(delta[k]);
             if constexpr (ACT != IDENTITY) {
-                d = d * act_grad<T, ACT>(S[k]);
-                delta[k] = d;
+                d = d * act_grad<C, ACT>(load(S[k]));
+                const T stored = store<T>(d);
+                delta[k] = stored;
+                d = load(stored);  // the bias gradient sums what the weight gradient's GEMM reads
             }
             acc += static_cast<A>(d);
         }
@@ -69,6 +74,6 @@ __global__ void sum_partials(const typename Acc<T>::type* __restrict__ partial, 
         for (int q = 0; q < slabs; ++q) {
             s += partial[static_cast<long long>(q) * n + j];
         }
-        db[j] = static_cast<T>(s);
+        db[j] = store<T>(s);
     }
 }

@@ -10,7 +10,7 @@
 template <typename T, typename A> __device__ __forceinline__ int warp_argmax(const T* z, int C, A m) {
     int first = C;
     for (int c = threadIdx.x % 32; c < C; c += 32) {
-        if (static_cast<A>(z[c]) == m && c < first) {
+        if (load(z[c]) == m && c < first) {
             first = c;
         }
     }
@@ -34,16 +34,14 @@ __global__ void softmax_ce(const T* __restrict__ Z, const long long* __restrict_
     }
     const T* z = Z + warp * C;
     T* d = delta + warp * C;
-    A m = static_cast<A>(z[0]);
+    A m = load(z[0]);
     for (int c = lane; c < C; c += 32) {
-        m = static_cast<A>(z[c]) > m ? static_cast<A>(z[c]) : m;
+        m = load(z[c]) > m ? load(z[c]) : m;
     }
     m = warp_max(m);
     A s = A(0);
     for (int c = lane; c < C; c += 32) {
-        const A e = m_exp(static_cast<A>(z[c]) - m);
-        d[c] = static_cast<T>(e);
-        s += e;
+        s += m_exp(load(z[c]) - m);  // the exponentials are computed again below, not kept in T
     }
     s = warp_sum(s);
     const A lse = m_log(s) + m;
@@ -62,11 +60,11 @@ __global__ void softmax_ce(const T* __restrict__ Z, const long long* __restrict_
             return;
         }
         for (int c = lane; c < C; c += 32) {
-            const A p = static_cast<A>(d[c]) / s;
-            d[c] = static_cast<T>((p - (c == t ? A(1) : A(0))) * inv_rows);
+            const A p = m_exp(load(z[c]) - m) / s;
+            d[c] = store<T>((p - (c == t ? A(1) : A(0))) * inv_rows);
         }
         if (lane == 0) {
-            row_stats[warp] = lse - static_cast<A>(z[t]);
+            row_stats[warp] = lse - load(z[t]);
             row_stats[rows + warp] = predicted == t ? A(1) : A(0);
         }
         return;
@@ -74,19 +72,19 @@ __global__ void softmax_ce(const T* __restrict__ Z, const long long* __restrict_
     const T* yr = Y + warp * C;
     A ysum = A(0), loss = A(0);
     for (int c = lane; c < C; c += 32) {
-        ysum += static_cast<A>(yr[c]);
-        loss += static_cast<A>(yr[c]) * (lse - static_cast<A>(z[c]));
+        ysum += load(yr[c]);
+        loss += load(yr[c]) * (lse - load(z[c]));
     }
     ysum = warp_sum(ysum);
     loss = warp_sum(loss);
-    A ymax = static_cast<A>(yr[0]);
+    A ymax = load(yr[0]);
     for (int c = lane; c < C; c += 32) {
-        ymax = static_cast<A>(yr[c]) > ymax ? static_cast<A>(yr[c]) : ymax;
+        ymax = load(yr[c]) > ymax ? load(yr[c]) : ymax;
     }
     const int target = warp_argmax(yr, C, warp_max(ymax));
     for (int c = lane; c < C; c += 32) {
-        const A p = static_cast<A>(d[c]) / s;
-        d[c] = static_cast<T>((p * ysum - static_cast<A>(yr[c])) * inv_rows);
+        const A p = m_exp(load(z[c]) - m) / s;
+        d[c] = store<T>((p * ysum - load(yr[c])) * inv_rows);
     }
     if (lane == 0) {
         row_stats[warp] = loss;
@@ -111,7 +109,7 @@ __global__ void pointwise_loss(const T* __restrict__ Z, const T* __restrict__ Y,
     A loss = A(0), correct = A(0);
     for (int c = lane; c < C; c += 32) {
         const long long k = warp * C + c;
-        const A z = static_cast<A>(Z[k]), t = static_cast<A>(Y[k]);
+        const A z = load(Z[k]), t = load(Y[k]);
         A grad;
         if constexpr (LOSS == LOSS_BINARY_CROSS_ENTROPY) {
             const A e = m_exp(z >= A(0) ? -z : z);
@@ -123,7 +121,7 @@ __global__ void pointwise_loss(const T* __restrict__ Z, const T* __restrict__ Y,
             loss += diff * diff;
             grad = A(2) * diff;
         }
-        delta[k] = static_cast<T>(grad * inv_n);
+        delta[k] = store<T>(grad * inv_n);
     }
     loss = warp_sum(loss);
     correct = warp_sum(correct);
@@ -164,15 +162,15 @@ __global__ void check_batch(const T* __restrict__ X, long long nx, const long lo
     __shared__ double shared[FASTBP_THREADS];
     double bad = 0.0;
     for (long long i = global_index(); i < nx; i += grid_stride()) {
-        bad += isfinite(static_cast<double>(X[i])) ? 0.0 : 1.0;
+        bad += isfinite(static_cast<double>(load(X[i]))) ? 0.0 : 1.0;
     }
     for (long long i = global_index(); i < ny; i += grid_stride()) {
         if constexpr (KIND == TARGETS_LABELS) {
             bad += (y[i] < 0 || y[i] >= C) ? 1.0 : 0.0;
         } else if constexpr (KIND == TARGETS_FINITE) {
-            bad += isfinite(static_cast<double>(Y[i])) ? 0.0 : 1.0;
+            bad += isfinite(static_cast<double>(load(Y[i]))) ? 0.0 : 1.0;
         } else {
-            bad += (Y[i] >= T(0) && Y[i] <= T(1)) ? 0.0 : 1.0;
+            bad += (load(Y[i]) >= 0.0f && load(Y[i]) <= 1.0f) ? 0.0 : 1.0;
         }
     }
     bad = block_sum(bad, shared);

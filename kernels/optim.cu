@@ -9,19 +9,23 @@
 // structure each (SgdArgs, AdamArgs, RmspropArgs: codes.cuh, generated from cuda_sources.UPDATE_ARGS);
 // a constant with a product in it is computed on the host (nvcc would fuse it here).
 //
+// Mixed precision: T is the parameters' type (the float32 master weights), G the gradient's (bf16 or f16,
+// or T itself); each update reads G, computes in T and, when copy is not null, also writes the updated
+// parameters rounded to G into copy (the weights the next step's GEMMs read), in the same pass.
+//
 // guard is the array nonfinite_guard below trips: when it is tripped (guard[0] != 0), the update does
 // nothing. The Trainer thus keeps a non-finite step out of the parameters without reading anything back
 // to the host; it reads the guard every few steps.
-template <typename T>
-__global__ void sgd(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ buf, long long n, SgdArgs a,
-                    const double* __restrict__ guard) {
+template <typename T, typename G>
+__global__ void sgd(T* __restrict__ p, const G* __restrict__ g, T* __restrict__ buf, long long n, SgdArgs a,
+                    const double* __restrict__ guard, G* __restrict__ copy) {
     if (guard[0] != 0.0) {
         return;
     }
     const T lr = static_cast<T>(a.lr), mom = static_cast<T>(a.momentum), damp1 = static_cast<T>(1.0 - a.dampening),
             wd = static_cast<T>(a.weight_decay);
     for (long long i = global_index(); i < n; i += grid_stride()) {
-        T d = g[i];
+        T d = load(g[i]);
         if (a.weight_decay != 0.0) {
             d = add_rn(d, mul_rn(wd, p[i]));
         }
@@ -31,13 +35,17 @@ __global__ void sgd(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ 
             buf[i] = b;
             d = a.nesterov ? add_rn(d, mul_rn(mom, b)) : b;
         }
-        p[i] = sub_rn(p[i], mul_rn(lr, d));
+        const T pi = sub_rn(p[i], mul_rn(lr, d));
+        p[i] = pi;
+        if (copy != nullptr) {
+            copy[i] = store<G>(pi);
+        }
     }
 }
 
-template <typename T>
-__global__ void adam(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v, long long n,
-                     AdamArgs a, const double* __restrict__ guard) {
+template <typename T, typename G>
+__global__ void adam(T* __restrict__ p, const G* __restrict__ g, T* __restrict__ m, T* __restrict__ v, long long n,
+                     AdamArgs a, const double* __restrict__ guard, G* __restrict__ copy) {
     if (guard[0] != 0.0) {
         return;
     }
@@ -47,7 +55,7 @@ __global__ void adam(T* __restrict__ p, const T* __restrict__ g, T* __restrict__
             wd = static_cast<T>(a.weight_decay);
     for (long long i = global_index(); i < n; i += grid_stride()) {
         T pi = p[i];
-        T d = g[i];
+        T d = load(g[i]);
         if (a.weight_decay != 0.0) {
             if (a.decoupled) {
                 pi = mul_rn(pi, shrink);
@@ -60,20 +68,24 @@ __global__ void adam(T* __restrict__ p, const T* __restrict__ g, T* __restrict__
         m[i] = mi;
         v[i] = vi;
         // p -= m / (sqrt(v) / sqrt(bias2) + eps) * (lr / bias1)
-        p[i] = sub_rn(pi, mul_rn(div_rn(mi, add_rn(div_rn(sqrt_rn(vi), bias2), eps)), step_size));
+        pi = sub_rn(pi, mul_rn(div_rn(mi, add_rn(div_rn(sqrt_rn(vi), bias2), eps)), step_size));
+        p[i] = pi;
+        if (copy != nullptr) {
+            copy[i] = store<G>(pi);
+        }
     }
 }
 
-template <typename T>
-__global__ void rmsprop(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ sq, T* __restrict__ buf,
-                        long long n, RmspropArgs a, const double* __restrict__ guard) {
+template <typename T, typename G>
+__global__ void rmsprop(T* __restrict__ p, const G* __restrict__ g, T* __restrict__ sq, T* __restrict__ buf,
+                        long long n, RmspropArgs a, const double* __restrict__ guard, G* __restrict__ copy) {
     if (guard[0] != 0.0) {
         return;
     }
     const T lr = static_cast<T>(a.lr), alpha = static_cast<T>(a.alpha), oma = static_cast<T>(1.0 - a.alpha),
             eps = static_cast<T>(a.eps), mom = static_cast<T>(a.momentum), wd = static_cast<T>(a.weight_decay);
     for (long long i = global_index(); i < n; i += grid_stride()) {
-        T d = g[i];
+        T d = load(g[i]);
         if (a.weight_decay != 0.0) {
             d = add_rn(d, mul_rn(wd, p[i]));
         }
@@ -84,7 +96,11 @@ __global__ void rmsprop(T* __restrict__ p, const T* __restrict__ g, T* __restric
             u = add_rn(mul_rn(buf[i], mom), u);
             buf[i] = u;
         }
-        p[i] = sub_rn(p[i], mul_rn(lr, u));
+        const T pi = sub_rn(p[i], mul_rn(lr, u));
+        p[i] = pi;
+        if (copy != nullptr) {
+            copy[i] = store<G>(pi);
+        }
     }
 }
 
@@ -95,7 +111,7 @@ __global__ void sumsq_partial(const T* __restrict__ x, long long n, typename Acc
     __shared__ A shared[FASTBP_THREADS];
     A s = A(0);
     for (long long i = global_index(); i < n; i += grid_stride()) {
-        const A xi = static_cast<A>(x[i]);
+        const A xi = static_cast<A>(load(x[i]));
         s += xi * xi;
     }
     s = block_sum(s, shared);
@@ -125,8 +141,9 @@ __global__ void nonfinite_guard(const T* __restrict__ loss, const T* __restrict_
 // torch.nn.utils.clip_grad_norm_; the coefficient in double, rounded to T once, as on the host path);
 // nothing when guard is tripped.
 template <typename T>
-__global__ void clip_by_norm(T* __restrict__ x, long long n, const T* __restrict__ sumsq, double max_norm,
-                             const double* __restrict__ guard) {
+__global__ void clip_by_norm(T* __restrict__ x, long long n, const typename Acc<T>::type* __restrict__ sumsq,
+                             double max_norm, const double* __restrict__ guard) {
+    using C = typename Compute<T>::type;
     if (guard[0] != 0.0) {
         return;
     }
@@ -134,8 +151,8 @@ __global__ void clip_by_norm(T* __restrict__ x, long long n, const T* __restrict
     if (coef >= 1.0) {
         return;
     }
-    const T c = static_cast<T>(coef);
+    const C c = static_cast<C>(coef);
     for (long long i = global_index(); i < n; i += grid_stride()) {
-        x[i] = mul_rn(x[i], c);
+        x[i] = store<T>(mul_rn(load(x[i]), c));
     }
 }

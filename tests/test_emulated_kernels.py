@@ -28,7 +28,18 @@ pytestmark = [pytest.mark.emulator, pytest.mark.skipif(
     bool(EMULATOR_MISSING), reason=f"the CUDA emulator cannot run here: {EMULATOR_MISSING}")]
 
 NAMES = {code: name for name, code in CODES.items()}
-CTYPES = {"float": np.float32, "double": np.float64}
+CTYPES = {"float": np.float32, "double": np.float64, "f16": np.float16}
+try:
+    import ml_dtypes
+
+    CTYPES["bf16"] = ml_dtypes.bfloat16
+except ImportError:  # bf16 instantiations then fail their lookup below, naming what is missing
+    pass
+HALF = tuple(t for name, t in CTYPES.items() if name in ("bf16", "f16"))
+
+
+def finfo(dtype):
+    return ml_dtypes.finfo(dtype) if "bf16" in CTYPES else np.finfo(dtype)
 SIZES = (1, 31, 33, 255, 257, 3000)
 ORDERS = ("forward", "reverse", "random")
 REFERENCE = Backend()  # the NumPy reference ops
@@ -67,6 +78,11 @@ def rows_and_columns():
 
 
 def tolerance(dtype):
+    """What a kernel's result may differ from the float64 reference by: the rounding of its dtype (the
+    16-bit types compute in float and round once, to within a unit in the last place, so two)."""
+    if dtype in HALF:
+        eps = float(finfo(dtype).eps)
+        return {"rtol": 2 * eps, "atol": 2 * eps}
     return {"rtol": 1e-5, "atol": 1e-6} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-14}
 
 
@@ -275,56 +291,124 @@ def check_update(kernel, args, state, want, guard):
     for grid, block in update_configs(n):
         got = launch(kernel, grid, block, args, state)
         for i, g, w in zip(state, got, want):
-            np.testing.assert_array_equal(g, w, err_msg=f"{kernel.name} argument {i}, n={n}, {grid}x{block}")
+            assert_same(g, w, err_msg=f"{kernel.name} argument {i}, n={n}, {grid}x{block}")
     tripped = list(args)
     tripped[guard] = np.array([1.0, 0, 0, 0])
     for i, g in zip(state, launch(kernel, 2, 64, tuple(tripped), state)):
-        np.testing.assert_array_equal(g, args[i])
+        assert_same(g, args[i])
 
 
-def check_sgd(kernel, dtype):
+def assert_same(a, b, err_msg=""):
+    """Equal arrays (NaN where NaN); 16-bit ones bit for bit (NumPy's testing does not know bfloat16's NaN)."""
+    if a.dtype in HALF:
+        np.testing.assert_array_equal(a.view(np.uint16), b.view(np.uint16), err_msg=err_msg)
+    else:
+        np.testing.assert_array_equal(a, b, err_msg=err_msg)
+
+
+def update_operands(dtype, gdtype, n, rng):
+    """(p, g, copy) of an update: the gradient in ``gdtype`` (16-bit in mixed precision, then ``copy`` is a
+    poisoned array the kernel writes the updated parameters into, rounded; else None)."""
+    p = rng.standard_normal(n).astype(dtype)
+    g = rng.standard_normal(n).astype(gdtype)
+    return p, g, (poisoned(n, gdtype) if gdtype != dtype else None)
+
+
+def with_copy(state, want, copy_at, copy, gdtype):
+    """The positions and values an update must produce, with the 16-bit copy of the parameters (want[0])."""
+    if copy is None:
+        return state, want
+    return state + [copy_at], want + [want[0].astype(gdtype)]
+
+
+def check_sgd(kernel, dtype, gdtype):
     lr, momentum, wd = 0.05, 0.9, 1e-3
     rng = np.random.default_rng(7)
     for nesterov, first, dampening in [(0, 1, 0.0), (0, 0, 0.1), (1, 0, 0.0)]:
         for n in SIZES:
-            p, g, buf = (rng.standard_normal(n).astype(dtype) for _ in range(3))
-            want = [p.copy(), g, buf.copy()]
+            p, g, copy = update_operands(dtype, gdtype, n, rng)
+            buf = rng.standard_normal(n).astype(dtype)
+            want = [p.copy(), buf.copy()]
             opt = optim.SGD(lr, momentum=momentum, dampening=dampening, nesterov=bool(nesterov), weight_decay=wd)
             step = 1 if first else 2
             opt.prepare([want[0]], REFERENCE)  # binds the backend that lends update() its scratch
-            opt.update(np, want[0], g, {"momentum": want[2]}, lr, step)
-            args = (p, g, buf, np.int64(n), update_args("sgd", lr, step, opt.hp)[0], np.zeros(4))
-            check_update(kernel, args, [0, 2], [want[0], want[2]], guard=5)
+            opt.update(np, want[0], g.astype(dtype), {"momentum": want[1]}, lr, step)
+            args = (p, g, buf, np.int64(n), update_args("sgd", lr, step, opt.hp)[0], np.zeros(4), copy)
+            check_update(kernel, args, *with_copy([0, 2], want, 6, copy, gdtype), guard=5)
 
 
-def check_adam(kernel, dtype):
+def check_adam(kernel, dtype, gdtype):
     lr, b1, b2, eps, step = 1e-3, 0.9, 0.999, 1e-8, 7
     rng = np.random.default_rng(8)
     for wd, decoupled in [(0.0, 0), (1e-2, 0), (1e-2, 1)]:
         for n in SIZES:
-            p, g, m = (rng.standard_normal(n).astype(dtype) for _ in range(3))
+            p, g, copy = update_operands(dtype, gdtype, n, rng)
+            m = rng.standard_normal(n).astype(dtype)
             v = rng.random(n).astype(dtype)
             want = [p.copy(), m.copy(), v.copy()]
             opt = (optim.AdamW if decoupled else optim.Adam)(lr, betas=(b1, b2), eps=eps, weight_decay=wd)
             opt.prepare([want[0]], REFERENCE)
-            opt.update(np, want[0], g, {"m": want[1], "v": want[2]}, lr, step)
-            args = (p, g, m, v, np.int64(n), update_args("adam", lr, step, opt.hp)[0], np.zeros(4))
-            check_update(kernel, args, [0, 2, 3], want, guard=6)
+            opt.update(np, want[0], g.astype(dtype), {"m": want[1], "v": want[2]}, lr, step)
+            args = (p, g, m, v, np.int64(n), update_args("adam", lr, step, opt.hp)[0], np.zeros(4), copy)
+            check_update(kernel, args, *with_copy([0, 2, 3], want, 7, copy, gdtype), guard=6)
 
 
-def check_rmsprop(kernel, dtype):
+def check_rmsprop(kernel, dtype, gdtype):
     lr, alpha, eps = 1e-2, 0.99, 1e-8
     rng = np.random.default_rng(9)
     for momentum, wd in [(0.0, 0.0), (0.9, 1e-3)]:
         for n in SIZES:
-            p, g, buf = (rng.standard_normal(n).astype(dtype) for _ in range(3))
+            p, g, copy = update_operands(dtype, gdtype, n, rng)
+            buf = rng.standard_normal(n).astype(dtype)
             sq = rng.random(n).astype(dtype)
             want = [p.copy(), sq.copy(), buf.copy()]
             opt = optim.RMSProp(lr, alpha=alpha, eps=eps, momentum=momentum, weight_decay=wd)
             opt.prepare([want[0]], REFERENCE)
-            opt.update(np, want[0], g, {"square_avg": want[1], "momentum": want[2]}, lr, 1)
-            args = (p, g, sq, buf, np.int64(n), update_args("rmsprop", lr, 1, opt.hp)[0], np.zeros(4))
-            check_update(kernel, args, [0, 2, 3] if momentum else [0, 2], want if momentum else want[:2], guard=6)
+            opt.update(np, want[0], g.astype(dtype), {"square_avg": want[1], "momentum": want[2]}, lr, 1)
+            args = (p, g, sq, buf, np.int64(n), update_args("rmsprop", lr, 1, opt.hp)[0], np.zeros(4), copy)
+            state, expect = ([0, 2, 3], want) if momentum else ([0, 2], want[:2])
+            check_update(kernel, args, *with_copy(state, expect, 7, copy, gdtype), guard=6)
+
+
+@pytest.mark.parametrize("half", ["bf16", "f16"])
+def test_16_bit_conversions_round_as_numpy_and_ml_dtypes(modules, half):
+    """Every 16-bit pattern loads to the float NumPy (ml_dtypes) reads it as, and float32 values of every
+    kind store as NumPy rounds them (ties to even, subnormals, overflow to infinity, NaN): through sgd with
+    a plain step, p = p - 1 * g gives -load(g) from p = 0, and lr = 0 keeps p, whose copy is store(p)."""
+    dtype = CTYPES.get(half)
+    if dtype is None:
+        pytest.skip("bfloat16 needs ml_dtypes")
+    kernel = modules["optim.cu"].get_function(f"sgd<float, {half}>")
+    plain = optim.SGD(1.0).hp
+    every = np.arange(2**16, dtype=np.uint16).view(dtype)
+    args = (np.zeros(every.size, np.float32), every, np.zeros(1, np.float32), np.int64(every.size),
+            update_args("sgd", 1.0, 1, plain)[0], np.zeros(4), poisoned(every.size, dtype))
+    (p,) = launch(kernel, 64, 256, args, [0])
+    with np.errstate(invalid="ignore"):
+        want = np.float32(0) - every.astype(np.float32)  # as the kernel subtracts: 0 - (+0) is +0
+    np.testing.assert_array_equal(p.view(np.uint32)[~np.isnan(want)], want.view(np.uint32)[~np.isnan(want)])
+    assert np.isnan(p[np.isnan(want)]).all()
+    rng = np.random.default_rng(14)
+    info = finfo(dtype)
+    with np.errstate(all="ignore"):
+        values, want = conversion_cases(every, info, rng, dtype)
+    args = (values, np.zeros(values.size, dtype), np.zeros(1, np.float32), np.int64(values.size),
+            update_args("sgd", 0.0, 1, plain)[0], np.zeros(4), poisoned(values.size, dtype))
+    (copy,) = launch(kernel, 64, 256, args, [6])
+    finite = ~np.isnan(want.astype(np.float32))
+    np.testing.assert_array_equal(copy.view(np.uint16)[finite], want.view(np.uint16)[finite])
+    assert np.isnan(copy.astype(np.float32)[~finite]).all()
+
+
+def conversion_cases(every, info, rng, dtype):
+    """float32 values of every kind, and what NumPy (ml_dtypes) rounds them to in ``dtype``."""
+    values = np.concatenate([
+        rng.standard_normal(4000), rng.standard_normal(2000) * float(info.max) / 2,  # overflow too
+        rng.standard_normal(2000) * float(info.smallest_subnormal) * 8,  # subnormals and underflow
+        every.astype(np.float32).astype(np.float64) * (1 + 2.0 ** -(info.nmant + 1)),  # ties
+        [0.0, -0.0, np.inf, -np.inf, np.nan, float(info.max), 65519.99, 65520.0],
+    ]).astype(np.float32)
+    return values, values.astype(dtype)
 
 
 def check_sumsq_partial(kernel, dtype):
@@ -357,10 +441,11 @@ def check_clip_by_norm(kernel, dtype):
     rng = np.random.default_rng(11)
     for n in SIZES:
         x = rng.standard_normal(n).astype(dtype)
-        sumsq = np.array([float(np.sum(x.astype(np.float64) ** 2))], dtype)
+        compute = np.float32 if dtype in HALF else dtype  # what the kernel multiplies in
+        sumsq = np.array([float(np.sum(x.astype(np.float64) ** 2))], np.float64 if dtype == np.float64 else np.float32)
         for max_norm in (0.5, 1e9):
             coef = max_norm / (math.sqrt(float(sumsq[0])) + 1e-6)
-            want = x * dtype(coef) if coef < 1 else x
+            want = (x.astype(compute) * compute(coef)).astype(dtype) if coef < 1 else x
             for grid, block in update_configs(n):
                 (out,) = launch(kernel, grid, block, (x, np.int64(n), sumsq, max_norm, np.zeros(4)), [0])
                 np.testing.assert_array_equal(out, want)
@@ -388,6 +473,7 @@ def test_kernel_instantiation_matches_the_numpy_reference(modules, file, name):
     kernel = modules[file].get_function(name)
     check = CHECKS.get(base)
     assert check is not None, f"no emulated test for the kernel {base} (add a check_{base} here)"
+    assert template_args[0] in CTYPES, f"{template_args[0]}: its NumPy dtype is missing (ml_dtypes for bf16)"
     dtype = CTYPES[template_args[0]]
-    extra = [int(a) for a in template_args[1:]]
+    extra = [CTYPES[a] if a in CTYPES else int(a) for a in template_args[1:]]
     check(kernel, dtype, *extra)

@@ -68,10 +68,16 @@ def test_the_cupy_backend_only_launches_listed_kernels():
     variants = {"pointwise_loss": [LOSS_CODES[loss] for loss in cuda_sources.POINTWISE_LOSSES],
                 "check_batch": range(len(TARGET_KINDS)), "check_batch_finish": range(len(TARGET_KINDS))}
     for file, template in used:
-        for ctype in cuda_sources.DTYPES.values():
-            codes = variants.get(template.split("<")[0], sorted(CODES.values())) if "{ACT}" in template else [0]
+        base = template.split("<")[0]
+        if "{G}" in template:  # an update: float32 or float64 throughout, or float32 from a 16-bit gradient
+            pairs = [(c, c) for c in ("float", "double")] + [("float", c) for c in ("bf16", "f16")]
+        else:  # the reductions of accumulators run in float32 and float64 alone
+            pairs = [(c, c) for d, c in cuda_sources.DTYPES.items() if d not in cuda_sources.HALF_DTYPES
+                     or base not in ("reduce_loss", "ordered_sum", "nonfinite_guard")]
+        for ctype, gtype in pairs:
+            codes = variants.get(base, sorted(CODES.values())) if "{ACT}" in template else [0]
             for code in codes:
-                name = template.replace("{T}", ctype).replace("{ACT}", str(code))
+                name = template.replace("{T}", ctype).replace("{G}", gtype).replace("{ACT}", str(code))
                 assert (file, name) in listed, name
 
 

@@ -366,10 +366,15 @@ class Backend:
 
     # ------------------------------------------------------------------ fused optimizer updates
     #: Fused in-place updates by optimizer (``Optimizer.fused`` names them): ``fn(backend, p, g, slots, lr,
-    #: step, hp, guard)`` updates the parameter ``p`` and its ``slots`` (see ``Optimizer.update``) with the
-    #: optimizer's hyperparameters ``hp``, does nothing when ``guard`` is tripped, and returns False when it
-    #: cannot take these arrays (then the reference runs). The reference backend has none: every optimizer's
-    #: ``update`` is the reference.
+    #: step, hp, guard, copy=None)`` updates the parameter ``p`` and its ``slots`` (see ``Optimizer.update``)
+    #: with the optimizer's hyperparameters ``hp``, writes the updated ``p`` into ``copy`` in copy's dtype
+    #: when given (a mixed-precision model's 16-bit compute copy), does nothing when ``guard`` is tripped,
+    #: and returns False when it cannot take these arrays (then the reference runs). The reference backend
+    #: has none: every optimizer's ``update`` is the reference.
+    #: The dtypes this backend computes in: the model dtypes, and on GPUs the 16-bit compute dtypes of
+    #: mixed precision (``MLP(compute_dtype=...)``).
+    compute_dtypes: tuple[str, ...] = ("float32", "float64")
+
     fused_updates: Mapping[str, Callable[..., bool]] = {}
 
     def sum_of_squares(self, x: Any, out: Any = None) -> Any:

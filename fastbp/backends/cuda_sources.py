@@ -15,7 +15,11 @@ from ..activations import CODES
 from ..losses import LOSS_CODES, TARGET_KINDS
 from .update_args import STRUCTS, c_struct
 
-DTYPES = {"float32": "float", "float64": "double"}
+#: The C type of each dtype the kernels take: float32 and float64, and the 16-bit types of mixed precision
+#: (common.cuh's bf16 and f16 storage types, computed on in float).
+DTYPES = {"float32": "float", "float64": "double", "bfloat16": "bf16", "float16": "f16"}
+#: The dtypes that are only ever a compute copy of float32 master weights (never a model's dtype).
+HALF_DTYPES = ("bfloat16", "float16")
 #: The losses of loss.cu's pointwise_loss kernel (its LOSS parameter is their LOSS_CODES code).
 POINTWISE_LOSSES = ("binary_cross_entropy", "mse")
 _ACTS = sorted(CODES.values())
@@ -114,22 +118,29 @@ def kernel_dir() -> Path:
 
 
 def name_expressions(file: str) -> list[str]:
-    """Every kernel instantiation that ``file`` provides, as C++ name expressions."""
+    """Every kernel instantiation that ``file`` provides, as C++ name expressions. The 16-bit types have
+    the kernels a mixed-precision step runs on its compute copy: the epilogues, the losses, the batch check,
+    the sum of squares and clipping of the gradient, and the updates of float32 parameters from 16-bit
+    gradients (``sgd<float, bf16>``); the reductions and the guard run on float32 accumulators."""
     names = []
-    for ctype in DTYPES.values():
+    for dtype, ctype in DTYPES.items():
+        full = dtype not in HALF_DTYPES
         if file == "dense.cu":
             names += [f"forward_epilogue<{ctype}, {a}>" for a in _ACTS]
             names += [f"backward_epilogue<{ctype}, {a}>" for a in _ACTS]
             names.append(f"sum_partials<{ctype}>")
         elif file == "loss.cu":
-            names += [f"softmax_ce<{ctype}>", f"reduce_loss<{ctype}>", f"ordered_sum<{ctype}>"]
+            names.append(f"softmax_ce<{ctype}>")
+            names += [f"reduce_loss<{ctype}>", f"ordered_sum<{ctype}>"] if full else []
             names += [f"pointwise_loss<{ctype}, {LOSS_CODES[loss]}>" for loss in POINTWISE_LOSSES]
             names += [f"check_batch<{ctype}, {kind}>" for kind in range(len(TARGET_KINDS))]
             if ctype == "double":  # the counts are doubles whatever the batch's dtype
                 names += [f"check_batch_finish<double, {kind}>" for kind in range(len(TARGET_KINDS))]
         elif file == "optim.cu":
-            names += [f"sgd<{ctype}>", f"adam<{ctype}>", f"rmsprop<{ctype}>", f"sumsq_partial<{ctype}>",
-                      f"nonfinite_guard<{ctype}>", f"clip_by_norm<{ctype}>"]
+            master = ctype if full else "float"
+            names += [f"{update}<{master}, {ctype}>" for update in ("sgd", "adam", "rmsprop")]
+            names += [f"sumsq_partial<{ctype}>", f"clip_by_norm<{ctype}>"]
+            names += [f"nonfinite_guard<{ctype}>"] if full else []
         else:
             raise ValueError(f"unknown kernel file {file!r}")
     return names

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.util
 import math
 from typing import Any
 
@@ -49,6 +50,8 @@ class CupyBackend(Backend):
     """CuPy arrays on one CUDA device, cuBLAS GEMMs and fused CUDA kernels."""
 
     name = "cupy"
+    # float16 waits for dynamic loss scaling (its kernels are built and tested: the 16-bit storage types)
+    compute_dtypes = ("float32", "float64") + (("bfloat16",) if importlib.util.find_spec("ml_dtypes") else ())
 
     def __init__(self, device_id: int = 0, cupy_module: Any = None) -> None:
         """The backend on CUDA device ``device_id``. ``cupy_module`` is the CuPy module to drive (the tests'
@@ -69,10 +72,13 @@ class CupyBackend(Backend):
         return f"<fastbp backend {self.name!r} on device {self.device_id}>"
 
     # ------------------------------------------------------------------ kernels
-    def _kernel(self, file: str, template: str, dtype: Any, act: int = 0) -> Any:
-        """The compiled kernel ``template`` from ``file``; {T} is replaced by the C type, {ACT} by ``act``
-        (an activation code, or the loss code of pointwise_loss: the kernel's int template parameter)."""
-        name = template.replace("{T}", DTYPES[np.dtype(dtype).name]).replace("{ACT}", str(act))
+    def _kernel(self, file: str, template: str, dtype: Any, act: int = 0, gdtype: Any = None) -> Any:
+        """The compiled kernel ``template`` from ``file``; {T} is replaced by the C type of ``dtype``, {G} by
+        that of ``gdtype`` (an update's gradient; ``dtype`` when None), {ACT} by ``act`` (an activation code,
+        or the loss code of pointwise_loss: the kernel's int template parameter)."""
+        ctype = DTYPES[np.dtype(dtype).name]
+        name = (template.replace("{T}", ctype).replace("{ACT}", str(act))
+                .replace("{G}", ctype if gdtype is None else DTYPES[np.dtype(gdtype).name]))
         kernel = self._kernels.get((file, name))
         if kernel is None:
             module = self._modules.get(file)
@@ -84,14 +90,14 @@ class CupyBackend(Backend):
         return kernel
 
     def _launch(self, file: str, template: str, dtype: Any, grid: tuple, block: tuple, args: tuple,
-                act: int = 0) -> None:
+                act: int = 0, gdtype: Any = None) -> None:
         """Launch kernel ``template`` of ``file`` (see ``_kernel``). This is where arrays become raw pointers,
         so it checks them: each must be a CuPy array on this backend's device and C-contiguous (the kernels
         index flat memory), and an integer array int64 (the only integer pointer the kernels take).
         Anything else is refused with a message naming the kernel and the argument instead of being handed
         over to be misread (CuPy would pass the pointer as it is). The ops convert what they read before
         they get here."""
-        kernel = self._kernel(file, template, dtype, act)
+        kernel = self._kernel(file, template, dtype, act, gdtype)
         for i, a in enumerate(args):
             if isinstance(a, np.ndarray):
                 raise TypeError(f"{template} argument {i}: a host (NumPy) array; kernels take device arrays")
@@ -330,32 +336,46 @@ class CupyBackend(Backend):
     # ------------------------------------------------------------------ fused optimizer updates
     # Optimizer.step calls them by the optimizer's ``fused`` name (see Backend.fused_updates); each is one
     # kernel of optim.cu over the flat parameter, equal to the optimizer's reference update bit for bit.
+    # Mixed precision: a float32 parameter takes a 16-bit gradient as it is, and ``copy`` (the model's
+    # 16-bit compute copy of the parameter) receives the updated values in the same pass.
+    def _update_operands(self, p: Any, g: Any, copy: Any) -> tuple[Any, Any, Any]:
+        """(gradient, copy, the gradient's dtype) as an update kernel reads them: the gradient flat, in its
+        16-bit dtype when ``p`` is float32 and it is one, else in ``p``'s dtype; ``copy`` flat or None."""
+        half = p.dtype == np.float32 and g.dtype.name in cuda_sources.HALF_DTYPES
+        gdtype = g.dtype if half else p.dtype
+        if copy is not None:
+            if copy.dtype != gdtype or not copy.flags.c_contiguous or copy.size != p.size:
+                raise ValueError(f"copy must be a C-contiguous {np.dtype(gdtype)} array of {p.size} values")
+            copy = copy.reshape(-1)
+        return self._flat_in(g, gdtype), copy, gdtype
+
     @_on_device
-    def _sgd_update(self, p, g, slots, lr, step, hp, guard):
-        g = self._flat_in(g, p.dtype)
+    def _sgd_update(self, p, g, slots, lr, step, hp, guard, copy=None):
+        g, copy, gdtype = self._update_operands(p, g, copy)
         with self._in_place(p.dtype, p, slots.get("momentum")) as (p, buf):
             args = self._update_record("sgd", lr, step, hp)[0]  # a struct, copied at launch
-            self._launch("optim.cu", "sgd<{T}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
-                         (p, g, buf if buf is not None else p, np.int64(p.size), args, self._guard_or_open(guard)))
+            self._launch("optim.cu", "sgd<{T}, {G}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
+                         (p, g, buf if buf is not None else p, np.int64(p.size), args, self._guard_or_open(guard), copy),
+                         gdtype=gdtype)
         return True
 
     @_on_device
-    def _adam_update(self, p, g, slots, lr, step, hp, guard):
-        g = self._flat_in(g, p.dtype)
+    def _adam_update(self, p, g, slots, lr, step, hp, guard, copy=None):
+        g, copy, gdtype = self._update_operands(p, g, copy)
         with self._in_place(p.dtype, p, slots["m"], slots["v"]) as (p, m, v):
             args = self._update_record("adam", lr, step, hp)[0]
-            self._launch("optim.cu", "adam<{T}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
-                         (p, g, m, v, np.int64(p.size), args, self._guard_or_open(guard)))
+            self._launch("optim.cu", "adam<{T}, {G}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
+                         (p, g, m, v, np.int64(p.size), args, self._guard_or_open(guard), copy), gdtype=gdtype)
         return True
 
     @_on_device
-    def _rmsprop_update(self, p, g, slots, lr, step, hp, guard):
-        g = self._flat_in(g, p.dtype)
+    def _rmsprop_update(self, p, g, slots, lr, step, hp, guard, copy=None):
+        g, copy, gdtype = self._update_operands(p, g, copy)
         with self._in_place(p.dtype, p, slots["square_avg"], slots.get("momentum")) as (p, sq, buf):
             args = self._update_record("rmsprop", lr, step, hp)[0]
-            self._launch("optim.cu", "rmsprop<{T}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
+            self._launch("optim.cu", "rmsprop<{T}, {G}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
                          (p, g, sq, buf if buf is not None else p, np.int64(p.size), args,
-                          self._guard_or_open(guard)))
+                          self._guard_or_open(guard), copy), gdtype=gdtype)
         return True
 
     fused_updates = {"sgd": _sgd_update, "adam": _adam_update, "rmsprop": _rmsprop_update}
@@ -385,7 +405,7 @@ class CupyBackend(Backend):
     def clip_by_norm(self, grad, sumsq, max_norm, guard=None):
         with self._in_place(grad.dtype, grad) as (x,):
             self._launch("optim.cu", "clip_by_norm<{T}>", x.dtype, (self._grid(x.size),), (cuda_sources.THREADS,),
-                         (x, np.int64(x.size), sumsq.astype(x.dtype, copy=False), np.float64(max_norm),
+                         (x, np.int64(x.size), sumsq.astype(self._acc_dtype(x.dtype), copy=False), np.float64(max_norm),
                           self._guard_or_open(guard)))
 
     @_on_device

@@ -40,7 +40,7 @@ import numpy as np
 from .._cache import cache_root
 
 #: Bumped when the generated code changes in a way the hash of the inputs would not see.
-EMULATOR_VERSION = "1"
+EMULATOR_VERSION = "2"
 
 ORDERS = {"forward": 0, "reverse": 1, "random": 2}
 
@@ -313,6 +313,14 @@ _CODES = {"b8": np.dtype(np.bool_), "i8": np.dtype(np.int8), "i16": np.dtype(np.
 _C_NAMES = {"b8": "bool", "i8": "signed char", "i16": "short", "i32": "int", "i64": "long long", "u8": "unsigned char",
             "u16": "unsigned short", "u32": "unsigned int", "u64": "unsigned long long", "f32": "float",
             "f64": "double"}
+# the 16-bit storage types of the kernels (common.cuh's bf16 and f16) by their NumPy dtype's name
+_CODES["float16"], _C_NAMES["float16"] = np.dtype(np.float16), "f16"
+try:
+    import ml_dtypes
+
+    _CODES["bfloat16"], _C_NAMES["bfloat16"] = np.dtype(ml_dtypes.bfloat16), "bf16"
+except ImportError:  # bfloat16 arrays need ml_dtypes; without it the pointer goes unchecked
+    _C_NAMES["bfloat16"] = "bf16"
 _CUPY_SCALARS = {np.dtype(c).type for c in "?bhilqBHILQefdFD"}
 _PYTHON_SCALARS = {bool: "a Python bool (CuPy passes it as int64)", int: "a Python int (CuPy passes it as int64)",
                    float: "a Python float (CuPy passes it as double)"}

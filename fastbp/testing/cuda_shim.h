@@ -724,6 +724,7 @@ constexpr const char* scalar_code() {
     if constexpr (std::is_same_v<U, bool>) return "b8";
     else if constexpr (std::is_same_v<U, float>) return "f32";
     else if constexpr (std::is_same_v<U, double>) return "f64";
+    else if constexpr (requires { U::dtype_name; }) return U::dtype_name;  // a storage type: its NumPy dtype
     else if constexpr (std::is_integral_v<U> && std::is_signed_v<U>) {
         if constexpr (sizeof(U) == 1) return "i8";
         else if constexpr (sizeof(U) == 2) return "i16";
@@ -936,6 +937,8 @@ inline float __int_as_float(int x) { return std::bit_cast<float>(x); }
 inline int __float_as_int(float x) { return std::bit_cast<int>(x); }
 inline double __longlong_as_double(long long x) { return std::bit_cast<double>(x); }
 inline long long __double_as_longlong(double x) { return std::bit_cast<long long>(x); }
+inline float __uint_as_float(unsigned x) { return std::bit_cast<float>(x); }
+inline unsigned __float_as_uint(float x) { return std::bit_cast<unsigned>(x); }
 
 #define FBEMU_SHARED(NAME, DIMS, ALIGN, ...)                                                                  \
     static const char NAME##_fbemu_key = 0;                                                                  \
