@@ -119,7 +119,7 @@ def check_finite(arr: np.ndarray, argument: str) -> None:
 def check_feature_shape(X: Any, n_in: int, argument: str = "X") -> Any:
     """``X`` (any array, host or device) when its dtype and shape fit (B, n_in) features, B >= 1; its
     values are not looked at."""
-    if X.dtype.kind not in "biuf":
+    if X.dtype.kind not in "biuf" and X.dtype.name != "bfloat16":  # ml_dtypes' bfloat16 is of kind 'V'
         raise TypeError(f"{argument} must be a numeric (bool, int or float) array, got dtype {X.dtype}")
     if X.ndim != 2:
         raise ValueError(f"{argument} must be 2-D (samples, {n_in} features), got shape {X.shape}")

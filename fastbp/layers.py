@@ -502,8 +502,8 @@ class MLP:
         """Compute in ``compute_dtype`` from now on (see the class's ``compute_dtype``), where the backend
         can; the master weights stay as they are."""
         self.compute_dtype = resolve_compute_dtype(compute_dtype, self.dtype, self.backend)
-        self._set_layers([(W, b, layer.activation) for layer, (W, b) in
-                          zip(self.layers, ((layer.W, layer.b) for layer in self.layers))])
+        bk = self.backend
+        self._set_layers([(bk.to_numpy(layer.W), bk.to_numpy(layer.b), layer.activation) for layer in self.layers])
 
     def copy(self, dtype: Any = None, backend: str | Backend | None = None) -> MLP:
         """An independent copy, optionally in another dtype or on another backend."""

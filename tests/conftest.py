@@ -31,6 +31,15 @@ if os.environ.get("FASTBP_REQUIRE_GPU") == "1" and "cupy" not in BACKENDS:
     raise RuntimeError(f"FASTBP_REQUIRE_GPU=1 but the cupy backend is unavailable: {fb.backend_status()['cupy']}")
 DTYPES = ["float32", "float64"]
 
+#: The cupy backend on a real CUDA device (marked gpu; skipped with the reason where none is usable) and
+#: on the emulated CuPy (marked emulator).
+GPU_PARAMS = [
+    pytest.param("cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        "cupy" not in fb.available_backends(), reason=f"cupy backend unavailable: {fb.backend_status()['cupy']}")]),
+    pytest.param(EMULATED, marks=[pytest.mark.emulator, pytest.mark.skipif(
+        bool(EMULATOR_MISSING), reason=f"the CUDA emulator cannot run here: {EMULATOR_MISSING}")]),
+]
+
 # Relative tolerances per dtype (STYLE.md): float64 ~1e-10, float32 ~1e-5.
 RTOL = {"float32": 1e-5, "float64": 1e-10}
 ATOL = {"float32": 1e-6, "float64": 1e-12}

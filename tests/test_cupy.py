@@ -6,18 +6,12 @@ import math
 
 import numpy as np
 import pytest
-from conftest import EMULATED, EMULATOR_MISSING, assert_close
+from conftest import EMULATED, EMULATOR_MISSING, GPU_PARAMS, assert_close
 
 import fastbp as fb
 from fastbp import datasets
 from fastbp.backends import resolve_backend
 
-GPU_PARAMS = [
-    pytest.param("cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(
-        "cupy" not in fb.available_backends(), reason=f"cupy backend unavailable: {fb.backend_status()['cupy']}")]),
-    pytest.param(EMULATED, marks=[pytest.mark.emulator, pytest.mark.skipif(
-        bool(EMULATOR_MISSING), reason=f"the CUDA emulator cannot run here: {EMULATOR_MISSING}")]),
-]
 
 
 @pytest.fixture(params=GPU_PARAMS)

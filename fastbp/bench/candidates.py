@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..dtypes import HALF_DTYPES, half_dtype
 from .flops import LR, backward_flops, forward_flops, gemm_list, step_flops
 from .timing import Candidate
 
@@ -27,6 +28,8 @@ def fastbp_candidates(backend: Any, sizes: list[int], batch: int, dtype: str,
     X = rng.standard_normal((batch, sizes[0]))
     y = _labels(rng, batch, sizes[-1])
     sync = backend.synchronize
+    # a 16-bit dtype is mixed precision: float32 master weights, computing in it
+    dtype, compute = ("float32", dtype) if dtype in HALF_DTYPES else (dtype, None)
     info: dict[str, Any] = {}
     warmup = getattr(backend, "warmup", None)
     if warmup is not None:
@@ -38,7 +41,7 @@ def fastbp_candidates(backend: Any, sizes: list[int], batch: int, dtype: str,
         # peak host memory of building the model and trainer and taking two steps (tracemalloc sees
         # numpy's buffers; a GPU backend's device memory is its own pool)
         tracemalloc.start()
-        model = fb.MLP(sizes, activation="relu", dtype=dtype, seed=0, backend=backend)
+        model = fb.MLP(sizes, activation="relu", dtype=dtype, seed=0, backend=backend, compute_dtype=compute)
         trainer = fb.Trainer(model, loss="cross_entropy", optimizer=opt, batch_size=batch)
         Xd, yd = model.prepare_batch(X, y, "cross_entropy")
         trainer._step(Xd, yd)
@@ -61,7 +64,7 @@ def fastbp_candidates(backend: Any, sizes: list[int], batch: int, dtype: str,
                 sync()
 
             cands.append(Candidate("internal:step_sgd", backend.name, internal, step_flops(sizes, batch), "step"))
-    model = fb.MLP(sizes, activation="relu", dtype=dtype, seed=0, backend=backend)
+    model = fb.MLP(sizes, activation="relu", dtype=dtype, seed=0, backend=backend, compute_dtype=compute)
     Xd, yd = model.prepare_batch(X, y, "cross_entropy")
 
     def forward():
@@ -137,10 +140,12 @@ def floor_candidates(backends: list[Any], sizes: list[int], batch: int, dtype: s
     (``torch.mm``), backend 'blas:<library>'; ``add_ratios`` compares CPU times with the fastest. A GPU
     backend has its own floor (its matmul), under its own name."""
     libraries: list[tuple[str, str, Any, Callable[..., Any], Callable[[], None]]] = []
+    np_dtype = half_dtype(dtype) if dtype in HALF_DTYPES else np.dtype(dtype)
     for bk in backends:
-        if bk.name == "cupy":
-            libraries.append(("cupy", "cupy", bk.asarray, bk.matmul, bk.synchronize))
-    if any(bk.name != "cupy" for bk in backends):
+        if bk.name == "cupy":  # 16-bit operands go over as float32 and are rounded on the device
+            libraries.append(("cupy", "cupy", lambda a, bk=bk: bk.asarray(a.astype(np.float32)).astype(np_dtype),
+                              bk.matmul, bk.synchronize))
+    if any(bk.name != "cupy" for bk in backends) and dtype not in HALF_DTYPES:  # 16 bits: GPUs alone
         libraries.append(("blas:numpy", "numpy", np.asarray, lambda a, b, out: np.matmul(a, b, out=out), _nothing))
         numba_bk = next((bk for bk in backends if bk.name == "numba"), None)
         if numba_bk is not None:
@@ -160,12 +165,12 @@ def floor_candidates(backends: list[Any], sizes: list[int], batch: int, dtype: s
         rng = np.random.default_rng(1)
 
         def draw(shape: tuple[int, int], rng: np.random.Generator = rng) -> np.ndarray:
-            return rng.standard_normal(shape).astype(dtype)
+            return rng.standard_normal(shape).astype(np_dtype)
 
         arrays = []
         for g in gemm_list(sizes, batch):
             a, b = gemm_operands(g, draw)
-            arrays.append((g, wrap(a), wrap(b), wrap(np.empty((g["m"], g["n"]), dtype))))
+            arrays.append((g, wrap(a), wrap(b), wrap(np.zeros((g["m"], g["n"]), np_dtype))))
 
         def make(roles: tuple[str, ...], arrays=arrays, matmul=matmul, sync=sync) -> Callable[[], None]:
             chosen = [(a, b, out) for g, a, b, out in arrays if g["role"] in roles]
@@ -227,10 +232,17 @@ def naive_candidate(sizes: list[int], batch: int, dtype: str) -> Candidate:
 
 def torch_candidates(sizes: list[int], batch: int, dtype: str, device: str,
                      compile_model: bool = False) -> list[Candidate]:
-    """PyTorch eager (or compiled) steps with SGD and Adam, and the forward, on ``device``."""
+    """PyTorch eager (or compiled) steps with SGD and Adam, and the forward, on ``device``; for a 16-bit
+    ``dtype``, float32 parameters under autocast to it (PyTorch's mixed precision)."""
+    import contextlib
+
     import torch
 
-    tdtype = getattr(torch, dtype)
+    half = dtype in HALF_DTYPES
+    tdtype = torch.float32 if half else getattr(torch, dtype)
+
+    def autocast() -> Any:
+        return torch.autocast(device, dtype=getattr(torch, dtype)) if half else contextlib.nullcontext()
     rng = np.random.default_rng(0)
     X = torch.tensor(rng.standard_normal((batch, sizes[0])), dtype=tdtype, device=device)
     y = torch.tensor(_labels(rng, batch, sizes[-1]), device=device)
@@ -254,7 +266,9 @@ def torch_candidates(sizes: list[int], batch: int, dtype: str, device: str,
 
         def step(model=model, opt=opt):
             opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(X), y).backward()
+            with autocast():
+                loss = torch.nn.functional.cross_entropy(model(X), y)
+            loss.backward()
             opt.step()
             sync()
 
@@ -262,7 +276,7 @@ def torch_candidates(sizes: list[int], batch: int, dtype: str, device: str,
     fwd_model = build()
 
     def forward():
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             fwd_model(X)
         sync()
 

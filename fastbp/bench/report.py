@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from ..dtypes import HALF_DTYPES
 from .candidates import (
     _torch_available,
     _torch_cuda,
@@ -31,7 +32,7 @@ def run_config(config: str, sizes: list[int], batch: int, backends: list[Any], d
             extra[bk.name] = info
         groups.append(("floors", floor_candidates(backends, sizes, batch, dtype)))
         peer_cands: list[Candidate] = []
-        on_cpu = any(bk.name != "cupy" for bk in backends)
+        on_cpu = any(bk.name != "cupy" for bk in backends) and dtype not in HALF_DTYPES  # 16 bits: GPUs alone
         on_gpu = any(bk.name == "cupy" for bk in backends)
         if peers:
             if on_cpu:
