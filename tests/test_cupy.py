@@ -6,12 +6,11 @@ import math
 
 import numpy as np
 import pytest
-from conftest import EMULATED, EMULATOR_MISSING, GPU_PARAMS, assert_close
+from conftest import GPU_PARAMS, assert_close
 
 import fastbp as fb
 from fastbp import datasets
 from fastbp.backends import resolve_backend
-
 
 
 @pytest.fixture(params=GPU_PARAMS)

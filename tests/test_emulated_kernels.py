@@ -240,7 +240,8 @@ def check_check_batch(kernel, dtype, kind):
             labels = yb if kind == 0 else np.zeros(0, np.int64)
             targets = Xb if kind == 0 else yb
             for grid, block in ((1, 32), (1, 256), (3, 64), (7, 256)):
-                args = (Xb, np.int64(Xb.size), labels, targets, np.int64(yb.size), np.int32(C), poisoned(grid, np.float64))
+                args = (Xb, np.int64(Xb.size), labels, targets, np.int64(yb.size), np.int32(C),
+                        poisoned(grid, np.float64))
                 (partial,) = launch(kernel, grid, block, args, [6])
                 assert partial.sum() == count, f"{rows} rows, grid {grid} x {block}"
                 # each block counted its own share: the elements i with i // block % grid == its index

@@ -355,8 +355,8 @@ class CupyBackend(Backend):
         with self._in_place(p.dtype, p, slots.get("momentum")) as (p, buf):
             args = self._update_record("sgd", lr, step, hp)[0]  # a struct, copied at launch
             self._launch("optim.cu", "sgd<{T}, {G}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
-                         (p, g, buf if buf is not None else p, np.int64(p.size), args, self._guard_or_open(guard), copy),
-                         gdtype=gdtype)
+                         (p, g, buf if buf is not None else p, np.int64(p.size), args, self._guard_or_open(guard),
+                          copy), gdtype=gdtype)
         return True
 
     @_on_device
