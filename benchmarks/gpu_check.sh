@@ -3,10 +3,10 @@
 # GPU's facts and the driver, CUDA and CuPy versions, runs the gpu-marked tests with FASTBP_REQUIRE_GPU=1
 # (a GPU CuPy cannot use fails them instead of skipping them), compute-sanitizer's memcheck, racecheck and
 # synccheck over a short training run where the tool exists, then the GPU configs of `fastbp bench`
-# (large 4096 x 4 at batch 8192 in fp32, TF32 and bfloat16; narrow 64 wide at batch 65536 in fp32 and
-# bfloat16) against the cuBLAS GEMM floor and PyTorch CUDA eager (under autocast for bfloat16). A log and
-# JSON results go to $OUT when it is set, else ./gpu_results/.
-# Each step has its own time limit (about 8 minutes in all at worst); a failing step is logged and the
+# (large 4096 x 4 at batch 8192 in fp32, TF32, bfloat16 and float16; narrow 64 wide at batch 65536 in fp32,
+# bfloat16 and float16) against the cuBLAS GEMM floor and PyTorch CUDA eager (under autocast for 16 bits).
+# A log and JSON results go to $OUT when it is set, else ./gpu_results/.
+# Each step has its own time limit (about 9.5 minutes in all at worst); a failing step is logged and the
 # script goes on, then exits non-zero.
 #
 #   bash benchmarks/gpu_check.sh
@@ -53,5 +53,10 @@ run 45 "$py" -m fastbp bench --backend cupy --config large --dtype bfloat16 --re
     --json "$out/bench_large_bf16.json"
 run 40 "$py" -m fastbp bench --backend cupy --config narrow --dtype bfloat16 --reps 10 --no-ops \
     --json "$out/bench_narrow_bf16.json"
+# float16 with dynamic loss scaling, against PyTorch under autocast with its GradScaler
+run 45 "$py" -m fastbp bench --backend cupy --config large --dtype float16 --reps 5 --min-time 0.05 --no-ops \
+    --json "$out/bench_large_fp16.json"
+run 40 "$py" -m fastbp bench --backend cupy --config narrow --dtype float16 --reps 10 --no-ops \
+    --json "$out/bench_narrow_fp16.json"
 echo "=== gpu_check finished with status $status"
 exit $status

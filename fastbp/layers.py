@@ -441,15 +441,19 @@ class MLP:
         return self._flat_grad
 
     def _loss_and_grads(self, X: Any, y: Any, loss: str, stats_out: Any = None,
-                        weights: Any = None) -> tuple[Any, list[Any], Any]:
+                        weights: Any = None, loss_scale: Any = None) -> tuple[Any, list[Any], Any]:
         """The training hot path, on prepared backend arrays: forward, eq. (1), then eqs. (2)-(4) top down.
 
         Returns the loss as a 0-d backend array, the model's gradient buffers and the network's output
         (both overwritten by the next call). ``stats_out``: receives [loss, correct count], see
-        ``Backend.output_delta`` (None: not counted); ``weights``: per-row weights, or None.
+        ``Backend.output_delta`` (None: not counted); ``weights``: per-row weights, or None;
+        ``loss_scale``: loss scaling's device state (its first value scales the output delta, and so every
+        gradient; the loss returned is not scaled).
         """
         trace = self._forward_train(X)
         value, delta = self._output_delta(trace, y, loss, stats_out, weights)
+        if loss_scale is not None:
+            self.backend.scale_by(delta, loss_scale)
         grads = self._backward(trace, delta)
         return value, grads, trace.a[-1]
 

@@ -285,13 +285,14 @@ class Optimizer:
 
     # -------------------------------------------------------------- the step
     def step(self, params: list[Any], grads: list[Any], backend: Backend | None = None, guard: Any = None,
-             copies: list[Any] | None = None) -> None:
+             copies: list[Any] | None = None, unscale: Any = None) -> None:
         """Update ``params`` in place from ``grads`` (same order and shapes).
 
         ``guard``: the array ``backend.nonfinite_guard`` trips; when it is tripped the update does nothing
         (the step count still advances: the Trainer winds it back when it reads the guard).
         ``copies``: for mixed precision, one array per parameter (its 16-bit compute copy) that receives the
-        updated values, rounded to its dtype; the gradients may be in that dtype."""
+        updated values, rounded to its dtype; the gradients may be in that dtype. ``unscale``: loss scaling's
+        one-element float32 device array holding 1 / the loss scale, which multiplies every gradient first."""
         if len(params) != len(grads) or not params:
             raise ValueError(f"params and grads must be non-empty lists of equal length, "
                              f"got {len(params)} and {len(grads)}")
@@ -306,8 +307,11 @@ class Optimizer:
             for i, (p, g) in enumerate(zip(params, grads)):
                 slots = {name: state.slots[name][i] for name in self.slot_names}
                 copy = None if copies is None else copies[i]
-                if fused is None or not fused(backend, p, g, slots, lr, state.step, self.hp, guard, copy):
-                    self._reference_update(backend, p, g.astype(p.dtype, copy=False), slots, lr, state.step, guard)
+                if fused is None or not fused(backend, p, g, slots, lr, state.step, self.hp, guard, copy, unscale):
+                    g = g.astype(p.dtype, copy=unscale is not None)
+                    if unscale is not None:
+                        g *= unscale.astype(p.dtype)
+                    self._reference_update(backend, p, g, slots, lr, state.step, guard)
                     if copy is not None:  # after a skipped update too: p is then as it was
                         copy[...] = p.astype(copy.dtype)
 

@@ -40,6 +40,11 @@ from .losses import CLASSIFICATION_LOSSES, check_loss, check_sample_weight, clas
 from .optim import OPTIMIZERS, Adam, Optimizer
 from .progress import Reporter, resolve_verbose
 
+#: Dynamic loss scaling (float16 models): the first scale, then (growth factor, backoff factor, growth
+#: interval in steps), PyTorch GradScaler's defaults.
+LOSS_SCALE_INIT = 2.0**16
+LOSS_SCALE_RULE = (2.0, 0.5, 2000)
+
 __all__ = ["Trainer", "History", "DivergenceError"]
 
 
@@ -99,6 +104,8 @@ class Trainer:
         self.skipped_steps = 0
         self.stop_training = False
         self._guard = DivergenceGuard()  # the device-side non-finite check (backends with deferred checks)
+        self._scale_state: Any = None  # loss scaling's device state (float16 models), made at the first step
+        self._scale_gate: Any = None
         self._sumsq: Any = None  # the last step's squared gradient norm, handed back to be written into
         self._stop_requested = False  # set by SIGINT/SIGTERM in data-parallel training, reduced each step
         self._local_stats: Any = None  # this rank's [loss, correct count] of a data-parallel step
@@ -205,24 +212,57 @@ class Trainer:
                 return None, None
             self.steps += 1
             return value, output
-        value, _, output = model._loss_and_grads(Xd, yd, self.loss, stats_out, weights)
+        scaling = self._loss_scaling()
+        value, _, output = model._loss_and_grads(Xd, yd, self.loss, stats_out, weights, scaling)
         grad = model.flat_grad()
         sumsq = self._sumsq = bk.sum_of_squares(grad, out=self._sumsq)
         guard = self._deferred_guard()
         if guard is not None:
-            bk.nonfinite_guard(value, sumsq, guard, self.steps + 1)
+            # with loss scaling an overflowing gradient is no divergence (it skips the step and lowers the
+            # scale, below): the guard looks at the loss alone
+            bk.nonfinite_guard(value, value if scaling is not None else sumsq, guard, self.steps + 1)
             self._guard.unchecked += 1
         else:
             loss_value, sq = bk.to_floats(value, sumsq)
-            if not (math.isfinite(loss_value) and math.isfinite(sq)):
+            if not (math.isfinite(loss_value) and (scaling is not None or math.isfinite(sq))):
                 self._nonfinite(loss_value, sq)
                 return None, None
+        gate, unscale = guard, None
+        if scaling is not None:  # the update's gate: the guard, or this step's overflow
+            gate = self._scale_gate
+            bk.loss_scale_update(sumsq, scaling, guard, gate, *LOSS_SCALE_RULE)
+            sumsq, unscale = scaling[2:3], scaling[1:2]  # the unscaled sum of squares, 1 / the scale used
         self.steps += 1
         if clip:
-            bk.clip_by_norm(grad, sumsq, clip, guard)
-        self.optimizer.step([model.flat_parameters()], [grad], bk, guard=guard,
-                            copies=[model._flat_compute] if model.mixed else None)
+            bk.clip_by_norm(grad, sumsq, clip, gate)
+        self.optimizer.step([model.flat_parameters()], [grad], bk, guard=gate,
+                            copies=[model._flat_compute] if model.mixed else None, unscale=unscale)
         return value, output
+
+    def _loss_scaling(self) -> Any:
+        """Dynamic loss scaling's device state for a float16 model (see ``loss_scale``), else None."""
+        if self.model.compute_dtype != np.float16:
+            return None
+        if self._scale_state is None:
+            bk = self.model.backend
+            with bk.device_scope():
+                self._scale_state = bk.asarray(np.array([LOSS_SCALE_INIT, 1 / LOSS_SCALE_INIT, 0, 0, 0], np.float32))
+                self._scale_gate = bk.zeros((4,), np.float64)
+        return self._scale_state
+
+    @property
+    def loss_scale(self) -> float | None:
+        """The loss scale of a float16 model's next step (dynamic loss scaling: it starts at 2**16, halves
+        on a step whose gradient overflows, which is skipped, and doubles after 2000 steps without one, as
+        PyTorch's GradScaler); None for other models. Reading it costs a device read."""
+        state = self._loss_scaling()
+        return None if state is None else float(self.model.backend.to_numpy(state)[0])
+
+    @property
+    def overflow_steps(self) -> int:
+        """How many steps loss scaling skipped because their float16 gradient overflowed (0 unless float16)."""
+        state = self._loss_scaling()
+        return 0 if state is None else int(self.model.backend.to_numpy(state)[4])
 
     def _dist_step(self, xb: Any, yb: Any, wb: Any, size: int, stats_row: np.ndarray) -> bool:
         """One data-parallel step on a global batch of ``size`` rows, of which this rank holds (xb, yb, wb)

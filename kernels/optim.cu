@@ -13,19 +13,23 @@
 // or T itself); each update reads G, computes in T and, when copy is not null, also writes the updated
 // parameters rounded to G into copy (the weights the next step's GEMMs read), in the same pass.
 //
+// Loss scaling (float16): the gradients come multiplied by the loss scale; unscale, when not null, points
+// at 1 / that scale (a power of two, so unscaling is exact), which multiplies each gradient in T before
+// anything else, as torch.cuda.amp.GradScaler.unscale_ does.
+//
 // guard is the array nonfinite_guard below trips: when it is tripped (guard[0] != 0), the update does
 // nothing. The Trainer thus keeps a non-finite step out of the parameters without reading anything back
 // to the host; it reads the guard every few steps.
 template <typename T, typename G>
 __global__ void sgd(T* __restrict__ p, const G* __restrict__ g, T* __restrict__ buf, long long n, SgdArgs a,
-                    const double* __restrict__ guard, G* __restrict__ copy) {
+                    const double* __restrict__ guard, G* __restrict__ copy, const float* __restrict__ unscale) {
     if (guard[0] != 0.0) {
         return;
     }
     const T lr = static_cast<T>(a.lr), mom = static_cast<T>(a.momentum), damp1 = static_cast<T>(1.0 - a.dampening),
             wd = static_cast<T>(a.weight_decay);
     for (long long i = global_index(); i < n; i += grid_stride()) {
-        T d = load(g[i]);
+        T d = unscale != nullptr ? mul_rn(static_cast<T>(load(g[i])), static_cast<T>(unscale[0])) : load(g[i]);
         if (a.weight_decay != 0.0) {
             d = add_rn(d, mul_rn(wd, p[i]));
         }
@@ -45,7 +49,8 @@ __global__ void sgd(T* __restrict__ p, const G* __restrict__ g, T* __restrict__ 
 
 template <typename T, typename G>
 __global__ void adam(T* __restrict__ p, const G* __restrict__ g, T* __restrict__ m, T* __restrict__ v, long long n,
-                     AdamArgs a, const double* __restrict__ guard, G* __restrict__ copy) {
+                     AdamArgs a, const double* __restrict__ guard, G* __restrict__ copy,
+                     const float* __restrict__ unscale) {
     if (guard[0] != 0.0) {
         return;
     }
@@ -55,7 +60,7 @@ __global__ void adam(T* __restrict__ p, const G* __restrict__ g, T* __restrict__
             wd = static_cast<T>(a.weight_decay);
     for (long long i = global_index(); i < n; i += grid_stride()) {
         T pi = p[i];
-        T d = load(g[i]);
+        T d = unscale != nullptr ? mul_rn(static_cast<T>(load(g[i])), static_cast<T>(unscale[0])) : load(g[i]);
         if (a.weight_decay != 0.0) {
             if (a.decoupled) {
                 pi = mul_rn(pi, shrink);
@@ -78,14 +83,15 @@ __global__ void adam(T* __restrict__ p, const G* __restrict__ g, T* __restrict__
 
 template <typename T, typename G>
 __global__ void rmsprop(T* __restrict__ p, const G* __restrict__ g, T* __restrict__ sq, T* __restrict__ buf,
-                        long long n, RmspropArgs a, const double* __restrict__ guard, G* __restrict__ copy) {
+                        long long n, RmspropArgs a, const double* __restrict__ guard, G* __restrict__ copy,
+                        const float* __restrict__ unscale) {
     if (guard[0] != 0.0) {
         return;
     }
     const T lr = static_cast<T>(a.lr), alpha = static_cast<T>(a.alpha), oma = static_cast<T>(1.0 - a.alpha),
             eps = static_cast<T>(a.eps), mom = static_cast<T>(a.momentum), wd = static_cast<T>(a.weight_decay);
     for (long long i = global_index(); i < n; i += grid_stride()) {
-        T d = load(g[i]);
+        T d = unscale != nullptr ? mul_rn(static_cast<T>(load(g[i])), static_cast<T>(unscale[0])) : load(g[i]);
         if (a.weight_decay != 0.0) {
             d = add_rn(d, mul_rn(wd, p[i]));
         }
@@ -154,5 +160,49 @@ __global__ void clip_by_norm(T* __restrict__ x, long long n, const typename Acc<
     const C c = static_cast<C>(coef);
     for (long long i = global_index(); i < n; i += grid_stride()) {
         x[i] = store<T>(mul_rn(load(x[i]), c));
+    }
+}
+
+// Loss scaling, the scale applied: x *= state[0] (the loss scale, a power of two), on a gradient source
+// (the output delta) in its 16-bit type, before the backward pass carries it down.
+template <typename T>
+__global__ void scale_by(T* __restrict__ x, long long n, const float* __restrict__ state) {
+    const float s = state[0];
+    for (long long i = global_index(); i < n; i += grid_stride()) {
+        x[i] = store<T>(load(x[i]) * s);
+    }
+}
+
+// Dynamic loss scaling, one thread, after the scaled gradient's sum of squares: state holds [scale,
+// 1 / the scale this step used, the unscaled sum of squares, steps since the scale last changed, overflow
+// steps skipped so far]. An overflow (a sum of squares that is not finite) halves the scale (backoff) and
+// gates this step's update off through gate[0] (gate is also closed when guard, the non-finite guard, is
+// tripped); growth_interval steps without one double it (growth), as torch.cuda.amp.GradScaler.
+// A is the accumulators' type (float).
+template <typename A>
+__global__ void loss_scale_update(const A* __restrict__ sumsq, A* __restrict__ state,
+                                  const double* __restrict__ guard, double* __restrict__ gate, A growth, A backoff,
+                                  long long growth_interval) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) {
+        return;
+    }
+    const A scale = state[0], inv = A(1) / scale;
+    const A s = sumsq[0];
+    const bool finite = isfinite(s);
+    state[1] = inv;
+    state[2] = finite ? s * inv * inv : s;
+    gate[0] = (guard[0] != 0.0 || !finite) ? 1.0 : 0.0;
+    if (guard[0] != 0.0) {
+        return;  // a diverged step: the Trainer raises at its next read of the guard
+    }
+    if (!finite) {
+        state[0] = scale * backoff;
+        state[3] = A(0);
+        state[4] += A(1);
+    } else if (state[3] + A(1) >= static_cast<A>(growth_interval)) {
+        state[0] = scale * growth;
+        state[3] = A(0);
+    } else {
+        state[3] += A(1);
     }
 }

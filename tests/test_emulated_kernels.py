@@ -308,11 +308,16 @@ def assert_same(a, b, err_msg=""):
 
 
 def update_operands(dtype, gdtype, n, rng):
-    """(p, g, copy) of an update: the gradient in ``gdtype`` (16-bit in mixed precision, then ``copy`` is a
-    poisoned array the kernel writes the updated parameters into, rounded; else None)."""
+    """(p, g, copy, unscale, the gradient the reference update takes) of an update: the gradient in
+    ``gdtype``; in mixed precision (16 bits) ``copy`` is a poisoned array the kernel writes the updated
+    parameters into, rounded, and the gradient comes scaled by 8 (loss scaling), ``unscale`` = [1/8]; else
+    both are None."""
     p = rng.standard_normal(n).astype(dtype)
     g = rng.standard_normal(n).astype(gdtype)
-    return p, g, (poisoned(n, gdtype) if gdtype != dtype else None)
+    if gdtype == dtype:
+        return p, g, None, None, g
+    unscale = np.array([0.125], np.float32)
+    return p, g, poisoned(n, gdtype), unscale, g.astype(dtype) * dtype(0.125)
 
 
 def with_copy(state, want, copy_at, copy, gdtype):
@@ -327,14 +332,14 @@ def check_sgd(kernel, dtype, gdtype):
     rng = np.random.default_rng(7)
     for nesterov, first, dampening in [(0, 1, 0.0), (0, 0, 0.1), (1, 0, 0.0)]:
         for n in SIZES:
-            p, g, copy = update_operands(dtype, gdtype, n, rng)
+            p, g, copy, unscale, g_ref = update_operands(dtype, gdtype, n, rng)
             buf = rng.standard_normal(n).astype(dtype)
             want = [p.copy(), buf.copy()]
             opt = optim.SGD(lr, momentum=momentum, dampening=dampening, nesterov=bool(nesterov), weight_decay=wd)
             step = 1 if first else 2
             opt.prepare([want[0]], REFERENCE)  # binds the backend that lends update() its scratch
-            opt.update(np, want[0], g.astype(dtype), {"momentum": want[1]}, lr, step)
-            args = (p, g, buf, np.int64(n), update_args("sgd", lr, step, opt.hp)[0], np.zeros(4), copy)
+            opt.update(np, want[0], g_ref, {"momentum": want[1]}, lr, step)
+            args = (p, g, buf, np.int64(n), update_args("sgd", lr, step, opt.hp)[0], np.zeros(4), copy, unscale)
             check_update(kernel, args, *with_copy([0, 2], want, 6, copy, gdtype), guard=5)
 
 
@@ -343,14 +348,14 @@ def check_adam(kernel, dtype, gdtype):
     rng = np.random.default_rng(8)
     for wd, decoupled in [(0.0, 0), (1e-2, 0), (1e-2, 1)]:
         for n in SIZES:
-            p, g, copy = update_operands(dtype, gdtype, n, rng)
+            p, g, copy, unscale, g_ref = update_operands(dtype, gdtype, n, rng)
             m = rng.standard_normal(n).astype(dtype)
             v = rng.random(n).astype(dtype)
             want = [p.copy(), m.copy(), v.copy()]
             opt = (optim.AdamW if decoupled else optim.Adam)(lr, betas=(b1, b2), eps=eps, weight_decay=wd)
             opt.prepare([want[0]], REFERENCE)
-            opt.update(np, want[0], g.astype(dtype), {"m": want[1], "v": want[2]}, lr, step)
-            args = (p, g, m, v, np.int64(n), update_args("adam", lr, step, opt.hp)[0], np.zeros(4), copy)
+            opt.update(np, want[0], g_ref, {"m": want[1], "v": want[2]}, lr, step)
+            args = (p, g, m, v, np.int64(n), update_args("adam", lr, step, opt.hp)[0], np.zeros(4), copy, unscale)
             check_update(kernel, args, *with_copy([0, 2, 3], want, 7, copy, gdtype), guard=6)
 
 
@@ -359,14 +364,15 @@ def check_rmsprop(kernel, dtype, gdtype):
     rng = np.random.default_rng(9)
     for momentum, wd in [(0.0, 0.0), (0.9, 1e-3)]:
         for n in SIZES:
-            p, g, copy = update_operands(dtype, gdtype, n, rng)
+            p, g, copy, unscale, g_ref = update_operands(dtype, gdtype, n, rng)
             buf = rng.standard_normal(n).astype(dtype)
             sq = rng.random(n).astype(dtype)
             want = [p.copy(), sq.copy(), buf.copy()]
             opt = optim.RMSProp(lr, alpha=alpha, eps=eps, momentum=momentum, weight_decay=wd)
             opt.prepare([want[0]], REFERENCE)
-            opt.update(np, want[0], g.astype(dtype), {"square_avg": want[1], "momentum": want[2]}, lr, 1)
-            args = (p, g, sq, buf, np.int64(n), update_args("rmsprop", lr, 1, opt.hp)[0], np.zeros(4), copy)
+            opt.update(np, want[0], g_ref, {"square_avg": want[1], "momentum": want[2]}, lr, 1)
+            args = (p, g, sq, buf, np.int64(n), update_args("rmsprop", lr, 1, opt.hp)[0], np.zeros(4), copy,
+                    unscale)
             state, expect = ([0, 2, 3], want) if momentum else ([0, 2], want[:2])
             check_update(kernel, args, *with_copy(state, expect, 7, copy, gdtype), guard=6)
 
@@ -383,7 +389,7 @@ def test_16_bit_conversions_round_as_numpy_and_ml_dtypes(modules, half):
     plain = optim.SGD(1.0).hp
     every = np.arange(2**16, dtype=np.uint16).view(dtype)
     args = (np.zeros(every.size, np.float32), every, np.zeros(1, np.float32), np.int64(every.size),
-            update_args("sgd", 1.0, 1, plain)[0], np.zeros(4), poisoned(every.size, dtype))
+            update_args("sgd", 1.0, 1, plain)[0], np.zeros(4), poisoned(every.size, dtype), None)
     (p,) = launch(kernel, 64, 256, args, [0])
     with np.errstate(invalid="ignore"):
         want = np.float32(0) - every.astype(np.float32)  # as the kernel subtracts: 0 - (+0) is +0
@@ -394,7 +400,7 @@ def test_16_bit_conversions_round_as_numpy_and_ml_dtypes(modules, half):
     with np.errstate(all="ignore"):
         values, want = conversion_cases(every, info, rng, dtype)
     args = (values, np.zeros(values.size, dtype), np.zeros(1, np.float32), np.int64(values.size),
-            update_args("sgd", 0.0, 1, plain)[0], np.zeros(4), poisoned(values.size, dtype))
+            update_args("sgd", 0.0, 1, plain)[0], np.zeros(4), poisoned(values.size, dtype), None)
     (copy,) = launch(kernel, 64, 256, args, [6])
     finite = ~np.isnan(want.astype(np.float32))
     np.testing.assert_array_equal(copy.view(np.uint16)[finite], want.view(np.uint16)[finite])
@@ -454,6 +460,42 @@ def check_clip_by_norm(kernel, dtype):
         np.testing.assert_array_equal(out, x)  # guard tripped: untouched
 
 
+def check_scale_by(kernel, dtype):
+    """x *= scale (a power of two) in the 16-bit type: exact, but where it overflows to infinity."""
+    rng = np.random.default_rng(15)
+    for n in SIZES:
+        x = rng.standard_normal(n).astype(dtype)
+        for scale in (2.0**-3, 1.0, 2.0**10):
+            state = np.array([scale, 0, 0, 0, 0], np.float32)
+            for grid, block in update_configs(n):
+                (out,) = launch(kernel, grid, block, (x, np.int64(n), state), [0])
+                with np.errstate(over="ignore"):
+                    want = (x.astype(np.float32) * np.float32(scale)).astype(dtype)
+                assert_same(out, want)
+
+
+def check_loss_scale_update(kernel, acc):
+    """One step of dynamic loss scaling: [scale, 1/scale used, unscaled sum of squares, steps since the
+    scale changed, overflow steps]; the update gate closes on an overflow or a tripped guard."""
+    def step(state, sumsq, guard=(0.0, 0, 0, 0), interval=3):
+        args = (np.array([sumsq], acc), np.array(state, acc), np.array(guard), np.full(4, np.nan), acc(2.0),
+                acc(0.5), np.int64(interval))
+        return launch(kernel, 1, 1, args, [1, 3])
+
+    state, gate = step([8.0, 0, 0, 0, 0], 128.0)  # finite: the norm unscaled, the count on
+    np.testing.assert_array_equal(state, [8.0, 0.125, 2.0, 1, 0])
+    assert gate[0] == 0
+    state, gate = step([8.0, 0, 0, 2, 0], 64.0)  # the interval reached: the scale doubles
+    np.testing.assert_array_equal(state, [16.0, 0.125, 1.0, 0, 0])
+    assert gate[0] == 0
+    state, gate = step([8.0, 0, 0, 2, 4], np.inf)  # an overflow: halve, skip, count it
+    np.testing.assert_array_equal(state[[0, 1, 3, 4]], [4.0, 0.125, 0, 5])
+    assert gate[0] == 1
+    state, gate = step([8.0, 0, 0, 1, 0], 64.0, guard=(1.0, 3, np.nan, 1))  # diverged: gated, scale kept
+    np.testing.assert_array_equal(state[[0, 3, 4]], [8.0, 1, 0])
+    assert gate[0] == 1
+
+
 CHECKS = {
     "forward_epilogue": check_forward_epilogue, "backward_epilogue": check_backward_epilogue,
     "sum_partials": check_sum_partials,
@@ -462,6 +504,7 @@ CHECKS = {
     "check_batch_finish": check_check_batch_finish,
     "sgd": check_sgd, "adam": check_adam, "rmsprop": check_rmsprop, "sumsq_partial": check_sumsq_partial,
     "nonfinite_guard": check_nonfinite_guard, "clip_by_norm": check_clip_by_norm,
+    "scale_by": check_scale_by, "loss_scale_update": check_loss_scale_update,
 }
 
 INSTANTIATIONS = [(f, name) for f in cuda_sources.FILES for name in cuda_sources.name_expressions(f)]

@@ -71,9 +71,11 @@ def test_the_cupy_backend_only_launches_listed_kernels():
         base = template.split("<")[0]
         if "{G}" in template:  # an update: float32 or float64 throughout, or float32 from a 16-bit gradient
             pairs = [(c, c) for c in ("float", "double")] + [("float", c) for c in ("bf16", "f16")]
-        else:  # the reductions of accumulators run in float32 and float64 alone
-            pairs = [(c, c) for d, c in cuda_sources.DTYPES.items() if d not in cuda_sources.HALF_DTYPES
-                     or base not in ("reduce_loss", "ordered_sum", "nonfinite_guard")]
+        else:  # the reductions of accumulators run in float32 and float64 alone, loss scaling in 16 bits
+            only = {"reduce_loss": ("float", "double"), "ordered_sum": ("float", "double"),
+                    "nonfinite_guard": ("float", "double"), "scale_by": ("bf16", "f16"),
+                    "loss_scale_update": ("float",)}
+            pairs = [(c, c) for c in cuda_sources.DTYPES.values() if c in only.get(base, (c,))]
         for ctype, gtype in pairs:
             codes = variants.get(base, sorted(CODES.values())) if "{ACT}" in template else [0]
             for code in codes:

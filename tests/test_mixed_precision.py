@@ -1,7 +1,7 @@
-"""Mixed precision on the cupy backend (``MLP(compute_dtype='bfloat16')``): 16-bit GEMMs, activations and
-gradients over float32 master weights and optimizer state; on a real GPU (marked gpu) and on the emulated
-CuPy (marked emulator). The kernels' 16-bit instantiations themselves are tested one by one in
-test_emulated_kernels.py."""
+"""Mixed precision on the cupy backend (``MLP(compute_dtype='bfloat16')`` or 'float16', with dynamic loss
+scaling): 16-bit GEMMs, activations and gradients over float32 master weights and optimizer state; on a
+real GPU (marked gpu) and on the emulated CuPy (marked emulator). The kernels' 16-bit instantiations
+themselves are tested one by one in test_emulated_kernels.py."""
 
 import numpy as np
 import pytest
@@ -22,20 +22,46 @@ def digits():
     return datasets.train_test_split((X / 16).astype(np.float32), y, test_size=0.25, seed=0)
 
 
-def test_bfloat16_trains_digits_to_within_a_hundredth_of_float32(gpu):
+HALF = ["bfloat16", "float16"]
+
+
+@pytest.mark.parametrize("compute", HALF)
+def test_16_bits_train_digits_to_within_a_hundredth_of_float32(gpu, compute):
     X_tr, X_te, y_tr, y_te = digits()
     scores = {}
-    for compute in (None, "bfloat16"):
-        model = fb.MLP([64, 128, 64, 10], seed=0, backend=gpu, compute_dtype=compute)
+    for dtype in (None, compute):
+        model = fb.MLP([64, 128, 64, 10], seed=0, backend=gpu, compute_dtype=dtype)
         trainer = fb.Trainer(model, optimizer=fb.optim.Adam(1e-3), batch_size=64, seed=0)
         trainer.fit(X_tr, y_tr, epochs=30, verbose=0)
-        scores[compute] = trainer.evaluate(X_te, y_te)["accuracy"]
-    assert scores["bfloat16"] >= 0.96
-    assert abs(scores["bfloat16"] - scores[None]) <= 0.01, scores
+        scores[dtype] = trainer.evaluate(X_te, y_te)["accuracy"]
+    assert scores[compute] >= 0.96
+    assert abs(scores[compute] - scores[None]) <= 0.01, scores
 
 
+def test_float16_loss_scaling_skips_overflowing_steps_and_backs_off(gpu):
+    """A loss scale that overflows float16 skips the step (the weights stay) and halves the scale, until
+    steps go through; the loss reported is not scaled."""
+    X_tr, _, y_tr, _ = digits()
+    model = fb.MLP([64, 32, 10], seed=1, backend=gpu, compute_dtype="float16")
+    trainer = fb.Trainer(model, optimizer=fb.optim.SGD(0.1), batch_size=32)
+    plain = fb.Trainer(fb.MLP([64, 32, 10], seed=1, backend=gpu), optimizer=fb.optim.SGD(0.1), batch_size=32)
+    assert trainer.loss_scale == 2.0**16 and plain.loss_scale is None
+    trainer._loss_scaling()[0:1] = gpu.asarray(np.array([2.0**40], np.float32))
+    before = model.get_weights()
+    loss = trainer.step(X_tr[:32], y_tr[:32])
+    assert abs(loss - plain.step(X_tr[:32], y_tr[:32])) < 0.05 * loss  # unscaled
+    assert trainer.overflow_steps == 1 and trainer.loss_scale == 2.0**39
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    for _ in range(40):
+        trainer.step(X_tr[:32], y_tr[:32])
+    skipped = trainer.overflow_steps
+    assert 1 < skipped < 41 and trainer.loss_scale == 2.0 ** (40 - skipped)
+    assert not all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
+@pytest.mark.parametrize("compute", HALF)
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "rmsprop", "user"])
-def test_master_weights_and_state_stay_float32_and_the_copy_is_them_rounded(gpu, optimizer):
+def test_master_weights_and_state_stay_float32_and_the_copy_is_them_rounded(gpu, optimizer, compute):
     """After every step the 16-bit copy the GEMMs read equals the float32 master weights rounded to
     nearest even, whether the fused update writes it or the reference update of a user's optimizer."""
     class Plain(fb.optim.SGD):  # a user's optimizer: overriding update() leaves the fused kernel out
@@ -45,7 +71,7 @@ def test_master_weights_and_state_stay_float32_and_the_copy_is_them_rounded(gpu,
     make = {"sgd": lambda: fb.optim.SGD(0.1, momentum=0.9), "adam": lambda: fb.optim.Adam(1e-2),
             "rmsprop": lambda: fb.optim.RMSProp(1e-3, momentum=0.5), "user": lambda: Plain(0.1)}[optimizer]
     X_tr, _, y_tr, _ = digits()
-    model = fb.MLP([64, 32, 10], seed=1, backend=gpu, compute_dtype="bfloat16")
+    model = fb.MLP([64, 32, 10], seed=1, backend=gpu, compute_dtype=compute)
     opt = make()
     trainer = fb.Trainer(model, optimizer=opt, batch_size=32, clip_norm=1.0)
     before = model.get_weights()
@@ -53,7 +79,7 @@ def test_master_weights_and_state_stay_float32_and_the_copy_is_them_rounded(gpu,
         trainer.step(X_tr[32 * i:32 * (i + 1)], y_tr[32 * i:32 * (i + 1)])
         master = gpu.to_numpy(model.flat_parameters())
         copy = gpu.to_numpy(model._flat_compute)
-        assert master.dtype == np.float32 and copy.dtype.name == "bfloat16"
+        assert master.dtype == np.float32 and copy.dtype.name == compute
         np.testing.assert_array_equal(copy.view(np.uint16), master.astype(copy.dtype).view(np.uint16))
     assert all(w.dtype == np.float32 for w in model.get_weights())
     assert not all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))

@@ -366,11 +366,25 @@ class Backend:
 
     # ------------------------------------------------------------------ fused optimizer updates
     #: Fused in-place updates by optimizer (``Optimizer.fused`` names them): ``fn(backend, p, g, slots, lr,
-    #: step, hp, guard, copy=None)`` updates the parameter ``p`` and its ``slots`` (see ``Optimizer.update``)
-    #: with the optimizer's hyperparameters ``hp``, writes the updated ``p`` into ``copy`` in copy's dtype
-    #: when given (a mixed-precision model's 16-bit compute copy), does nothing when ``guard`` is tripped,
+    #: step, hp, guard, copy=None, unscale=None)`` updates the parameter ``p`` and its ``slots`` (see
+    #: ``Optimizer.update``) with the optimizer's hyperparameters ``hp``, writes the updated ``p`` into
+    #: ``copy`` in copy's dtype when given (a mixed-precision model's 16-bit compute copy), multiplies the
+    #: gradient by ``unscale[0]`` first when given (loss scaling), does nothing when ``guard`` is tripped,
     #: and returns False when it cannot take these arrays (then the reference runs). The reference backend
     #: has none: every optimizer's ``update`` is the reference.
+    def scale_by(self, x: Any, state: Any) -> None:
+        """Loss scaling (float16 mixed precision): x *= state[0], in place. Only backends that list float16
+        in ``compute_dtypes`` have it."""
+        raise NotImplementedError(f"the {self.name} backend has no loss scaling (float16 runs on cupy)")
+
+    def loss_scale_update(self, sumsq: Any, state: Any, guard: Any, gate: Any, growth: float, backoff: float,
+                          interval: int) -> None:
+        """One step of dynamic loss scaling on the device, after the scaled gradient's sum of squares
+        ``sumsq``: ``state`` is [scale, 1 / the scale used, the unscaled sum of squares, steps since the scale
+        changed, overflow steps skipped]; ``gate[0]`` becomes 1 (the update skips) on an overflow or when
+        ``guard`` is tripped. See kernels/optim.cu ``loss_scale_update``."""
+        raise NotImplementedError(f"the {self.name} backend has no loss scaling (float16 runs on cupy)")
+
     #: The dtypes this backend computes in: the model dtypes, and on GPUs the 16-bit compute dtypes of
     #: mixed precision (``MLP(compute_dtype=...)``).
     compute_dtypes: tuple[str, ...] = ("float32", "float64")

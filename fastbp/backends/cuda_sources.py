@@ -99,7 +99,7 @@ def launch_threads(name_expression: str) -> int:
     base = name_expression.split("<")[0]
     if base in ("ordered_sum", "reduce_loss", "check_batch_finish"):
         return REDUCE_THREADS
-    if base == "nonfinite_guard":
+    if base in ("nonfinite_guard", "loss_scale_update"):
         return 1
     if base == "backward_epilogue":
         return COLSUM_BLOCK[0] * COLSUM_BLOCK[1]
@@ -140,7 +140,8 @@ def name_expressions(file: str) -> list[str]:
             master = ctype if full else "float"
             names += [f"{update}<{master}, {ctype}>" for update in ("sgd", "adam", "rmsprop")]
             names += [f"sumsq_partial<{ctype}>", f"clip_by_norm<{ctype}>"]
-            names += [f"nonfinite_guard<{ctype}>"] if full else []
+            names += [f"nonfinite_guard<{ctype}>"] if full else [f"scale_by<{ctype}>"]
+            names += ["loss_scale_update<float>"] if dtype == "float32" else []
         else:
             raise ValueError(f"unknown kernel file {file!r}")
     return names

@@ -50,8 +50,9 @@ class CupyBackend(Backend):
     """CuPy arrays on one CUDA device, cuBLAS GEMMs and fused CUDA kernels."""
 
     name = "cupy"
-    # float16 waits for dynamic loss scaling (its kernels are built and tested: the 16-bit storage types)
-    compute_dtypes = ("float32", "float64") + (("bfloat16",) if importlib.util.find_spec("ml_dtypes") else ())
+    # the 16-bit compute dtypes of mixed precision; CuPy's bfloat16 arrays need ml_dtypes
+    compute_dtypes = ("float32", "float64", "float16") + (
+        ("bfloat16",) if importlib.util.find_spec("ml_dtypes") else ())
 
     def __init__(self, device_id: int = 0, cupy_module: Any = None) -> None:
         """The backend on CUDA device ``device_id``. ``cupy_module`` is the CuPy module to drive (the tests'
@@ -337,7 +338,8 @@ class CupyBackend(Backend):
     # Optimizer.step calls them by the optimizer's ``fused`` name (see Backend.fused_updates); each is one
     # kernel of optim.cu over the flat parameter, equal to the optimizer's reference update bit for bit.
     # Mixed precision: a float32 parameter takes a 16-bit gradient as it is, and ``copy`` (the model's
-    # 16-bit compute copy of the parameter) receives the updated values in the same pass.
+    # 16-bit compute copy of the parameter) receives the updated values in the same pass; ``unscale`` (loss
+    # scaling) is a one-element float32 array holding 1 / the loss scale, which multiplies the gradient.
     def _update_operands(self, p: Any, g: Any, copy: Any) -> tuple[Any, Any, Any]:
         """(gradient, copy, the gradient's dtype) as an update kernel reads them: the gradient flat, in its
         16-bit dtype when ``p`` is float32 and it is one, else in ``p``'s dtype; ``copy`` flat or None."""
@@ -350,32 +352,33 @@ class CupyBackend(Backend):
         return self._flat_in(g, gdtype), copy, gdtype
 
     @_on_device
-    def _sgd_update(self, p, g, slots, lr, step, hp, guard, copy=None):
+    def _sgd_update(self, p, g, slots, lr, step, hp, guard, copy=None, unscale=None):
         g, copy, gdtype = self._update_operands(p, g, copy)
         with self._in_place(p.dtype, p, slots.get("momentum")) as (p, buf):
             args = self._update_record("sgd", lr, step, hp)[0]  # a struct, copied at launch
             self._launch("optim.cu", "sgd<{T}, {G}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
                          (p, g, buf if buf is not None else p, np.int64(p.size), args, self._guard_or_open(guard),
-                          copy), gdtype=gdtype)
+                          copy, unscale), gdtype=gdtype)
         return True
 
     @_on_device
-    def _adam_update(self, p, g, slots, lr, step, hp, guard, copy=None):
+    def _adam_update(self, p, g, slots, lr, step, hp, guard, copy=None, unscale=None):
         g, copy, gdtype = self._update_operands(p, g, copy)
         with self._in_place(p.dtype, p, slots["m"], slots["v"]) as (p, m, v):
             args = self._update_record("adam", lr, step, hp)[0]
             self._launch("optim.cu", "adam<{T}, {G}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
-                         (p, g, m, v, np.int64(p.size), args, self._guard_or_open(guard), copy), gdtype=gdtype)
+                         (p, g, m, v, np.int64(p.size), args, self._guard_or_open(guard), copy, unscale),
+                         gdtype=gdtype)
         return True
 
     @_on_device
-    def _rmsprop_update(self, p, g, slots, lr, step, hp, guard, copy=None):
+    def _rmsprop_update(self, p, g, slots, lr, step, hp, guard, copy=None, unscale=None):
         g, copy, gdtype = self._update_operands(p, g, copy)
         with self._in_place(p.dtype, p, slots["square_avg"], slots.get("momentum")) as (p, sq, buf):
             args = self._update_record("rmsprop", lr, step, hp)[0]
             self._launch("optim.cu", "rmsprop<{T}, {G}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
                          (p, g, sq, buf if buf is not None else p, np.int64(p.size), args,
-                          self._guard_or_open(guard), copy), gdtype=gdtype)
+                          self._guard_or_open(guard), copy, unscale), gdtype=gdtype)
         return True
 
     fused_updates = {"sgd": _sgd_update, "adam": _adam_update, "rmsprop": _rmsprop_update}
@@ -387,6 +390,19 @@ class CupyBackend(Backend):
     def nonfinite_guard(self, value, sumsq, guard, step):
         self._launch("optim.cu", "nonfinite_guard<{T}>", value.dtype, (1,), (1,),
                      (value, sumsq.astype(value.dtype, copy=False), guard, np.int64(step)))
+
+    # ------------------------------------------------------------------ dynamic loss scaling (float16)
+    @_on_device
+    def scale_by(self, x, state):
+        with self._in_place(x.dtype, x) as (flat,):
+            self._launch("optim.cu", "scale_by<{T}>", flat.dtype, (self._grid(flat.size),), (cuda_sources.THREADS,),
+                         (flat, np.int64(flat.size), state))
+
+    @_on_device
+    def loss_scale_update(self, sumsq, state, guard, gate, growth, backoff, interval):
+        self._launch("optim.cu", "loss_scale_update<{T}>", np.float32, (1,), (1,),
+                     (sumsq.astype(np.float32, copy=False), state, self._guard_or_open(guard), gate,
+                      np.float32(growth), np.float32(backoff), np.int64(interval)))
 
     @_on_device
     def check_batch(self, X, y, loss, n_out, guard, step):

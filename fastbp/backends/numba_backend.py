@@ -109,9 +109,9 @@ class NumbaBackend(Backend):
 
     # ------------------------------------------------------------------ fused optimizer updates (flat, one pass)
     # Optimizer.step calls them by the optimizer's ``fused`` name (see Backend.fused_updates). A compute copy
-    # (mixed precision, which runs on the cupy backend alone) goes to the reference update.
-    def _sgd_update(self, p, g, slots, lr, step, hp, guard, copy=None):
-        if copy is not None or not (p.flags.c_contiguous and g.flags.c_contiguous):
+    # or a loss scale (mixed precision, which runs on the cupy backend alone) goes to the reference update.
+    def _sgd_update(self, p, g, slots, lr, step, hp, guard, copy=None, unscale=None):
+        if copy is not None or unscale is not None or not (p.flags.c_contiguous and g.flags.c_contiguous):
             return False
         if not self._guard_tripped(guard):
             buf = slots.get("momentum")
@@ -119,16 +119,16 @@ class NumbaBackend(Backend):
             self.k.sgd(p.reshape(-1), g.reshape(-1), buf, self._update_record("sgd", lr, step, hp))
         return True
 
-    def _adam_update(self, p, g, slots, lr, step, hp, guard, copy=None):
-        if copy is not None or not (p.flags.c_contiguous and g.flags.c_contiguous):
+    def _adam_update(self, p, g, slots, lr, step, hp, guard, copy=None, unscale=None):
+        if copy is not None or unscale is not None or not (p.flags.c_contiguous and g.flags.c_contiguous):
             return False
         if not self._guard_tripped(guard):
             self.k.adam(p.reshape(-1), g.reshape(-1), slots["m"].reshape(-1), slots["v"].reshape(-1),
                         self._update_record("adam", lr, step, hp))
         return True
 
-    def _rmsprop_update(self, p, g, slots, lr, step, hp, guard, copy=None):
-        if copy is not None or not (p.flags.c_contiguous and g.flags.c_contiguous):
+    def _rmsprop_update(self, p, g, slots, lr, step, hp, guard, copy=None, unscale=None):
+        if copy is not None or unscale is not None or not (p.flags.c_contiguous and g.flags.c_contiguous):
             return False
         if not self._guard_tripped(guard):
             buf = slots.get("momentum")

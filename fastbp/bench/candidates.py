@@ -233,7 +233,7 @@ def naive_candidate(sizes: list[int], batch: int, dtype: str) -> Candidate:
 def torch_candidates(sizes: list[int], batch: int, dtype: str, device: str,
                      compile_model: bool = False) -> list[Candidate]:
     """PyTorch eager (or compiled) steps with SGD and Adam, and the forward, on ``device``; for a 16-bit
-    ``dtype``, float32 parameters under autocast to it (PyTorch's mixed precision)."""
+    ``dtype``, float32 parameters under autocast to it (PyTorch's mixed precision; GradScaler for float16)."""
     import contextlib
 
     import torch
@@ -263,13 +263,16 @@ def torch_candidates(sizes: list[int], batch: int, dtype: str, device: str,
                                ("adam", lambda ps: torch.optim.Adam(ps, lr=LR))):
         model = build()
         opt = make_opt(model.parameters())
+        # float16 scales its loss dynamically, as fastbp's float16 steps do
+        scaler = torch.amp.GradScaler(device, enabled=dtype == "float16")
 
-        def step(model=model, opt=opt):
+        def step(model=model, opt=opt, scaler=scaler):
             opt.zero_grad(set_to_none=True)
             with autocast():
                 loss = torch.nn.functional.cross_entropy(model(X), y)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sync()
 
         cands.append(Candidate(f"step_{opt_name}", label, step, step_flops(sizes, batch), "step", family="torch"))

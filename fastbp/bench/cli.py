@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from ..dtypes import HALF_DTYPES
 from .candidates import _torch_available
 from .flops import CONFIGS
 from .report import format_latency, format_table, plot, run_config, warnings_for
@@ -20,9 +21,9 @@ def add_bench_parser(sub: Any, sizes_type: Callable[[str], list[int]]) -> None:
     p.add_argument("--sizes", type=sizes_type, help="custom layer sizes, e.g. 784,512,10 (with --batch)")
     p.add_argument("--batch", type=int, help="custom batch size")
     p.add_argument("--backend", action="append", help="backend (repeatable); default: every available one")
-    p.add_argument("--dtype", action="append", choices=("float32", "float64", "bfloat16"),
-                   help="default: float32; bfloat16 is mixed precision (float32 master weights; cupy alone), "
-                        "against PyTorch under autocast")
+    p.add_argument("--dtype", action="append", choices=("float32", "float64", "bfloat16", "float16"),
+                   help="default: float32; bfloat16 and float16 are mixed precision (float32 master weights; "
+                        "cupy alone), against PyTorch under autocast")
     p.add_argument("--reps", type=int, default=15, help="interleaved repetitions (default 15)")
     p.add_argument("--min-time", type=float, default=0.02, help="seconds per timed sample (default 0.02)")
     p.add_argument("--settle", type=float, default=0.25,
@@ -60,8 +61,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"config {name!r} is sized for a GPU; run it with the cupy backend")
         configs.append((name, cfg["sizes"], cfg["batch"]))
     dtypes = args.dtype or ["float32"]
-    if "bfloat16" in dtypes and any("bfloat16" not in bk.compute_dtypes for bk in backends):
-        raise ValueError("--dtype bfloat16 (mixed precision) runs on the cupy backend: add --backend cupy")
+    for half in HALF_DTYPES:
+        if half in dtypes and any(half not in bk.compute_dtypes for bk in backends):
+            raise ValueError(f"--dtype {half} (mixed precision) runs on the cupy backend: add --backend cupy")
     if args.tf32:
         if not on_gpu:
             raise ValueError("--tf32 needs the cupy backend")
