@@ -613,12 +613,20 @@ def _tf32(a: np.ndarray) -> np.ndarray:
 
 
 def matmul(a: ndarray, b: ndarray, out: ndarray | None = None) -> ndarray:
-    """cuBLAS's GEMM, emulated by NumPy's (TF32 inputs where the float32 compute type is TF32)."""
+    """cuBLAS's GEMM, emulated by NumPy's (TF32 inputs where the float32 compute type is TF32; 16-bit
+    operands multiplied in float32 and the result rounded once, as cuBLAS's float32 compute type does)."""
     A, B = _host(a), _host(b)
     if not isinstance(a, ndarray) or not isinstance(b, ndarray):
         raise TypeError("matmul takes device arrays")
     if A.dtype == np.float32 and _compute_types.get(np.dtype(np.float32)) == COMPUTE_TYPE_TF32:
         A, B = _tf32(A), _tf32(B)
+    if A.dtype.itemsize == 2 and A.dtype.kind != "i":  # float16 or bfloat16
+        with np.errstate(all="ignore"):
+            product = np.matmul(A.astype(np.float32), B.astype(np.float32)).astype(A.dtype)
+        if out is None:
+            return _wrap_result(product)
+        _host(out)[...] = product
+        return out
     with np.errstate(all="ignore"):
         if out is None:
             return _wrap_result(np.matmul(A, B))
