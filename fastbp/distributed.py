@@ -254,6 +254,12 @@ class MPICommunicator(Communicator):
             self.comm.Barrier()
 
     def abort(self, code: int = 1) -> None:
+        # what this rank wrote (the traceback, the reason) must reach mpiexec before the job is killed:
+        # flush, and give the launcher's output forwarding a moment (a lost traceback was seen under MPICH)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        time.sleep(0.2)
         self.comm.Abort(code)
 
 
