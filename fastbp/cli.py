@@ -17,7 +17,7 @@ import numpy as np
 
 from . import datasets
 from .activations import ACTIVATIONS
-from .dtypes import FLOAT_DTYPES
+from .dtypes import FLOAT_DTYPES, HALF_DTYPES
 from .losses import LOSSES
 from .optim import OPTIMIZERS
 
@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=_positive_int, default=30, help="passes over the training rows")
     train.add_argument("--batch-size", type=_positive_int, default=64, help="rows per step")
     train.add_argument("--backend", default="auto", help="numpy | numba | cupy | cupy:N | auto")
-    train.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32", help="compute dtype")
+    train.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32", help="the weights' dtype")
+    train.add_argument("--compute-dtype", choices=HALF_DTYPES, default=None,
+                       help="mixed precision on the cupy backend: compute in 16 bits over float32 weights")
     train.add_argument("--seed", type=_seed, default=0, help="seed of the split, the weights and the shuffling")
     train.add_argument("--test-size", type=_fraction, default=0.25,
                        help="fraction held out as the test set, evaluated once at the end")
@@ -304,7 +306,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"resumed from {args.resume} at epoch {trainer.epoch}")
     else:
         model = fb.MLP([X.shape[1], *args.hidden, n_out], activation=args.activation, dtype=args.dtype,
-                       seed=args.seed)
+                       seed=args.seed, compute_dtype=args.compute_dtype)
         kwargs: dict[str, Any] = {"lr": args.lr}
         if args.optimizer in ("sgd", "rmsprop"):
             kwargs["momentum"] = args.momentum
@@ -315,7 +317,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if warmup is not None:
         seconds = warmup(dtypes=[model.dtype.name], activations=sorted(set(model.activations[:-1])) or ["identity"])
         print(f"compile: {seconds:.2f} s (JIT kernels, cached on disk for the next run; not in training time)")
-    print(f"model: {model.sizes} {model.activations[0]}, {model.n_params} parameters, {model.dtype.name}; "
+    mixed = f" computing in {model.compute_dtype.name}" if model.mixed else ""
+    print(f"model: {model.sizes} {model.activations[0]}, {model.n_params} parameters, {model.dtype.name}{mixed}; "
           f"{type(trainer.optimizer).__name__} lr {trainer.optimizer.lr:g}, batch {trainer.batch_size}, "
           f"{args.epochs} epochs, loss {args.loss}")
     verbose = 0 if args.quiet else ("auto" if sys.stderr.isatty() else 2)  # a line per epoch into logs

@@ -197,3 +197,24 @@ def test_regression_from_the_command_line(capsys, tmp_path):
     predicted = np.loadtxt(tmp_path / "p.csv", delimiter=",")
     np.testing.assert_allclose(predicted, y[:4], atol=0.5)
 
+
+
+@pytest.mark.emulator
+def test_train_in_bfloat16_on_the_emulated_gpu(capsys, tmp_path):
+    from conftest import EMULATED, EMULATOR_MISSING
+
+    if EMULATOR_MISSING:
+        pytest.skip(f"the CUDA emulator cannot run here: {EMULATOR_MISSING}")
+    code = main(["train", "--backend", EMULATED, "--compute-dtype", "bfloat16", "--hidden", "32", "--epochs", "10",
+                 "--quiet", "--save", str(tmp_path / "m.npz")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "float32 computing in bfloat16" in out
+    assert float(re.search(r"test accuracy: ([\d.]+)", out).group(1)) > 0.85
+    assert fb.load(tmp_path / "m.npz", backend=EMULATED).compute_dtype.name == "bfloat16"
+
+
+def test_train_refuses_mixed_precision_off_the_gpu(capsys):
+    code = main(["train", "--backend", "numpy", "--compute-dtype", "float16", "--epochs", "1", "--quiet"])
+    assert code != 0
+    assert "runs on the cupy backend" in capsys.readouterr().err
