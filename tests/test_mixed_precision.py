@@ -125,3 +125,13 @@ def test_mixed_precision_refuses_what_it_cannot_do():
         fb.MLP([4, 3], dtype="float64", backend="numpy", compute_dtype="bfloat16")
     model = fb.MLP([4, 3], backend="numpy", compute_dtype="float32")  # the model's own dtype: not mixed
     assert not model.mixed
+
+
+@pytest.mark.parametrize("compute", HALF)
+def test_sample_weights_and_validation_in_16_bits(gpu, compute):
+    X_tr, X_te, y_tr, y_te = digits()
+    weights = np.where(y_tr == 3, 2.0, 1.0)
+    model = fb.MLP([64, 32, 10], seed=0, backend=gpu, compute_dtype=compute)
+    history = fb.Trainer(model, optimizer=fb.optim.Adam(1e-2), batch_size=64).fit(
+        X_tr, y_tr, epochs=3, sample_weight=weights, validation_data=(X_te, y_te), verbose=0)
+    assert np.isfinite(history.history["loss"]).all() and history.history["val_accuracy"][-1] > 0.8

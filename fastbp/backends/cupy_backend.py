@@ -293,7 +293,7 @@ class CupyBackend(Backend):
             raise ValueError(f"unknown loss {loss!r}")
         if weights is not None:  # sample weights: on the row losses before the reduction, and on delta's rows
             row_stats[:rows] *= weights
-            delta *= weights[:, None]
+            delta *= weights[:, None].astype(delta.dtype, copy=False)  # 16-bit delta: a same-dtype product
         self._launch("loss.cu", "reduce_loss<{T}>", acc, (1,), (cuda_sources.REDUCE_THREADS,),
                      (row_stats, np.int32(rows), acc(scale), stats_out))
         return stats_out[0], delta
