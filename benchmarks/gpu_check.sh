@@ -6,7 +6,7 @@
 # (large 4096 x 4 at batch 8192 in fp32, TF32, bfloat16 and float16; narrow 64 wide at batch 65536 in fp32,
 # bfloat16 and float16) against the cuBLAS GEMM floor and PyTorch CUDA eager (under autocast for 16 bits).
 # A log and JSON results go to $OUT when it is set, else ./gpu_results/.
-# Each step has its own time limit (about 9.5 minutes in all at worst); a failing step is logged and the
+# Each step has its own time limit (about 10 minutes in all at worst); a failing step is logged and the
 # script goes on, then exits non-zero.
 #
 #   bash benchmarks/gpu_check.sh
@@ -47,6 +47,8 @@ run 60 "$py" -m fastbp bench --backend cupy --config large --reps 5 --min-time 0
 run 45 "$py" -m fastbp bench --backend cupy --config large --reps 5 --min-time 0.05 --no-ops --tf32 \
     --json "$out/bench_large_tf32.json"
 run 40 "$py" -m fastbp bench --backend cupy --config narrow --reps 10 --json "$out/bench_narrow.json"
+# the small config on the GPU: launch-bound, its step against its floor (what CUDA graphs would cut)
+run 30 "$py" -m fastbp bench --backend cupy --config small --reps 10 --no-ops --json "$out/bench_small.json"
 # mixed precision: float32 master weights computing in bfloat16, against the bfloat16 cuBLAS floor and
 # PyTorch eager under autocast
 run 45 "$py" -m fastbp bench --backend cupy --config large --dtype bfloat16 --reps 5 --min-time 0.05 --no-ops \

@@ -123,6 +123,7 @@ def environment() -> dict[str, Any]:
         "cpu_simd": cpu_simd(),
         "packages": {name: _version(name) for name in _PACKAGES},
         "backends": backend_status(),
+        "mixed_precision": mixed_precision(),
         "blas": blas_info(),
         "numba_blas": numba_blas(),
         "gpu": gpu_info(),
@@ -133,6 +134,19 @@ def environment() -> dict[str, Any]:
     }
 
 
+def mixed_precision() -> dict[str, list[str]]:
+    """The 16-bit compute dtypes (``MLP(compute_dtype=...)``) of each available backend that has any."""
+    from .backends import available_backends, resolve_backend
+    from .dtypes import HALF_DTYPES
+
+    out = {}
+    for name in available_backends():
+        halves = [d for d in getattr(resolve_backend(name), "compute_dtypes", ()) if d in HALF_DTYPES]
+        if halves:
+            out[name] = halves
+    return out
+
+
 def format_environment(env: dict[str, Any]) -> str:
     simd = " ".join(env.get("cpu_simd") or []) or "unknown"
     lines = [
@@ -141,7 +155,9 @@ def format_environment(env: dict[str, Any]) -> str:
         "packages: " + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v),
         "backends:",
     ]
-    lines += [f"  {name:6s} {why}" for name, why in env["backends"].items()]
+    mixed = env.get("mixed_precision") or {}
+    lines += [f"  {name:6s} {why}" + (f" (mixed precision: {', '.join(mixed[name])})" if mixed.get(name) else "")
+              for name, why in env["backends"].items()]
     if env["blas"]:
         lines.append("BLAS:")
         for b in env["blas"]:

@@ -218,3 +218,17 @@ def test_train_refuses_mixed_precision_off_the_gpu(capsys):
     code = main(["train", "--backend", "numpy", "--compute-dtype", "float16", "--epochs", "1", "--quiet"])
     assert code != 0
     assert "runs on the cupy backend" in capsys.readouterr().err
+
+
+def test_info_lists_each_backends_mixed_precision_dtypes(monkeypatch):
+    from fastbp import envinfo
+    from fastbp.backends.cupy_backend import CupyBackend
+
+    mixed = envinfo.mixed_precision()
+    assert "numpy" not in mixed and "numba" not in mixed  # they compute in their model dtype alone
+    env = envinfo.environment()
+    env["backends"] = {"cupy": "available", "numpy": "available"}
+    env["mixed_precision"] = {"cupy": [d for d in CupyBackend.compute_dtypes if d in ("float16", "bfloat16")]}
+    text = envinfo.format_environment(env)
+    assert "  cupy   available (mixed precision: float16, bfloat16)" in text
+    assert "  numpy  available\n" in text
