@@ -31,10 +31,10 @@ def save_checkpoint(trainer: Any, path: Any) -> Path:
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "model": {k: model_meta[k] for k in ("dtype", "activations", "sizes")},
+        "model": {k: model_meta[k] for k in ("dtype", "activations", "sizes", "compute_dtype") if k in model_meta},
         "trainer": {"loss": trainer.loss, "batch_size": trainer.batch_size, "clip_norm": trainer.clip_norm,
                     "on_nonfinite": trainer.on_nonfinite, "epoch": trainer.epoch, "steps": trainer.steps,
-                    "skipped_steps": trainer.skipped_steps},
+                    "skipped_steps": trainer.skipped_steps, "loss_scaling": trainer._loss_scaling_state()},
         "optimizer": {"type": type(opt).__name__, "hyperparameters": opt.hyperparameters(),
                       "schedule": opt.schedule.config(), "step": state["step"]},
         "rng": trainer.rng.bit_generator.state,
@@ -71,6 +71,7 @@ def load_checkpoint(path: Any, backend: Any, trainer_cls: Any) -> Any:
             raise ValueError(f"invalid epoch/step counts {counts}")
         trainer.epoch, trainer.steps, trainer.skipped_steps = counts
         trainer.rng = rng
+        trainer._set_loss_scaling_state(tmeta.get("loss_scaling"))
     except ValueError as exc:
         raise ValueError(f"{where} is not a valid fastbp checkpoint: {exc}") from exc
     except (KeyError, TypeError, AttributeError) as exc:

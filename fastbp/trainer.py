@@ -250,11 +250,27 @@ class Trainer:
                 self._scale_gate = bk.zeros((4,), np.float64)
         return self._scale_state
 
+    def _loss_scaling_state(self) -> list[float] | None:
+        """Loss scaling's state as host numbers (for checkpoints): [scale, steps since it changed, overflow
+        steps], or None for a model without it."""
+        state = self._loss_scaling()
+        return None if state is None else [float(v) for v in self.model.backend.to_numpy(state)[[0, 3, 4]]]
+
+    def _set_loss_scaling_state(self, saved: Any) -> None:
+        """Restore what ``_loss_scaling_state`` returned (None: nothing saved, keep the default)."""
+        state = self._loss_scaling()
+        if state is None or saved is None:
+            return
+        scale, since, overflows = (float(v) for v in saved)
+        if not (math.isfinite(scale) and scale > 0 and since >= 0 and overflows >= 0):
+            raise ValueError(f"invalid loss scaling state {saved}")
+        state[...] = self.model.backend.asarray(np.array([scale, 1 / scale, 0, since, overflows], np.float32))
+
     @property
     def loss_scale(self) -> float | None:
         """The loss scale of a float16 model's next step (dynamic loss scaling: it starts at 2**16, halves
         on a step whose gradient overflows, which is skipped, and doubles after 2000 steps without one, as
-        PyTorch's GradScaler); None for other models. Reading it costs a device read."""
+        PyTorch's GradScaler; checkpoints keep it); None for other models. Reading it costs a device read."""
         state = self._loss_scaling()
         return None if state is None else float(self.model.backend.to_numpy(state)[0])
 

@@ -135,3 +135,22 @@ def test_sample_weights_and_validation_in_16_bits(gpu, compute):
     history = fb.Trainer(model, optimizer=fb.optim.Adam(1e-2), batch_size=64).fit(
         X_tr, y_tr, epochs=3, sample_weight=weights, validation_data=(X_te, y_te), verbose=0)
     assert np.isfinite(history.history["loss"]).all() and history.history["val_accuracy"][-1] > 0.8
+
+
+@pytest.mark.parametrize("compute", HALF)
+def test_a_resumed_checkpoint_trains_on_as_if_never_stopped(gpu, compute, tmp_path):
+    """The checkpoint keeps the compute dtype and (float16) the loss scale: resuming equals not stopping."""
+    X_tr, _, y_tr, _ = digits()
+    model = fb.MLP([64, 32, 10], seed=0, backend=gpu, compute_dtype=compute)
+    trainer = fb.Trainer(model, optimizer=fb.optim.Adam(1e-2), batch_size=64, seed=0)
+    trainer.fit(X_tr[:640], y_tr[:640], epochs=1, verbose=0)
+    if compute == "float16":  # a scale of its own, so that restoring it shows
+        trainer._set_loss_scaling_state([1024.0, 5, 2])
+    trainer.save_checkpoint(tmp_path / "run.npz")
+    resumed = fb.Trainer.load_checkpoint(tmp_path / "run.npz", backend=gpu)
+    assert resumed.model.compute_dtype.name == compute
+    assert resumed.loss_scale == trainer.loss_scale and resumed.overflow_steps == trainer.overflow_steps
+    for t in (trainer, resumed):
+        t.fit(X_tr[:640], y_tr[:640], epochs=1, verbose=0)
+    for a, b in zip(trainer.model.get_weights(), resumed.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
