@@ -156,6 +156,7 @@ class MLP:
         self._flat_grad: Any = None
         self._grads: list[Any] | None = None
         self._grad_block: Any = None  # flat_grad() and the slots after it (reduction_buffer)
+        self._reduce_block: Any = None  # mixed precision's float32 reduction buffer (reduction_buffer)
         self.classes_ = getattr(self, "_classes", None)
         #: The loss the model was trained with (set by the Trainer, saved with the model): how ``predict``
         #: and ``predict_proba`` read the outputs.
@@ -188,7 +189,7 @@ class MLP:
         # The layers' arrays are views of one flat buffer, which pickle would copy apart: keep the weights
         # as host arrays and lay them out anew on unpickling. Locks, workspaces and gradients are not kept.
         skip = ("lock", "layers", "_flat", "_workspaces", "_flat_grad", "_grads", "_grad_block", "_flat_compute",
-                "_compute_params")
+                "_compute_params", "_reduce_block")
         state = {k: v for k, v in self.__dict__.items() if k not in skip}
         state["_weights"] = [(self.backend.to_numpy(layer.W), self.backend.to_numpy(layer.b), layer.activation)
                              for layer in self.layers]
@@ -423,7 +424,14 @@ class MLP:
     def reduction_buffer(self, extra: int) -> Any:
         """One vector: ``flat_grad()`` followed by ``extra`` more slots, so that data-parallel training
         reduces the gradient and its metrics in one collective. The gradient buffers become views of it
-        (their values are not kept when ``extra`` changes)."""
+        (their values are not kept when ``extra`` changes). Mixed precision: a float32 vector of its own,
+        which the caller fills from the 16-bit gradient (a reduction sums in float32, and the metrics keep
+        their digits); ``extra == 0`` still gives the 16-bit gradient block."""
+        if self.mixed and extra:
+            block = self._reduce_block
+            if block is None or block.shape[0] != self.n_params + extra:
+                block = self._reduce_block = self.backend.zeros((self.n_params + extra,), self.dtype)
+            return block
         block = self._grad_block
         if block is None or block.shape[0] != self.n_params + extra:
             block = self._grad_block = self.backend.zeros((self.n_params + extra,), self.compute_dtype)

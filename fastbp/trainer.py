@@ -89,9 +89,9 @@ class Trainer:
         if comm is not None and not isinstance(comm, Communicator):
             raise TypeError(f"comm must be a fastbp.distributed communicator, got {type(comm).__name__}")
         self.comm: Communicator = comm if comm is not None else LocalCommunicator()
-        if self.comm.size > 1 and model.mixed:
-            raise ValueError(f"data-parallel training runs in the model's dtype; compute_dtype="
-                             f"{model.compute_dtype.name!r} (mixed precision) trains in one process for now")
+        if self.comm.size > 1 and model.compute_dtype == np.float16:
+            raise ValueError("data-parallel training with compute_dtype='float16' (loss scaling across ranks) is "
+                             "not supported yet; use 'bfloat16', which needs no loss scaling")
         self.model = model
         self.loss = check_loss(loss)
         self.optimizer = optimizer if optimizer is not None else Adam(lr=1e-3)
@@ -296,6 +296,8 @@ class Trainer:
             local = self._local_stats
             if wb is not None or bk.train_gradients(model, xb, yb, self.loss, local) is None:
                 model._loss_and_grads(xb, yb, self.loss, local, wb)
+            if model.mixed:  # the 16-bit gradient into the float32 block the ranks sum
+                grad[...] = model.flat_grad()
             if rows != size:
                 bk.scale(grad, rows / size)
             tail[0] = local[0] * rows
@@ -327,7 +329,12 @@ class Trainer:
         self.steps += 1
         if self.clip_norm:
             bk.clip_by_norm(grad, sumsq, self.clip_norm)
-        self.optimizer.step([model.flat_parameters()], [grad], bk)
+        if model.mixed:  # the summed gradient rounded back to 16 bits once; the update writes the copy too
+            flat = model.flat_grad()
+            flat[...] = grad
+            grad = flat
+        self.optimizer.step([model.flat_parameters()], [grad], bk,
+                            copies=[model._flat_compute] if model.mixed else None)
         stats_row[:] = loss, correct
         return True
 
@@ -337,6 +344,7 @@ class Trainer:
         counts and shuffling generator become every rank's."""
         comm, model, opt, bk = self.comm, self.model, self.optimizer, self.model.backend
         facts = {"sizes": model.sizes, "activations": model.activations, "dtype": model.dtype.name,
+                 "compute_dtype": model.compute_dtype.name,
                  "backend": type(bk).__name__, "loss": self.loss, "batch_size": self.batch_size,
                  "optimizer": type(opt).__name__, "hyperparameters": opt.hyperparameters(),
                  "schedule": opt.schedule.config(), "clip_norm": self.clip_norm, "on_nonfinite": self.on_nonfinite,
@@ -355,6 +363,7 @@ class Trainer:
                 comm.broadcast(a)
         counts = np.array([opt.state.step, self.epoch, self.steps, self.skipped_steps], np.int64)
         comm.broadcast(counts)
+        model._sync_compute()  # rank 0's weights, rounded into every rank's 16-bit copy
         opt.state.step, self.epoch, self.steps, self.skipped_steps = (int(c) for c in counts)
         state = comm.allgather(json.dumps(self.rng.bit_generator.state).encode())[0]
         self.rng.bit_generator.state = json.loads(state)

@@ -30,7 +30,8 @@ def data(n: int = 103, features: int = 6, classes: int = 3, seed: int = 0) -> tu
 def build(args: argparse.Namespace, comm: distributed.Communicator | None) -> fb.Trainer:
     if args.resume:
         return fb.Trainer.load_checkpoint(args.resume, backend=args.backend, comm=comm)
-    model = fb.MLP([6, args.hidden, 3], dtype=args.dtype, seed=1, backend=args.backend)
+    dtype = "float32" if args.compute_dtype else args.dtype  # mixed precision keeps float32 weights
+    model = fb.MLP([6, args.hidden, 3], dtype=dtype, seed=1, backend=args.backend, compute_dtype=args.compute_dtype)
     optimizer = fb.optim.Adam(lr=1e-2) if args.optimizer == "adam" else fb.optim.SGD(lr=0.1, momentum=0.9)
     return fb.Trainer(model, optimizer=optimizer, batch_size=args.batch, seed=2, comm=comm, clip_norm=args.clip)
 
@@ -77,6 +78,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
     p.add_argument("out", nargs="?")
     p.add_argument("--dtype", default="float64")
+    p.add_argument("--compute-dtype", default=None, help="mixed precision (the cupy backend)")
     p.add_argument("--backend", default="numpy")
     p.add_argument("--optimizer", default="adam")
     p.add_argument("--epochs", type=int, default=2)
