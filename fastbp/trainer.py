@@ -89,9 +89,6 @@ class Trainer:
         if comm is not None and not isinstance(comm, Communicator):
             raise TypeError(f"comm must be a fastbp.distributed communicator, got {type(comm).__name__}")
         self.comm: Communicator = comm if comm is not None else LocalCommunicator()
-        if self.comm.size > 1 and model.compute_dtype == np.float16:
-            raise ValueError("data-parallel training with compute_dtype='float16' (loss scaling across ranks) is "
-                             "not supported yet; use 'bfloat16', which needs no loss scaling")
         self.model = model
         self.loss = check_loss(loss)
         self.optimizer = optimizer if optimizer is not None else Adam(lr=1e-3)
@@ -288,6 +285,7 @@ class Trainer:
         ``stats_row``; returns whether the step was taken (False: skipped as non-finite)."""
         model, bk, comm = self.model, self.model.backend, self.comm
         rows = xb.shape[0]
+        scaling = self._loss_scaling()
         block = model.reduction_buffer(TAIL)
         grad, tail = block[:-TAIL], block[-TAIL:]
         if rows:
@@ -295,7 +293,7 @@ class Trainer:
                 self._local_stats = bk.zeros((2,), accumulator_dtype(model.dtype))
             local = self._local_stats
             if wb is not None or bk.train_gradients(model, xb, yb, self.loss, local) is None:
-                model._loss_and_grads(xb, yb, self.loss, local, wb)
+                model._loss_and_grads(xb, yb, self.loss, local, wb, scaling)
             if model.mixed:  # the 16-bit gradient into the float32 block the ranks sum
                 grad[...] = model.flat_grad()
             if rows != size:
@@ -317,24 +315,30 @@ class Trainer:
             interrupt.collective = True  # type: ignore[attr-defined]
             raise interrupt
         loss = loss_rows / size
+        if model.mixed:  # the sum rounded to 16 bits once, as one process's gradient is; the update reads it
+            flat = model.flat_grad()
+            flat[...] = grad
+            grad = flat
         sumsq = self._sumsq = bk.sum_of_squares(grad, out=self._sumsq)
-        sq = bk.to_float(sumsq)
-        if not (math.isfinite(loss) and math.isfinite(sq)):
+        # with loss scaling an overflowing gradient is no divergence: the device skips the step (below)
+        sq = bk.to_float(sumsq) if scaling is None else math.nan
+        if not (math.isfinite(loss) and (scaling is not None or math.isfinite(sq))):
             try:
                 self._nonfinite(loss, sq)
             except DivergenceError as exc:
                 exc.collective = True  # type: ignore[attr-defined] # decided from reduced values, on every rank
                 raise
             return False
+        gate, unscale = None, None
+        if scaling is not None:  # from the reduced gradient: every rank decides alike
+            gate = self._scale_gate
+            bk.loss_scale_update(sumsq, scaling, None, gate, *LOSS_SCALE_RULE)
+            sumsq, unscale = scaling[2:3], scaling[1:2]
         self.steps += 1
         if self.clip_norm:
-            bk.clip_by_norm(grad, sumsq, self.clip_norm)
-        if model.mixed:  # the summed gradient rounded back to 16 bits once; the update writes the copy too
-            flat = model.flat_grad()
-            flat[...] = grad
-            grad = flat
-        self.optimizer.step([model.flat_parameters()], [grad], bk,
-                            copies=[model._flat_compute] if model.mixed else None)
+            bk.clip_by_norm(grad, sumsq, self.clip_norm, gate)
+        self.optimizer.step([model.flat_parameters()], [grad], bk, guard=gate,
+                            copies=[model._flat_compute] if model.mixed else None, unscale=unscale)
         stats_row[:] = loss, correct
         return True
 
@@ -364,6 +368,9 @@ class Trainer:
         counts = np.array([opt.state.step, self.epoch, self.steps, self.skipped_steps], np.int64)
         comm.broadcast(counts)
         model._sync_compute()  # rank 0's weights, rounded into every rank's 16-bit copy
+        scaling = self._loss_scaling()
+        if scaling is not None:  # float16: rank 0's loss scale
+            comm.broadcast(scaling)
         opt.state.step, self.epoch, self.steps, self.skipped_steps = (int(c) for c in counts)
         state = comm.allgather(json.dumps(self.rng.bit_generator.state).encode())[0]
         self.rng.bit_generator.state = json.loads(state)

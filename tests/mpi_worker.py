@@ -33,7 +33,10 @@ def build(args: argparse.Namespace, comm: distributed.Communicator | None) -> fb
     dtype = "float32" if args.compute_dtype else args.dtype  # mixed precision keeps float32 weights
     model = fb.MLP([6, args.hidden, 3], dtype=dtype, seed=1, backend=args.backend, compute_dtype=args.compute_dtype)
     optimizer = fb.optim.Adam(lr=1e-2) if args.optimizer == "adam" else fb.optim.SGD(lr=0.1, momentum=0.9)
-    return fb.Trainer(model, optimizer=optimizer, batch_size=args.batch, seed=2, comm=comm, clip_norm=args.clip)
+    trainer = fb.Trainer(model, optimizer=optimizer, batch_size=args.batch, seed=2, comm=comm, clip_norm=args.clip)
+    if args.loss_scale:  # float16: a first loss scale of the test's choosing
+        trainer._set_loss_scaling_state([args.loss_scale, 0, 0])
+    return trainer
 
 
 class _Fault(fb.Callback):
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace, comm: distributed.Communicator | None) -> dict
     if args.public_steps:  # Trainer.step on batches the caller makes: each is the global batch
         losses = [trainer.step(X[s:s + 13], y[s:s + 13]) for s in range(0, 65, 13)]
         return {"flat": trainer.model.backend.to_numpy(trainer.model.flat_parameters()).copy(),
-                "loss": np.array(losses), "steps": np.array(trainer.steps)}
+                "loss": np.array(losses), "steps": np.array(trainer.steps),
+                "overflow_steps": np.array(trainer.overflow_steps)}
     weights = np.linspace(0.2, 2.0, len(y)) if args.weights else None  # per-row weights, and on validation
     validation = (X[:40], y[:40]) if weights is None else (X[:40], y[:40], weights[:40])
     history = trainer.fit(X, y, epochs=args.epochs, validation_data=validation, verbose=0, callbacks=callbacks,
@@ -71,7 +75,8 @@ def run(args: argparse.Namespace, comm: distributed.Communicator | None) -> dict
     return {"flat": trainer.model.backend.to_numpy(trainer.model.flat_parameters()).copy(),
             "loss": np.array(history["loss"]), "val_loss": np.array(history["val_loss"]),
             "accuracy": np.array(history["accuracy"]), "steps": np.array(trainer.steps),
-            "epoch": np.array(trainer.epoch), "interrupted": np.array(history.interrupted)}
+            "epoch": np.array(trainer.epoch), "interrupted": np.array(history.interrupted),
+            "overflow_steps": np.array(trainer.overflow_steps)}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -79,6 +84,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out", nargs="?")
     p.add_argument("--dtype", default="float64")
     p.add_argument("--compute-dtype", default=None, help="mixed precision (the cupy backend)")
+    p.add_argument("--loss-scale", type=float, default=None, help="float16's first loss scale")
     p.add_argument("--backend", default="numpy")
     p.add_argument("--optimizer", default="adam")
     p.add_argument("--epochs", type=int, default=2)
