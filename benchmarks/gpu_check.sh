@@ -6,7 +6,7 @@
 # (large 4096 x 4 at batch 8192 in fp32, TF32, bfloat16 and float16; narrow 64 wide at batch 65536 in fp32,
 # bfloat16 and float16) against the cuBLAS GEMM floor and PyTorch CUDA eager (under autocast for 16 bits).
 # A log and JSON results go to $OUT when it is set, else ./gpu_results/.
-# Each step has its own time limit (about 10 minutes in all at worst); a failing step is logged and the
+# Each step has its own time limit (about 11.5 minutes in all at worst); a failing step is logged and the
 # script goes on, then exits non-zero.
 #
 #   bash benchmarks/gpu_check.sh
@@ -60,5 +60,8 @@ run 45 "$py" -m fastbp bench --backend cupy --config large --dtype float16 --rep
     --json "$out/bench_large_fp16.json"
 run 40 "$py" -m fastbp bench --backend cupy --config narrow --dtype float16 --reps 10 --no-ops \
     --json "$out/bench_narrow_fp16.json"
+# where the time around the GEMMs goes: each op's kernels alone, their bytes and bandwidth
+run 60 "$py" benchmarks/gpu_kernels.py --config large --compute-dtype bfloat16 --json "$out/kernels_large_bf16.json"
+run 40 "$py" benchmarks/gpu_kernels.py --config narrow --json "$out/kernels_narrow_fp32.json"
 echo "=== gpu_check finished with status $status"
 exit $status

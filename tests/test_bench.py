@@ -1,12 +1,15 @@
 """The benchmark harness's logic on tiny configs: FLOP counts, the floor's GEMM list, ratios, JSON."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fastbp import bench
 from fastbp.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_gemm_list_per_layer_first_layer_has_no_input_gradient():
@@ -225,3 +228,27 @@ def test_the_table_warns_of_ratios_below_the_floor_and_says_why_torch_is_missing
     assert len(notes) == 2 and "1 rows ran below their GEMM floor" in notes[0] and "small numba step_sgd" in notes[0]
     assert "PyTorch is not installed" in notes[1]
     assert table_notes(rows[1:], torch_installed=True) == []
+
+
+@pytest.mark.emulator
+def test_the_gpu_kernel_profile_runs_every_op_on_the_emulated_gpu(tmp_path, capsys):
+    """benchmarks/gpu_kernels.py (the per-kernel profile gpu_check.sh runs) on a tiny config: every op it
+    times is there, with the bytes it moves (the timings mean nothing under the emulator)."""
+    import runpy
+
+    from conftest import EMULATED, EMULATOR_MISSING
+
+    if EMULATOR_MISSING:
+        pytest.skip(f"the CUDA emulator cannot run here: {EMULATOR_MISSING}")
+    script = runpy.run_path(str(ROOT / "benchmarks" / "gpu_kernels.py"))
+    out = tmp_path / "k.json"
+    assert script["main"](["--backend", EMULATED, "--sizes", "8,16,16,4", "--batch", "32", "--reps", "1",
+                           "--rounds", "1", "--compute-dtype", "float16", "--optimizer", "adam",
+                           "--json", str(out)]) == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    for name in ("copy (memory speed)", "step (internal)", "layer 2 forward epilogue", "layer 0 backward epilogue",
+                 "output delta + loss", "gradient sum of squares", "adam update", "batch check"):
+        assert name in rows and rows[name]["ms"] > 0, name
+    n_params = 8 * 16 + 16 + 16 * 16 + 16 + 16 * 4 + 4
+    assert rows["adam update"]["bytes"] == n_params * (8 + 2 + 16 + 2)  # p, g, m and v, the float16 copy
+    assert "float16" in capsys.readouterr().out
