@@ -154,3 +154,16 @@ def test_a_resumed_checkpoint_trains_on_as_if_never_stopped(gpu, compute, tmp_pa
         t.fit(X_tr[:640], y_tr[:640], epochs=1, verbose=0)
     for a, b in zip(trainer.model.get_weights(), resumed.model.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_an_update_with_a_copy_its_kernels_cannot_take_runs_the_reference(gpu):
+    """A float32 gradient with a bfloat16 copy (no kernel has that pair): the reference update runs, and
+    the copy is still the updated parameters rounded."""
+    rng = np.random.default_rng(3)
+    p = gpu.asarray(rng.standard_normal(50), np.float32)
+    g = gpu.asarray(rng.standard_normal(50), np.float32)
+    copy = p.astype(fb.dtypes.half_dtype("bfloat16"))
+    want = gpu.to_numpy(p) - np.float32(0.1) * gpu.to_numpy(g)
+    fb.optim.SGD(0.1).step([p], [g], gpu, copies=[copy])
+    np.testing.assert_array_equal(gpu.to_numpy(p), want)
+    np.testing.assert_array_equal(gpu.to_numpy(copy).view(np.uint16), want.astype(copy.dtype).view(np.uint16))

@@ -340,20 +340,25 @@ class CupyBackend(Backend):
     # Mixed precision: a float32 parameter takes a 16-bit gradient as it is, and ``copy`` (the model's
     # 16-bit compute copy of the parameter) receives the updated values in the same pass; ``unscale`` (loss
     # scaling) is a one-element float32 array holding 1 / the loss scale, which multiplies the gradient.
-    def _update_operands(self, p: Any, g: Any, copy: Any) -> tuple[Any, Any, Any]:
+    def _update_operands(self, p: Any, g: Any, copy: Any) -> tuple[Any, Any, Any] | None:
         """(gradient, copy, the gradient's dtype) as an update kernel reads them: the gradient flat, in its
-        16-bit dtype when ``p`` is float32 and it is one, else in ``p``'s dtype; ``copy`` flat or None."""
+        16-bit dtype when ``p`` is float32 and it is one, else in ``p``'s dtype; ``copy`` flat or None.
+        None when no kernel takes these (a copy in another dtype than the gradient's, or not contiguous):
+        the reference update runs."""
         half = p.dtype == np.float32 and g.dtype.name in cuda_sources.HALF_DTYPES
         gdtype = g.dtype if half else p.dtype
         if copy is not None:
             if copy.dtype != gdtype or not copy.flags.c_contiguous or copy.size != p.size:
-                raise ValueError(f"copy must be a C-contiguous {np.dtype(gdtype)} array of {p.size} values")
+                return None
             copy = copy.reshape(-1)
         return self._flat_in(g, gdtype), copy, gdtype
 
     @_on_device
     def _sgd_update(self, p, g, slots, lr, step, hp, guard, copy=None, unscale=None):
-        g, copy, gdtype = self._update_operands(p, g, copy)
+        operands = self._update_operands(p, g, copy)
+        if operands is None:
+            return False
+        g, copy, gdtype = operands
         with self._in_place(p.dtype, p, slots.get("momentum")) as (p, buf):
             args = self._update_record("sgd", lr, step, hp)[0]  # a struct, copied at launch
             self._launch("optim.cu", "sgd<{T}, {G}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
@@ -363,7 +368,10 @@ class CupyBackend(Backend):
 
     @_on_device
     def _adam_update(self, p, g, slots, lr, step, hp, guard, copy=None, unscale=None):
-        g, copy, gdtype = self._update_operands(p, g, copy)
+        operands = self._update_operands(p, g, copy)
+        if operands is None:
+            return False
+        g, copy, gdtype = operands
         with self._in_place(p.dtype, p, slots["m"], slots["v"]) as (p, m, v):
             args = self._update_record("adam", lr, step, hp)[0]
             self._launch("optim.cu", "adam<{T}, {G}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
@@ -373,7 +381,10 @@ class CupyBackend(Backend):
 
     @_on_device
     def _rmsprop_update(self, p, g, slots, lr, step, hp, guard, copy=None, unscale=None):
-        g, copy, gdtype = self._update_operands(p, g, copy)
+        operands = self._update_operands(p, g, copy)
+        if operands is None:
+            return False
+        g, copy, gdtype = operands
         with self._in_place(p.dtype, p, slots["square_avg"], slots.get("momentum")) as (p, sq, buf):
             args = self._update_record("rmsprop", lr, step, hp)[0]
             self._launch("optim.cu", "rmsprop<{T}, {G}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
