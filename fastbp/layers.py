@@ -20,7 +20,10 @@ from .io import FORMAT, VERSION, read_npz, write_npz_atomic
 from .losses import check_loss, check_sample_weight, is_identity, prepare_targets, target_shape
 
 _MAX_WORKSPACES = 4  # batch sizes whose buffers are kept: the batch, the last partial batch, eval sizes
-_INFER_CHUNK = 16384  # rows per forward pass at inference, to bound the memory of big inputs
+#: Bytes of one layer's activations per forward pass at inference: bigger inputs go through in chunks of
+#: rows, to bound the memory (a chunk is never below _MIN_CHUNK rows).
+_INFER_BYTES = 256 * 2**20
+_MIN_CHUNK = 1024
 
 
 class Dense:
@@ -270,9 +273,17 @@ class MLP:
         """The network's output (logits for classification) as an array of the model's backend."""
         X = self._device_input(X)
         with self.backend.device_scope():
-            outputs = [self._forward_rows(X[i:i + _INFER_CHUNK]) for i in range(0, X.shape[0], _INFER_CHUNK)]
+            chunk = self._infer_chunk()
+            outputs = [self._forward_rows(X[i:i + chunk]) for i in range(0, X.shape[0], chunk)]
             out = outputs[0] if len(outputs) == 1 else self.backend.xp.concatenate(outputs)
             return out.astype(self.dtype) if self.mixed else out
+
+    def _infer_chunk(self) -> int:
+        """Rows per forward pass at inference: as many as keep the widest layer's activations within
+        _INFER_BYTES (a narrow network takes a big batch in one pass: each chunk costs a launch per layer
+        on a GPU)."""
+        row_bytes = max(self.sizes) * np.dtype(self.compute_dtype).itemsize
+        return max(_MIN_CHUNK, _INFER_BYTES // row_bytes)
 
     def __call__(self, X: Any) -> Any:
         """``forward(X)``: the outputs (logits), an array of the model's backend."""

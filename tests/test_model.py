@@ -309,3 +309,21 @@ def test_a_trained_model_pickles_with_a_lock_of_its_own(rng):
                                                          epochs=1, verbose=0)
     assert np.shares_memory(copy.layers[0].W, copy.flat_parameters())
     assert not np.array_equal(copy.forward(X), model.forward(X))
+
+
+def test_forward_goes_through_big_inputs_in_chunks_sized_by_the_widest_layer(monkeypatch):
+    """Inference bounds each layer's activations to a byte budget: a narrow network takes a big batch in
+    one pass, a wide one in chunks of rows, and the chunks' outputs are the one pass's, row for row."""
+    from fastbp import layers
+
+    narrow = fb.MLP([8, 64, 64, 3], backend="numpy", seed=0)
+    wide = fb.MLP([8, 4096, 3], backend="numpy", seed=0)
+    assert narrow._infer_chunk() == layers._INFER_BYTES // (64 * 4) and wide._infer_chunk() == 16384
+    X = np.random.default_rng(0).standard_normal((2500, 8))
+    whole = narrow.forward(X)
+    calls = []
+    forward_rows = narrow._forward_rows
+    monkeypatch.setattr(narrow, "_forward_rows", lambda A: calls.append(A.shape[0]) or forward_rows(A))
+    monkeypatch.setattr(layers, "_INFER_BYTES", 1024 * 64 * 4)  # 1024 rows of the widest layer
+    np.testing.assert_array_equal(narrow.forward(X), whole)
+    assert calls == [1024, 1024, 452]
