@@ -492,3 +492,20 @@ def test_fit_keeps_its_metrics_on_the_device(gpu):
     want, _, _ = fit(16 * 9, "numpy", "binary_cross_entropy", targets)
     assert_close(got["loss"], want["loss"], "float64")
     assert got["accuracy"] == want["accuracy"]
+
+
+@pytest.mark.parametrize("compute", [None, "bfloat16"])
+def test_a_gpu_model_pickles_and_trains_on_after_unpickling(gpu, compute):
+    """The backend pickles by name and device (not its CuPy module or kernels): an unpickled model is on
+    the same backend, computes the same outputs and trains on."""
+    import pickle
+
+    X, y = datasets.load_digits()
+    X = (X[:256] / 16).astype(np.float32)
+    model = fb.MLP([64, 16, 10], seed=0, backend=gpu, compute_dtype=compute)
+    fb.Trainer(model, optimizer="adam", batch_size=64).fit(X, y[:256], epochs=1, verbose=0)
+    again = pickle.loads(pickle.dumps(model))
+    assert again.backend is gpu and again.compute_dtype == model.compute_dtype
+    np.testing.assert_array_equal(gpu.to_numpy(again.forward(X)), gpu.to_numpy(model.forward(X)))
+    fb.Trainer(again, optimizer="adam", batch_size=64).fit(X, y[:256], epochs=1, verbose=0)
+    assert not np.array_equal(gpu.to_numpy(again.forward(X)), gpu.to_numpy(model.forward(X)))

@@ -72,6 +72,13 @@ class CupyBackend(Backend):
     def __repr__(self) -> str:
         return f"<fastbp backend {self.name!r} on device {self.device_id}>"
 
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        """Pickled by name and device (its CuPy module, device and compiled kernels are this process's):
+        unpickling resolves 'cupy:N' again, so a pickled model comes back on the same device's backend."""
+        from . import resolve_backend
+
+        return resolve_backend, (f"{self.name}:{self.device_id}",)
+
     # ------------------------------------------------------------------ kernels
     def _kernel(self, file: str, template: str, dtype: Any, act: int = 0, gdtype: Any = None) -> Any:
         """The compiled kernel ``template`` from ``file``; {T} is replaced by the C type of ``dtype``, {G} by
