@@ -146,20 +146,9 @@ class MLP:
         shapes = [np.shape(a) for W, b, _ in weights for a in (W, b)]
         views = _views(self._flat, shapes)
         self.layers = [Dense(views[2 * i], views[2 * i + 1], act) for i, (_, _, act) in enumerate(weights)]
-        if not hasattr(self, "compute_dtype"):
-            self.compute_dtype = self.dtype
-        # the weights the GEMMs read: the master weights, or (mixed precision) their 16-bit copy, laid out
-        # alike and rewritten by every update (Optimizer.step's copies)
-        self._flat_compute = self._flat if not self.mixed else self._flat.astype(self.compute_dtype)
-        compute = _views(self._flat_compute, shapes)
-        self._compute_params = [(compute[2 * i], compute[2 * i + 1]) for i in range(len(self.layers))]
+        self._lay_out_compute()
         #: Held by a Trainer while it trains this model: one thread at a time (a second gets an error).
         self.lock: threading.Lock = getattr(self, "lock", None) or threading.Lock()
-        self._workspaces: OrderedDict[int, _Workspace] = OrderedDict()
-        self._flat_grad: Any = None
-        self._grads: list[Any] | None = None
-        self._grad_block: Any = None  # flat_grad() and the slots after it (reduction_buffer)
-        self._reduce_block: Any = None  # mixed precision's float32 reduction buffer (reduction_buffer)
         self.classes_ = getattr(self, "_classes", None)
         #: The loss the model was trained with (set by the Trainer, saved with the model): how ``predict``
         #: and ``predict_proba`` read the outputs.
@@ -184,6 +173,7 @@ class MLP:
                 raise ValueError(f"layer shapes do not chain: {W.shape} then {W_next.shape}")
         model = cls.__new__(cls)
         model.dtype = resolve_dtype(dtype if dtype is not None else host[0][0].dtype)
+        model.compute_dtype = model.dtype
         model.backend = resolve_backend(backend)
         model._set_layers(host)
         return model
@@ -200,6 +190,7 @@ class MLP:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         weights = state.pop("_weights")
+        state.setdefault("compute_dtype", state["dtype"])  # pickled before mixed precision existed
         self.__dict__.update(state)
         self._set_layers(weights)
 
@@ -216,6 +207,19 @@ class MLP:
         self._classes = classes
         # whether labels must be encoded (classes other than 0..n-1), decided once, not at every batch
         self._encoded = classes is not None and not is_identity(classes)
+
+    def _lay_out_compute(self) -> None:
+        """What the model computes with, anew: the weights the GEMMs read (the master weights, or in mixed
+        precision their 16-bit copy, laid out alike and rewritten by every update: Optimizer.step's
+        copies), and the buffers in the compute dtype (workspaces, gradients), made on first use."""
+        self._flat_compute = self._flat if not self.mixed else self._flat.astype(self.compute_dtype)
+        compute = _views(self._flat_compute, [p.shape for p in self.parameters()])
+        self._compute_params = [(compute[2 * i], compute[2 * i + 1]) for i in range(len(self.layers))]
+        self._workspaces: OrderedDict[int, _Workspace] = OrderedDict()
+        self._flat_grad: Any = None
+        self._grads: list[Any] | None = None
+        self._grad_block: Any = None  # flat_grad() and the slots after it (reduction_buffer)
+        self._reduce_block: Any = None  # mixed precision's float32 reduction buffer (reduction_buffer)
 
     @property
     def mixed(self) -> bool:
@@ -525,8 +529,7 @@ class MLP:
         """Compute in ``compute_dtype`` from now on (see the class's ``compute_dtype``), where the backend
         can; the master weights stay as they are."""
         self.compute_dtype = resolve_compute_dtype(compute_dtype, self.dtype, self.backend)
-        bk = self.backend
-        self._set_layers([(bk.to_numpy(layer.W), bk.to_numpy(layer.b), layer.activation) for layer in self.layers])
+        self._lay_out_compute()
 
     def copy(self, dtype: Any = None, backend: str | Backend | None = None) -> MLP:
         """An independent copy, optionally in another dtype or on another backend."""

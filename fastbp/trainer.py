@@ -224,17 +224,25 @@ class Trainer:
             if not (math.isfinite(loss_value) and (scaling is not None or math.isfinite(sq))):
                 self._nonfinite(loss_value, sq)
                 return None, None
+        self.steps += 1
+        self._clip_and_update(grad, sumsq, guard, scaling)
+        return value, output
+
+    def _clip_and_update(self, grad: Any, sumsq: Any, guard: Any, scaling: Any) -> None:
+        """The end of a step, once its gradient (and its sum of squares) passed the checks: with loss
+        scaling, the scale's update, which also gates this step off on an overflow (a step gated by
+        ``guard`` stays gated); clipping; the optimizer's update, which in mixed precision also writes the
+        16-bit copy of the weights."""
+        model, bk = self.model, self.model.backend
         gate, unscale = guard, None
-        if scaling is not None:  # the update's gate: the guard, or this step's overflow
+        if scaling is not None:
             gate = self._scale_gate
             bk.loss_scale_update(sumsq, scaling, guard, gate, *LOSS_SCALE_RULE)
             sumsq, unscale = scaling[2:3], scaling[1:2]  # the unscaled sum of squares, 1 / the scale used
-        self.steps += 1
-        if clip:
-            bk.clip_by_norm(grad, sumsq, clip, gate)
+        if self.clip_norm:
+            bk.clip_by_norm(grad, sumsq, self.clip_norm, gate)
         self.optimizer.step([model.flat_parameters()], [grad], bk, guard=gate,
                             copies=[model._flat_compute] if model.mixed else None, unscale=unscale)
-        return value, output
 
     def _loss_scaling(self) -> Any:
         """Dynamic loss scaling's device state for a float16 model (see ``loss_scale``), else None."""
@@ -329,16 +337,8 @@ class Trainer:
                 exc.collective = True  # type: ignore[attr-defined] # decided from reduced values, on every rank
                 raise
             return False
-        gate, unscale = None, None
-        if scaling is not None:  # from the reduced gradient: every rank decides alike
-            gate = self._scale_gate
-            bk.loss_scale_update(sumsq, scaling, None, gate, *LOSS_SCALE_RULE)
-            sumsq, unscale = scaling[2:3], scaling[1:2]
         self.steps += 1
-        if self.clip_norm:
-            bk.clip_by_norm(grad, sumsq, self.clip_norm, gate)
-        self.optimizer.step([model.flat_parameters()], [grad], bk, guard=gate,
-                            copies=[model._flat_compute] if model.mixed else None, unscale=unscale)
+        self._clip_and_update(grad, sumsq, None, scaling)  # from the reduced gradient: alike on every rank
         stats_row[:] = loss, correct
         return True
 
