@@ -4,8 +4,10 @@
 
 Times, interleaved (medians over rounds, microseconds): the kernel's whole step in a compiled loop; its
 GEMMs alone in the same order, in a compiled loop; the same GEMMs called one by one from Python (the
-GEMM floor of ``fastbp bench``); and each fused pass alone on buffers of the step's shapes. The step
-minus its GEMMs is what the passes cost inside the step, next to what they cost alone.
+GEMM floor of ``fastbp bench``); the kernel called once per step from Python, the Trainer's internal
+step and its public ``Trainer.step`` (what Python adds); and each fused pass alone on buffers of the
+step's shapes. The step minus its GEMMs is what the passes cost inside the step, next to what they cost
+alone.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from fastbp.bench import CONFIGS, floor_candidates
 
 
 @njit
-def _steps(n, X, labels, Y, flat, grad, layout, codes, ws, args, empty, route):
+def _steps(n, X, labels, Y, flat, grad, layout, codes, ws, sgd_args, adam_args, rmsprop_args, empty, route):
     for _ in range(n):
-        k.train_step(X, labels, Y, 0, flat, grad, layout, codes, ws, 0, args["sgd"], args["adam"], args["rmsprop"],
+        k.train_step(X, labels, Y, 0, flat, grad, layout, codes, ws, 0, sgd_args, adam_args, rmsprop_args,
                      empty, empty, 0.0, route)
 
 
@@ -87,9 +89,9 @@ def _sumsq(n, g, route):
 
 
 @njit
-def _sgd(n, p, g, empty):
+def _sgd(n, p, g, empty, args):
     for _ in range(n):
-        k.sgd(p, g, empty, 0.0, 0.0, 0.0, False, 0.0, True)
+        k.sgd(p, g, empty, args)
 
 
 def main() -> None:
@@ -108,7 +110,8 @@ def main() -> None:
     flat, grad = model.flat_parameters(), model.flat_grad()
     labels, Y = np.ascontiguousarray(y, np.int64), np.zeros((0, 0), np.float32)
     empty = np.zeros(0, np.float32)
-    args = {name: np.zeros(1, dtype) for name, (_, dtype) in STRUCTS.items()}  # SGD with lr 0: the weights stay put
+    # SGD with lr 0: the weights stay put
+    records = [np.zeros(1, STRUCTS[name][1]) for name in ("sgd", "adam", "rmsprop")]
     hidden, n_out = sizes[1], sizes[-1]
     Z = rng.standard_normal((batch, hidden)).astype(np.float32)
     b, db = np.zeros(hidden, np.float32), np.zeros(hidden, np.float32)
@@ -123,16 +126,35 @@ def main() -> None:
         for _ in range(n):
             floor()
 
+    def kernel_from_python(n):  # one compiled call per step, as the backend makes it
+        for _ in range(n):
+            k.train_step(X, labels, Y, 0, flat, grad, plan.layout, plan.codes, plan.ws, 0, *records, empty, empty,
+                         0.0, route)
+
+    # the Trainer's steps, on a model of their own (their SGD moves its weights)
+    trainer = fb.Trainer(fb.MLP(sizes, seed=0, backend=backend), optimizer=fb.optim.SGD(lr=1e-6), batch_size=batch)
+
+    def internal_step(n):
+        for _ in range(n):
+            trainer._step(X, y)
+
+    def public_step(n):
+        for _ in range(n):
+            trainer.step(X, y)
+
     parts = {
         "whole step (compiled loop)": lambda n: _steps(n, X, labels, Y, flat, grad, plan.layout, plan.codes,
-                                                       plan.ws, args, empty, route),
+                                                       plan.ws, *records, empty, route),
         "its GEMMs alone (compiled loop)": lambda n: _gemms(n, X, flat, grad, plan.layout, plan.ws, route),
         "GEMM floor (from Python)": floor_step,
+        "whole step, called from Python": kernel_from_python,
+        "Trainer._step (internal)": internal_step,
+        "Trainer.step (public)": public_step,
         f"forward_epilogue ({batch}x{hidden})": lambda n: _forward_epilogue(n, Z, b),
         f"backward_epilogue ({batch}x{hidden})": lambda n: _backward_epilogue(n, Z.copy(), A, db),
         f"output_delta ({batch}x{n_out})": lambda n: _output_delta(n, logits, labels, Y, D),
         f"sum_of_squares ({grad.size})": lambda n: _sumsq(n, grad, route),
-        f"sgd update ({grad.size})": lambda n: _sgd(n, p, grad, empty),
+        f"sgd update ({grad.size})": lambda n: _sgd(n, p, grad, empty, records[0]),
     }
     inner = max(1, int(2e-2 / max(1e-6, _once(parts["whole step (compiled loop)"]))))
     for fn in parts.values():

@@ -252,3 +252,28 @@ def test_the_gpu_kernel_profile_runs_every_op_on_the_emulated_gpu(tmp_path, caps
     n_params = 8 * 16 + 16 + 16 * 16 + 16 + 16 * 4 + 4
     assert rows["adam update"]["bytes"] == n_params * (8 + 2 + 16 + 2)  # p, g, m and v, the float16 copy
     assert "float16" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ benchmarks/numba_*.py
+@pytest.mark.slow
+@pytest.mark.parametrize("script,args,expect", [
+    ("numba_step_parts.py", ["--rounds", "1"],
+     ["whole step (compiled loop)", "its GEMMs alone", "GEMM floor (from Python)", "whole step, called from Python",
+      "Trainer._step (internal)", "Trainer.step (public)", "sgd update", "step minus its GEMMs"]),
+    ("numba_blas_route.py", ["--config", "small", "--rounds", "1"], ["whole+numpy", "whole+scipy", "ops+numpy"]),
+])
+def test_numba_benchmark_scripts_run_and_report_every_part(script, args, expect):
+    """The numba benchmarks call the kernels' private signatures: run them, so a change there that breaks
+    them fails here (numba_step_parts.py once passed its update records as a dict the kernel refused)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("numba")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / script
+    done = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in expect:
+        lines = [line for line in done.stdout.splitlines() if name in line]
+        assert lines, f"{name!r} missing from:\n{done.stdout}"
+        assert any(float(tok) > 0 for line in lines for tok in line.replace(":", " ").split()
+                   if tok.replace(".", "", 1).isdigit()), lines

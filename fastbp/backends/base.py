@@ -218,7 +218,8 @@ class Backend:
     # ------------------------------------------------------------------ losses
     def output_delta(self, Z_L: Any, y: Any, loss: str, delta_out: Any = None,
                      stats_out: Any = None, weights: Any = None) -> tuple[Any, Any]:
-        """Eq. (1) fused with the loss: returns (loss as a 0-d array, delta_L = dC/dZ_L).
+        """Eq. (1) fused with the loss: returns (loss as a 0-d array, delta_L = dC/dZ_L), the delta written
+        into ``delta_out`` (C-contiguous, shaped like Z_L) when given.
 
         ``y`` is prepared by ``fastbp.losses.prepare_targets``: integer labels (B,) or targets shaped
         like Z_L, in Z_L's dtype. ``stats_out``: a (2,) array of this backend in the accumulator dtype
@@ -242,11 +243,12 @@ class Backend:
             xp.exp(E, out=E)
             s = E.sum(axis=1, keepdims=True)
             if y.ndim == 1:
-                # c = mean over rows of lse - z_y, with lse = log(s) + m
-                rows = self._rows(B)
-                value = (xp.log(s).sum() + (m.sum() - Z_L[rows, y].sum())) / B
-                E *= (1.0 / B) / s
-                E[rows, y] -= 1.0 / B
+                # c = mean over rows of lse - z_y, with lse = log(s) + m; the labels' places in the flattened
+                # rows (a flat index is a third of the cost of a (rows, y) one)
+                at = self._label_places(y, Z_L.shape[1])
+                value = (xp.log(s).sum() + (m.sum() - Z_L.take(at).sum())) / B
+                E *= xp.divide(1.0 / B, s, out=s)
+                E.reshape(-1)[at] -= 1.0 / B
             else:
                 # soft or one-hot targets: c = sum_k y_k (lse - z_k); dc/dz = softmax * sum(y) - y
                 logsum = xp.log(s)
@@ -284,6 +286,14 @@ class Backend:
         if cached is None or cached.shape[0] != n:
             cached = self.__dict__["_rows_cache"] = self.xp.arange(n)
         return cached
+
+    def _label_places(self, y: Any, n_out: int) -> Any:
+        """The flat positions ``row * n_out + y`` of integer labels ``y`` in a C-ordered (B, n_out) array."""
+        key = (y.shape[0], n_out)
+        cached = self.__dict__.get("_row_starts")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_row_starts"] = (key, self.xp.arange(0, y.shape[0] * n_out, n_out))
+        return y + cached[1]
 
     def _weighted_output_delta(self, Z_L: Any, y: Any, loss: str, delta_out: Any, stats_out: Any,
                                weights: Any) -> tuple[Any, Any]:
