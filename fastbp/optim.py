@@ -209,10 +209,13 @@ class Optimizer:
         if self.state is None:
             self._init_state(params, backend)
             return
-        first = next(iter(self.state.slots.values()), None)
-        if first is not None:
-            if len(first) != len(params) or any(s.shape != p.shape for s, p in zip(first, params)):
+        for first in self.state.slots.values():  # the first slot's arrays (a loop, not any(): once per step)
+            if len(first) != len(params):
                 raise ValueError("params do not match the optimizer's state: use a new optimizer or reset()")
+            for s, p in zip(first, params):
+                if s.shape != p.shape:
+                    raise ValueError("params do not match the optimizer's state: use a new optimizer or reset()")
+            break
         if backend is not self._backend or self._dtype != params[0].dtype:
             self.to(backend, params[0].dtype)
             self._bind(params, backend)

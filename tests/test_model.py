@@ -294,12 +294,15 @@ def test_batches_ready_for_the_ops_are_still_checked(backend, dtype, bad, rng):
         np.testing.assert_array_equal(a, b)
 
 
-def test_a_trained_model_pickles_with_a_lock_of_its_own(rng):
+@pytest.mark.parametrize("name", [b for b in fb.available_backends() if b != "cupy"])  # cupy: test_cupy.py
+def test_a_trained_model_pickles_with_a_lock_of_its_own(name, rng):
     import pickle
 
-    model = fb.MLP([3, 4, 2], dtype="float64", backend="numpy")
+    backend = fb.backends.resolve_backend(name)
+    model = fb.MLP([3, 4, 2], dtype="float64", backend=backend)
     fb.Trainer(model).fit(rng.standard_normal((16, 3)), rng.integers(0, 2, 16), epochs=1, verbose=0)
     copy = pickle.loads(pickle.dumps(model))
+    assert copy.backend is backend  # by name: this process's backend (numba's holds its kernels' module)
     X = rng.standard_normal((5, 3))
     np.testing.assert_array_equal(copy.forward(X), model.forward(X))
     assert copy.lock is not model.lock and copy.lock.acquire(blocking=False)

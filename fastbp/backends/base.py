@@ -48,10 +48,12 @@ class Backend:
     def __repr__(self) -> str:
         return f"<fastbp backend {self.name!r}>"
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.pop("_local", None)  # per-thread scratch: rebuilt on use
-        return state
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        """Pickled by name: unpickling resolves the name again, to this process's backend of that name (its
+        modules, kernels, plans and per-thread scratch belong to the process that made them)."""
+        from . import resolve_backend
+
+        return resolve_backend, (self.name,)
 
     def _thread_state(self) -> threading.local:
         """This backend's per-thread state (scratch buffers, update records): never shared between threads,

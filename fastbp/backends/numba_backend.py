@@ -26,7 +26,7 @@ import numpy as np
 from ..losses import loss_code
 from . import BackendUnavailable
 from .base import Backend, target_kind
-from .update_args import STRUCTS
+from .update_args import STRUCTS, update_args
 
 #: Train through the whole-step kernel wherever it applies (relu-like activations; SGD, Adam, AdamW,
 #: RMSProp). Measured on the development machine (benchmarks/numba_blas_route.py, SGD, float32, one process
@@ -52,6 +52,7 @@ class NumbaBackend(Backend):
         self.blas_route = _numba_blas.ROUTE
         self.blas = _numba_blas.DESCRIPTION
         self._plans: weakref.WeakKeyDictionary[Any, dict[int, Any]] = weakref.WeakKeyDictionary()
+        self._last_plan: tuple[Any, int, Any, _Plan | None] | None = None
         self._empty_labels = np.zeros(0, np.int64)
         self._empty_2d = {dt: np.zeros((0, 0), dt) for dt in (np.float32, np.float64)}
         self._empty_1d = {dt: np.zeros(0, dt) for dt in (np.float32, np.float64)}
@@ -157,8 +158,8 @@ class NumbaBackend(Backend):
         optimizer.prepare([flat], self)
         state = optimizer.state
         step = state.step + 1
-        records = list(_NO_ARGS.values())  # the update reads its own record, the others none
-        records[opt] = self._update_record(update, optimizer.schedule(step), step, optimizer.hp)
+        records = plan.records  # the update reads its own record, the others none
+        update_args(update, optimizer.schedule(step), step, optimizer.hp, out=records[opt])
         empty = self._empty_1d[flat.dtype.type]
         names = optimizer.slot_names
         s1 = state.slots[names[0]][0] if names else empty
@@ -185,6 +186,9 @@ class NumbaBackend(Backend):
     def _whole_step_plan(self, model: Any, batch: int) -> _Plan | None:
         """The whole-step plan for this model and batch size (kept by this backend while the model lives), or
         None when the model uses activations the kernel does not fuse."""
+        last = self._last_plan  # the one the previous step used: most steps need no lookup
+        if last is not None and last[0]() is model and last[1] == batch and last[2] is model.dtype:
+            return last[3]
         cache = self._plans.get(model)
         if cache is None:
             cache = self._plans[model] = {}
@@ -194,6 +198,7 @@ class NumbaBackend(Backend):
                 cache.pop(next(iter(cache)))
             fused = all(self.k.CODES.get(a) in self.k.FUSED for a in model.activations)
             entry = cache[batch] = (model.dtype, _Plan(model, batch) if fused else None)
+        self._last_plan = (weakref.ref(model), batch, entry[0], entry[1])
         return entry[1]
 
     def sum_of_squares(self, x, out=None):
@@ -231,8 +236,6 @@ class NumbaBackend(Backend):
 
 #: The whole step's updates by name, and the index of each (``_numba_kernels.update``'s ``opt``).
 _WHOLE_STEP_UPDATES = {"sgd": 0, "adam": 1, "rmsprop": 2}
-#: An unread record for each update the whole step does not run, in that order.
-_NO_ARGS = {name: np.zeros(1, STRUCTS[name][1]) for name in _WHOLE_STEP_UPDATES}
 
 
 class _Plan:
@@ -253,6 +256,8 @@ class _Plan:
         n_top = model.layers[-1].n_out
         top = scratch - 2 * batch * n_top
         self.output = self.ws[top:top + batch * n_top].reshape(batch, n_top)
+        # the updates' argument records, filled each step (a model trains in one thread at a time)
+        self.records = [np.zeros(1, STRUCTS[name][1]) for name in _WHOLE_STEP_UPDATES]
 
 
 def create() -> NumbaBackend:
