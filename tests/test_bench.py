@@ -254,21 +254,26 @@ def test_the_gpu_kernel_profile_runs_every_op_on_the_emulated_gpu(tmp_path, caps
     assert "float16" in capsys.readouterr().out
 
 
-# ------------------------------------------------------------------ benchmarks/numba_*.py
+# ------------------------------------------------------------------ benchmarks/*_parts.py, numba_blas_route.py
 @pytest.mark.slow
 @pytest.mark.parametrize("script,args,expect", [
     ("numba_step_parts.py", ["--rounds", "1"],
      ["whole step (compiled loop)", "its GEMMs alone", "GEMM floor (from Python)", "whole step, called from Python",
       "Trainer._step (internal)", "Trainer.step (public)", "sgd update", "step minus its GEMMs"]),
     ("numba_blas_route.py", ["--config", "small", "--rounds", "1"], ["whole+numpy", "whole+scipy", "ops+numpy"]),
+    ("numpy_reference_parts.py", ["--rounds", "1"],
+     ["naive (textbook step)", "Trainer.step (public)", "Trainer._step (internal)", "backward", "SGD update",
+      "lean", "lean, bias folded"]),
 ])
-def test_numba_benchmark_scripts_run_and_report_every_part(script, args, expect):
-    """The numba benchmarks call the kernels' private signatures: run them, so a change there that breaks
-    them fails here (numba_step_parts.py once passed its update records as a dict the kernel refused)."""
+def test_step_benchmark_scripts_run_and_report_every_part(script, args, expect):
+    """The step benchmarks call private signatures (the numba kernels', the model's ops): run them, so a
+    change there that breaks them fails here (numba_step_parts.py once passed its update records as a dict
+    the kernel refused). numpy_reference_parts.py also checks its hand-written steps against the reference."""
     import subprocess
     import sys
 
-    pytest.importorskip("numba")
+    if script.startswith("numba"):
+        pytest.importorskip("numba")
     path = Path(__file__).resolve().parents[1] / "benchmarks" / script
     done = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
