@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,6 +36,9 @@ def invalid_batch_message(count: float, kind: int, n_out: int) -> str:
             f"the step changed nothing")
 
 
+_NO_SCOPE = contextlib.nullcontext()  # stateless, so one serves every call (and nested ones)
+
+
 class Backend:
     """One array library and the training ops written against it."""
 
@@ -48,12 +50,10 @@ class Backend:
     def __repr__(self) -> str:
         return f"<fastbp backend {self.name!r}>"
 
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
-        """Pickled by name: unpickling resolves the name again, to this process's backend of that name (its
-        modules, kernels, plans and per-thread scratch belong to the process that made them)."""
-        from . import resolve_backend
-
-        return resolve_backend, (self.name,)
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_local", None)  # per-thread scratch: rebuilt on use
+        return state
 
     def _thread_state(self) -> threading.local:
         """This backend's per-thread state (scratch buffers, update records): never shared between threads,
@@ -81,15 +81,16 @@ class Backend:
         local = self._thread_state()
         cache = getattr(local, "scratch", None)
         if cache is None:
-            cache = local.scratch = OrderedDict()
-        key = (tag, tuple(shape), np.dtype(dtype).str)
+            cache = local.scratch = {}
+        key = (tag, shape, dtype)  # as given: a hit costs one lookup (a step asks ~3 times)
         buf = cache.get(key)
         if buf is None:
-            if len(cache) >= 64:  # a few shapes per batch size and layer: drop the oldest past that
-                cache.popitem(last=False)
-            buf = cache[key] = self.empty(shape, dtype)
-        else:
-            cache.move_to_end(key)
+            key = (tag, tuple(shape), np.dtype(dtype))  # the same buffer for a list shape or a dtype's type
+            buf = cache.get(key)
+            if buf is None:
+                if len(cache) >= 64:  # a few shapes per batch size and layer: drop the oldest past that
+                    del cache[next(iter(cache))]
+                buf = cache[key] = self.empty(key[1], key[2])
         return buf
 
     # ------------------------------------------------------------------ memory
@@ -134,7 +135,7 @@ class Backend:
         """A context inside which every array operation runs on this backend's device: a GPU backend makes
         its device current, CPU backends do nothing. The Trainer, MLP and Optimizer enter it once per public
         call, so the arithmetic they do between backend ops (metrics, views, sums) stays on the device."""
-        return contextlib.nullcontext()
+        return _NO_SCOPE
 
     def is_array(self, x: Any) -> bool:
         """Whether ``x`` is an array of this backend."""

@@ -58,6 +58,13 @@ class NumbaBackend(Backend):
         self._empty_1d = {dt: np.zeros(0, dt) for dt in (np.float32, np.float64)}
 
     # ------------------------------------------------------------------ memory
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        """Pickled by name (its kernels' module, plans and records are this process's): unpickling gives this
+        process's numba backend, so a pickled model or Trainer trains on."""
+        from . import resolve_backend
+
+        return resolve_backend, (self.name,)
+
     def asarray(self, x: Any, dtype: Any = None) -> Any:
         return np.ascontiguousarray(x, dtype=dtype)
 

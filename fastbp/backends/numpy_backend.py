@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .base import Backend
@@ -12,6 +14,12 @@ class NumpyBackend(Backend):
 
     name = "numpy"
     xp = np
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        """Pickled by name: unpickling gives this process's numpy backend (its caches are its own)."""
+        from . import resolve_backend
+
+        return resolve_backend, (self.name,)
 
 
 def create() -> NumpyBackend:
