@@ -4,9 +4,10 @@
 # (a GPU CuPy cannot use fails them instead of skipping them), compute-sanitizer's memcheck, racecheck and
 # synccheck over a short training run where the tool exists, then the GPU configs of `fastbp bench`
 # (large 4096 x 4 at batch 8192 in fp32, TF32, bfloat16 and float16; narrow 64 wide at batch 65536 in fp32,
-# bfloat16 and float16) against the cuBLAS GEMM floor and PyTorch CUDA eager (under autocast for 16 bits).
+# bfloat16 and float16) against the cuBLAS GEMM floor and PyTorch CUDA eager (under autocast for 16 bits),
+# after a probe of whether the training step can run as one CUDA graph (benchmarks/gpu_graph_probe.py).
 # A log and JSON results go to $OUT when it is set, else ./gpu_results/.
-# Each step has its own time limit (about 11.5 minutes in all at worst); a failing step is logged and the
+# Each step has its own time limit (about 12.5 minutes in all at worst); a failing step is logged and the
 # script goes on, then exits non-zero.
 #
 #   bash benchmarks/gpu_check.sh
@@ -42,6 +43,8 @@ fb.Trainer(model, optimizer=fb.optim.AdamW(1e-3, weight_decay=1e-2), batch_size=
 else
   echo "=== compute-sanitizer is not on the PATH: memcheck, racecheck and synccheck not run"
 fi
+# can the step run as one CUDA graph (cuBLAS through a handle of our own, set up before capture)? what it saves
+run 60 "$py" benchmarks/gpu_graph_probe.py --config narrow --json "$out/graph_probe_narrow.json"
 run 60 "$py" -m fastbp bench --backend cupy --config large --reps 5 --min-time 0.05 --no-ops \
     --json "$out/bench_large_fp32.json"
 run 45 "$py" -m fastbp bench --backend cupy --config large --reps 5 --min-time 0.05 --no-ops --tf32 \

@@ -282,3 +282,73 @@ def test_step_benchmark_scripts_run_and_report_every_part(script, args, expect):
         assert lines, f"{name!r} missing from:\n{done.stdout}"
         assert any(float(tok) > 0 for line in lines for tok in line.replace(":", " ").split()
                    if tok.replace(".", "", 1).isdigit()), lines
+
+
+# ------------------------------------------------------------------ benchmarks/gpu_graph_probe.py
+def _graph_probe():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_graph_probe.py"
+    spec = importlib.util.spec_from_file_location("gpu_graph_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("a_layout", ["C", "T"])
+@pytest.mark.parametrize("b_layout", ["C", "T"])
+@pytest.mark.parametrize("shape", [(5, 3, 4), (1, 6, 2), (7, 1, 3), (4, 5, 1), (64, 128, 10)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_graph_probe_maps_row_major_products_onto_column_major_gemm(a_layout, b_layout, shape, padded):
+    """The probe's cuBLAS call: row-major C = A @ B as the column-major C^T = B^T A^T, for operands that are
+    C-contiguous or transposed views (as the training step passes them), rows padded or not, run through
+    reference column-major BLAS semantics on the operands' own memory and compared with NumPy's product."""
+    probe = _graph_probe()
+    m, k, n = shape
+    rng = np.random.default_rng(0)
+
+    def operand(rows, cols, layout):
+        pad = 3 if padded else 0
+        if layout == "C":  # (rows, cols) rows of cols (+ pad) elements
+            base = rng.standard_normal((rows, cols + pad))
+            return base, base[:, :cols]
+        base = rng.standard_normal((cols, rows + pad))  # a transposed view, as A_prev.T or W.T
+        return base, base[:, :rows].T
+
+    a_base, A = operand(m, k, a_layout)
+    b_base, B = operand(k, n, b_layout)
+    c_base = np.zeros((m, n + (2 if padded else 0)))
+    C = c_base[:, :n]
+    item = 8
+    opb, opa, mm, nn, kk, ldb, lda, ldc = probe.gemm_args(A.shape, tuple(s // item for s in A.strides), B.shape,
+                                                          tuple(s // item for s in B.strides),
+                                                          tuple(s // item for s in C.strides))
+    probe.colmajor_gemm(opb, opa, mm, nn, kk, b_base.reshape(-1), ldb, a_base.reshape(-1), lda,
+                        c_base.reshape(-1), ldc)
+    np.testing.assert_allclose(C, A @ B, rtol=1e-12, atol=1e-12)
+    assert not c_base[:, n:].any()  # nothing written into the padding
+
+
+def test_graph_probe_refuses_operands_without_a_unit_stride():
+    probe = _graph_probe()
+    with pytest.raises(ValueError, match="unit stride"):
+        probe.gemm_args((4, 4), (8, 2), (4, 4), (4, 1), (4, 1))
+    with pytest.raises(ValueError, match="inner dimensions"):
+        probe.gemm_args((4, 3), (3, 1), (4, 4), (4, 1), (4, 1))
+
+
+def test_graph_probe_without_a_gpu_says_so_and_exits_0():
+    import subprocess
+    import sys
+
+    try:
+        import cupy
+
+        cupy.cuda.runtime.getDeviceCount()
+        pytest.skip("a GPU is usable here: gpu_check.sh runs the probe")
+    except Exception:
+        pass
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_graph_probe.py"
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "no usable GPU" in done.stdout
