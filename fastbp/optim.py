@@ -116,6 +116,17 @@ def _as_schedule(lr: Schedule | float) -> Schedule:
 
 
 # ---------------------------------------------------------------------------------------- state
+def _same_shapes(arrays: list[Any], params: list[Any]) -> bool:
+    """Whether ``arrays`` match ``params`` one for one in shape (a loop: any() over a generator costs a
+    microsecond, and this runs every step)."""
+    if len(arrays) != len(params):
+        return False
+    for a, p in zip(arrays, params):
+        if a.shape != p.shape:
+            return False
+    return True
+
+
 @dataclass
 class OptimizerState:
     """Plain optimizer state: steps taken, and per-parameter slot arrays by name (e.g. 'm', 'v')."""
@@ -209,13 +220,9 @@ class Optimizer:
         if self.state is None:
             self._init_state(params, backend)
             return
-        for first in self.state.slots.values():  # the first slot's arrays (a loop, not any(): once per step)
-            if len(first) != len(params):
-                raise ValueError("params do not match the optimizer's state: use a new optimizer or reset()")
-            for s, p in zip(first, params):
-                if s.shape != p.shape:
-                    raise ValueError("params do not match the optimizer's state: use a new optimizer or reset()")
-            break
+        first = next(iter(self.state.slots.values()), None)
+        if first is not None and not _same_shapes(first, params):
+            raise ValueError("params do not match the optimizer's state: use a new optimizer or reset()")
         if backend is not self._backend or self._dtype != params[0].dtype:
             self.to(backend, params[0].dtype)
             self._bind(params, backend)

@@ -82,7 +82,7 @@ class Backend:
         cache = getattr(local, "scratch", None)
         if cache is None:
             cache = local.scratch = {}
-        key = (tag, shape, dtype)  # as given: a hit costs one lookup (a step asks ~3 times)
+        key = (tag, shape, dtype)  # as given (shape a tuple): a hit costs one lookup (a step asks ~3 times)
         buf = cache.get(key)
         if buf is None:
             key = (tag, tuple(shape), np.dtype(dtype))  # the same buffer for a list shape or a dtype's type

@@ -52,7 +52,7 @@ class NumbaBackend(Backend):
         self.blas_route = _numba_blas.ROUTE
         self.blas = _numba_blas.DESCRIPTION
         self._plans: weakref.WeakKeyDictionary[Any, dict[int, Any]] = weakref.WeakKeyDictionary()
-        self._last_plan: tuple[Any, int, Any, _Plan | None] | None = None
+        self._last_plan: tuple[Any, int, Any, Any] | None = None
         self._empty_labels = np.zeros(0, np.int64)
         self._empty_2d = {dt: np.zeros((0, 0), dt) for dt in (np.float32, np.float64)}
         self._empty_1d = {dt: np.zeros(0, dt) for dt in (np.float32, np.float64)}
@@ -195,7 +195,7 @@ class NumbaBackend(Backend):
         None when the model uses activations the kernel does not fuse."""
         last = self._last_plan  # the one the previous step used: most steps need no lookup
         if last is not None and last[0]() is model and last[1] == batch and last[2] is model.dtype:
-            return last[3]
+            return last[3]() if last[3] is not None else None  # alive: the model, which holds it, is
         cache = self._plans.get(model)
         if cache is None:
             cache = self._plans[model] = {}
@@ -205,7 +205,8 @@ class NumbaBackend(Backend):
                 cache.pop(next(iter(cache)))
             fused = all(self.k.CODES.get(a) in self.k.FUSED for a in model.activations)
             entry = cache[batch] = (model.dtype, _Plan(model, batch) if fused else None)
-        self._last_plan = (weakref.ref(model), batch, entry[0], entry[1])
+        # weak references both: the backend keeps neither a model nor its buffers alive
+        self._last_plan = (weakref.ref(model), batch, entry[0], None if entry[1] is None else weakref.ref(entry[1]))
         return entry[1]
 
     def sum_of_squares(self, x, out=None):
