@@ -234,8 +234,13 @@ def probe(config: str, steps: int) -> dict[str, Any]:
                 stream.begin_capture()
                 try:
                     trainer._step(Xd, yd)
-                finally:
-                    graph_box.append(stream.end_capture())
+                except BaseException:  # report the step's error, not end_capture's on an invalidated capture
+                    try:
+                        stream.end_capture()
+                    except Exception:
+                        pass
+                    raise
+                graph_box.append(stream.end_capture())
                 return "captured"
 
             stage("3 capture of the internal step", capture)
