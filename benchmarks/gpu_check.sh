@@ -10,8 +10,17 @@
 # Each step has its own time limit (about 12.5 minutes in all at worst); a failing step is logged and the
 # script goes on, then exits non-zero.
 #
-#   bash benchmarks/gpu_check.sh
+#   bash benchmarks/gpu_check.sh [all|checks|bench]
+#
+# checks: the facts, the tests, the sanitizers and the graph probe (about 7 minutes at worst); bench: the
+# facts and the benchmarks (about 9); all (the default): both. The device tool allows 10 minutes a call, so
+# a lent machine can run `checks`, then `bench`, each in its own call.
 set -uo pipefail
+part="${1:-all}"
+case "$part" in
+  all|checks|bench) ;;
+  *) echo "usage: bash benchmarks/gpu_check.sh [all|checks|bench]" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_results}"
 mkdir -p "$out"
@@ -19,7 +28,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 FASTBP_RE
 py="${PYTHON:-python3}"
 # Everything goes to the log as well; the status stays in this shell (a `{ ...; } | tee` pipeline would run
 # the steps in a subshell, whose status the exit below would never see).
-exec > >(tee "$out/gpu_check.log") 2>&1
+exec > >(tee "$out/gpu_check_$part.log") 2>&1
 status=0
 run() {  # run a step with a time limit; remember a failure but go on to the next step
   echo "=== $* ($(date -u +%H:%M:%S))"
@@ -31,40 +40,44 @@ run 30 "$py" -c "import cupy, numpy; rt = cupy.cuda.runtime
 print('driver', rt.driverGetVersion(), 'CUDA runtime', rt.runtimeGetVersion(), 'CuPy', cupy.__version__,
       'NumPy', numpy.__version__, 'NVRTC', cupy.cuda.nvrtc.getVersion())"
 run 20 "$py" -m fastbp info
-run 150 "$py" -m pytest -m gpu -q -rs -p no:cacheprovider tests/
-if command -v compute-sanitizer >/dev/null; then
-  train='import fastbp as fb; from fastbp import datasets
+if [ "$part" != bench ]; then
+  run 150 "$py" -m pytest -m gpu -q -rs -p no:cacheprovider tests/
+  if command -v compute-sanitizer >/dev/null; then
+    train='import fastbp as fb; from fastbp import datasets
 X, y = datasets.load_digits(); model = fb.MLP([64, 32, 10], seed=0, backend="cupy")
 fb.Trainer(model, optimizer=fb.optim.AdamW(1e-3, weight_decay=1e-2), batch_size=64, clip_norm=1.0).fit(
     X[:512] / 16, y[:512], epochs=1, verbose=0); print("trained under the sanitizer")'
-  for tool in memcheck racecheck synccheck; do
-    run 40 compute-sanitizer --tool "$tool" --error-exitcode 1 "$py" -c "$train"
-  done
-else
-  echo "=== compute-sanitizer is not on the PATH: memcheck, racecheck and synccheck not run"
+    for tool in memcheck racecheck synccheck; do
+      run 40 compute-sanitizer --tool "$tool" --error-exitcode 1 "$py" -c "$train"
+    done
+  else
+    echo "=== compute-sanitizer is not on the PATH: memcheck, racecheck and synccheck not run"
+  fi
+  # can the step run as one CUDA graph (cuBLAS through a handle of our own, set up before capture)? what it saves
+  run 60 "$py" benchmarks/gpu_graph_probe.py --config narrow --json "$out/graph_probe_narrow.json"
 fi
-# can the step run as one CUDA graph (cuBLAS through a handle of our own, set up before capture)? what it saves
-run 60 "$py" benchmarks/gpu_graph_probe.py --config narrow --json "$out/graph_probe_narrow.json"
-run 60 "$py" -m fastbp bench --backend cupy --config large --reps 5 --min-time 0.05 --no-ops \
-    --json "$out/bench_large_fp32.json"
-run 45 "$py" -m fastbp bench --backend cupy --config large --reps 5 --min-time 0.05 --no-ops --tf32 \
-    --json "$out/bench_large_tf32.json"
-run 40 "$py" -m fastbp bench --backend cupy --config narrow --reps 10 --json "$out/bench_narrow.json"
-# the small config on the GPU: launch-bound, its step against its floor (what CUDA graphs would cut)
-run 30 "$py" -m fastbp bench --backend cupy --config small --reps 10 --no-ops --json "$out/bench_small.json"
-# mixed precision: float32 master weights computing in bfloat16, against the bfloat16 cuBLAS floor and
-# PyTorch eager under autocast
-run 45 "$py" -m fastbp bench --backend cupy --config large --dtype bfloat16 --reps 5 --min-time 0.05 --no-ops \
-    --json "$out/bench_large_bf16.json"
-run 40 "$py" -m fastbp bench --backend cupy --config narrow --dtype bfloat16 --reps 10 --no-ops \
-    --json "$out/bench_narrow_bf16.json"
-# float16 with dynamic loss scaling, against PyTorch under autocast with its GradScaler
-run 45 "$py" -m fastbp bench --backend cupy --config large --dtype float16 --reps 5 --min-time 0.05 --no-ops \
-    --json "$out/bench_large_fp16.json"
-run 40 "$py" -m fastbp bench --backend cupy --config narrow --dtype float16 --reps 10 --no-ops \
-    --json "$out/bench_narrow_fp16.json"
-# where the time around the GEMMs goes: each op's kernels alone, their bytes and bandwidth
-run 60 "$py" benchmarks/gpu_kernels.py --config large --compute-dtype bfloat16 --json "$out/kernels_large_bf16.json"
-run 40 "$py" benchmarks/gpu_kernels.py --config narrow --json "$out/kernels_narrow_fp32.json"
-echo "=== gpu_check finished with status $status"
+if [ "$part" != checks ]; then
+  run 60 "$py" -m fastbp bench --backend cupy --config large --reps 5 --min-time 0.05 --no-ops \
+      --json "$out/bench_large_fp32.json"
+  run 45 "$py" -m fastbp bench --backend cupy --config large --reps 5 --min-time 0.05 --no-ops --tf32 \
+      --json "$out/bench_large_tf32.json"
+  run 40 "$py" -m fastbp bench --backend cupy --config narrow --reps 10 --json "$out/bench_narrow.json"
+  # the small config on the GPU: launch-bound, its step against its floor (what CUDA graphs would cut)
+  run 30 "$py" -m fastbp bench --backend cupy --config small --reps 10 --no-ops --json "$out/bench_small.json"
+  # mixed precision: float32 master weights computing in bfloat16, against the bfloat16 cuBLAS floor and
+  # PyTorch eager under autocast
+  run 45 "$py" -m fastbp bench --backend cupy --config large --dtype bfloat16 --reps 5 --min-time 0.05 --no-ops \
+      --json "$out/bench_large_bf16.json"
+  run 40 "$py" -m fastbp bench --backend cupy --config narrow --dtype bfloat16 --reps 10 --no-ops \
+      --json "$out/bench_narrow_bf16.json"
+  # float16 with dynamic loss scaling, against PyTorch under autocast with its GradScaler
+  run 45 "$py" -m fastbp bench --backend cupy --config large --dtype float16 --reps 5 --min-time 0.05 --no-ops \
+      --json "$out/bench_large_fp16.json"
+  run 40 "$py" -m fastbp bench --backend cupy --config narrow --dtype float16 --reps 10 --no-ops \
+      --json "$out/bench_narrow_fp16.json"
+  # where the time around the GEMMs goes: each op's kernels alone, their bytes and bandwidth
+  run 60 "$py" benchmarks/gpu_kernels.py --config large --compute-dtype bfloat16 --json "$out/kernels_large_bf16.json"
+  run 40 "$py" benchmarks/gpu_kernels.py --config narrow --json "$out/kernels_narrow_fp32.json"
+fi
+echo "=== gpu_check ($part) finished with status $status"
 exit $status
