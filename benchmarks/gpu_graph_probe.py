@@ -138,18 +138,21 @@ class _Through:
         return self._handle.matmul(self._cupy, A, B, out)
 
 
-def probe(config: str, steps: int) -> dict[str, Any]:
-    import cupy
+def probe(sizes: list[int], batch: int, steps: int, cupy: Any = None, backend: str = "cupy",
+          make_handle: Any = CublasHandle) -> dict[str, Any]:
+    """The probe's stages on an MLP of ``sizes`` at ``batch`` rows; ``cupy``, ``backend`` and ``make_handle``
+    (stream -> handle) let a test run it on the emulated CuPy with a handle of its own."""
     import numpy as np
 
     import fastbp as fb
-    from fastbp.bench import CONFIGS, gemm_list
+    from fastbp.bench import gemm_list
     from fastbp.bench.candidates import gemm_operands
 
-    report: dict[str, Any] = {"config": config, "steps": steps, "cupy": cupy.__version__}
-    sizes, batch = CONFIGS[config]["sizes"], CONFIGS[config]["batch"]
+    if cupy is None:
+        import cupy
+    report: dict[str, Any] = {"sizes": sizes, "batch": batch, "steps": steps, "cupy": cupy.__version__}
     stream = cupy.cuda.Stream(non_blocking=True)
-    handle = CublasHandle(cupy, stream)
+    handle = make_handle(cupy, stream)
     report["libcublas"] = handle.path
 
     def stage(name: str, fn: Any) -> Any:
@@ -182,7 +185,7 @@ def probe(config: str, steps: int) -> dict[str, Any]:
     rng = np.random.default_rng(1)
     X = rng.standard_normal((batch, sizes[0])).astype(np.float32)
     y = rng.integers(0, sizes[-1], batch)
-    model = fb.MLP(sizes, seed=0, backend="cupy")
+    model = fb.MLP(sizes, seed=0, backend=backend)
     bk = model.backend
     trainer = fb.Trainer(model, optimizer=fb.optim.SGD(lr=1e-3), batch_size=batch)
     Xd, yd = model.prepare_batch(X, y, "cross_entropy")
@@ -277,8 +280,11 @@ def main() -> int:
     except Exception as exc:
         print(f"no usable GPU through CuPy ({type(exc).__name__}: {exc}): nothing to probe")
         return 0
+    from fastbp.bench import CONFIGS
+
     try:
-        report = probe(args.config, args.steps)
+        report = probe(CONFIGS[args.config]["sizes"], CONFIGS[args.config]["batch"], args.steps)
+        report["config"] = args.config
     except Exception as exc:
         traceback.print_exc()
         report = {"failed": f"{type(exc).__name__}: {exc}"}

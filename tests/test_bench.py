@@ -352,3 +352,49 @@ def test_graph_probe_without_a_gpu_says_so_and_exits_0():
     done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "no usable GPU" in done.stdout
+
+
+@pytest.mark.emulator
+def test_graph_probe_stages_run_on_the_emulated_cupy():
+    """The probe's Python on the emulated CuPy, its cuBLAS handle replaced by reference column-major BLAS on
+    the arrays' memory (through the same argument mapping): the GEMMs and the eager step through the handle
+    equal CuPy's path; the emulated CuPy has no stream capture, which the probe reports and goes on."""
+    from conftest import EMULATED, EMULATOR_MISSING
+
+    if EMULATOR_MISSING:
+        pytest.skip(f"the CUDA emulator cannot run here: {EMULATOR_MISSING}")
+    from fastbp.testing import fake_cupy
+
+    probe = _graph_probe()
+
+    class HostHandle:  # reference BLAS semantics on the emulated arrays' host memory
+        path = "reference column-major BLAS (emulated)"
+
+        def __init__(self, cupy, stream):
+            self.calls = 0
+            made.append(self)
+
+        def matmul(self, cupy, A, B, out=None):
+            if out is None:
+                out = cupy.empty((A.shape[0], B.shape[1]), A.dtype)
+            a, b, c = A._a, B._a, out._a
+            item = a.itemsize
+            opb, opa, m, n, k, ldb, lda, ldc = probe.gemm_args(
+                a.shape, tuple(s // item for s in a.strides), b.shape, tuple(s // item for s in b.strides),
+                tuple(s // item for s in c.strides))
+            flat_c = c.reshape(-1)
+            assert np.shares_memory(flat_c, c)
+            probe.colmajor_gemm(opb, opa, m, n, k, b.ravel(order="K"), ldb, a.ravel(order="K"), lda, flat_c, ldc)
+            self.calls += 1
+            return out
+
+    made = []
+    report = probe.probe([8, 16, 16, 3], 32, 3, cupy=fake_cupy, backend=EMULATED, make_handle=HostHandle)
+    assert made[0].calls >= 8 + 2 * 3 * 8  # the 8 products alone, then the steps' 8 products each
+    gemms = report["1 ctypes GEMM vs cupy.matmul (max relative difference per product)"]
+    assert isinstance(gemms, dict) and len(gemms) == 8 and max(gemms.values()) < 1e-6, gemms
+    eager = report["2 eager step through the handle"]
+    assert eager.startswith("parameters after 3 steps differ") and float(eager.rsplit(" ", 1)[1]) < 1e-5, eager
+    assert report["3 capture of the internal step"].startswith("failed: AttributeError")  # no begin_capture
+    times = report["5 time per step"]
+    assert set(times) == {"eager through CuPy (ms)", "eager through the handle (ms)"} and min(times.values()) > 0
