@@ -356,9 +356,11 @@ def test_graph_probe_without_a_gpu_says_so_and_exits_0():
 
 @pytest.mark.emulator
 def test_graph_probe_stages_run_on_the_emulated_cupy():
-    """The probe's Python on the emulated CuPy, its cuBLAS handle replaced by reference column-major BLAS on
-    the arrays' memory (through the same argument mapping): the GEMMs and the eager step through the handle
-    equal CuPy's path; the emulated CuPy has no stream capture, which the probe reports and goes on."""
+    """The probe on the emulated CuPy, its cuBLAS handle replaced by reference column-major BLAS on the
+    arrays' memory (through the same argument mapping, recorded in a capture as a launch is): the GEMMs and
+    the eager step through the handle equal CuPy's path, and the internal step (SGD, float32) captures,
+    which on the emulator means it is kernel launches and GEMMs alone (an allocation, a read, an
+    elementwise op or CuPy's own matmul would raise), and replaying it equals eager steps bit for bit."""
     from conftest import EMULATED, EMULATOR_MISSING
 
     if EMULATOR_MISSING:
@@ -384,7 +386,8 @@ def test_graph_probe_stages_run_on_the_emulated_cupy():
                 tuple(s // item for s in c.strides))
             flat_c = c.reshape(-1)
             assert np.shares_memory(flat_c, c)
-            probe.colmajor_gemm(opb, opa, m, n, k, b.ravel(order="K"), ldb, a.ravel(order="K"), lda, flat_c, ldc)
+            fake_cupy.record(lambda: probe.colmajor_gemm(opb, opa, m, n, k, b.ravel(order="K"), ldb,
+                                                         a.ravel(order="K"), lda, flat_c, ldc))
             self.calls += 1
             return out
 
@@ -395,6 +398,8 @@ def test_graph_probe_stages_run_on_the_emulated_cupy():
     assert isinstance(gemms, dict) and len(gemms) == 8 and max(gemms.values()) < 1e-6, gemms
     eager = report["2 eager step through the handle"]
     assert eager.startswith("parameters after 3 steps differ") and float(eager.rsplit(" ", 1)[1]) < 1e-5, eager
-    assert report["3 capture of the internal step"].startswith("failed: AttributeError")  # no begin_capture
+    assert report["3 capture of the internal step"] == "captured", report
+    assert report["4 replay"] == "3 replays against 3 eager steps: max difference 0", report
     times = report["5 time per step"]
-    assert set(times) == {"eager through CuPy (ms)", "eager through the handle (ms)"} and min(times.values()) > 0
+    assert set(times) == {"eager through CuPy (ms)", "eager through the handle (ms)", "replayed graph (ms)"}
+    assert min(times.values()) > 0

@@ -509,3 +509,43 @@ def test_a_gpu_model_pickles_and_trains_on_after_unpickling(gpu, compute):
     np.testing.assert_array_equal(gpu.to_numpy(again.forward(X)), gpu.to_numpy(model.forward(X)))
     fb.Trainer(again, optimizer="adam", batch_size=64).fit(X, y[:256], epochs=1, verbose=0)
     assert not np.array_equal(gpu.to_numpy(again.forward(X)), gpu.to_numpy(model.forward(X)))
+
+
+@pytest.mark.emulator
+def test_the_emulated_cupy_captures_kernel_launches_and_replays_them():
+    """Stream capture as CUDA graphs record it: launches between begin_capture and end_capture are recorded,
+    not run; each Graph.launch runs them on what the arrays hold then. What the emulator cannot defer raises
+    inside a capture, CuPy's own matmul as CuPy does (it refuses cuBLAS calls while a stream captures)."""
+    from conftest import EMULATED, EMULATOR_MISSING
+
+    if EMULATOR_MISSING:
+        pytest.skip(f"the CUDA emulator cannot run here: {EMULATOR_MISSING}")
+    from fastbp.testing import fake_cupy as cp
+
+    bk = resolve_backend(EMULATED)
+    x = bk.asarray(np.arange(6, dtype=np.float32))
+    out = bk.sum_of_squares(x)  # its scratch and result made outside the capture
+    out[...] = 0
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        assert stream.is_capturing()
+        bk.sum_of_squares(x, out=out)  # two launches, recorded
+        with pytest.raises(NotImplementedError, match="cuBLAS API during stream capture"):
+            cp.matmul(x.reshape(2, 3), x.reshape(3, 2))
+        with pytest.raises(cp.CUDARuntimeError, match="StreamCaptureUnsupported"):
+            x * 2  # an elementwise op: not deferred by the emulator
+        with pytest.raises(cp.CUDARuntimeError, match="StreamCaptureUnsupported"):
+            cp.empty(4, cp.float32)
+        with pytest.raises(cp.CUDARuntimeError, match="StreamCaptureUnsupported"):
+            float(out)  # a read: not allowed while capturing
+        graph = stream.end_capture()
+        assert not stream.is_capturing()
+    assert float(out) == 0.0  # nothing ran during the capture
+    graph.launch(stream)
+    assert float(out) == 55.0
+    x[...] = 1.0
+    graph.launch(stream)  # replays read the arrays' contents at launch
+    assert float(out) == 6.0
+    with pytest.raises(cp.CUDARuntimeError, match="no capture"):
+        stream.end_capture()

@@ -60,11 +60,13 @@ class Stats:
     host_to_device: int = 0
     synchronize: int = 0
     launches: int = 0
+    graph_launches: int = 0
     device_switches: int = 0  # entering or leaving a Device context that changes the current device
     kernels: collections.Counter[str] = field(default_factory=collections.Counter)  # launches per kernel
 
     def reset(self) -> None:
         self.device_to_host = self.host_to_device = self.synchronize = self.launches = self.device_switches = 0
+        self.graph_launches = 0
         self.kernels.clear()
 
 
@@ -141,6 +143,7 @@ def _allocate(shape: Any, dtype: Any, fill: int | None = cuda_emulator.POISON) -
     if builtins.any(s < 0 for s in shape):
         raise ValueError(f"negative dimensions are not allowed: {shape}")
     nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    _not_in_capture(f"an allocation of {nbytes} bytes")
     device = _current_device_id()
     if nbytes + _pool._used[device] > settings.memory_bytes:
         raise OutOfMemoryError(nbytes, _pool._used[device], settings.memory_bytes)
@@ -213,7 +216,28 @@ class Stream:
         self.ptr = 0
 
     def synchronize(self) -> None:
+        _not_in_capture("a stream synchronize")
         stats.synchronize += 1
+
+    # -- stream capture, as CUDA graphs record it: between begin_capture and end_capture kernel launches are
+    # recorded, not run, and Graph.launch runs them in order on what the arrays then hold. Anything else
+    # that would touch device memory (an elementwise op, a copy, an allocation, a read) raises, as the
+    # emulator cannot defer it: a step that captures here is kernel launches (and what ``record`` adds) alone.
+    def begin_capture(self, mode: Any = None) -> None:
+        global _capture
+        if _capture is not None:
+            raise CUDARuntimeError("cudaErrorIllegalState: a capture is in progress")
+        _capture = []
+
+    def end_capture(self) -> Graph:
+        global _capture
+        if _capture is None:
+            raise CUDARuntimeError("cudaErrorIllegalState: no capture is in progress")
+        ops, _capture = _capture, None
+        return Graph(ops)
+
+    def is_capturing(self) -> bool:
+        return _capture is not None
 
     def __enter__(self) -> Stream:
         return self
@@ -223,6 +247,35 @@ class Stream:
 
 
 _null_stream = Stream(null=True)
+_capture: list[Any] | None = None  # the launches of the capture in progress
+
+
+class Graph:
+    """A captured sequence of launches; ``launch`` runs them in order."""
+
+    def __init__(self, ops: list[Any]) -> None:
+        self._ops = ops
+
+    def launch(self, stream: Any = None) -> None:
+        _not_in_capture("a graph launch")
+        for op in self._ops:
+            op()
+        stats.graph_launches += 1
+
+
+def record(op: Any) -> None:
+    """Run ``op()`` now, or during a capture add it to the graph (for work done outside a kernel, such as a
+    test's stand-in for cuBLAS)."""
+    if _capture is not None:
+        _capture.append(op)
+    else:
+        op()
+
+
+def _not_in_capture(what: str) -> None:
+    if _capture is not None:
+        raise CUDARuntimeError(f"cudaErrorStreamCaptureUnsupported: {what} during stream capture (the emulated CuPy "
+                               "captures kernel launches alone)")
 
 
 def get_current_stream() -> Stream:
@@ -259,6 +312,7 @@ def _wrap_result(r: Any, device: int | None = None) -> Any:
 
 
 def _apply(fn: Any, args: tuple, kwargs: dict) -> Any:
+    _not_in_capture(f"{getattr(fn, '__name__', fn)}")
     args = tuple(_host(a) for a in args)
     out = kwargs.get("out")
     kwargs = {k: _host(v) for k, v in kwargs.items()}
@@ -331,6 +385,7 @@ class ndarray:  # noqa: N801 - CuPy's name
     def get(self, stream: Any = None, order: str = "C", out: Any = None) -> np.ndarray:
         # CuPy copies from the array's own device, whichever is current; into ``out`` when given (a host
         # array of the same shape and dtype, as CuPy requires)
+        _not_in_capture("a device-to-host copy")
         stats.device_to_host += 1
         if out is None:
             return np.array(self._a, order=order, copy=True)  # type: ignore[call-overload]
@@ -345,12 +400,14 @@ class ndarray:  # noqa: N801 - CuPy's name
             raise TypeError(f"Only numpy.ndarray can be set to cupy.ndarray, got {type(arr).__name__}")
         if arr.shape != self.shape or arr.dtype != self.dtype:
             raise ValueError("Shape mismatch or dtype mismatch")
+        _not_in_capture("a host-to-device copy")
         stats.host_to_device += 1
         np.copyto(self._a, arr)
 
     def _scalar(self) -> Any:
         if self.size != 1:
             raise ValueError("only size-1 arrays can be converted to Python scalars")
+        _not_in_capture("a device-to-host read")
         stats.device_to_host += 1
         return self._a.reshape(()).item()
 
@@ -421,6 +478,7 @@ class ndarray:  # noqa: N801 - CuPy's name
         return out
 
     def fill(self, value: Any) -> None:
+        _not_in_capture("fill")
         _check_device(self._device)
         self._a.fill(value)
 
@@ -432,6 +490,7 @@ class ndarray:  # noqa: N801 - CuPy's name
         return _wrap_result(r, self._device)
 
     def __setitem__(self, key: Any, value: Any) -> None:
+        _not_in_capture("an assignment")
         _check_device(self._device)
         if isinstance(value, np.ndarray):  # CuPy copies host values to the device
             stats.host_to_device += 1
@@ -615,6 +674,8 @@ def _tf32(a: np.ndarray) -> np.ndarray:
 def matmul(a: ndarray, b: ndarray, out: ndarray | None = None) -> ndarray:
     """cuBLAS's GEMM, emulated by NumPy's (TF32 inputs where the float32 compute type is TF32; 16-bit
     operands multiplied in float32 and the result rounded once, as cuBLAS's float32 compute type does)."""
+    if _capture is not None:  # CuPy sets cuBLAS's stream before every call, and refuses a capturing one
+        raise NotImplementedError("calling cuBLAS API during stream capture is currently unsupported")
     A, B = _host(a), _host(b)
     if not isinstance(a, ndarray) or not isinstance(b, ndarray):
         raise TypeError("matmul takes device arrays")
@@ -658,9 +719,12 @@ class _Kernel:
                 values.append(arg.reshape(())[()])
             else:
                 values.append(arg)
-        self._kernel.launch(grid, block, values, shared_mem=shared_mem, order=settings.order, seed=next(_seeds))
-        stats.launches += 1
-        stats.kernels[self.name] += 1
+        def run() -> None:
+            self._kernel.launch(grid, block, values, shared_mem=shared_mem, order=settings.order, seed=next(_seeds))
+            stats.launches += 1
+            stats.kernels[self.name] += 1
+
+        record(run)
 
 
 class RawModule:
@@ -728,7 +792,9 @@ runtime = _submodule("cuda.runtime", CUDARuntimeError=CUDARuntimeError,
                      memGetInfo=lambda: (settings.memory_bytes - _pool.used_bytes(), settings.memory_bytes),
                      runtimeGetVersion=lambda: 13000, driverGetVersion=lambda: 13000, deviceSynchronize=lambda: None)
 memory = _submodule("cuda.memory", OutOfMemoryError=OutOfMemoryError, MemoryPool=MemoryPool)
+graph = _submodule("cuda.graph", Graph=Graph)
 cuda = _submodule("cuda", Device=Device, Stream=Stream, get_current_stream=get_current_stream, runtime=runtime,
+                  graph=graph,
                   memory=memory, is_available=lambda: True)
 _routines_linalg = _submodule(
     "_core._routines_linalg", set_compute_type=_set_compute_type, COMPUTE_TYPE_DEFAULT=COMPUTE_TYPE_DEFAULT,
