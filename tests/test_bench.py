@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import graph_probe
 
 from fastbp import bench
 from fastbp.cli import main
@@ -285,16 +286,6 @@ def test_step_benchmark_scripts_run_and_report_every_part(script, args, expect):
 
 
 # ------------------------------------------------------------------ benchmarks/gpu_graph_probe.py
-def _graph_probe():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_graph_probe.py"
-    spec = importlib.util.spec_from_file_location("gpu_graph_probe", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("a_layout", ["C", "T"])
 @pytest.mark.parametrize("b_layout", ["C", "T"])
 @pytest.mark.parametrize("shape", [(5, 3, 4), (1, 6, 2), (7, 1, 3), (4, 5, 1), (64, 128, 10)])
@@ -303,7 +294,7 @@ def test_graph_probe_maps_row_major_products_onto_column_major_gemm(a_layout, b_
     """The probe's cuBLAS call: row-major C = A @ B as the column-major C^T = B^T A^T, for operands that are
     C-contiguous or transposed views (as the training step passes them), rows padded or not, run through
     reference column-major BLAS semantics on the operands' own memory and compared with NumPy's product."""
-    probe = _graph_probe()
+    probe = graph_probe()
     m, k, n = shape
     rng = np.random.default_rng(0)
 
@@ -330,7 +321,7 @@ def test_graph_probe_maps_row_major_products_onto_column_major_gemm(a_layout, b_
 
 
 def test_graph_probe_refuses_operands_without_a_unit_stride():
-    probe = _graph_probe()
+    probe = graph_probe()
     with pytest.raises(ValueError, match="unit stride"):
         probe.gemm_args((4, 4), (8, 2), (4, 4), (4, 1), (4, 1))
     with pytest.raises(ValueError, match="inner dimensions"):
@@ -361,38 +352,20 @@ def test_graph_probe_stages_run_on_the_emulated_cupy():
     the eager step through the handle equal CuPy's path, and the internal step (SGD, float32) captures,
     which on the emulator means it is kernel launches and GEMMs alone (an allocation, a read, an
     elementwise op or CuPy's own matmul would raise), and replaying it equals eager steps bit for bit."""
-    from conftest import EMULATED, EMULATOR_MISSING
+    from conftest import EMULATED, EMULATOR_MISSING, ReferenceBlasHandle
 
     if EMULATOR_MISSING:
         pytest.skip(f"the CUDA emulator cannot run here: {EMULATOR_MISSING}")
     from fastbp.testing import fake_cupy
 
-    probe = _graph_probe()
+    probe, made = graph_probe(), []
 
-    class HostHandle:  # reference BLAS semantics on the emulated arrays' host memory
-        path = "reference column-major BLAS (emulated)"
-
+    class Counted(ReferenceBlasHandle):
         def __init__(self, cupy, stream):
-            self.calls = 0
+            super().__init__(cupy, stream)
             made.append(self)
 
-        def matmul(self, cupy, A, B, out=None):
-            if out is None:
-                out = cupy.empty((A.shape[0], B.shape[1]), A.dtype)
-            a, b, c = A._a, B._a, out._a
-            item = a.itemsize
-            opb, opa, m, n, k, ldb, lda, ldc = probe.gemm_args(
-                a.shape, tuple(s // item for s in a.strides), b.shape, tuple(s // item for s in b.strides),
-                tuple(s // item for s in c.strides))
-            flat_c = c.reshape(-1)
-            assert np.shares_memory(flat_c, c)
-            fake_cupy.record(lambda: probe.colmajor_gemm(opb, opa, m, n, k, b.ravel(order="K"), ldb,
-                                                         a.ravel(order="K"), lda, flat_c, ldc))
-            self.calls += 1
-            return out
-
-    made = []
-    report = probe.probe([8, 16, 16, 3], 32, 3, cupy=fake_cupy, backend=EMULATED, make_handle=HostHandle)
+    report = probe.probe([8, 16, 16, 3], 32, 3, cupy=fake_cupy, backend=EMULATED, make_handle=Counted)
     assert made[0].calls >= 8 + 2 * 3 * 8  # the 8 products alone, then the steps' 8 products each
     gemms = report["1 ctypes GEMM vs cupy.matmul (max relative difference per product)"]
     assert isinstance(gemms, dict) and len(gemms) == 8 and max(gemms.values()) < 1e-6, gemms
