@@ -14,7 +14,7 @@ from ._checks import check_choice, check_feature_shape, check_features, check_po
 from .activations import ACTIVATIONS
 from .backends import Backend, resolve_backend
 from .backends.base import invalid_batch_message
-from .dtypes import resolve_compute_dtype, resolve_dtype
+from .dtypes import HALF_DTYPES, resolve_compute_dtype, resolve_dtype
 from .init import INITIALIZERS, initialize
 from .io import FORMAT, VERSION, read_npz, write_npz_atomic
 from .losses import check_loss, check_sample_weight, is_identity, prepare_targets, target_shape
@@ -519,17 +519,21 @@ class MLP:
             return self
         host = [(self.backend.to_numpy(layer.W), self.backend.to_numpy(layer.b), layer.activation)
                 for layer in self.layers]
-        self.backend = target
-        if self.mixed and self.compute_dtype.name not in target.compute_dtypes:
-            self.compute_dtype = self.dtype  # mixed precision is a GPU setting: float32 elsewhere
+        compute = self.compute_dtype.name
+        self.backend, self.compute_dtype = target, self.dtype
         self._set_layers(host)
+        self._keep_compute_dtype(compute)
         return self
 
-    def _set_compute_dtype(self, compute_dtype: Any) -> None:
-        """Compute in ``compute_dtype`` from now on (see the class's ``compute_dtype``), where the backend
-        can; the master weights stay as they are."""
-        self.compute_dtype = resolve_compute_dtype(compute_dtype, self.dtype, self.backend)
-        self._lay_out_compute()
+    def _keep_compute_dtype(self, name: str | None) -> None:
+        """Compute in the 16-bit ``name`` from now on (see the class's ``compute_dtype``) where the weights
+        (float32) and the backend allow it, else in the model's dtype: what a mixed-precision model keeps
+        when it is moved, copied or loaded (mixed precision is a GPU setting). The weights stay as they are."""
+        keep = name in HALF_DTYPES and self.dtype == np.float32 and name in self.backend.compute_dtypes
+        compute = resolve_compute_dtype(name, self.dtype, self.backend) if keep else self.dtype
+        if compute != self.compute_dtype:
+            self.compute_dtype = compute
+            self._lay_out_compute()
 
     def copy(self, dtype: Any = None, backend: str | Backend | None = None) -> MLP:
         """An independent copy, optionally in another dtype or on another backend."""
@@ -538,8 +542,7 @@ class MLP:
                                  backend=backend if backend is not None else self.backend)
         model.classes_ = None if self.classes_ is None else self.classes_.copy()
         model.loss_, model.preprocess_ = self.loss_, self.preprocess_
-        if self.mixed and model.dtype == self.dtype and self.compute_dtype.name in model.backend.compute_dtypes:
-            model._set_compute_dtype(self.compute_dtype.name)
+        model._keep_compute_dtype(self.compute_dtype.name)
         return model
 
     def to_onnx(self, path: Any = None, opset: int | None = None, probabilities: bool | None = None) -> Any:
@@ -601,9 +604,7 @@ class MLP:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{where} does not describe a valid model: {exc}") from exc
         model.classes_, model.loss_ = classes, loss
-        compute = meta.get("compute_dtype")
-        if compute in model.backend.compute_dtypes and compute != dtype and dtype == "float32":
-            model._set_compute_dtype(compute)  # a backend without it computes in float32
+        model._keep_compute_dtype(meta.get("compute_dtype"))  # a backend without it computes in float32
         preprocess = meta.get("preprocess")
         model.preprocess_ = preprocess if isinstance(preprocess, dict) else None
         return model

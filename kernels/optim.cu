@@ -20,6 +20,23 @@
 // guard is the array nonfinite_guard below trips: when it is tripped (guard[0] != 0), the update does
 // nothing. The Trainer thus keeps a non-finite step out of the parameters without reading anything back
 // to the host; it reads the guard every few steps.
+
+// Gradient element i as an update reads it: loaded into T, times 1 / the loss scale when unscale is set.
+template <typename T, typename G>
+__device__ __forceinline__ T gradient(const G* __restrict__ g, long long i, const float* __restrict__ unscale) {
+    const T d = static_cast<T>(load(g[i]));
+    return unscale != nullptr ? mul_rn(d, static_cast<T>(unscale[0])) : d;
+}
+
+// The updated parameter i into p and, when copy is set (mixed precision), rounded into its compute copy.
+template <typename T, typename G>
+__device__ __forceinline__ void write_param(T* __restrict__ p, G* __restrict__ copy, long long i, T value) {
+    p[i] = value;
+    if (copy != nullptr) {
+        copy[i] = store<G>(value);
+    }
+}
+
 template <typename T, typename G>
 __global__ void sgd(T* __restrict__ p, const G* __restrict__ g, T* __restrict__ buf, long long n, SgdArgs a,
                     const double* __restrict__ guard, G* __restrict__ copy, const float* __restrict__ unscale) {
@@ -29,7 +46,7 @@ __global__ void sgd(T* __restrict__ p, const G* __restrict__ g, T* __restrict__ 
     const T lr = static_cast<T>(a.lr), mom = static_cast<T>(a.momentum), damp1 = static_cast<T>(1.0 - a.dampening),
             wd = static_cast<T>(a.weight_decay);
     for (long long i = global_index(); i < n; i += grid_stride()) {
-        T d = unscale != nullptr ? mul_rn(static_cast<T>(load(g[i])), static_cast<T>(unscale[0])) : load(g[i]);
+        T d = gradient<T>(g, i, unscale);
         if (a.weight_decay != 0.0) {
             d = add_rn(d, mul_rn(wd, p[i]));
         }
@@ -39,11 +56,7 @@ __global__ void sgd(T* __restrict__ p, const G* __restrict__ g, T* __restrict__ 
             buf[i] = b;
             d = a.nesterov ? add_rn(d, mul_rn(mom, b)) : b;
         }
-        const T pi = sub_rn(p[i], mul_rn(lr, d));
-        p[i] = pi;
-        if (copy != nullptr) {
-            copy[i] = store<G>(pi);
-        }
+        write_param(p, copy, i, sub_rn(p[i], mul_rn(lr, d)));
     }
 }
 
@@ -60,7 +73,7 @@ __global__ void adam(T* __restrict__ p, const G* __restrict__ g, T* __restrict__
             wd = static_cast<T>(a.weight_decay);
     for (long long i = global_index(); i < n; i += grid_stride()) {
         T pi = p[i];
-        T d = unscale != nullptr ? mul_rn(static_cast<T>(load(g[i])), static_cast<T>(unscale[0])) : load(g[i]);
+        T d = gradient<T>(g, i, unscale);
         if (a.weight_decay != 0.0) {
             if (a.decoupled) {
                 pi = mul_rn(pi, shrink);
@@ -73,11 +86,7 @@ __global__ void adam(T* __restrict__ p, const G* __restrict__ g, T* __restrict__
         m[i] = mi;
         v[i] = vi;
         // p -= m / (sqrt(v) / sqrt(bias2) + eps) * (lr / bias1)
-        pi = sub_rn(pi, mul_rn(div_rn(mi, add_rn(div_rn(sqrt_rn(vi), bias2), eps)), step_size));
-        p[i] = pi;
-        if (copy != nullptr) {
-            copy[i] = store<G>(pi);
-        }
+        write_param(p, copy, i, sub_rn(pi, mul_rn(div_rn(mi, add_rn(div_rn(sqrt_rn(vi), bias2), eps)), step_size)));
     }
 }
 
@@ -91,7 +100,7 @@ __global__ void rmsprop(T* __restrict__ p, const G* __restrict__ g, T* __restric
     const T lr = static_cast<T>(a.lr), alpha = static_cast<T>(a.alpha), oma = static_cast<T>(1.0 - a.alpha),
             eps = static_cast<T>(a.eps), mom = static_cast<T>(a.momentum), wd = static_cast<T>(a.weight_decay);
     for (long long i = global_index(); i < n; i += grid_stride()) {
-        T d = unscale != nullptr ? mul_rn(static_cast<T>(load(g[i])), static_cast<T>(unscale[0])) : load(g[i]);
+        T d = gradient<T>(g, i, unscale);
         if (a.weight_decay != 0.0) {
             d = add_rn(d, mul_rn(wd, p[i]));
         }
@@ -102,11 +111,7 @@ __global__ void rmsprop(T* __restrict__ p, const G* __restrict__ g, T* __restric
             u = add_rn(mul_rn(buf[i], mom), u);
             buf[i] = u;
         }
-        const T pi = sub_rn(p[i], mul_rn(lr, u));
-        p[i] = pi;
-        if (copy != nullptr) {
-            copy[i] = store<G>(pi);
-        }
+        write_param(p, copy, i, sub_rn(p[i], mul_rn(lr, u)));
     }
 }
 

@@ -12,14 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..activations import CODES
+from ..dtypes import HALF_DTYPES
 from ..losses import LOSS_CODES, TARGET_KINDS
 from .update_args import STRUCTS, c_struct
 
 #: The C type of each dtype the kernels take: float32 and float64, and the 16-bit types of mixed precision
 #: (common.cuh's bf16 and f16 storage types, computed on in float).
 DTYPES = {"float32": "float", "float64": "double", "bfloat16": "bf16", "float16": "f16"}
-#: The dtypes that are only ever a compute copy of float32 master weights (never a model's dtype).
-HALF_DTYPES = ("bfloat16", "float16")
 #: The losses of loss.cu's pointwise_loss kernel (its LOSS parameter is their LOSS_CODES code).
 POINTWISE_LOSSES = ("binary_cross_entropy", "mse")
 _ACTS = sorted(CODES.values())

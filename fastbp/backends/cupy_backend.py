@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..activations import ACTIVATIONS, CODES
+from ..dtypes import HALF_DTYPES
 from ..losses import LOSS_CODES
 from . import BackendUnavailable, cuda_sources
 from .base import Backend, target_kind
@@ -352,7 +353,7 @@ class CupyBackend(Backend):
         16-bit dtype when ``p`` is float32 and it is one, else in ``p``'s dtype; ``copy`` flat or None.
         None when no kernel takes these (a copy in another dtype than the gradient's, or not contiguous):
         the reference update runs."""
-        half = p.dtype == np.float32 and g.dtype.name in cuda_sources.HALF_DTYPES
+        half = p.dtype == np.float32 and g.dtype.name in HALF_DTYPES
         gdtype = g.dtype if half else p.dtype
         if copy is not None:
             if copy.dtype != gdtype or not copy.flags.c_contiguous or copy.size != p.size:
