@@ -7,12 +7,12 @@
 # bfloat16 and float16) against the cuBLAS GEMM floor and PyTorch CUDA eager (under autocast for 16 bits),
 # after a probe of whether the training step can run as one CUDA graph (benchmarks/gpu_graph_probe.py).
 # A log and JSON results go to $OUT when it is set, else ./gpu_results/.
-# Each step has its own time limit (about 12.5 minutes in all at worst); a failing step is logged and the
+# Each step has its own time limit (about 13.5 minutes in all at worst); a failing step is logged and the
 # script goes on, then exits non-zero.
 #
 #   bash benchmarks/gpu_check.sh [all|checks|bench]
 #
-# checks: the facts, the tests, the sanitizers and the graph probe (about 7 minutes at worst); bench: the
+# checks: the facts, the tests, the sanitizers and the graph probe (about 8 minutes at worst); bench: the
 # facts and the benchmarks (about 9); all (the default): both. The device tool allows 10 minutes a call, so
 # a lent machine can run `checks`, then `bench`, each in its own call.
 set -uo pipefail
@@ -53,8 +53,10 @@ fb.Trainer(model, optimizer=fb.optim.AdamW(1e-3, weight_decay=1e-2), batch_size=
   else
     echo "=== compute-sanitizer is not on the PATH: memcheck, racecheck and synccheck not run"
   fi
-  # can the step run as one CUDA graph (cuBLAS through a handle of our own, set up before capture)? what it saves
-  run 60 "$py" benchmarks/gpu_graph_probe.py --config narrow --json "$out/graph_probe_narrow.json"
+  # fit with cuda_graphs=True against eager fit (fastbp's own cuBLAS handle, per-step arguments on the device):
+  # the same parameters? the time per step at the small config (launch-bound) and at narrow
+  run 60 "$py" benchmarks/gpu_graph_probe.py --config small --epochs 3 --json "$out/graph_probe_small.json"
+  run 60 "$py" benchmarks/gpu_graph_probe.py --config narrow --epochs 2 --json "$out/graph_probe_narrow.json"
 fi
 if [ "$part" != checks ]; then
   run 60 "$py" -m fastbp bench --backend cupy --config large --reps 5 --min-time 0.05 --no-ops \

@@ -310,8 +310,7 @@ class Optimizer:
         self.prepare(params, backend)
         state = self.state
         assert state is not None
-        state.step += 1
-        lr = self.schedule(state.step)
+        lr = self.advance()
         fused = backend.fused_updates.get(self.fused) if self.fused else None
         with backend.device_scope():
             for i, (p, g) in enumerate(zip(params, grads)):
@@ -324,6 +323,13 @@ class Optimizer:
                     self._reference_update(backend, p, g, slots, lr, state.step, guard)
                     if copy is not None:  # after a skipped update too: p is then as it was
                         copy[...] = p.astype(copy.dtype)
+
+    def advance(self) -> float:
+        """Count a step and return its learning rate: what ``step`` does before it updates, and what a
+        replayed CUDA graph of the training step needs from the host (``fastbp.graphs``)."""
+        assert self.state is not None
+        self.state.step += 1
+        return self.schedule(self.state.step)
 
     def update(self, xp: Any, p: Any, g: Any, slots: dict[str, Any], lr: float, step: int) -> None:
         """The update of one parameter ``p`` (in place) from its gradient ``g``, written with the array

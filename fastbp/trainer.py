@@ -34,6 +34,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import TAIL, Communicator, LocalCommunicator, abort_on_error, check_same, shard
 from .divergence import ON_NONFINITE, DivergenceError, DivergenceGuard, divergence_message
 from .dtypes import accumulator_dtype
+from .graphs import StepGraphs
 from .history import History
 from .layers import MLP, _on_device
 from .losses import CLASSIFICATION_LOSSES, check_loss, check_sample_weight, class_weights, learn_classes
@@ -66,6 +67,10 @@ class Trainer:
             computes the gradient of its slice of every batch, and one allreduce per step gives every rank
             the same update (see ``fastbp.distributed``). Rank 0 alone reports progress and writes
             checkpoints. None: this process alone.
+        cuda_graphs: on the cupy backend, ``fit`` captures its training step as a CUDA graph per batch size
+            and replays it, one launch per step instead of tens (``fastbp.graphs``): for small networks,
+            whose steps are bound by launches. Where it cannot (another backend, weights, ...) the steps
+            run as without it; ``graph_status`` says why.
 
     A Trainer (and its model) serves one thread at a time: a second thread that calls ``step`` or ``fit``
     while the first is inside gets a RuntimeError instead of a silent race on shared buffers.
@@ -73,7 +78,7 @@ class Trainer:
 
     def __init__(self, model: MLP, loss: str = "cross_entropy", optimizer: Optimizer | str | None = None,
                  batch_size: int = 64, seed: int | None = 0, clip_norm: float | None = None,
-                 on_nonfinite: str = "raise", comm: Communicator | None = None) -> None:
+                 on_nonfinite: str = "raise", comm: Communicator | None = None, cuda_graphs: bool = False) -> None:
         if not isinstance(model, MLP):
             raise TypeError(f"model must be a fastbp.MLP, got {type(model).__name__}")
         if isinstance(optimizer, str):
@@ -106,6 +111,13 @@ class Trainer:
         self._sumsq: Any = None  # the last step's squared gradient norm, handed back to be written into
         self._stop_requested = False  # set by SIGINT/SIGTERM in data-parallel training, reduced each step
         self._local_stats: Any = None  # this rank's [loss, correct count] of a data-parallel step
+        self.cuda_graphs = bool(cuda_graphs)
+        self._graphs = StepGraphs(self)
+
+    @property
+    def graph_status(self) -> str:
+        """What CUDA graphs did in this trainer's fits (``cuda_graphs=True``), or why they were not used."""
+        return self._graphs.status if self.cuda_graphs else "off (Trainer(cuda_graphs=False))"
 
     def _acquire(self) -> threading.Lock:
         """The model's lock, taken: a RuntimeError when another thread holds it."""
@@ -527,6 +539,17 @@ class Trainer:
         # each step's [loss, correct count]: written by the loss kernel and read once at the epoch's end, or,
         # in data-parallel training, the reduced values that each step reads anyway
         stats = np.zeros((len(sizes), 2)) if dist else bk.zeros((len(sizes), 2), accumulator_dtype(self.model.dtype))
+        with self._graphs.session(wd) if self.cuda_graphs else _NO_GRAPHS as graphs:
+            self._fit_loop(Xd, yd, val, epochs, callbacks, shuffle, history, verbose, interrupt_checkpoint,
+                           sizes, batches, stats, graphs)
+
+    def _fit_loop(self, Xd: Any, yd: Any, val: Any, epochs: int, callbacks: list[Callback], shuffle: bool,
+                  history: History, verbose: int, interrupt_checkpoint: Any, sizes: np.ndarray,
+                  batches: _BatchBuffers, stats: Any, graphs: bool) -> None:
+        bk = self.model.backend
+        n = Xd.shape[0]
+        bs = min(self.batch_size, n)
+        dist = self.distributed
         classify = self.loss in CLASSIFICATION_LOSSES
         reporter = Reporter(verbose, epochs, len(sizes))
         self.stop_training = False
@@ -552,7 +575,7 @@ class Trainer:
                         taken[k] = self._dist_step(*batches.take(idx[s + lo:s + hi]), size, stats[k])
                     else:
                         xb, yb, wb = batches.take(idx[s:s + size])
-                        value, _ = self._step(xb, yb, stats[k], wb)
+                        value = self._graphs.step(xb, yb, stats[k]) if graphs else self._step(xb, yb, stats[k], wb)[0]
                         taken[k] = value is not None  # a step skipped as non-finite is not in the metrics
                         if self._guard.due():
                             self._check_deferred()
@@ -717,6 +740,9 @@ class _BatchBuffers:
         if wb is not None:
             bk.take_rows(wd, rows_idx, out=wb)
         return kept
+
+
+_NO_GRAPHS = contextlib.nullcontext(False)  # a fit without CUDA graphs
 
 
 def _targets_per_row(yd: Any, loss: str) -> int:

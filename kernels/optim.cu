@@ -20,6 +20,12 @@
 // guard is the array nonfinite_guard below trips: when it is tripped (guard[0] != 0), the update does
 // nothing. The Trainer thus keeps a non-finite step out of the parameters without reading anything back
 // to the host; it reads the guard every few steps.
+//
+// CUDA graphs: a captured launch keeps the arguments it was captured with, so a replayed step could not
+// change its learning rate, Adam's bias corrections or SGD's first-step flag. Each update therefore also
+// takes ``at``: when not null, the structure is read from device memory there (the Trainer's step graph
+// writes each step's values into it before a replay), and the by-value one is ignored; nonfinite_guard's
+// step number likewise (step_at).
 
 // Gradient element i as an update reads it: loaded into T, times 1 / the loss scale when unscale is set.
 template <typename T, typename G>
@@ -38,11 +44,13 @@ __device__ __forceinline__ void write_param(T* __restrict__ p, G* __restrict__ c
 }
 
 template <typename T, typename G>
-__global__ void sgd(T* __restrict__ p, const G* __restrict__ g, T* __restrict__ buf, long long n, SgdArgs a,
-                    const double* __restrict__ guard, G* __restrict__ copy, const float* __restrict__ unscale) {
+__global__ void sgd(T* __restrict__ p, const G* __restrict__ g, T* __restrict__ buf, long long n, SgdArgs by_value,
+                    const SgdArgs* __restrict__ at, const double* __restrict__ guard, G* __restrict__ copy,
+                    const float* __restrict__ unscale) {
     if (guard[0] != 0.0) {
         return;
     }
+    const SgdArgs a = at != nullptr ? *at : by_value;
     const T lr = static_cast<T>(a.lr), mom = static_cast<T>(a.momentum), damp1 = static_cast<T>(1.0 - a.dampening),
             wd = static_cast<T>(a.weight_decay);
     for (long long i = global_index(); i < n; i += grid_stride()) {
@@ -62,11 +70,12 @@ __global__ void sgd(T* __restrict__ p, const G* __restrict__ g, T* __restrict__ 
 
 template <typename T, typename G>
 __global__ void adam(T* __restrict__ p, const G* __restrict__ g, T* __restrict__ m, T* __restrict__ v, long long n,
-                     AdamArgs a, const double* __restrict__ guard, G* __restrict__ copy,
-                     const float* __restrict__ unscale) {
+                     AdamArgs by_value, const AdamArgs* __restrict__ at, const double* __restrict__ guard,
+                     G* __restrict__ copy, const float* __restrict__ unscale) {
     if (guard[0] != 0.0) {
         return;
     }
+    const AdamArgs a = at != nullptr ? *at : by_value;
     const T b1 = static_cast<T>(a.beta1), omb1 = static_cast<T>(1.0 - a.beta1), b2 = static_cast<T>(a.beta2),
             omb2 = static_cast<T>(1.0 - a.beta2), bias2 = static_cast<T>(a.bias2_sqrt), eps = static_cast<T>(a.eps),
             step_size = static_cast<T>(a.lr / a.bias1), shrink = static_cast<T>(a.shrink),
@@ -92,11 +101,12 @@ __global__ void adam(T* __restrict__ p, const G* __restrict__ g, T* __restrict__
 
 template <typename T, typename G>
 __global__ void rmsprop(T* __restrict__ p, const G* __restrict__ g, T* __restrict__ sq, T* __restrict__ buf,
-                        long long n, RmspropArgs a, const double* __restrict__ guard, G* __restrict__ copy,
-                        const float* __restrict__ unscale) {
+                        long long n, RmspropArgs by_value, const RmspropArgs* __restrict__ at,
+                        const double* __restrict__ guard, G* __restrict__ copy, const float* __restrict__ unscale) {
     if (guard[0] != 0.0) {
         return;
     }
+    const RmspropArgs a = at != nullptr ? *at : by_value;
     const T lr = static_cast<T>(a.lr), alpha = static_cast<T>(a.alpha), oma = static_cast<T>(1.0 - a.alpha),
             eps = static_cast<T>(a.eps), mom = static_cast<T>(a.momentum), wd = static_cast<T>(a.weight_decay);
     for (long long i = global_index(); i < n; i += grid_stride()) {
@@ -135,13 +145,13 @@ __global__ void sumsq_partial(const T* __restrict__ x, long long n, typename Acc
 // gradient's sum of squares is not finite, and record [1, step, loss, sum of squares].
 template <typename T>
 __global__ void nonfinite_guard(const T* __restrict__ loss, const T* __restrict__ sumsq, double* __restrict__ guard,
-                                long long step) {
+                                long long step, const long long* __restrict__ step_at) {
     if (blockIdx.x == 0 && threadIdx.x == 0 && guard[0] == 0.0) {
         const double l = static_cast<double>(loss[0]);
         const double s = static_cast<double>(sumsq[0]);
         if (!(isfinite(l) && isfinite(s))) {
             guard[0] = 1.0;
-            guard[1] = static_cast<double>(step);
+            guard[1] = static_cast<double>(step_at != nullptr ? *step_at : step);
             guard[2] = l;
             guard[3] = s;
         }

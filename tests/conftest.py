@@ -117,30 +117,3 @@ def graph_probe():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-class ReferenceBlasHandle:
-    """The graph probe's cuBLAS handle on the emulated CuPy: its GEMM mapping (``gemm_args``) run by
-    reference column-major BLAS on the arrays' host memory, recorded in a stream capture as a kernel launch
-    is (``fake_cupy.record``). ``calls`` counts the products."""
-
-    path = "reference column-major BLAS (emulated)"
-
-    def __init__(self, cupy, stream):
-        self.probe = graph_probe()
-        self.calls = 0
-
-    def matmul(self, cupy, A, B, out=None):
-        if out is None:
-            out = cupy.empty((A.shape[0], B.shape[1]), A.dtype)
-        a, b, c = A._a, B._a, out._a
-        item = a.itemsize
-        opb, opa, m, n, k, ldb, lda, ldc = self.probe.gemm_args(
-            a.shape, tuple(s // item for s in a.strides), b.shape, tuple(s // item for s in b.strides),
-            tuple(s // item for s in c.strides))
-        flat_c = c.reshape(-1)
-        assert np.shares_memory(flat_c, c)
-        fake_cupy.record(lambda: self.probe.colmajor_gemm(opb, opa, m, n, k, b.ravel(order="K"), ldb,
-                                                          a.ravel(order="K"), lda, flat_c, ldc))
-        self.calls += 1
-        return out

@@ -287,12 +287,19 @@ def update_configs(n):
 def check_update(kernel, args, state, want, guard):
     """An optimizer kernel: the arrays at positions ``state`` come out equal to ``want`` (the NumPy
     reference's update, bit for bit) under every launch shape, and unchanged once the guard at position
-    ``guard`` is tripped."""
+    ``guard`` is tripped. The update's structure is the argument before the guard's, by value, with a null
+    pointer before it (``at``); the same update with the structure in memory at ``at`` and a zeroed one by
+    value (what a CUDA graph's replay passes) must come out the same."""
     n = args[state[0]].size
+    record = args[guard - 2]
+    in_memory = list(args)
+    in_memory[guard - 2] = np.zeros(1, record.dtype)[0]
+    in_memory[guard - 1] = np.array([record]).view(np.float64)
     for grid, block in update_configs(n):
-        got = launch(kernel, grid, block, args, state)
-        for i, g, w in zip(state, got, want):
-            assert_same(g, w, err_msg=f"{kernel.name} argument {i}, n={n}, {grid}x{block}")
+        for way, each in (("by value", args), ("in memory", tuple(in_memory))):
+            got = launch(kernel, grid, block, each, state)
+            for i, g, w in zip(state, got, want):
+                assert_same(g, w, err_msg=f"{kernel.name} argument {i}, n={n}, {grid}x{block}, structure {way}")
     tripped = list(args)
     tripped[guard] = np.array([1.0, 0, 0, 0])
     for i, g in zip(state, launch(kernel, 2, 64, tuple(tripped), state)):
@@ -339,8 +346,9 @@ def check_sgd(kernel, dtype, gdtype):
             step = 1 if first else 2
             opt.prepare([want[0]], REFERENCE)  # binds the backend that lends update() its scratch
             opt.update(np, want[0], g_ref, {"momentum": want[1]}, lr, step)
-            args = (p, g, buf, np.int64(n), update_args("sgd", lr, step, opt.hp)[0], np.zeros(4), copy, unscale)
-            check_update(kernel, args, *with_copy([0, 2], want, 6, copy, gdtype), guard=5)
+            args = (p, g, buf, np.int64(n), update_args("sgd", lr, step, opt.hp)[0], None, np.zeros(4), copy,
+                    unscale)
+            check_update(kernel, args, *with_copy([0, 2], want, 7, copy, gdtype), guard=6)
 
 
 def check_adam(kernel, dtype, gdtype):
@@ -355,8 +363,9 @@ def check_adam(kernel, dtype, gdtype):
             opt = (optim.AdamW if decoupled else optim.Adam)(lr, betas=(b1, b2), eps=eps, weight_decay=wd)
             opt.prepare([want[0]], REFERENCE)
             opt.update(np, want[0], g_ref, {"m": want[1], "v": want[2]}, lr, step)
-            args = (p, g, m, v, np.int64(n), update_args("adam", lr, step, opt.hp)[0], np.zeros(4), copy, unscale)
-            check_update(kernel, args, *with_copy([0, 2, 3], want, 7, copy, gdtype), guard=6)
+            args = (p, g, m, v, np.int64(n), update_args("adam", lr, step, opt.hp)[0], None, np.zeros(4), copy,
+                    unscale)
+            check_update(kernel, args, *with_copy([0, 2, 3], want, 8, copy, gdtype), guard=7)
 
 
 def check_rmsprop(kernel, dtype, gdtype):
@@ -371,10 +380,10 @@ def check_rmsprop(kernel, dtype, gdtype):
             opt = optim.RMSProp(lr, alpha=alpha, eps=eps, momentum=momentum, weight_decay=wd)
             opt.prepare([want[0]], REFERENCE)
             opt.update(np, want[0], g_ref, {"square_avg": want[1], "momentum": want[2]}, lr, 1)
-            args = (p, g, sq, buf, np.int64(n), update_args("rmsprop", lr, 1, opt.hp)[0], np.zeros(4), copy,
-                    unscale)
+            args = (p, g, sq, buf, np.int64(n), update_args("rmsprop", lr, 1, opt.hp)[0], None, np.zeros(4),
+                    copy, unscale)
             state, expect = ([0, 2, 3], want) if momentum else ([0, 2], want[:2])
-            check_update(kernel, args, *with_copy(state, expect, 7, copy, gdtype), guard=6)
+            check_update(kernel, args, *with_copy(state, expect, 8, copy, gdtype), guard=7)
 
 
 @pytest.mark.parametrize("half", ["bf16", "f16"])
@@ -389,7 +398,7 @@ def test_16_bit_conversions_round_as_numpy_and_ml_dtypes(modules, half):
     plain = optim.SGD(1.0).hp
     every = np.arange(2**16, dtype=np.uint16).view(dtype)
     args = (np.zeros(every.size, np.float32), every, np.zeros(1, np.float32), np.int64(every.size),
-            update_args("sgd", 1.0, 1, plain)[0], np.zeros(4), poisoned(every.size, dtype), None)
+            update_args("sgd", 1.0, 1, plain)[0], None, np.zeros(4), poisoned(every.size, dtype), None)
     (p,) = launch(kernel, 64, 256, args, [0])
     with np.errstate(invalid="ignore"):
         want = np.float32(0) - every.astype(np.float32)  # as the kernel subtracts: 0 - (+0) is +0
@@ -400,8 +409,8 @@ def test_16_bit_conversions_round_as_numpy_and_ml_dtypes(modules, half):
     with np.errstate(all="ignore"):
         values, want = conversion_cases(every, info, rng, dtype)
     args = (values, np.zeros(values.size, dtype), np.zeros(1, np.float32), np.int64(values.size),
-            update_args("sgd", 0.0, 1, plain)[0], np.zeros(4), poisoned(values.size, dtype), None)
-    (copy,) = launch(kernel, 64, 256, args, [6])
+            update_args("sgd", 0.0, 1, plain)[0], None, np.zeros(4), poisoned(values.size, dtype), None)
+    (copy,) = launch(kernel, 64, 256, args, [7])
     finite = ~np.isnan(want.astype(np.float32))
     np.testing.assert_array_equal(copy.view(np.uint16)[finite], want.view(np.uint16)[finite])
     assert np.isnan(copy.astype(np.float32)[~finite]).all()
@@ -435,12 +444,15 @@ def check_nonfinite_guard(kernel, dtype):
              (-np.inf, np.nan, [1, 7, -np.inf, np.nan])]
     for loss, sumsq, want in cases:
         for grid, block in [(1, 1), (2, 64)]:  # thread 0 of block 0 alone acts
-            args = (np.array([loss], dtype), np.array([sumsq], dtype), np.zeros(4), np.int64(7))
-            (guard,) = launch(kernel, grid, block, args, [2])
-            np.testing.assert_array_equal(guard, np.array(want, np.float64))
+            # the step number by value, or in memory (step_at, a CUDA graph's replay) over a wrong one
+            for step, step_at in ((np.int64(7), None), (np.int64(-1), np.array([7], np.int64))):
+                args = (np.array([loss], dtype), np.array([sumsq], dtype), np.zeros(4), step, step_at)
+                (guard,) = launch(kernel, grid, block, args, [2])
+                np.testing.assert_array_equal(guard, np.array(want, np.float64))
     # a tripped guard keeps the first record
     first = np.array([1.0, 3, np.nan, 2.0])
-    (guard,) = launch(kernel, 1, 1, (np.array([np.inf], dtype), np.array([1.0], dtype), first, np.int64(9)), [2])
+    (guard,) = launch(kernel, 1, 1, (np.array([np.inf], dtype), np.array([1.0], dtype), first, np.int64(9), None),
+                      [2])
     np.testing.assert_array_equal(guard, first)
 
 

@@ -350,6 +350,11 @@ class Backend:
             return xp.sum((Z_L > 0) == (y > 0.5))
         raise ValueError(f"accuracy is defined for classification losses, not {loss!r}")
 
+    def graph_support(self) -> str | None:
+        """Why this backend cannot run training steps as CUDA graphs (``Trainer(cuda_graphs=True)``), or None
+        when it can (the cupy backend: see ``fastbp.graphs``)."""
+        return f"the {self.name} backend runs no CUDA graphs (they are the cupy backend's)"
+
     def train_step(self, model: Any, X: Any, y: Any, loss: str, optimizer: Any,
                    clip: float = 0.0, stats_out: Any = None) -> tuple[Any, Any, float, bool] | None:
         """A whole training step (forward, backward, update) in one op, or None where this backend has

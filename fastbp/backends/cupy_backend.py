@@ -67,6 +67,7 @@ class CupyBackend(Backend):
         self._modules: dict[str, Any] = {}
         self._kernels: dict[tuple[str, str], Any] = {}
         self._open_guard: Any = None  # an untripped guard, for ungated updates
+        self._tf32 = False  # set_tf32
         with self.device:
             self._sm_count = self.device.attributes["MultiProcessorCount"]
 
@@ -205,22 +206,87 @@ class CupyBackend(Backend):
 
     @_on_device
     def matmul(self, A: Any, B: Any, out: Any = None) -> Any:
-        return self.xp.matmul(A, B, out=out)
+        return self._matmul(A, B, out)
+
+    def _matmul(self, A: Any, B: Any, out: Any = None) -> Any:
+        """A @ B through cuBLAS: CuPy's, or this thread's own handle inside ``gemms_through`` (CUDA graphs)."""
+        blas = getattr(self._thread_state(), "blas", None)
+        if blas is None:
+            return self.xp.matmul(A, B, out=out)
+        if out is None:
+            out = self.xp.empty((A.shape[0], B.shape[1]), A.dtype)
+        return blas.matmul(A, B, out, self._tf32)
 
     def set_tf32(self, enabled: bool) -> None:
         """Let cuBLAS run float32 GEMMs on TF32 tensor cores (faster, ~1e-3 relative precision)."""
         linalg = importlib.import_module(f"{self.xp.__name__}._core._routines_linalg")
         linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT)
+        self._tf32 = bool(enabled)
 
     def memory_in_use(self) -> int:
         """Bytes of device memory held by CuPy's pool (in use and cached)."""
         return int(self.xp.get_default_memory_pool().total_bytes())
 
+    # ------------------------------------------------------------------ CUDA graphs (fastbp.graphs)
+    def graph_support(self) -> str | None:
+        if not hasattr(self.xp.cuda.Stream, "begin_capture"):
+            return f"this CuPy ({self.xp.__version__}) has no stream capture (Stream.begin_capture)"
+        return None
+
+    def graph_stream(self) -> Any:
+        """A new stream on this device to run (and capture) training steps on."""
+        with self.device:
+            return self.xp.cuda.Stream(non_blocking=True)
+
+    def blas_handle(self, stream: Any) -> Any:
+        """A cuBLAS handle of fastbp's own on ``stream`` (``_cublas.CublasHandle``; the emulated CuPy brings
+        its own, ``fastbp_blas_handle``): GEMMs that a stream capture can record, which CuPy's cannot."""
+        with self.device:
+            emulated = getattr(self.xp, "fastbp_blas_handle", None)
+            if emulated is not None:
+                return emulated(stream)
+            from ._cublas import CublasHandle
+
+            return CublasHandle(self.xp, stream)
+
+    @contextlib.contextmanager
+    def gemms_through(self, handle: Any) -> Any:
+        """This thread's GEMMs on this backend go through ``handle`` inside the block."""
+        local = self._thread_state()
+        before = getattr(local, "blas", None)
+        local.blas = handle
+        try:
+            yield
+        finally:
+            local.blas = before
+
+    @contextlib.contextmanager
+    def step_args_at(self, at: dict[str, Any], used: set[str]) -> Any:
+        """Inside the block (a graph capture), the update kernels read their structure from the device
+        arrays ``at[name]`` ('sgd', 'adam', 'rmsprop') and nonfinite_guard its step number from
+        ``at['step']``, instead of the values passed by value, which a graph would freeze; each name read
+        is added to ``used``."""
+        local = self._thread_state()
+        local.args_at, local.args_used = at, used
+        try:
+            yield
+        finally:
+            local.args_at = local.args_used = None
+
+    def _args_at(self, name: str) -> Any:
+        """The device array a kernel reads its per-step arguments ``name`` from, or None (by value)."""
+        local = self._thread_state()
+        at = getattr(local, "args_at", None)
+        if at is None:
+            return None
+        local.args_used.add(name)
+        return at[name]
+
     # ------------------------------------------------------------------ layers
     @_on_device
     def dense_forward(self, X, W, b, activation, A_out=None, Z_out=None):
         act = ACTIVATIONS[activation]
-        Z = self.xp.matmul(X, W, out=Z_out)
+        Z = self._matmul(X, W, Z_out)
         A = Z if act.keeps == "output" else (A_out if A_out is not None else self.xp.empty_like(Z))
         total = Z.size
         b = self.xp.ascontiguousarray(b, dtype=Z.dtype)
@@ -248,7 +314,7 @@ class CupyBackend(Backend):
 
     @_on_device
     def dense_grads(self, delta, A_prev, dW_out=None, db_out=None):
-        dW = self.xp.matmul(A_prev.T, delta, out=dW_out)  # eq. (3)
+        dW = self._matmul(A_prev.T, delta, dW_out)  # eq. (3)
         db = db_out if db_out is not None else self.xp.empty(delta.shape[1], delta.dtype)
         self._backward_epilogue(delta, None, CODES["identity"], db)  # eq. (4)
         return dW, db
@@ -257,7 +323,7 @@ class CupyBackend(Backend):
     def backprop_dense(self, delta_next, W_next, Z, A, A_prev, activation, delta_out=None, dW_out=None,
                        db_out=None):
         xp = self.xp
-        delta = xp.matmul(delta_next, W_next.T, out=delta_out)  # eq. (2), the product
+        delta = self._matmul(delta_next, W_next.T, delta_out)  # eq. (2), the product
         db = db_out if db_out is not None else xp.empty(delta.shape[1], delta.dtype)
         act = ACTIVATIONS[activation]
         if not act.builtin:  # a user's activation: its xp derivative, then the plain column sums
@@ -266,7 +332,7 @@ class CupyBackend(Backend):
         else:
             kept = A if act.keeps == "output" else Z
             self._backward_epilogue(delta, kept, CODES[activation], db)  # eq. (2) * g', and eq. (4)
-        dW = xp.matmul(A_prev.T, delta, out=dW_out)  # eq. (3)
+        dW = self._matmul(A_prev.T, delta, dW_out)  # eq. (3)
         return delta, dW, db
 
     # ------------------------------------------------------------------ losses
@@ -370,8 +436,8 @@ class CupyBackend(Backend):
         with self._in_place(p.dtype, p, slots.get("momentum")) as (p, buf):
             args = self._update_record("sgd", lr, step, hp)[0]  # a struct, copied at launch
             self._launch("optim.cu", "sgd<{T}, {G}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
-                         (p, g, buf if buf is not None else p, np.int64(p.size), args, self._guard_or_open(guard),
-                          copy, unscale), gdtype=gdtype)
+                         (p, g, buf if buf is not None else p, np.int64(p.size), args, self._args_at("sgd"),
+                          self._guard_or_open(guard), copy, unscale), gdtype=gdtype)
         return True
 
     @_on_device
@@ -383,7 +449,8 @@ class CupyBackend(Backend):
         with self._in_place(p.dtype, p, slots["m"], slots["v"]) as (p, m, v):
             args = self._update_record("adam", lr, step, hp)[0]
             self._launch("optim.cu", "adam<{T}, {G}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
-                         (p, g, m, v, np.int64(p.size), args, self._guard_or_open(guard), copy, unscale),
+                         (p, g, m, v, np.int64(p.size), args, self._args_at("adam"), self._guard_or_open(guard), copy,
+                          unscale),
                          gdtype=gdtype)
         return True
 
@@ -396,7 +463,7 @@ class CupyBackend(Backend):
         with self._in_place(p.dtype, p, slots["square_avg"], slots.get("momentum")) as (p, sq, buf):
             args = self._update_record("rmsprop", lr, step, hp)[0]
             self._launch("optim.cu", "rmsprop<{T}, {G}>", p.dtype, (self._grid(p.size),), (cuda_sources.THREADS,),
-                         (p, g, sq, buf if buf is not None else p, np.int64(p.size), args,
+                         (p, g, sq, buf if buf is not None else p, np.int64(p.size), args, self._args_at("rmsprop"),
                           self._guard_or_open(guard), copy, unscale), gdtype=gdtype)
         return True
 
@@ -408,7 +475,7 @@ class CupyBackend(Backend):
     @_on_device
     def nonfinite_guard(self, value, sumsq, guard, step):
         self._launch("optim.cu", "nonfinite_guard<{T}>", value.dtype, (1,), (1,),
-                     (value, sumsq.astype(value.dtype, copy=False), guard, np.int64(step)))
+                     (value, sumsq.astype(value.dtype, copy=False), guard, np.int64(step), self._args_at("step")))
 
     # ------------------------------------------------------------------ dynamic loss scaling (float16)
     @_on_device

@@ -676,23 +676,54 @@ def matmul(a: ndarray, b: ndarray, out: ndarray | None = None) -> ndarray:
     operands multiplied in float32 and the result rounded once, as cuBLAS's float32 compute type does)."""
     if _capture is not None:  # CuPy sets cuBLAS's stream before every call, and refuses a capturing one
         raise NotImplementedError("calling cuBLAS API during stream capture is currently unsupported")
-    A, B = _host(a), _host(b)
     if not isinstance(a, ndarray) or not isinstance(b, ndarray):
         raise TypeError("matmul takes device arrays")
-    if A.dtype == np.float32 and _compute_types.get(np.dtype(np.float32)) == COMPUTE_TYPE_TF32:
-        A, B = _tf32(A), _tf32(B)
-    if A.dtype.itemsize == 2 and A.dtype.kind != "i":  # float16 or bfloat16
-        with np.errstate(all="ignore"):
-            product = np.matmul(A.astype(np.float32), B.astype(np.float32)).astype(A.dtype)
-        if out is None:
-            return _wrap_result(product)
-        _host(out)[...] = product
-        return out
-    with np.errstate(all="ignore"):
-        if out is None:
-            return _wrap_result(np.matmul(A, B))
-        np.matmul(A, B, out=_host(out))
+    A, B = _host(a), _host(b)
+    product = _product(A, B, A.dtype == np.float32 and _compute_types.get(np.dtype(np.float32)) == COMPUTE_TYPE_TF32)
+    if out is None:
+        return _wrap_result(product)
+    _host(out)[...] = product
     return out
+
+
+def _product(A: np.ndarray, B: np.ndarray, tf32: bool) -> np.ndarray:
+    """A @ B as cuBLAS computes it (emulated): TF32 inputs when ``tf32``, 16-bit operands in float32."""
+    with np.errstate(all="ignore"):
+        if tf32:
+            A, B = _tf32(A), _tf32(B)
+        if A.dtype.itemsize == 2 and A.dtype.kind != "i":  # float16 or bfloat16
+            return np.matmul(A.astype(np.float32), B.astype(np.float32)).astype(A.dtype)
+        return np.matmul(A, B)
+
+
+class fastbp_blas_handle:  # noqa: N801 (named as the hook the cupy backend looks for)
+    """fastbp's own cuBLAS handle (``fastbp.backends._cublas.CublasHandle``), emulated: the same operand
+    checks and column-major mapping (``gemm_args``, so a layout the real handle refuses raises here too),
+    the product as ``matmul`` computes it, recorded in a stream capture as a kernel launch is (cuBLAS on a
+    handle whose stream and workspace were set beforehand captures). ``calls`` counts the products."""
+
+    path = "cuBLAS (emulated)"
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.calls = 0
+
+    def matmul(self, a: ndarray, b: ndarray, out: ndarray, tf32: bool = False) -> ndarray:
+        from ..backends._cublas import _DATA_TYPES, element_strides, gemm_args
+
+        A, B, C = _host(a), _host(b), _host(out)
+        if B.dtype != A.dtype or C.dtype != A.dtype or A.dtype.name not in _DATA_TYPES:
+            raise TypeError(f"cuBLAS products here take one dtype of {sorted(_DATA_TYPES)}, got {A.dtype} @ "
+                            f"{B.dtype} -> {C.dtype}")
+        gemm_args(A.shape, element_strides(A), B.shape, element_strides(B), element_strides(C))
+        use_tf32 = tf32 and A.dtype == np.float32
+
+        def gemm() -> None:
+            C[...] = _product(A, B, use_tf32)
+
+        record(gemm)
+        self.calls += 1
+        return out
 
 
 # ------------------------------------------------------------------------------------------------ kernels

@@ -1,0 +1,217 @@
+"""CUDA graphs of the training step (``Trainer(cuda_graphs=True)``, fastbp.graphs) on the emulated CuPy: a
+capture there records kernel launches and fastbp's cuBLAS handle's GEMMs, and refuses everything else
+(an allocation, a read, a copy, an elementwise op, CuPy's own matmul), so a step that captures is launches
+alone; a replay runs them on what the arrays then hold. A fit that replays must end bit for bit where the
+same fit without graphs ends. The column-major mapping of fastbp's cuBLAS calls is tested on NumPy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import EMULATED, EMULATOR_MISSING
+
+import fastbp as fb
+from fastbp.backends._cublas import colmajor_gemm, gemm_args
+from fastbp.callbacks import Callback
+
+emulated = pytest.mark.skipif(bool(EMULATOR_MISSING), reason=f"the CUDA emulator cannot run here: {EMULATOR_MISSING}")
+
+
+# ------------------------------------------------------------------ the cuBLAS handle's argument mapping
+@pytest.mark.parametrize("a_layout", ["C", "T"])
+@pytest.mark.parametrize("b_layout", ["C", "T"])
+@pytest.mark.parametrize("shape", [(5, 3, 4), (1, 6, 2), (7, 1, 3), (4, 5, 1), (64, 128, 10)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_row_major_products_map_onto_column_major_gemm(a_layout, b_layout, shape, padded):
+    """fastbp's cuBLAS call: row-major C = A @ B as the column-major C^T = B^T A^T, for operands that are
+    C-contiguous or transposed views (as the training step passes them), rows padded or not, run through
+    reference column-major BLAS semantics on the operands' own memory and compared with NumPy's product."""
+    m, k, n = shape
+    rng = np.random.default_rng(0)
+
+    def operand(rows, cols, layout):
+        pad = 3 if padded else 0
+        if layout == "C":  # (rows, cols) rows of cols (+ pad) elements
+            base = rng.standard_normal((rows, cols + pad))
+            return base, base[:, :cols]
+        base = rng.standard_normal((cols, rows + pad))  # a transposed view, as A_prev.T or W.T
+        return base, base[:, :rows].T
+
+    a_base, A = operand(m, k, a_layout)
+    b_base, B = operand(k, n, b_layout)
+    c_base = np.zeros((m, n + (2 if padded else 0)))
+    C = c_base[:, :n]
+    item = 8
+    opb, opa, mm, nn, kk, ldb, lda, ldc = gemm_args(A.shape, tuple(s // item for s in A.strides), B.shape,
+                                                    tuple(s // item for s in B.strides),
+                                                    tuple(s // item for s in C.strides))
+    colmajor_gemm(opb, opa, mm, nn, kk, b_base.reshape(-1), ldb, a_base.reshape(-1), lda, c_base.reshape(-1), ldc)
+    np.testing.assert_allclose(C, A @ B, rtol=1e-12, atol=1e-12)
+    assert not c_base[:, n:].any()  # nothing written into the padding
+
+
+def test_the_mapping_refuses_operands_without_a_unit_stride():
+    with pytest.raises(ValueError, match="unit stride"):
+        gemm_args((4, 4), (8, 2), (4, 4), (4, 1), (4, 1))
+    with pytest.raises(ValueError, match="inner dimensions"):
+        gemm_args((4, 3), (3, 1), (4, 4), (4, 1), (4, 1))
+
+
+# ------------------------------------------------------------------ fit with graphs against fit without
+def data(n=200, features=8, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, features)), rng.integers(0, classes, n)
+
+
+def fit(graphs, make_opt, epochs=3, compute=None, clip=None, callbacks=None, **fit_kw):
+    X, y = data()
+    model = fb.MLP([8, 16, 16, 3], seed=0, backend=EMULATED, compute_dtype=compute)
+    trainer = fb.Trainer(model, optimizer=make_opt(), batch_size=32, clip_norm=clip, cuda_graphs=graphs)
+    history = trainer.fit(X, y, epochs=epochs, verbose=0, callbacks=callbacks, **fit_kw)
+    return model, trainer, history
+
+
+def assert_same_fit(a, b):
+    (model_a, trainer_a, history_a), (model_b, trainer_b, history_b) = a, b
+    bk = model_a.backend
+    np.testing.assert_array_equal(bk.to_numpy(model_a.flat_parameters()), bk.to_numpy(model_b.flat_parameters()))
+    for slot, arrays in trainer_a.optimizer.state.slots.items():
+        for x, z in zip(arrays, trainer_b.optimizer.state.slots[slot]):
+            np.testing.assert_array_equal(bk.to_numpy(x), bk.to_numpy(z))
+    for row_a, row_b in zip(history_a.epochs, history_b.epochs):
+        assert (row_a["loss"], row_a["accuracy"], row_a["lr"]) == (row_b["loss"], row_b["accuracy"], row_b["lr"])
+    assert (trainer_a.steps, trainer_a.optimizer.state.step) == (trainer_b.steps, trainer_b.optimizer.state.step)
+
+
+CASES = {
+    "sgd": (lambda: fb.optim.SGD(0.05), None, None),
+    # the first step's flag (buf = d) differs from every later step's
+    "sgd_momentum_nesterov": (lambda: fb.optim.SGD(0.05, momentum=0.9, nesterov=True), None, None),
+    # bias corrections change every step
+    "adam": (lambda: fb.optim.Adam(1e-2), None, None),
+    # a schedule's learning rate changes every step, weight decay decoupled
+    "adamw_scheduled": (lambda: fb.optim.AdamW(fb.optim.LinearWarmup(fb.optim.Cosine(1e-2, 21), 5),
+                                               weight_decay=1e-2), None, None),
+    "rmsprop_momentum": (lambda: fb.optim.RMSProp(1e-3, momentum=0.5), None, None),
+    "sgd_clip": (lambda: fb.optim.SGD(0.05), 0.5, None),
+    "bfloat16_adam": (lambda: fb.optim.Adam(1e-2), None, "bfloat16"),
+    "float16_loss_scaled_adam": (lambda: fb.optim.Adam(1e-2), None, "float16"),
+}
+
+
+@pytest.mark.emulator
+@emulated
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_fit_with_graphs_replays_its_steps_and_equals_the_fit_without(case):
+    """Three epochs of 7 batches (6 of 32 rows, one of 8): each batch size steps eagerly once, is captured,
+    then replayed (17 + 2 replays); the parameters, the optimizer state, the epochs' metrics and the step
+    counts equal those of the fit without graphs, bit for bit. Adam's bias corrections, a schedule's
+    learning rate and SGD's first-step flag are what a replay takes from device memory."""
+    from fastbp.testing import fake_cupy
+
+    if CASES[case][2] == "bfloat16" and "bfloat16" not in fb.backends.resolve_backend(EMULATED).compute_dtypes:
+        pytest.skip("bfloat16 needs ml_dtypes")
+    make_opt, clip, compute = CASES[case]
+    eager = fit(False, make_opt, compute=compute, clip=clip)
+    launches = fake_cupy.stats.graph_launches
+    graphed = fit(True, make_opt, compute=compute, clip=clip)
+    assert graphed[1].graph_status == "19 steps replayed from 2 captured graph(s)"
+    assert fake_cupy.stats.graph_launches - launches == 19
+    assert_same_fit(eager, graphed)
+    if compute == "float16":
+        assert graphed[1].loss_scale == eager[1].loss_scale
+
+
+@pytest.mark.emulator
+@emulated
+def test_a_change_the_graph_cannot_follow_captures_a_new_one():
+    """A callback that gives SGD momentum after the first epoch (a new slot) and sets clip_norm after the
+    second: the graph of the old settings is not replayed; the fit captures again (after one eager step)
+    and still equals the fit without graphs."""
+
+    class Change(Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            if epoch == 1:
+                trainer.optimizer.replace(momentum=0.9)
+            if epoch == 2:
+                trainer.clip_norm = 0.3
+
+    eager = fit(False, lambda: fb.optim.SGD(0.05), callbacks=[Change()])
+    graphed = fit(True, lambda: fb.optim.SGD(0.05), callbacks=[Change()])
+    assert_same_fit(eager, graphed)
+    # epoch 1: 32 rows eager once, captured, 5 replays; 8 rows eager (first seen). Epoch 2 (momentum): 32
+    # rows eager (the old graph is not replayed), captured, 5 replays; 8 rows captured, replayed. Epoch 3
+    # (clipping): 32 rows eager, captured, 5 replays; 8 rows eager.
+    assert (graphed[1]._graphs.captures, graphed[1]._graphs.replays) == (4, 16)
+
+
+@pytest.mark.emulator
+@emulated
+def test_a_divergence_in_a_replayed_step_raises_with_its_step_number():
+    """SGD at lr 1000 overflows at step 4, a replayed one: the guard records its number from device memory,
+    the DivergenceError (read at the epoch's end) names the same step as without graphs, the step counts
+    are wound back to it alike, and the parameters are those before it in both."""
+    X, y = data()
+    ends = []
+    for graphs in (False, True):
+        model = fb.MLP([8, 16, 16, 3], seed=0, backend=EMULATED)
+        trainer = fb.Trainer(model, optimizer=fb.optim.SGD(1e3), batch_size=32, cuda_graphs=graphs)
+        with pytest.raises(fb.DivergenceError) as info:
+            trainer.fit(X, y, epochs=3, verbose=0)
+        ends.append((str(info.value), trainer.steps, trainer.optimizer.state.step,
+                     model.backend.to_numpy(model.flat_parameters())))
+    assert ends[1][0] == ends[0][0] and "epoch 1, step 4 " in ends[0][0]
+    assert ends[0][1:3] == ends[1][1:3] == (3, 3)
+    np.testing.assert_array_equal(ends[0][3], ends[1][3])
+
+
+class _Plain(fb.optim.Optimizer):
+    """An optimizer of the user's: a reference update and no fused kernel."""
+
+    slot_names = ()
+
+    def update(self, xp, p, g, slots, lr, step):
+        p -= lr * g
+
+
+@pytest.mark.emulator
+@emulated
+@pytest.mark.parametrize("why", ["skip", "weights", "optimizer", "activation"])
+def test_a_fit_that_cannot_use_graphs_runs_eagerly_and_says_why(why):
+    """on_nonfinite='skip' (a host read per step), sample weights, an optimizer without a fused kernel, and a
+    user's activation (an elementwise op the capture refuses): the fit runs its steps eagerly, equal to the
+    fit without graphs, and graph_status says why."""
+    X, y = data()
+    kw, fit_kw, opt = {}, {}, (lambda: fb.optim.SGD(0.05))
+    activation = "relu"
+    if why == "skip":
+        kw["on_nonfinite"] = "skip"
+    elif why == "weights":
+        fit_kw["sample_weight"] = np.linspace(0.5, 1.5, len(X))
+    elif why == "optimizer":
+        opt = _Plain
+    else:
+        activation = "graphs_test_softsign"
+        if activation not in fb.activations.ACTIVATIONS:
+            fb.activations.register(activation, lambda xp, z: z / (1 + xp.abs(z)),
+                                    lambda xp, z, a: 1 / (1 + xp.abs(z)) ** 2)
+    runs = []
+    for graphs in (False, True):
+        model = fb.MLP([8, 16, 16, 3], activation=activation, seed=0, backend=EMULATED)
+        trainer = fb.Trainer(model, optimizer=opt(), batch_size=32, cuda_graphs=graphs, **kw)
+        runs.append((model, trainer, trainer.fit(X, y, epochs=2, verbose=0, **fit_kw)))
+    assert_same_fit(*runs)
+    status = runs[1][1].graph_status
+    expected = {"skip": "on_nonfinite='skip'", "weights": "sample or class weights",
+                "optimizer": "_Plain has no fused update kernel", "activation": "could not be captured"}[why]
+    assert status.startswith("not used: ") and expected in status, status
+    assert runs[1][1]._graphs.replays == 0
+
+
+def test_other_backends_say_they_have_no_graphs():
+    X, y = data()
+    model = fb.MLP([8, 16, 3], seed=0, backend="numpy")
+    trainer = fb.Trainer(model, batch_size=32, cuda_graphs=True)
+    trainer.fit(X, y, epochs=1, verbose=0)
+    assert trainer.graph_status == "not used: the numpy backend runs no CUDA graphs (they are the cupy backend's)"
+    assert fb.Trainer(model).graph_status.startswith("off")
