@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32", help="the weights' dtype")
     train.add_argument("--compute-dtype", choices=HALF_DTYPES, default=None,
                        help="mixed precision on the cupy backend: compute in 16 bits over float32 weights")
+    train.add_argument("--cuda-graphs", action="store_true",
+                       help="on the cupy backend, replay each step as a captured CUDA graph (one launch a step)")
     train.add_argument("--seed", type=_seed, default=0, help="seed of the split, the weights and the shuffling")
     train.add_argument("--test-size", type=_fraction, default=0.25,
                        help="fraction held out as the test set, evaluated once at the end")
@@ -299,6 +301,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"data-parallel: {comm.size} ranks over {comm.name}; global batch {args.batch_size}")
     if args.resume:
         trainer = fb.Trainer.load_checkpoint(args.resume, backend=backend, comm=comm)
+        trainer.cuda_graphs = args.cuda_graphs  # how steps run, not what they compute: not in checkpoints
         model = trainer.model
         if model.sizes[0] != X.shape[1] or model.sizes[-1] != n_out or trainer.loss != args.loss:
             raise UsageError(f"checkpoint {args.resume} holds a {model.sizes} network trained with {trainer.loss}; "
@@ -311,7 +314,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.optimizer in ("sgd", "rmsprop"):
             kwargs["momentum"] = args.momentum
         trainer = fb.Trainer(model, loss=args.loss, optimizer=OPTIMIZERS[args.optimizer](**kwargs),
-                             batch_size=args.batch_size, seed=args.seed, comm=comm)
+                             batch_size=args.batch_size, seed=args.seed, comm=comm, cuda_graphs=args.cuda_graphs)
     model.preprocess_ = spec
     warmup = getattr(backend, "warmup", None)
     if warmup is not None:
@@ -328,6 +331,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                           verbose=verbose, interrupt_checkpoint=args.checkpoint, callbacks=periodic,
                           class_weight=None if args.class_weight == "none" else args.class_weight)
     train_time = time.perf_counter() - start
+    if args.cuda_graphs:
+        print(f"cuda graphs: {trainer.graph_status}")
     if history.interrupted:
         saved = f"; checkpoint in {args.checkpoint}" if args.checkpoint else ""
         print(f"interrupted: {len(history)} epochs completed{saved}", file=sys.stderr)

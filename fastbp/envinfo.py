@@ -124,6 +124,7 @@ def environment() -> dict[str, Any]:
         "packages": {name: _version(name) for name in _PACKAGES},
         "backends": backend_status(),
         "mixed_precision": mixed_precision(),
+        "cuda_graphs": cuda_graphs(),
         "blas": blas_info(),
         "numba_blas": numba_blas(),
         "gpu": gpu_info(),
@@ -144,6 +145,28 @@ def mixed_precision() -> dict[str, list[str]]:
         halves = [d for d in getattr(resolve_backend(name), "compute_dtypes", ()) if d in HALF_DTYPES]
         if halves:
             out[name] = halves
+    return out
+
+
+def cuda_graphs() -> dict[str, str]:
+    """Whether ``Trainer(cuda_graphs=True)`` can capture steps on each available GPU backend: 'available'
+    (with fastbp's cuBLAS library), or why not. The cupy backend's answer makes its cuBLAS handle, so a
+    library that cannot be found or called shows here; whether a given step captures, a fit's
+    ``Trainer.graph_status`` says."""
+    from .backends import available_backends, resolve_backend
+
+    out = {}
+    for name in available_backends():
+        bk = resolve_backend(name)
+        if not hasattr(bk, "graph_stream"):  # a CPU backend
+            continue
+        reason = bk.graph_support()
+        if reason is None:
+            try:
+                reason = f"available (cuBLAS: {bk.blas_handle(bk.graph_stream()).path})"
+            except Exception as exc:  # no libcublas to call, a handle refused
+                reason = f"unavailable: fastbp's cuBLAS handle: {type(exc).__name__}: {exc}"
+        out[name] = reason
     return out
 
 
@@ -171,6 +194,9 @@ def format_environment(env: dict[str, Any]) -> str:
         lines.append(f"torch threads: {env['torch_threads']}")
     if env.get("mpi"):
         lines.append(f"data-parallel: {env['mpi']}")
+    graphs = env.get("cuda_graphs") or {}
+    lines += [f"cuda graphs ({name}): {why}" for name, why in graphs.items()] or [
+        "cuda graphs: no GPU backend available (Trainer(cuda_graphs=True) runs eager steps)"]
     gpu = env["gpu"]
     lines.append(f"gpu: {gpu['name']}, {gpu['memory_total_gib']} GiB, cc {gpu['compute_capability']}, "
                  f"driver {gpu['driver']}" if gpu else "gpu: none usable")

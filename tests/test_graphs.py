@@ -215,3 +215,47 @@ def test_other_backends_say_they_have_no_graphs():
     trainer.fit(X, y, epochs=1, verbose=0)
     assert trainer.graph_status == "not used: the numpy backend runs no CUDA graphs (they are the cupy backend's)"
     assert fb.Trainer(model).graph_status.startswith("off")
+
+
+# ------------------------------------------------------------------ where users see it
+@pytest.mark.emulator
+@emulated
+def test_fastbp_train_cuda_graphs_reports_what_the_graphs_did(capsys):
+    from fastbp.cli import main
+
+    assert main(["train", "--backend", EMULATED, "--epochs", "2", "--cuda-graphs", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    # 1347 training rows at batch 64: 21 full batches and one of 3 rows an epoch, each size eager once
+    assert "cuda graphs: 42 steps replayed from 2 captured graph(s)" in out
+    assert main(["train", "--backend", "numpy", "--epochs", "1", "--cuda-graphs", "--quiet"]) == 0
+    assert "cuda graphs: not used: the numpy backend runs no CUDA graphs" in capsys.readouterr().out
+
+
+@pytest.mark.emulator
+@emulated
+def test_fastbp_info_says_whether_graphs_can_be_captured(monkeypatch):
+    import fastbp.backends
+    from fastbp.envinfo import cuda_graphs, environment, format_environment
+
+    monkeypatch.setattr(fastbp.backends, "available_backends", lambda: ["numpy", EMULATED])
+    assert cuda_graphs() == {EMULATED: "available (cuBLAS: cuBLAS (emulated))"}
+    env = environment()
+    assert f"cuda graphs ({EMULATED}): available" in format_environment(env)
+    monkeypatch.setattr(fastbp.backends, "available_backends", lambda: ["numpy"])
+    assert "cuda graphs: no GPU backend available" in format_environment(environment())
+
+
+@pytest.mark.emulator
+@emulated
+def test_fastbp_bench_times_the_replayed_step_against_the_floor(tmp_path, capsys):
+    import json
+
+    from fastbp.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--backend", EMULATED, "--sizes", "8,16,4", "--batch", "8", "--reps", "2", "--min-time",
+                 "0.0005", "--settle", "0", "--no-peers", "--no-ops", "--json", str(out)]) == 0
+    rows = {(r["backend"], r["name"]): r for r in json.loads(out.read_text())["results"]}
+    replay = rows[(EMULATED, "graph:step_adam")]
+    assert replay["ratio_to_floor"] > 0 and replay["flops"] == rows[(EMULATED, "step_adam")]["flops"]
+    assert "graph:step_adam" in capsys.readouterr().out

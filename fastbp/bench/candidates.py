@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..dtypes import HALF_DTYPES, half_dtype
+from ..dtypes import HALF_DTYPES, accumulator_dtype, half_dtype
 from .flops import LR, backward_flops, forward_flops, gemm_list, step_flops
 from .timing import Candidate
 
@@ -64,6 +64,8 @@ def fastbp_candidates(backend: Any, sizes: list[int], batch: int, dtype: str,
                 sync()
 
             cands.append(Candidate("internal:step_sgd", backend.name, internal, step_flops(sizes, batch), "step"))
+    if backend.graph_support() is None:
+        cands.append(_graph_step(backend, sizes, batch, X, y, dtype, compute))
     model = fb.MLP(sizes, activation="relu", dtype=dtype, seed=0, backend=backend, compute_dtype=compute)
     Xd, yd = model.prepare_batch(X, y, "cross_entropy")
 
@@ -75,6 +77,30 @@ def fastbp_candidates(backend: Any, sizes: list[int], batch: int, dtype: str,
     if ops:
         cands += _op_candidates(model, backend, Xd, yd, sizes, batch)
     return cands, info
+
+
+def _graph_step(backend: Any, sizes: list[int], batch: int, X: Any, y: Any, dtype: str, compute: Any) -> Candidate:
+    """The Adam step as ``fit`` runs it with ``cuda_graphs=True``: a replay of the captured step (the host's
+    per-step numbers copied to the device, one graph launch, the step's statistics copied out), on fit's
+    stream, waited for. Its name says so: graph:step_adam."""
+    import fastbp as fb
+
+    model = fb.MLP(sizes, activation="relu", dtype=dtype, seed=0, backend=backend, compute_dtype=compute)
+    trainer = fb.Trainer(model, loss="cross_entropy", optimizer=fb.optim.Adam(lr=LR), batch_size=batch,
+                         cuda_graphs=True)
+    Xd, yd = model.prepare_batch(X, y, "cross_entropy")
+    graphs = trainer._graphs
+    stats = backend.zeros((2,), accumulator_dtype(model.dtype))
+
+    def step() -> None:
+        with graphs.session(None):  # waits for the stream at its end
+            graphs.step(Xd, yd, stats)
+
+    for _ in range(2):  # an eager step, then the capture and its first replay
+        step()
+    if not graphs.replays:
+        raise RuntimeError(f"the training step did not run as a CUDA graph: {trainer.graph_status}")
+    return Candidate("graph:step_adam", backend.name, step, step_flops(sizes, batch), "step")
 
 
 def _op_candidates(model: Any, backend: Any, Xd: Any, yd: Any, sizes: list[int], batch: int) -> list[Candidate]:

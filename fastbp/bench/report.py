@@ -82,7 +82,9 @@ def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         naive = by_key.get(("numpy-naive", "step_sgd"))
         r["speedup_vs_naive"] = (_ratio(naive, r)
                                  if naive and r["name"] == "step_sgd" and r["backend"] != "numpy-naive" else None)
-        torch_peer = by_key.get(("torch-cuda" if r["backend"] == "cupy" else "torch-cpu", r["name"]))
+        # a graph replay's peer is PyTorch's eager step of the same optimizer
+        torch_peer = by_key.get(("torch-cuda" if r["backend"] == "cupy" else "torch-cpu",
+                                 r["name"].removeprefix("graph:")))
         r["speedup_vs_torch"] = (_ratio(torch_peer, r)
                                  if torch_peer and not r["backend"].startswith("torch") else None)
     return rows
