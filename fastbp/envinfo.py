@@ -157,7 +157,7 @@ def cuda_graphs() -> dict[str, str]:
 
     out = {}
     for name in available_backends():
-        bk = resolve_backend(name)
+        bk: Any = resolve_backend(name)
         if not hasattr(bk, "graph_stream"):  # a CPU backend
             continue
         reason = bk.graph_support()
