@@ -143,3 +143,160 @@ class CublasHandle:
                                           ldb, vp(A.data.ptr), kind, lda, ctypes.byref(zero), vp(out.data.ptr), kind,
                                           ldc, compute, _GEMM_DEFAULT), "cublasGemmEx")
         return out
+
+
+#: cublasLtEpilogue_t of the fused epilogues fastbp uses (cublasLt.h)
+EPILOGUES = {"bias": 4, "relu_aux_bias": 134, "gelu_aux_bias": 164, "drelu_bgrad": 152, "dgelu_bgrad": 208,
+             "bgrada": 256}
+_DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_BIAS_POINTER = 3, 4, 7, 8
+_DESC_AUX_POINTER, _DESC_AUX_LD = 11, 12
+_PREF_MAX_WORKSPACE_BYTES = 1
+
+
+def relu_mask_ld(rows: int) -> int:
+    """The leading dimension, in bits, of cuBLASLt's ReLU bit-mask for a result of ``rows`` (column-major)
+    rows: a multiple of 128 (cublasLt.h, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD)."""
+    return -(-rows // 128) * 128
+
+
+class _HeuristicResult(ctypes.Structure):
+    _fields_ = [("algo", ctypes.c_uint64 * 8), ("workspaceSize", ctypes.c_size_t), ("state", ctypes.c_int),
+                ("wavesCount", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
+
+
+class CublasLtHandle:
+    """cuBLASLt through ctypes, for GEMMs with a fused epilogue (the library that cuBLAS itself loads, found
+    in /proc/self/maps), on CuPy's current stream, with a workspace of its own. ``matmul`` takes the row-major product
+    and maps it as ``gemm_args`` does: the column-major result D (m x n) is the row-major one's transpose,
+    so D's rows are the row-major columns: a bias (and a bias gradient) is one value per row-major column,
+    and an auxiliary matrix (the GELU input, or the ReLU bit-mask) is laid out as the row-major result is,
+    with leading dimension ``aux_ld``. Plans (descriptors, layouts and the heuristic's algorithm) are kept
+    per shape, strides, dtype and epilogue."""
+
+    def __init__(self, cupy: Any, workspace_bytes: int = 32 << 20) -> None:
+        a = cupy.ones((4, 4), cupy.float32)
+        (a @ a).sum().get()  # CuPy loads cuBLAS, and with it cuBLASLt, on its first product
+        self._current_stream = cupy.cuda.get_current_stream
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps
+                            if line.split()[-1].rsplit("/", 1)[-1].startswith("libcublasLt.so")})
+        if not paths:
+            raise RuntimeError("libcublasLt is not mapped into this process after a CuPy product")
+        self.path = paths[0]
+        lib = self.lib = ctypes.CDLL(self.path)
+        vp, c_int, u64, i64, size_t = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_int64, ctypes.c_size_t
+        signatures = {
+            "cublasLtCreate": [ctypes.POINTER(vp)],
+            "cublasLtDestroy": [vp],
+            "cublasLtMatmulDescCreate": [ctypes.POINTER(vp), c_int, c_int],
+            "cublasLtMatmulDescSetAttribute": [vp, c_int, vp, size_t],
+            "cublasLtMatrixLayoutCreate": [ctypes.POINTER(vp), c_int, u64, u64, i64],
+            "cublasLtMatmulPreferenceCreate": [ctypes.POINTER(vp)],
+            "cublasLtMatmulPreferenceSetAttribute": [vp, c_int, vp, size_t],
+            "cublasLtMatmulAlgoGetHeuristic": [vp, vp, vp, vp, vp, vp, vp, c_int, ctypes.POINTER(_HeuristicResult),
+                                               ctypes.POINTER(c_int)],
+            "cublasLtMatmul": [vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, size_t, vp],
+        }
+        for name, argtypes in signatures.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, c_int
+        handle = vp()
+        self._check(lib.cublasLtCreate(ctypes.byref(handle)), "cublasLtCreate")
+        self.handle = handle
+        self.workspace = cupy.empty(workspace_bytes, cupy.uint8)
+        self.workspace_bytes = workspace_bytes
+        self._plans: dict[tuple, tuple[Any, ...]] = {}
+        self._scalars = {False: (ctypes.c_float(1.0), ctypes.c_float(0.0)),
+                         True: (ctypes.c_double(1.0), ctypes.c_double(0.0))}
+
+    def __del__(self) -> None:
+        handle = getattr(self, "handle", None)
+        if handle is not None:
+            self.lib.cublasLtDestroy(handle)
+
+    @staticmethod
+    def _check(status: int, what: str) -> None:
+        if status != 0:
+            raise RuntimeError(f"{what} returned cuBLAS status {status}")
+
+    def _set(self, desc: Any, attr: int, value: Any) -> None:
+        self._check(self.lib.cublasLtMatmulDescSetAttribute(desc, attr, ctypes.byref(value), ctypes.sizeof(value)),
+                    "cublasLtMatmulDescSetAttribute")
+
+    def _plan(self, key: tuple, dims: tuple[int, ...], kind: int, compute: int, epilogue: int, aux_ld: int,
+              pointers: tuple[int, int]) -> tuple[Any, ...]:
+        """(desc, A layout, B layout, D layout, algo) for one product, made once per key."""
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        lib, vp = self.lib, ctypes.c_void_p
+        opa, opb, m, n, k, lda, ldb, ldd = dims
+        double = compute == _COMPUTE_64F
+        desc = vp()
+        self._check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), compute, 1 if double else 0),
+                    "cublasLtMatmulDescCreate")
+        self._set(desc, _DESC_TRANSA, ctypes.c_int32(opa))
+        self._set(desc, _DESC_TRANSB, ctypes.c_int32(opb))
+        self._set(desc, _DESC_EPILOGUE, ctypes.c_uint32(epilogue))
+        # the heuristic looks at the pointers' alignment: set them (each call sets them again)
+        self._set(desc, _DESC_BIAS_POINTER, vp(pointers[0]))
+        if aux_ld:
+            self._set(desc, _DESC_AUX_POINTER, vp(pointers[1]))
+            self._set(desc, _DESC_AUX_LD, ctypes.c_int64(aux_ld))
+        layouts = []
+        for rows, cols, ld in ((m, k, lda) if opa == OP_N else (k, m, lda), (k, n, ldb) if opb == OP_N else (n, k, ldb),
+                               (m, n, ldd)):
+            layout = vp()
+            self._check(lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), kind, rows, cols, ld),
+                        "cublasLtMatrixLayoutCreate")
+            layouts.append(layout)
+        pref = vp()
+        self._check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "cublasLtMatmulPreferenceCreate")
+        limit = ctypes.c_uint64(self.workspace_bytes)
+        status = lib.cublasLtMatmulPreferenceSetAttribute(pref, _PREF_MAX_WORKSPACE_BYTES, ctypes.byref(limit),
+                                                          ctypes.sizeof(limit))
+        self._check(status, "cublasLtMatmulPreferenceSetAttribute")
+        result, count = _HeuristicResult(), ctypes.c_int(0)
+        self._check(lib.cublasLtMatmulAlgoGetHeuristic(self.handle, desc, layouts[0], layouts[1], layouts[2],
+                                                        layouts[2], pref, 1, ctypes.byref(result), ctypes.byref(count)),
+                    "cublasLtMatmulAlgoGetHeuristic")
+        if count.value < 1:
+            raise RuntimeError(f"cuBLASLt has no algorithm for epilogue {epilogue} on {dims}")
+        plan = self._plans[key] = (desc, layouts[0], layouts[1], layouts[2], result)
+        return plan
+
+    def matmul(self, A: Any, B: Any, out: Any, epilogue: str, bias: Any = None, aux: Any = None, aux_ld: int = 0,
+               tf32: bool = False) -> Any:
+        """out = epilogue(A @ B) for row-major 2-d arrays of one dtype. ``bias``: the bias read ('bias',
+        'relu_aux_bias', 'gelu_aux_bias') or the bias gradient written ('drelu_bgrad', 'dgelu_bgrad',
+        'bgrada': the column sums of the result, or of B for 'bgrada'), one value per column of ``out``;
+        ``aux`` with ``aux_ld``: the ReLU bit-mask or the GELU input, written by the forward epilogues and
+        read by the backward ones."""
+        dtype = np.dtype(A.dtype)
+        if B.dtype != dtype or out.dtype != dtype or dtype.name not in _DATA_TYPES:
+            raise TypeError(f"cuBLASLt products here take one dtype of {sorted(_DATA_TYPES)}, got {A.dtype} @ "
+                            f"{B.dtype} -> {out.dtype}")
+        opb, opa, n, m, k, ldb, lda, ldc = gemm_args(A.shape, element_strides(A), B.shape, element_strides(B),
+                                                     element_strides(out))
+        double = dtype == np.float64
+        compute = _COMPUTE_64F if double else _COMPUTE_32F_FAST_TF32 if tf32 and dtype == np.float32 else _COMPUTE_32F
+        code = EPILOGUES[epilogue]
+        bias_ptr = bias.data.ptr if bias is not None else 0
+        aux_ptr = aux.data.ptr if aux is not None else 0
+        # cuBLASLt's A is the row-major B (see gemm_args)
+        dims = (opb, opa, n, m, k, ldb, lda, ldc)
+        key = (dims, dtype.name, compute, code, aux_ld, bias_ptr % 16, aux_ptr % 16)
+        desc, a_layout, b_layout, d_layout, result = self._plan(key, dims, _DATA_TYPES[dtype.name], compute, code,
+                                                                aux_ld, (bias_ptr, aux_ptr))
+        vp = ctypes.c_void_p
+        self._set(desc, _DESC_BIAS_POINTER, vp(bias_ptr))
+        if aux_ld:
+            self._set(desc, _DESC_AUX_POINTER, vp(aux_ptr))
+        one, zero = self._scalars[double]
+        self._check(self.lib.cublasLtMatmul(self.handle, desc, ctypes.byref(one), vp(B.data.ptr), a_layout,
+                                            vp(A.data.ptr), b_layout, ctypes.byref(zero), vp(out.data.ptr), d_layout,
+                                            vp(out.data.ptr), d_layout, ctypes.byref(result.algo),
+                                            vp(self.workspace.data.ptr), self.workspace_bytes,
+                                            vp(self._current_stream().ptr)),
+                    "cublasLtMatmul")
+        return out

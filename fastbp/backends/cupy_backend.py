@@ -30,6 +30,7 @@ from .base import Backend, target_kind
 from .cuda_sources import COLSUM_BLOCK, DTYPES, kernel_dir, name_expressions
 
 _DLPACK_CUDA = 2  # DLPack's kDLCUDA device type
+_LT_DTYPES = ("float32", "bfloat16", "float16")  # the dtypes of cuBLASLt's epilogues here
 
 
 def _on_device(method):
@@ -68,6 +69,9 @@ class CupyBackend(Backend):
         self._kernels: dict[tuple[str, str], Any] = {}
         self._open_guard: Any = None  # an untripped guard, for ungated updates
         self._tf32 = False  # set_tf32
+        self.epilogues = "kernels"  # set_epilogues
+        self._lt: Any = None  # the cuBLASLt handle, made on first use
+        self._relu_masks: dict[int, Any] = {}  # cuBLASLt's ReLU bit-masks, by the address of the layer's output
         with self.device:
             self._sm_count = self.device.attributes["MultiProcessorCount"]
 
@@ -223,6 +227,58 @@ class CupyBackend(Backend):
         linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT)
         self._tf32 = bool(enabled)
 
+    def set_epilogues(self, mode: str) -> None:
+        """Where the work around the GEMMs runs: 'kernels' (the default), fastbp's CUDA kernels; or 'cublaslt',
+        fused into the GEMMs by cuBLASLt's epilogues where they exist: the forward GEMM with the bias and
+        relu or gelu (or the bias alone, for the output layer), the backward GEMM with relu's or gelu's
+        derivative and the bias gradient, and the output layer's weight gradient GEMM with its bias
+        gradient. Other activations, float64, and a gelu layer whose width is not a multiple of 8 keep
+        the kernels. cuBLASLt rounds once after the epilogue (the kernels round the GEMM's result, then
+        again after it) and sums bias gradients in its own order, so the two differ in the last bits."""
+        if mode not in ("kernels", "cublaslt"):
+            raise ValueError(f"epilogues must be 'kernels' or 'cublaslt', got {mode!r}")
+        if mode == "cublaslt":
+            self._cublaslt()  # fails here, with the reason, where cuBLASLt cannot be called
+        self.epilogues = mode
+        self._relu_masks.clear()
+
+    def _cublaslt(self) -> Any:
+        """fastbp's cuBLASLt handle (``_cublas.CublasLtHandle``; the emulated CuPy brings its own,
+        ``fastbp_cublaslt``), made once."""
+        if self._lt is None:
+            with self.device:
+                emulated = getattr(self.xp, "fastbp_cublaslt", None)
+                if emulated is not None:
+                    self._lt = emulated()
+                else:
+                    from ._cublas import CublasLtHandle
+
+                    self._lt = CublasLtHandle(self.xp)
+        return self._lt
+
+    def _fused_epilogue(self, activation: str, dtype: Any, n: int) -> bool:
+        """Whether a layer's epilogue runs in cuBLASLt (``set_epilogues``)."""
+        return (self.epilogues == "cublaslt" and np.dtype(dtype).name in _LT_DTYPES
+                and (activation in ("identity", "relu") or (activation == "gelu" and n % 8 == 0)))
+
+    def _relu_mask(self, A: Any, create: bool) -> tuple[Any, int] | None:
+        """(cuBLASLt's ReLU bit-mask of the layer whose output is A, its leading dimension in bits): made
+        for A's size when ``create``, else the one a forward epilogue wrote, or None."""
+        from ._cublas import relu_mask_ld
+
+        rows, n = A.shape
+        ld = relu_mask_ld(n)
+        mask = self._relu_masks.get(A.data.ptr)
+        if mask is not None and mask[1] == (rows, ld):
+            return mask[0], ld
+        if not create:
+            return None
+        if len(self._relu_masks) >= 256:  # masks of buffers long gone (inference at many batch sizes, say)
+            self._relu_masks.pop(next(iter(self._relu_masks)))
+        buf = self.xp.empty(rows * ld // 8, np.uint8)
+        self._relu_masks[A.data.ptr] = (buf, (rows, ld))
+        return buf, ld
+
     def memory_in_use(self) -> int:
         """Bytes of device memory held by CuPy's pool (in use and cached)."""
         return int(self.xp.get_default_memory_pool().total_bytes())
@@ -286,6 +342,8 @@ class CupyBackend(Backend):
     @_on_device
     def dense_forward(self, X, W, b, activation, A_out=None, Z_out=None):
         act = ACTIVATIONS[activation]
+        if self._fused_epilogue(activation, X.dtype, W.shape[1]):
+            return self._lt_forward(X, W, b, activation, A_out, Z_out)
         Z = self._matmul(X, W, Z_out)
         A = Z if act.keeps == "output" else (A_out if A_out is not None else self.xp.empty_like(Z))
         total = Z.size
@@ -296,6 +354,24 @@ class CupyBackend(Backend):
                      (Z, b, Z if not act.builtin else A, np.int64(total), np.int32(Z.shape[1])), act=code)
         if not act.builtin:
             act.forward(self.xp, Z, A, None)
+        return A, Z
+
+    def _lt_forward(self, X, W, b, activation, A_out, Z_out):
+        """dense_forward with its epilogue fused into the GEMM by cuBLASLt: Z = X W + b, A = g(Z); relu's A is
+        written over Z with its bit-mask aside (for the backward epilogue), gelu's Z is the auxiliary output."""
+        lt = self._cublaslt()
+        rows, n = X.shape[0], W.shape[1]
+        Z = Z_out if Z_out is not None else self.xp.empty((rows, n), X.dtype)
+        b = self.xp.ascontiguousarray(b, dtype=Z.dtype)
+        if activation == "identity":
+            lt.matmul(X, W, Z, "bias", bias=b, tf32=self._tf32)
+            return Z, Z
+        if activation == "relu":
+            mask, ld = self._relu_mask(Z, create=True)
+            lt.matmul(X, W, Z, "relu_aux_bias", bias=b, aux=mask, aux_ld=ld, tf32=self._tf32)
+            return Z, Z
+        A = A_out if A_out is not None else self.xp.empty_like(Z)
+        lt.matmul(X, W, A, "gelu_aux_bias", bias=b, aux=Z, aux_ld=n, tf32=self._tf32)
         return A, Z
 
     def _backward_epilogue(self, delta, S, code, db):
@@ -314,8 +390,12 @@ class CupyBackend(Backend):
 
     @_on_device
     def dense_grads(self, delta, A_prev, dW_out=None, db_out=None):
-        dW = self._matmul(A_prev.T, delta, dW_out)  # eq. (3)
         db = db_out if db_out is not None else self.xp.empty(delta.shape[1], delta.dtype)
+        if self._fused_epilogue("identity", delta.dtype, delta.shape[1]):  # eq. (3) with eq. (4) fused
+            dW = dW_out if dW_out is not None else self.xp.empty((A_prev.shape[1], delta.shape[1]), delta.dtype)
+            self._cublaslt().matmul(A_prev.T, delta, dW, "bgrada", bias=db, tf32=self._tf32)
+            return dW, db
+        dW = self._matmul(A_prev.T, delta, dW_out)  # eq. (3)
         self._backward_epilogue(delta, None, CODES["identity"], db)  # eq. (4)
         return dW, db
 
@@ -323,6 +403,16 @@ class CupyBackend(Backend):
     def backprop_dense(self, delta_next, W_next, Z, A, A_prev, activation, delta_out=None, dW_out=None,
                        db_out=None):
         xp = self.xp
+        rows, n = delta_next.shape[0], W_next.shape[0]
+        mask = self._relu_mask(A, create=False) if activation == "relu" else None
+        if self._fused_epilogue(activation, delta_next.dtype, n) and (activation == "gelu" or mask is not None):
+            # eq. (2) with g' and eq. (4) fused into the product (relu: the forward epilogue's bit-mask)
+            delta = delta_out if delta_out is not None else xp.empty((rows, n), delta_next.dtype)
+            db = db_out if db_out is not None else xp.empty(n, delta.dtype)
+            aux, ld, epilogue = (Z, n, "dgelu_bgrad") if activation == "gelu" else (*mask, "drelu_bgrad")
+            self._cublaslt().matmul(delta_next, W_next.T, delta, epilogue, bias=db, aux=aux, aux_ld=ld,
+                                    tf32=self._tf32)
+            return delta, self._matmul(A_prev.T, delta, dW_out), db  # eq. (3)
         delta = self._matmul(delta_next, W_next.T, delta_out)  # eq. (2), the product
         db = db_out if db_out is not None else xp.empty(delta.shape[1], delta.dtype)
         act = ACTIVATIONS[activation]

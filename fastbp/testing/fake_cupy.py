@@ -726,6 +726,78 @@ class fastbp_blas_handle:  # noqa: N801 (named as the hook the cupy backend look
         return out
 
 
+class fastbp_cublaslt:  # noqa: N801 (named as the hook the cupy backend looks for)
+    """fastbp's cuBLASLt handle (``fastbp.backends._cublas.CublasLtHandle``), emulated by its reference: the
+    same operand checks and argument mapping, then the product in float32 (float64 for float64) with the
+    epilogue applied before the one rounding to the result's dtype, as cuBLASLt computes it; the
+    activations and their derivatives are fastbp's NumPy ones. Its ReLU bit-mask has the documented size
+    (``aux_ld`` bits a result row, ``aux_ld`` a multiple of 128) in an order of its own, which only its
+    backward epilogue reads. Recorded in a stream capture as a launch is. ``calls`` counts the products by
+    epilogue."""
+
+    path = "cuBLASLt (emulated)"
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def matmul(self, a: ndarray, b: ndarray, out: ndarray, epilogue: str, bias: ndarray | None = None,
+               aux: ndarray | None = None, aux_ld: int = 0, tf32: bool = False) -> ndarray:
+        from ..activations import ACTIVATIONS
+        from ..backends._cublas import _DATA_TYPES, EPILOGUES, element_strides, gemm_args
+
+        A, B, C = _host(a), _host(b), _host(out)
+        if B.dtype != A.dtype or C.dtype != A.dtype or A.dtype.name not in _DATA_TYPES:
+            raise TypeError(f"cuBLASLt products here take one dtype of {sorted(_DATA_TYPES)}, got {A.dtype} @ "
+                            f"{B.dtype} -> {C.dtype}")
+        if epilogue not in EPILOGUES:
+            raise ValueError(f"unknown epilogue {epilogue!r}")
+        gemm_args(A.shape, element_strides(A), B.shape, element_strides(B), element_strides(C))
+        rows, n = C.shape
+        vector: Any = None if bias is None else _host(bias)
+        if vector is None or vector.shape != (n,):
+            raise ValueError(f"epilogue {epilogue!r} takes a bias (gradient) of {n} values, got "
+                             f"{None if vector is None else vector.shape}")
+        X: Any = None if aux is None else _host(aux)
+        if epilogue.startswith(("relu", "drelu")):
+            if aux_ld % 128 or aux_ld < n or X is None or X.nbytes < aux_ld * rows // 8:
+                raise ValueError(f"a ReLU bit-mask needs aux_ld a multiple of 128 >= {n} and {rows} rows of it")
+        elif epilogue.startswith(("gelu", "dgelu")):
+            if aux_ld != n or aux_ld % 8 or X is None or X.shape != C.shape or X.dtype != C.dtype:
+                raise ValueError(f"the GELU input must be laid out as the result, with aux_ld = {n} a multiple of 8")
+        wide = np.float64 if C.dtype == np.float64 else np.float32
+        use_tf32 = tf32 and A.dtype == np.float32
+        self.calls[epilogue] = self.calls.get(epilogue, 0) + 1
+
+        def run() -> None:
+            with np.errstate(all="ignore"):
+                ops = (_tf32(A), _tf32(B)) if use_tf32 else (A, B)
+                P = np.matmul(ops[0].astype(wide), ops[1].astype(wide))
+                if epilogue in ("bias", "relu_aux_bias", "gelu_aux_bias"):
+                    P += vector.astype(wide)
+                if epilogue == "relu_aux_bias":
+                    bits = np.zeros((rows, aux_ld), bool)
+                    bits[:, :n] = P > 0
+                    X.reshape(-1)[:aux_ld * rows // 8] = np.packbits(bits, axis=None, bitorder="little")
+                    P = np.maximum(P, 0)
+                elif epilogue == "gelu_aux_bias":
+                    X[...] = P.astype(X.dtype)
+                    P = ACTIVATIONS["gelu"].forward(np, P, np.empty_like(P), np.empty_like(P))
+                elif epilogue == "drelu_bgrad":
+                    bits = np.unpackbits(X.reshape(-1)[:aux_ld * rows // 8], bitorder="little")
+                    P *= bits.reshape(rows, aux_ld)[:, :n]
+                elif epilogue == "dgelu_bgrad":
+                    Z = X.astype(wide)
+                    ACTIVATIONS["gelu"].backward(np, P, Z, None, np.empty_like(P), np.empty_like(P))
+                C[...] = P.astype(C.dtype)
+                if epilogue in ("drelu_bgrad", "dgelu_bgrad"):
+                    vector[...] = P.sum(axis=0).astype(vector.dtype)
+                elif epilogue == "bgrada":
+                    vector[...] = B.astype(wide).sum(axis=0).astype(vector.dtype)
+
+        record(run)
+        return out
+
+
 # ------------------------------------------------------------------------------------------------ kernels
 class _Kernel:
     """A RawModule function: ``kernel(grid, block, args, shared_mem=0)`` launches it in the emulator."""
