@@ -4,16 +4,17 @@
 # (a GPU CuPy cannot use fails them instead of skipping them), compute-sanitizer's memcheck, racecheck and
 # synccheck over a short training run where the tool exists, then the GPU configs of `fastbp bench`
 # (large 4096 x 4 at batch 8192 in fp32, TF32, bfloat16 and float16; narrow 64 wide at batch 65536 in fp32,
-# bfloat16 and float16) against the cuBLAS GEMM floor and PyTorch CUDA eager (under autocast for 16 bits),
-# after a probe of whether the training step can run as one CUDA graph (benchmarks/gpu_graph_probe.py).
+# bfloat16 and float16; large bfloat16 and narrow fp32 again with cuBLASLt's epilogues) against the cuBLAS
+# GEMM floor and PyTorch CUDA eager (under autocast for 16 bits), after a probe of CUDA graphs of the
+# training step (benchmarks/gpu_graph_probe.py: a fit with graphs against one without).
 # A log and JSON results go to $OUT when it is set, else ./gpu_results/.
-# Each step has its own time limit (about 13.5 minutes in all at worst); a failing step is logged and the
+# Each step has its own time limit (about 14.5 minutes in all at worst); a failing step is logged and the
 # script goes on, then exits non-zero.
 #
 #   bash benchmarks/gpu_check.sh [all|checks|bench]
 #
 # checks: the facts, the tests, the sanitizers and the graph probe (about 8 minutes at worst); bench: the
-# facts and the benchmarks (about 9); all (the default): both. The device tool allows 10 minutes a call, so
+# facts and the benchmarks (about 9.5); all (the default): both. The device tool allows 10 minutes a call, so
 # a lent machine can run `checks`, then `bench`, each in its own call.
 set -uo pipefail
 part="${1:-all}"
@@ -77,8 +78,13 @@ if [ "$part" != checks ]; then
       --json "$out/bench_large_fp16.json"
   run 40 "$py" -m fastbp bench --backend cupy --config narrow --dtype float16 --reps 10 --no-ops \
       --json "$out/bench_narrow_fp16.json"
+  # the work around the GEMMs fused into them by cuBLASLt's epilogues, against the same floors
+  run 40 "$py" -m fastbp bench --backend cupy --config large --dtype bfloat16 --reps 5 --min-time 0.05 --no-ops \
+      --epilogues cublaslt --json "$out/bench_large_bf16_cublaslt.json"
+  run 30 "$py" -m fastbp bench --backend cupy --config narrow --reps 10 --no-ops --epilogues cublaslt \
+      --json "$out/bench_narrow_cublaslt.json"
   # where the time around the GEMMs goes: each op's kernels alone, their bytes and bandwidth
-  run 60 "$py" benchmarks/gpu_kernels.py --config large --compute-dtype bfloat16 --json "$out/kernels_large_bf16.json"
+  run 45 "$py" benchmarks/gpu_kernels.py --config large --compute-dtype bfloat16 --json "$out/kernels_large_bf16.json"
   run 40 "$py" benchmarks/gpu_kernels.py --config narrow --json "$out/kernels_narrow_fp32.json"
 fi
 echo "=== gpu_check ($part) finished with status $status"

@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32", help="the weights' dtype")
     train.add_argument("--compute-dtype", choices=HALF_DTYPES, default=None,
                        help="mixed precision on the cupy backend: compute in 16 bits over float32 weights")
+    train.add_argument("--epilogues", choices=("kernels", "cublaslt"), default="kernels",
+                       help="on the cupy backend: the work around the GEMMs in fastbp's kernels, or fused into "
+                            "them by cuBLASLt (relu, gelu, the bias and its gradient)")
     train.add_argument("--cuda-graphs", action="store_true",
                        help="on the cupy backend, replay each step as a captured CUDA graph (one launch a step)")
     train.add_argument("--seed", type=_seed, default=0, help="seed of the split, the weights and the shuffling")
@@ -296,6 +299,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if comm is not None:
         backend = fb.set_backend(_rank_device(args.backend, backend, comm))
     print(f"backend: {backend.name} (available: {', '.join(fb.available_backends())})")
+    if args.epilogues != "kernels":
+        if not hasattr(backend, "set_epilogues"):
+            raise UsageError(f"--epilogues {args.epilogues} needs the cupy backend, not {backend.name}")
+        try:
+            backend.set_epilogues(args.epilogues)
+        except Exception as exc:
+            raise UsageError(f"--epilogues {args.epilogues}: {exc}") from exc
+        print(f"epilogues: {args.epilogues}")
     if comm is not None:
         comm = fb.distributed.init("auto", backend, mpi=comm)
         print(f"data-parallel: {comm.size} ranks over {comm.name}; global batch {args.batch_size}")

@@ -111,3 +111,34 @@ def test_set_epilogues_checks_its_argument(backend):
     with pytest.raises(ValueError, match="'kernels' or 'cublaslt'"):
         bk.set_epilogues("fused")
     assert bk.epilogues == "kernels"
+
+
+@pytest.mark.emulator
+def test_the_command_line_selects_the_epilogues(tmp_path, capsys):
+    """fastbp train --epilogues cublaslt trains through them (and says so); fastbp bench labels its rows;
+    both refuse a backend without them."""
+    import json
+
+    from conftest import EMULATED, EMULATOR_MISSING
+
+    from fastbp.cli import main
+
+    if EMULATOR_MISSING:
+        pytest.skip(f"the CUDA emulator cannot run here: {EMULATOR_MISSING}")
+    bk = resolve_backend(EMULATED)
+    lt = bk._cublaslt()
+    before = lt.calls.get("relu_aux_bias", 0)
+    try:
+        assert main(["train", "--backend", EMULATED, "--epochs", "1", "--epilogues", "cublaslt", "--quiet"]) == 0
+        assert "epilogues: cublaslt" in capsys.readouterr().out
+        assert lt.calls["relu_aux_bias"] > before
+        out = tmp_path / "bench.json"
+        assert main(["bench", "--backend", EMULATED, "--sizes", "8,16,4", "--batch", "8", "--reps", "2",
+                     "--min-time", "0.0005", "--settle", "0", "--no-peers", "--no-ops", "--epilogues", "cublaslt",
+                     "--json", str(out)]) == 0
+        rows = json.loads(out.read_text())["results"]
+        assert {r["dtype"] for r in rows if r["backend"] == EMULATED} == {"float32+cublaslt"}
+    finally:
+        bk.set_epilogues("kernels")
+    assert main(["train", "--backend", "numpy", "--epochs", "1", "--epilogues", "cublaslt", "--quiet"]) == 2
+    assert "needs the cupy backend" in capsys.readouterr().err

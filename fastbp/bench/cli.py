@@ -33,6 +33,8 @@ def add_bench_parser(sub: Any, sizes_type: Callable[[str], list[int]]) -> None:
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile'd PyTorch")
     p.add_argument("--tf32", action="store_true",
                    help="float32 GEMMs on TF32 tensor cores (cupy and torch-cuda; the floor too)")
+    p.add_argument("--epilogues", choices=("kernels", "cublaslt"), default="kernels",
+                   help="the cupy backend's work around its GEMMs: fastbp's kernels, or fused by cuBLASLt")
     p.add_argument("--json", metavar="FILE", help="write every figure and the environment as JSON")
     p.add_argument("--plot", metavar="FILE", help="write a PNG chart of the ratios to the floor")
 
@@ -75,6 +77,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
             torch.backends.cuda.matmul.allow_tf32 = True
 
+    if args.epilogues != "kernels":
+        gpus = [bk for bk in backends if hasattr(bk, "set_epilogues")]
+        if not gpus:
+            raise ValueError(f"--epilogues {args.epilogues} needs the cupy backend")
+        for bk in gpus:
+            bk.set_epilogues(args.epilogues)
+
     env = environment()
     print(format_environment(env))
     warns = warnings_for(env)
@@ -85,7 +94,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"\nconfig {name}: sizes {sizes}, batch {batch}, dtypes {dtypes}, backends {names} ...", flush=True)
         rows += run_config(name, sizes, batch, backends, dtypes, args.reps, args.min_time,
                            peers=not args.no_peers, torch_compile=args.torch_compile, ops=not args.no_ops,
-                           settle=args.settle, tf32=args.tf32)
+                           settle=args.settle, tf32=args.tf32, epilogues=args.epilogues)
     print()
     print(format_table(rows))
     print()

@@ -20,8 +20,10 @@ from .timing import Candidate, run_interleaved, summarize
 
 def run_config(config: str, sizes: list[int], batch: int, backends: list[Any], dtypes: list[str],
                reps: int, min_time: float, peers: bool = True, torch_compile: bool = False,
-               ops: bool = True, settle: float = 0.25, tf32: bool = False) -> list[dict[str, Any]]:
-    """Time every candidate of one config; returns the result rows with their ratios."""
+               ops: bool = True, settle: float = 0.25, tf32: bool = False,
+               epilogues: str = "kernels") -> list[dict[str, Any]]:
+    """Time every candidate of one config; returns the result rows with their ratios. ``tf32`` and
+    ``epilogues`` (the GPU backends' settings, made by the caller) go into the rows' dtype label."""
     rows: list[dict[str, Any]] = []
     for dtype in dtypes:
         groups: list[tuple[str, list[Candidate]]] = []
@@ -45,7 +47,8 @@ def run_config(config: str, sizes: list[int], batch: int, backends: list[Any], d
                         peer_cands += torch_candidates(sizes, batch, dtype, device, compile_model=True)
         everything = [c for _, cs in groups for c in cs] + peer_cands
         run_interleaved(everything, reps, min_time, settle)
-        label = f"{dtype}+tf32" if tf32 and dtype == "float32" else dtype
+        label = (f"{dtype}+tf32" if tf32 and dtype == "float32" else dtype) + (
+            f"+{epilogues}" if epilogues != "kernels" else "")
         summaries = [dict(summarize(c, batch), config=config, dtype=label, sizes=sizes, batch=batch,
                           **extra.get(c.backend, {})) for c in everything]
         rows += add_ratios(summaries)
