@@ -142,3 +142,32 @@ def test_the_command_line_selects_the_epilogues(tmp_path, capsys):
         bk.set_epilogues("kernels")
     assert main(["train", "--backend", "numpy", "--epochs", "1", "--epilogues", "cublaslt", "--quiet"]) == 2
     assert "needs the cupy backend" in capsys.readouterr().err
+
+
+@pytest.mark.emulator
+@pytest.mark.parametrize("refused", ["relu_aux_bias", "drelu_bgrad", "bgrada", "bias"])
+def test_an_epilogue_cublaslt_refuses_runs_through_the_kernels(refused):
+    """Where cuBLASLt has no algorithm for a product (the stand-in refuses one epilogue here), that layer's
+    step runs through the GEMM and the kernels, into the same buffers: a refused forward leaves no bit-mask
+    behind, so its backward runs through the kernels too, and the gradients stay the kernels' own."""
+    from conftest import EMULATED, EMULATOR_MISSING
+
+    if EMULATOR_MISSING:
+        pytest.skip(f"the CUDA emulator cannot run here: {EMULATOR_MISSING}")
+    bk = resolve_backend(EMULATED)
+    lt = bk._cublaslt()
+    rng = np.random.default_rng(6)
+    X, y = rng.standard_normal((32, 8)), rng.integers(0, 3, 32)
+    lt.refuse = {refused}
+    try:
+        before = dict(lt.calls)
+        fused = grads(bk, [8, 16, 16, 3], "relu", None, "cublaslt", X, y)
+        ran = {k for k, v in lt.calls.items() if v > before.get(k, 0)}
+    finally:
+        lt.refuse = set()
+        bk.set_epilogues("kernels")
+    plain = grads(bk, [8, 16, 16, 3], "relu", None, "kernels", X, y)
+    np.testing.assert_allclose(fused[1], plain[1], rtol=2e-5, atol=2e-6)
+    assert refused not in ran
+    if refused == "relu_aux_bias":
+        assert "drelu_bgrad" not in ran  # no mask was written, so none is read

@@ -159,6 +159,22 @@ def relu_mask_ld(rows: int) -> int:
     return -(-rows // 128) * 128
 
 
+class Unsupported(Exception):
+    """cuBLASLt has no algorithm for this product and epilogue, or its operands' layout cannot be mapped:
+    the caller runs the GEMM and fastbp's kernels instead."""
+
+
+def lt_dims(A: Any, B: Any, out: Any) -> tuple[int, ...]:
+    """``gemm_args`` of out = A @ B, in cuBLASLt's order (its A is the row-major B): (opa, opb, m, n, k, lda,
+    ldb, ldd); Unsupported where an operand has no unit stride."""
+    try:
+        opb, opa, n, m, k, ldb, lda, ldc = gemm_args(A.shape, element_strides(A), B.shape, element_strides(B),
+                                                     element_strides(out))
+    except ValueError as exc:
+        raise Unsupported(str(exc)) from exc
+    return opb, opa, n, m, k, ldb, lda, ldc
+
+
 class _HeuristicResult(ctypes.Structure):
     _fields_ = [("algo", ctypes.c_uint64 * 8), ("workspaceSize", ctypes.c_size_t), ("state", ctypes.c_int),
                 ("wavesCount", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
@@ -205,7 +221,7 @@ class CublasLtHandle:
         self.handle = handle
         self.workspace = cupy.empty(workspace_bytes, cupy.uint8)
         self.workspace_bytes = workspace_bytes
-        self._plans: dict[tuple, tuple[Any, ...]] = {}
+        self._plans: dict[tuple, tuple[Any, ...] | None] = {}  # None: cuBLASLt has no algorithm for it
         self._scalars = {False: (ctypes.c_float(1.0), ctypes.c_float(0.0)),
                          True: (ctypes.c_double(1.0), ctypes.c_double(0.0))}
 
@@ -226,8 +242,10 @@ class CublasLtHandle:
     def _plan(self, key: tuple, dims: tuple[int, ...], kind: int, compute: int, epilogue: int, aux_ld: int,
               pointers: tuple[int, int]) -> tuple[Any, ...]:
         """(desc, A layout, B layout, D layout, algo) for one product, made once per key."""
-        plan = self._plans.get(key)
-        if plan is not None:
+        if key in self._plans:
+            plan = self._plans[key]
+            if plan is None:
+                raise Unsupported(f"cuBLASLt has no algorithm for epilogue {epilogue} on {dims}")
             return plan
         lib, vp = self.lib, ctypes.c_void_p
         opa, opb, m, n, k, lda, ldb, ldd = dims
@@ -257,11 +275,13 @@ class CublasLtHandle:
                                                           ctypes.sizeof(limit))
         self._check(status, "cublasLtMatmulPreferenceSetAttribute")
         result, count = _HeuristicResult(), ctypes.c_int(0)
-        self._check(lib.cublasLtMatmulAlgoGetHeuristic(self.handle, desc, layouts[0], layouts[1], layouts[2],
-                                                        layouts[2], pref, 1, ctypes.byref(result), ctypes.byref(count)),
-                    "cublasLtMatmulAlgoGetHeuristic")
+        status = lib.cublasLtMatmulAlgoGetHeuristic(self.handle, desc, layouts[0], layouts[1], layouts[2], layouts[2],
+                                                    pref, 1, ctypes.byref(result), ctypes.byref(count))
+        if status != 0:  # NOT_SUPPORTED (15), or an invalid combination of types and epilogue (7)
+            count.value = 0
         if count.value < 1:
-            raise RuntimeError(f"cuBLASLt has no algorithm for epilogue {epilogue} on {dims}")
+            self._plans[key] = None  # asked once: later calls fall back at once
+            raise Unsupported(f"cuBLASLt has no algorithm for epilogue {epilogue} on {dims}")
         plan = self._plans[key] = (desc, layouts[0], layouts[1], layouts[2], result)
         return plan
 
@@ -271,20 +291,17 @@ class CublasLtHandle:
         'relu_aux_bias', 'gelu_aux_bias') or the bias gradient written ('drelu_bgrad', 'dgelu_bgrad',
         'bgrada': the column sums of the result, or of B for 'bgrada'), one value per column of ``out``;
         ``aux`` with ``aux_ld``: the ReLU bit-mask or the GELU input, written by the forward epilogues and
-        read by the backward ones."""
+        read by the backward ones. Unsupported (nothing computed) where cuBLASLt has no algorithm for it."""
         dtype = np.dtype(A.dtype)
         if B.dtype != dtype or out.dtype != dtype or dtype.name not in _DATA_TYPES:
             raise TypeError(f"cuBLASLt products here take one dtype of {sorted(_DATA_TYPES)}, got {A.dtype} @ "
                             f"{B.dtype} -> {out.dtype}")
-        opb, opa, n, m, k, ldb, lda, ldc = gemm_args(A.shape, element_strides(A), B.shape, element_strides(B),
-                                                     element_strides(out))
+        dims = lt_dims(A, B, out)
         double = dtype == np.float64
         compute = _COMPUTE_64F if double else _COMPUTE_32F_FAST_TF32 if tf32 and dtype == np.float32 else _COMPUTE_32F
         code = EPILOGUES[epilogue]
         bias_ptr = bias.data.ptr if bias is not None else 0
         aux_ptr = aux.data.ptr if aux is not None else 0
-        # cuBLASLt's A is the row-major B (see gemm_args)
-        dims = (opb, opa, n, m, k, ldb, lda, ldc)
         key = (dims, dtype.name, compute, code, aux_ld, bias_ptr % 16, aux_ptr % 16)
         desc, a_layout, b_layout, d_layout, result = self._plan(key, dims, _DATA_TYPES[dtype.name], compute, code,
                                                                 aux_ld, (bias_ptr, aux_ptr))

@@ -26,6 +26,7 @@ from ..activations import ACTIVATIONS, CODES
 from ..dtypes import HALF_DTYPES
 from ..losses import LOSS_CODES
 from . import BackendUnavailable, cuda_sources
+from ._cublas import CublasHandle, CublasLtHandle, Unsupported, relu_mask_ld
 from .base import Backend, target_kind
 from .cuda_sources import COLSUM_BLOCK, DTYPES, kernel_dir, name_expressions
 
@@ -251,8 +252,6 @@ class CupyBackend(Backend):
                 if emulated is not None:
                     self._lt = emulated()
                 else:
-                    from ._cublas import CublasLtHandle
-
                     self._lt = CublasLtHandle(self.xp)
         return self._lt
 
@@ -264,8 +263,6 @@ class CupyBackend(Backend):
     def _relu_mask(self, A: Any, create: bool) -> tuple[Any, int] | None:
         """(cuBLASLt's ReLU bit-mask of the layer whose output is A, its leading dimension in bits): made
         for A's size when ``create``, else the one a forward epilogue wrote, or None."""
-        from ._cublas import relu_mask_ld
-
         rows, n = A.shape
         ld = relu_mask_ld(n)
         mask = self._relu_masks.get(A.data.ptr)
@@ -301,8 +298,6 @@ class CupyBackend(Backend):
             emulated = getattr(self.xp, "fastbp_blas_handle", None)
             if emulated is not None:
                 return emulated(stream)
-            from ._cublas import CublasHandle
-
             return CublasHandle(self.xp, stream)
 
     @contextlib.contextmanager
@@ -343,7 +338,9 @@ class CupyBackend(Backend):
     def dense_forward(self, X, W, b, activation, A_out=None, Z_out=None):
         act = ACTIVATIONS[activation]
         if self._fused_epilogue(activation, X.dtype, W.shape[1]):
-            return self._lt_forward(X, W, b, activation, A_out, Z_out)
+            fused = self._lt_forward(X, W, b, activation, A_out, Z_out)
+            if fused is not None:
+                return fused
         Z = self._matmul(X, W, Z_out)
         A = Z if act.keeps == "output" else (A_out if A_out is not None else self.xp.empty_like(Z))
         total = Z.size
@@ -358,21 +355,26 @@ class CupyBackend(Backend):
 
     def _lt_forward(self, X, W, b, activation, A_out, Z_out):
         """dense_forward with its epilogue fused into the GEMM by cuBLASLt: Z = X W + b, A = g(Z); relu's A is
-        written over Z with its bit-mask aside (for the backward epilogue), gelu's Z is the auxiliary output."""
+        written over Z with its bit-mask aside (for the backward epilogue), gelu's Z is the auxiliary output.
+        None where cuBLASLt has no algorithm for it (the kernels run)."""
         lt = self._cublaslt()
         rows, n = X.shape[0], W.shape[1]
         Z = Z_out if Z_out is not None else self.xp.empty((rows, n), X.dtype)
         b = self.xp.ascontiguousarray(b, dtype=Z.dtype)
-        if activation == "identity":
-            lt.matmul(X, W, Z, "bias", bias=b, tf32=self._tf32)
-            return Z, Z
-        if activation == "relu":
-            mask, ld = self._relu_mask(Z, create=True)
-            lt.matmul(X, W, Z, "relu_aux_bias", bias=b, aux=mask, aux_ld=ld, tf32=self._tf32)
-            return Z, Z
-        A = A_out if A_out is not None else self.xp.empty_like(Z)
-        lt.matmul(X, W, A, "gelu_aux_bias", bias=b, aux=Z, aux_ld=n, tf32=self._tf32)
-        return A, Z
+        try:
+            if activation == "identity":
+                lt.matmul(X, W, Z, "bias", bias=b, tf32=self._tf32)
+                return Z, Z
+            if activation == "relu":
+                mask, ld = self._relu_mask(Z, create=True)
+                lt.matmul(X, W, Z, "relu_aux_bias", bias=b, aux=mask, aux_ld=ld, tf32=self._tf32)
+                return Z, Z
+            A = A_out if A_out is not None else self.xp.empty_like(Z)
+            lt.matmul(X, W, A, "gelu_aux_bias", bias=b, aux=Z, aux_ld=n, tf32=self._tf32)
+            return A, Z
+        except Unsupported:
+            self._relu_masks.pop(Z.data.ptr, None)  # no mask was written: the backward must not read one
+            return None
 
     def _backward_epilogue(self, delta, S, code, db):
         """delta *= g'(S) (code != identity) and db = column sums of delta, deterministic."""
@@ -393,8 +395,11 @@ class CupyBackend(Backend):
         db = db_out if db_out is not None else self.xp.empty(delta.shape[1], delta.dtype)
         if self._fused_epilogue("identity", delta.dtype, delta.shape[1]):  # eq. (3) with eq. (4) fused
             dW = dW_out if dW_out is not None else self.xp.empty((A_prev.shape[1], delta.shape[1]), delta.dtype)
-            self._cublaslt().matmul(A_prev.T, delta, dW, "bgrada", bias=db, tf32=self._tf32)
-            return dW, db
+            try:
+                self._cublaslt().matmul(A_prev.T, delta, dW, "bgrada", bias=db, tf32=self._tf32)
+                return dW, db
+            except Unsupported:
+                dW_out = dW
         dW = self._matmul(A_prev.T, delta, dW_out)  # eq. (3)
         self._backward_epilogue(delta, None, CODES["identity"], db)  # eq. (4)
         return dW, db
@@ -410,9 +415,12 @@ class CupyBackend(Backend):
             delta = delta_out if delta_out is not None else xp.empty((rows, n), delta_next.dtype)
             db = db_out if db_out is not None else xp.empty(n, delta.dtype)
             aux, ld, epilogue = (Z, n, "dgelu_bgrad") if activation == "gelu" else (*mask, "drelu_bgrad")
-            self._cublaslt().matmul(delta_next, W_next.T, delta, epilogue, bias=db, aux=aux, aux_ld=ld,
-                                    tf32=self._tf32)
-            return delta, self._matmul(A_prev.T, delta, dW_out), db  # eq. (3)
+            try:
+                self._cublaslt().matmul(delta_next, W_next.T, delta, epilogue, bias=db, aux=aux, aux_ld=ld,
+                                        tf32=self._tf32)
+                return delta, self._matmul(A_prev.T, delta, dW_out), db  # eq. (3)
+            except Unsupported:
+                delta_out, db_out = delta, db  # the kernels below, into the same buffers
         delta = self._matmul(delta_next, W_next.T, delta_out)  # eq. (2), the product
         db = db_out if db_out is not None else xp.empty(delta.shape[1], delta.dtype)
         act = ACTIVATIONS[activation]

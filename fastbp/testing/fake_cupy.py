@@ -739,11 +739,12 @@ class fastbp_cublaslt:  # noqa: N801 (named as the hook the cupy backend looks f
 
     def __init__(self) -> None:
         self.calls: dict[str, int] = {}
+        self.refuse: set[str] = set()  # epilogues to answer Unsupported for (as cuBLASLt may, for a shape)
 
     def matmul(self, a: ndarray, b: ndarray, out: ndarray, epilogue: str, bias: ndarray | None = None,
                aux: ndarray | None = None, aux_ld: int = 0, tf32: bool = False) -> ndarray:
         from ..activations import ACTIVATIONS
-        from ..backends._cublas import _DATA_TYPES, EPILOGUES, element_strides, gemm_args
+        from ..backends._cublas import _DATA_TYPES, EPILOGUES, Unsupported, lt_dims
 
         A, B, C = _host(a), _host(b), _host(out)
         if B.dtype != A.dtype or C.dtype != A.dtype or A.dtype.name not in _DATA_TYPES:
@@ -751,7 +752,9 @@ class fastbp_cublaslt:  # noqa: N801 (named as the hook the cupy backend looks f
                             f"{B.dtype} -> {C.dtype}")
         if epilogue not in EPILOGUES:
             raise ValueError(f"unknown epilogue {epilogue!r}")
-        gemm_args(A.shape, element_strides(A), B.shape, element_strides(B), element_strides(C))
+        lt_dims(A, B, C)
+        if epilogue in self.refuse:
+            raise Unsupported(f"cuBLASLt has no algorithm for epilogue {EPILOGUES[epilogue]} (emulated refusal)")
         rows, n = C.shape
         vector: Any = None if bias is None else _host(bias)
         if vector is None or vector.shape != (n,):
