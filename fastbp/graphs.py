@@ -192,7 +192,9 @@ class StepGraphs:
         record = update_args(opt.fused, lr, opt.state.step, opt.hp, out=self._records[opt.fused])
         fields = record.view(np.float64)
         host[1:1 + fields.size] = fields
-        self._args.set(host)
+        # on the fit's stream, after the previous replay read the last values: from pageable memory,
+        # cudaMemcpyAsync stages the bytes before it returns, so ``host`` can be refilled at once
+        self._args.set(host, stream=self._stream)
         graph.launch(self._stream)
         tr._guard.unchecked += 1
         stats_row[...] = self._stats

@@ -63,9 +63,9 @@ def data(n=200, features=8, classes=3, seed=0):
     return rng.standard_normal((n, features)), rng.integers(0, classes, n)
 
 
-def fit(graphs, make_opt, epochs=3, compute=None, clip=None, callbacks=None, **fit_kw):
+def fit(graphs, make_opt, epochs=3, compute=None, clip=None, callbacks=None, backend=EMULATED, **fit_kw):
     X, y = data()
-    model = fb.MLP([8, 16, 16, 3], seed=0, backend=EMULATED, compute_dtype=compute)
+    model = fb.MLP([8, 16, 16, 3], seed=0, backend=backend, compute_dtype=compute)
     trainer = fb.Trainer(model, optimizer=make_opt(), batch_size=32, clip_norm=clip, cuda_graphs=graphs)
     history = trainer.fit(X, y, epochs=epochs, verbose=0, callbacks=callbacks, **fit_kw)
     return model, trainer, history
@@ -120,6 +120,26 @@ def test_a_fit_with_graphs_replays_its_steps_and_equals_the_fit_without(case):
     assert_same_fit(eager, graphed)
     if compute == "float16":
         assert graphed[1].loss_scale == eager[1].loss_scale
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("cupy" not in fb.available_backends(), reason="no usable GPU through CuPy")
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_fit_with_graphs_on_a_gpu_replays_and_ends_where_the_eager_fit_ends(case):
+    """On a GPU: the capture succeeds (fastbp's cuBLAS handle, the per-step arguments copied before each
+    replay), the same steps are replayed as on the emulator, and the fit ends where the eager one ends, up
+    to the GEMMs: the eager fit's go through CuPy's cuBLAS calls, which may pick other kernels."""
+    make_opt, clip, compute = CASES[case]
+    if compute is not None and compute not in fb.backends.resolve_backend("cupy").compute_dtypes:
+        pytest.skip(f"{compute} is not a compute dtype here")
+    eager = fit(False, make_opt, compute=compute, clip=clip, backend="cupy")
+    graphed = fit(True, make_opt, compute=compute, clip=clip, backend="cupy")
+    assert graphed[1].graph_status == "19 steps replayed from 2 captured graph(s)"
+    bk = eager[0].backend
+    rtol = 1e-4 if compute is None else 5e-2
+    np.testing.assert_allclose(bk.to_numpy(graphed[0].flat_parameters()), bk.to_numpy(eager[0].flat_parameters()),
+                               rtol=rtol, atol=rtol / 10)
+    assert (graphed[1].steps, graphed[1].optimizer.state.step) == (eager[1].steps, eager[1].optimizer.state.step)
 
 
 @pytest.mark.emulator
