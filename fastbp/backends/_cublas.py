@@ -79,51 +79,62 @@ def element_strides(x: Any) -> tuple[int, int]:
     return rows // x.itemsize, cols // x.itemsize
 
 
-class CublasHandle:
-    """A cuBLAS handle through ctypes, bound to ``stream`` with a workspace of its own (both set before any
-    capture, as cuBLAS asks of graph capture). ``matmul`` is the backend's product on that stream."""
+_VP, _INT, _SIZE = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
 
-    def __init__(self, cupy: Any, stream: Any, workspace_bytes: int = 32 << 20) -> None:
+
+class _Library:
+    """What fastbp's two handles share: the library CuPy loaded (``prefix``: its file name's start, found in
+    /proc/self/maps once CuPy has run a product, which loads cuBLAS and with it cuBLASLt), its functions'
+    ctypes signatures, a handle made by ``create`` and freed by ``destroy``, a workspace of the handle's
+    own, and the GEMM's alpha = 1, beta = 0 per precision (host memory, read at each call)."""
+
+    def __init__(self, cupy: Any, prefix: str, create: str, destroy: str, signatures: dict[str, list[Any]],
+                 workspace_bytes: int) -> None:
         a = cupy.ones((4, 4), cupy.float32)
-        (a @ a).sum().get()  # CuPy loads cuBLAS on its first product
+        (a @ a).sum().get()
         with open("/proc/self/maps") as maps:
             paths = sorted({line.split()[-1] for line in maps
-                            if line.split()[-1].rsplit("/", 1)[-1].startswith("libcublas.so")})
+                            if line.split()[-1].rsplit("/", 1)[-1].startswith(prefix + ".so")})
         if not paths:
-            raise RuntimeError("libcublas is not mapped into this process after a CuPy product")
+            raise RuntimeError(f"{prefix} is not mapped into this process after a CuPy product")
         self.path = paths[0]
         lib = self.lib = ctypes.CDLL(self.path)
-        vp, c_int = ctypes.c_void_p, ctypes.c_int
-        lib.cublasCreate_v2.argtypes = [ctypes.POINTER(vp)]
-        lib.cublasDestroy_v2.argtypes = [vp]
-        lib.cublasSetStream_v2.argtypes = [vp, vp]
-        lib.cublasSetWorkspace_v2.argtypes = [vp, vp, ctypes.c_size_t]
-        lib.cublasGemmEx.argtypes = [vp, c_int, c_int, c_int, c_int, c_int, vp, vp, c_int, c_int, vp, c_int, c_int,
-                                     vp, vp, c_int, c_int, c_int, c_int]
-        for fn in (lib.cublasCreate_v2, lib.cublasDestroy_v2, lib.cublasSetStream_v2, lib.cublasSetWorkspace_v2,
-                   lib.cublasGemmEx):
-            fn.restype = c_int
-        handle = vp()
-        self._check(lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
-        self.handle = handle
-        self.stream = stream
+        for name, argtypes in {create: [ctypes.POINTER(_VP)], destroy: [_VP], **signatures}.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, _INT
+        handle = _VP()
+        self._check(getattr(lib, create)(ctypes.byref(handle)), create)
+        self.handle, self._destroy = handle, getattr(lib, destroy)
         self.workspace = cupy.empty(workspace_bytes, cupy.uint8)
-        self._check(lib.cublasSetStream_v2(handle, vp(stream.ptr)), "cublasSetStream")
-        self._check(lib.cublasSetWorkspace_v2(handle, vp(self.workspace.data.ptr), workspace_bytes),
-                    "cublasSetWorkspace")
-        # alpha = 1, beta = 0 in the compute type's precision (host memory, read at each call)
+        self.workspace_bytes = workspace_bytes
         self._scalars = {False: (ctypes.c_float(1.0), ctypes.c_float(0.0)),
                          True: (ctypes.c_double(1.0), ctypes.c_double(0.0))}
 
     def __del__(self) -> None:
         handle = getattr(self, "handle", None)
         if handle is not None:
-            self.lib.cublasDestroy_v2(handle)
+            self._destroy(handle)
 
     @staticmethod
     def _check(status: int, what: str) -> None:
         if status != 0:
             raise RuntimeError(f"{what} returned cuBLAS status {status}")
+
+
+class CublasHandle(_Library):
+    """A cuBLAS handle through ctypes, bound to ``stream`` with a workspace of its own (both set before any
+    capture, as cuBLAS asks of graph capture). ``matmul`` is the backend's product on that stream."""
+
+    def __init__(self, cupy: Any, stream: Any, workspace_bytes: int = 32 << 20) -> None:
+        gemm = [_VP, _INT, _INT, _INT, _INT, _INT, _VP, _VP, _INT, _INT, _VP, _INT, _INT, _VP, _VP, _INT, _INT, _INT,
+                _INT]
+        super().__init__(cupy, "libcublas", "cublasCreate_v2", "cublasDestroy_v2",
+                         {"cublasSetStream_v2": [_VP, _VP], "cublasSetWorkspace_v2": [_VP, _VP, _SIZE],
+                          "cublasGemmEx": gemm}, workspace_bytes)
+        self.stream = stream
+        self._check(self.lib.cublasSetStream_v2(self.handle, _VP(stream.ptr)), "cublasSetStream")
+        self._check(self.lib.cublasSetWorkspace_v2(self.handle, _VP(self.workspace.data.ptr), workspace_bytes),
+                    "cublasSetWorkspace")
 
     def matmul(self, A: Any, B: Any, out: Any, tf32: bool = False) -> Any:
         """out = A @ B for 2-d arrays of one dtype (each operand with one unit stride, ``out`` C-contiguous),
@@ -180,7 +191,7 @@ class _HeuristicResult(ctypes.Structure):
                 ("wavesCount", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
 
 
-class CublasLtHandle:
+class CublasLtHandle(_Library):
     """cuBLASLt through ctypes, for GEMMs with a fused epilogue (the library that cuBLAS itself loads, found
     in /proc/self/maps), on CuPy's current stream, with a workspace of its own. ``matmul`` takes the row-major product
     and maps it as ``gemm_args`` does: the column-major result D (m x n) is the row-major one's transpose,
@@ -190,50 +201,19 @@ class CublasLtHandle:
     per shape, strides, dtype and epilogue."""
 
     def __init__(self, cupy: Any, workspace_bytes: int = 32 << 20) -> None:
-        a = cupy.ones((4, 4), cupy.float32)
-        (a @ a).sum().get()  # CuPy loads cuBLAS, and with it cuBLASLt, on its first product
+        u64, i64 = ctypes.c_uint64, ctypes.c_int64
+        super().__init__(cupy, "libcublasLt", "cublasLtCreate", "cublasLtDestroy", {
+            "cublasLtMatmulDescCreate": [ctypes.POINTER(_VP), _INT, _INT],
+            "cublasLtMatmulDescSetAttribute": [_VP, _INT, _VP, _SIZE],
+            "cublasLtMatrixLayoutCreate": [ctypes.POINTER(_VP), _INT, u64, u64, i64],
+            "cublasLtMatmulPreferenceCreate": [ctypes.POINTER(_VP)],
+            "cublasLtMatmulPreferenceSetAttribute": [_VP, _INT, _VP, _SIZE],
+            "cublasLtMatmulAlgoGetHeuristic": [_VP, _VP, _VP, _VP, _VP, _VP, _VP, _INT,
+                                               ctypes.POINTER(_HeuristicResult), ctypes.POINTER(_INT)],
+            "cublasLtMatmul": [_VP] * 14 + [_SIZE, _VP],
+        }, workspace_bytes)
         self._current_stream = cupy.cuda.get_current_stream
-        with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps
-                            if line.split()[-1].rsplit("/", 1)[-1].startswith("libcublasLt.so")})
-        if not paths:
-            raise RuntimeError("libcublasLt is not mapped into this process after a CuPy product")
-        self.path = paths[0]
-        lib = self.lib = ctypes.CDLL(self.path)
-        vp, c_int, u64, i64, size_t = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_int64, ctypes.c_size_t
-        signatures = {
-            "cublasLtCreate": [ctypes.POINTER(vp)],
-            "cublasLtDestroy": [vp],
-            "cublasLtMatmulDescCreate": [ctypes.POINTER(vp), c_int, c_int],
-            "cublasLtMatmulDescSetAttribute": [vp, c_int, vp, size_t],
-            "cublasLtMatrixLayoutCreate": [ctypes.POINTER(vp), c_int, u64, u64, i64],
-            "cublasLtMatmulPreferenceCreate": [ctypes.POINTER(vp)],
-            "cublasLtMatmulPreferenceSetAttribute": [vp, c_int, vp, size_t],
-            "cublasLtMatmulAlgoGetHeuristic": [vp, vp, vp, vp, vp, vp, vp, c_int, ctypes.POINTER(_HeuristicResult),
-                                               ctypes.POINTER(c_int)],
-            "cublasLtMatmul": [vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, size_t, vp],
-        }
-        for name, argtypes in signatures.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, c_int
-        handle = vp()
-        self._check(lib.cublasLtCreate(ctypes.byref(handle)), "cublasLtCreate")
-        self.handle = handle
-        self.workspace = cupy.empty(workspace_bytes, cupy.uint8)
-        self.workspace_bytes = workspace_bytes
         self._plans: dict[tuple, tuple[Any, ...] | None] = {}  # None: cuBLASLt has no algorithm for it
-        self._scalars = {False: (ctypes.c_float(1.0), ctypes.c_float(0.0)),
-                         True: (ctypes.c_double(1.0), ctypes.c_double(0.0))}
-
-    def __del__(self) -> None:
-        handle = getattr(self, "handle", None)
-        if handle is not None:
-            self.lib.cublasLtDestroy(handle)
-
-    @staticmethod
-    def _check(status: int, what: str) -> None:
-        if status != 0:
-            raise RuntimeError(f"{what} returned cuBLAS status {status}")
 
     def _set(self, desc: Any, attr: int, value: Any) -> None:
         self._check(self.lib.cublasLtMatmulDescSetAttribute(desc, attr, ctypes.byref(value), ctypes.sizeof(value)),
