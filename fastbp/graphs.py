@@ -47,8 +47,9 @@ class StepGraphs:
         self.replays = 0  # steps run by replaying a graph (over the trainer's life)
         self.captures = 0
         self.fallback: str | None = None  # why the last fit ran its steps eagerly, or None
-        self._graphs: dict[tuple, tuple[tuple, Any]] = {}  # batch buffers -> (signature, graph)
-        self._seen: set[tuple] = set()  # batch buffers stepped eagerly once (which makes the workspaces)
+        # batch buffers -> (signature, graph, the device arrays it reads and writes, kept alive with it)
+        self._graphs: dict[tuple, tuple[tuple, Any, list[Any]]] = {}
+        self._seen: dict[tuple, None] = {}  # batch buffers stepped eagerly once (which makes the workspaces)
         self._stream: Any = None
         self._blas: Any = None
         self._args: Any = None  # the per-step numbers, on the device
@@ -118,7 +119,7 @@ class StepGraphs:
         return (id(opt), opt.fused, opt.slot_names, tuple(slots),
                 tuple(a.data.ptr for arrays in slots.values() for a in arrays),
                 tr.clip_norm, tr.loss, model.flat_parameters().data.ptr, tr._guard.array(model.backend).data.ptr,
-                model.compute_dtype, model.backend._tf32)
+                model.compute_dtype, model.backend._tf32, model.backend.epilogues)
 
     def step(self, Xb: Any, yb: Any, stats_row: Any) -> Any:
         """One training step on the batch buffers (Xb, yb), its [loss, correct count] into ``stats_row``:
@@ -136,17 +137,19 @@ class StepGraphs:
             # new buffers, or a change the graph cannot follow: one eager step first, which makes what the
             # step needs (workspaces, optimizer state, scratch), as a capture cannot allocate
             self._graphs.pop(key, None)
-            self._seen.add(key)
+            _remember(self._seen, key, None)
             return tr._step(Xb, yb, stats_row)[0]
-        graph = self._capture(Xb, yb, stats_row)
-        if graph is None:
+        captured = self._capture(Xb, yb, stats_row)
+        if captured is None:
             return tr._step(Xb, yb, stats_row)[0]
-        self._graphs[key] = (signature, graph)
-        return self._replay(graph, stats_row)
+        # an earlier fit's graphs keep its batch buffers alive, so its keys never come back: the oldest go
+        _remember(self._graphs, key, (signature, *captured))
+        return self._replay(captured[0], stats_row)
 
-    def _capture(self, Xb: Any, yb: Any, stats_row: Any) -> Any:
-        """A graph of ``Trainer._step`` on (Xb, yb), or None with ``fallback`` saying why. Capturing runs the
-        step's Python but not its work: the host-side counts it advanced are put back."""
+    def _capture(self, Xb: Any, yb: Any, stats_row: Any) -> tuple[Any, list[Any]] | None:
+        """(a graph of ``Trainer._step`` on (Xb, yb), the device arrays it uses), or None with ``fallback``
+        saying why. Capturing runs the step's Python but not its work: the host-side counts it advanced are
+        put back."""
         tr, bk = self.trainer, self.trainer.model.backend
         opt = tr.optimizer
         if self._args is None:
@@ -157,11 +160,12 @@ class StepGraphs:
             self._stats = bk.zeros((2,), stats_row.dtype)
         counts = (tr.steps, opt.state.step, tr._guard.unchecked)
         used: set[str] = set()
+        kept: list[Any] = []
         stream = self._stream
         graph, problem = None, None
         stream.begin_capture()
         try:
-            with bk.step_args_at(self._at, used):
+            with bk.capturing(self._at, used, kept):
                 tr._step(Xb, yb, self._stats)
         except Exception as exc:
             problem = f"{type(exc).__name__}: {exc}"
@@ -178,7 +182,7 @@ class StepGraphs:
             self.fallback = f"the step could not be captured ({problem})"
             return None
         self.captures += 1
-        return graph
+        return graph, kept
 
     def _replay(self, graph: Any, stats_row: Any) -> Any:
         """The host's part of a step (the counts, the learning rate, the update's structure), its numbers
@@ -200,3 +204,11 @@ class StepGraphs:
         stats_row[...] = self._stats
         self.replays += 1
         return stats_row[0]
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any, size: int = 8) -> None:
+    """cache[key] = value, dropping the oldest entries past ``size`` (a fit uses one or two batch sizes)."""
+    cache.pop(key, None)
+    while len(cache) >= size:
+        del cache[next(iter(cache))]
+    cache[key] = value

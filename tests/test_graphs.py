@@ -279,3 +279,30 @@ def test_fastbp_bench_times_the_replayed_step_against_the_floor(tmp_path, capsys
     replay = rows[(EMULATED, "graph:step_adam")]
     assert replay["ratio_to_floor"] > 0 and replay["flops"] == rows[(EMULATED, "step_adam")]["flops"]
     assert "graph:step_adam" in capsys.readouterr().out
+
+
+@pytest.mark.emulator
+@emulated
+def test_a_graph_keeps_the_memory_it_uses_alive():
+    """A captured graph writes the buffers it captured at every replay: the trainer keeps each device array
+    the step's kernels and GEMMs were given (the batch buffers, the parameters, the per-step numbers, the
+    model's workspace, the backend's scratch), so that one dropped from its cache mid-fit (evicted
+    workspaces and scratch, emptied here after every epoch) is never handed to another array while the
+    graph still writes it; the fit still equals the fit without graphs."""
+
+    class Evict(Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            trainer.model._workspaces.clear()
+            trainer.model.backend._thread_state().scratch.clear()
+
+    eager = fit(False, lambda: fb.optim.Adam(1e-2), callbacks=[Evict()])
+    graphed = fit(True, lambda: fb.optim.Adam(1e-2), callbacks=[Evict()])
+    assert_same_fit(eager, graphed)
+    graphs = graphed[1]._graphs
+    (signature, graph, kept), = [entry for key, entry in graphs._graphs.items() if key[2][0] == 32]
+    pointers = {a.data.ptr for a in kept}
+    model = graphed[0]
+    for needed in (model.flat_parameters(), graphs._stats, graphs._at["adam"], graphs._at["step"],
+                   model.flat_grad()):
+        assert needed.data.ptr in pointers
+    assert len(kept) > 20

@@ -127,6 +127,7 @@ class CupyBackend(Backend):
             else:
                 continue
             raise ValueError(f"{template} argument {i} {problem}")
+        self._keep(args)
         kernel(grid, block, args)
 
     def _out_scalar(self, out: Any, dtype: Any) -> Any:
@@ -220,6 +221,7 @@ class CupyBackend(Backend):
             return self.xp.matmul(A, B, out=out)
         if out is None:
             out = self.xp.empty((A.shape[0], B.shape[1]), A.dtype)
+        self._keep((A, B, out))
         return blas.matmul(A, B, out, self._tf32)
 
     def set_tf32(self, enabled: bool) -> None:
@@ -242,6 +244,12 @@ class CupyBackend(Backend):
             self._cublaslt()  # fails here, with the reason, where cuBLASLt cannot be called
         self.epilogues = mode
         self._relu_masks.clear()
+
+    def _lt_matmul(self, A: Any, B: Any, out: Any, epilogue: str, bias: Any, aux: Any = None, aux_ld: int = 0) -> None:
+        """out = epilogue(A @ B) through cuBLASLt (``_cublas.CublasLtHandle.matmul``); Unsupported where it
+        has no algorithm for it."""
+        self._keep((A, B, out, bias, aux))
+        self._cublaslt().matmul(A, B, out, epilogue, bias=bias, aux=aux, aux_ld=aux_ld, tf32=self._tf32)
 
     def _cublaslt(self) -> Any:
         """fastbp's cuBLASLt handle (``_cublas.CublasLtHandle``; the emulated CuPy brings its own,
@@ -312,17 +320,25 @@ class CupyBackend(Backend):
             local.blas = before
 
     @contextlib.contextmanager
-    def step_args_at(self, at: dict[str, Any], used: set[str]) -> Any:
-        """Inside the block (a graph capture), the update kernels read their structure from the device
+    def capturing(self, at: dict[str, Any], used: set[str], kept: list[Any]) -> Any:
+        """Inside the block (a graph capture): the update kernels read their structure from the device
         arrays ``at[name]`` ('sgd', 'adam', 'rmsprop') and nonfinite_guard its step number from
-        ``at['step']``, instead of the values passed by value, which a graph would freeze; each name read
-        is added to ``used``."""
+        ``at['step']``, instead of the values passed by value, which a graph would freeze (each name read is
+        added to ``used``); every device array a kernel or a GEMM is given is appended to ``kept``, so that
+        the graph's owner keeps its memory alive (a scratch buffer or workspace dropped from its cache
+        later must not be handed to another array while the graph still writes it)."""
         local = self._thread_state()
-        local.args_at, local.args_used = at, used
+        local.args_at, local.args_used, local.kept = at, used, kept
         try:
             yield
         finally:
-            local.args_at = local.args_used = None
+            local.args_at = local.args_used = local.kept = None
+
+    def _keep(self, arrays: Any) -> None:
+        """Inside ``capturing``, keep the device arrays among ``arrays`` (see there)."""
+        kept = getattr(self._thread_state(), "kept", None)
+        if kept is not None:
+            kept.extend(a for a in arrays if isinstance(a, self.xp.ndarray))
 
     def _args_at(self, name: str) -> Any:
         """The device array a kernel reads its per-step arguments ``name`` from, or None (by value)."""
@@ -357,20 +373,19 @@ class CupyBackend(Backend):
         """dense_forward with its epilogue fused into the GEMM by cuBLASLt: Z = X W + b, A = g(Z); relu's A is
         written over Z with its bit-mask aside (for the backward epilogue), gelu's Z is the auxiliary output.
         None where cuBLASLt has no algorithm for it (the kernels run)."""
-        lt = self._cublaslt()
         rows, n = X.shape[0], W.shape[1]
         Z = Z_out if Z_out is not None else self.xp.empty((rows, n), X.dtype)
         b = self.xp.ascontiguousarray(b, dtype=Z.dtype)
         try:
             if activation == "identity":
-                lt.matmul(X, W, Z, "bias", bias=b, tf32=self._tf32)
+                self._lt_matmul(X, W, Z, "bias", b)
                 return Z, Z
             if activation == "relu":
                 mask, ld = self._relu_mask(Z, create=True)
-                lt.matmul(X, W, Z, "relu_aux_bias", bias=b, aux=mask, aux_ld=ld, tf32=self._tf32)
+                self._lt_matmul(X, W, Z, "relu_aux_bias", b, mask, ld)
                 return Z, Z
             A = A_out if A_out is not None else self.xp.empty_like(Z)
-            lt.matmul(X, W, A, "gelu_aux_bias", bias=b, aux=Z, aux_ld=n, tf32=self._tf32)
+            self._lt_matmul(X, W, A, "gelu_aux_bias", b, Z, n)
             return A, Z
         except Unsupported:
             self._relu_masks.pop(Z.data.ptr, None)  # no mask was written: the backward must not read one
@@ -396,7 +411,7 @@ class CupyBackend(Backend):
         if self._fused_epilogue("identity", delta.dtype, delta.shape[1]):  # eq. (3) with eq. (4) fused
             dW = dW_out if dW_out is not None else self.xp.empty((A_prev.shape[1], delta.shape[1]), delta.dtype)
             try:
-                self._cublaslt().matmul(A_prev.T, delta, dW, "bgrada", bias=db, tf32=self._tf32)
+                self._lt_matmul(A_prev.T, delta, dW, "bgrada", db)
                 return dW, db
             except Unsupported:
                 dW_out = dW
@@ -416,8 +431,7 @@ class CupyBackend(Backend):
             db = db_out if db_out is not None else xp.empty(n, delta.dtype)
             aux, ld, epilogue = (Z, n, "dgelu_bgrad") if activation == "gelu" else (*mask, "drelu_bgrad")
             try:
-                self._cublaslt().matmul(delta_next, W_next.T, delta, epilogue, bias=db, aux=aux, aux_ld=ld,
-                                        tf32=self._tf32)
+                self._lt_matmul(delta_next, W_next.T, delta, epilogue, db, aux, ld)
                 return delta, self._matmul(A_prev.T, delta, dW_out), db  # eq. (3)
             except Unsupported:
                 delta_out, db_out = delta, db  # the kernels below, into the same buffers
