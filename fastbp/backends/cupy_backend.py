@@ -73,6 +73,9 @@ class CupyBackend(Backend):
         self.epilogues = "kernels"  # set_epilogues
         self._lt: Any = None  # the cuBLASLt handle, made on first use
         self._relu_masks: dict[int, Any] = {}  # cuBLASLt's ReLU bit-masks, by the address of the layer's output
+        # threads inside gemms_through or capturing: while 0, the ops skip looking at their thread's state
+        # (a lookup per launch would cost a small step a few percent)
+        self._graph_threads = 0
         with self.device:
             self._sm_count = self.device.attributes["MultiProcessorCount"]
 
@@ -127,7 +130,8 @@ class CupyBackend(Backend):
             else:
                 continue
             raise ValueError(f"{template} argument {i} {problem}")
-        self._keep(args)
+        if self._graph_threads:
+            self._keep(args)
         kernel(grid, block, args)
 
     def _out_scalar(self, out: Any, dtype: Any) -> Any:
@@ -216,7 +220,7 @@ class CupyBackend(Backend):
 
     def _matmul(self, A: Any, B: Any, out: Any = None) -> Any:
         """A @ B through cuBLAS: CuPy's, or this thread's own handle inside ``gemms_through`` (CUDA graphs)."""
-        blas = getattr(self._thread_state(), "blas", None)
+        blas = getattr(self._thread_state(), "blas", None) if self._graph_threads else None
         if blas is None:
             return self.xp.matmul(A, B, out=out)
         if out is None:
@@ -314,10 +318,12 @@ class CupyBackend(Backend):
         local = self._thread_state()
         before = getattr(local, "blas", None)
         local.blas = handle
+        self._graph_threads += 1
         try:
             yield
         finally:
             local.blas = before
+            self._graph_threads -= 1
 
     @contextlib.contextmanager
     def capturing(self, at: dict[str, Any], used: set[str], kept: list[Any]) -> Any:
@@ -329,19 +335,23 @@ class CupyBackend(Backend):
         later must not be handed to another array while the graph still writes it)."""
         local = self._thread_state()
         local.args_at, local.args_used, local.kept = at, used, kept
+        self._graph_threads += 1
         try:
             yield
         finally:
             local.args_at = local.args_used = local.kept = None
+            self._graph_threads -= 1
 
     def _keep(self, arrays: Any) -> None:
         """Inside ``capturing``, keep the device arrays among ``arrays`` (see there)."""
-        kept = getattr(self._thread_state(), "kept", None)
+        kept = getattr(self._thread_state(), "kept", None) if self._graph_threads else None
         if kept is not None:
             kept.extend(a for a in arrays if isinstance(a, self.xp.ndarray))
 
     def _args_at(self, name: str) -> Any:
         """The device array a kernel reads its per-step arguments ``name`` from, or None (by value)."""
+        if not self._graph_threads:
+            return None
         local = self._thread_state()
         at = getattr(local, "args_at", None)
         if at is None:
