@@ -5,7 +5,8 @@ microseconds of Python and driver work while the GPU waits. ``fit`` can instead 
 CUDA graph (``cupy.cuda.Stream.begin_capture``) and replay it with one launch per step:
 
 - **Fixed buffers.** A graph replays the pointers it captured. ``fit`` gathers every batch into the same
-  buffers of its row count, and a model's workspaces, the optimizer's state, the guard and the scratch are
+  buffers of its row count (kept from one fit to the next, so a later fit replays the graphs an earlier
+  one captured), and a model's workspaces, the optimizer's state, the guard and the scratch are
   made by the first (eager) step and stay put; each step's loss and correct count land in a buffer of the
   graph's, copied to the epoch's statistics after the replay. One graph per batch buffer (the last, partial
   batch of an epoch gets its own).
@@ -57,6 +58,16 @@ class StepGraphs:
         self._records = {name: np.zeros(1, dtype) for name, (_, dtype) in STRUCTS.items()}
         self._at: dict[str, Any] = {}
         self._stats: Any = None  # [loss, correct count] of a replayed step
+        # fit's batch buffers, kept from fit to fit: the next fit gathers into the buffers these graphs read
+        self.batch_buffers: dict[tuple, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without what lives on the device or in this process (graphs, the stream, the cuBLAS handle,
+        the device buffers): an unpickled trainer captures anew."""
+        state = self.__dict__.copy()
+        state.update(_graphs={}, _seen={}, _stream=None, _blas=None, _args=None, _stats=None, _at={},
+                     batch_buffers={})
+        return state
 
     @property
     def status(self) -> str:
@@ -142,7 +153,6 @@ class StepGraphs:
         captured = self._capture(Xb, yb, stats_row)
         if captured is None:
             return tr._step(Xb, yb, stats_row)[0]
-        # an earlier fit's graphs keep its batch buffers alive, so its keys never come back: the oldest go
         _remember(self._graphs, key, (signature, *captured))
         return self._replay(captured[0], stats_row)
 

@@ -534,7 +534,7 @@ class Trainer:
         n = Xd.shape[0]
         bs = min(self.batch_size, n)
         sizes = np.array([min(bs, n - s) for s in range(0, n, bs)], np.float64)
-        batches = _BatchBuffers(bk, Xd, yd, wd)
+        batches = _BatchBuffers(bk, Xd, yd, wd, self._graphs.batch_buffers if self.cuda_graphs else None)
         dist = self.distributed
         # each step's [loss, correct count]: written by the loss kernel and read once at the epoch's end, or,
         # in data-parallel training, the reduced values that each step reads anyway
@@ -721,19 +721,22 @@ class _BatchBuffers:
     """The reused batch buffers of ``fit``, by row count (one or two sizes; a rank's slices in data-parallel
     training, two or three)."""
 
-    def __init__(self, bk: Any, Xd: Any, yd: Any, wd: Any) -> None:
+    def __init__(self, bk: Any, Xd: Any, yd: Any, wd: Any, kept: dict[tuple, Any] | None = None) -> None:
+        """``kept``: where the buffers are kept, by row count and layout (a fit's own dict by default; CUDA
+        graphs hand theirs, so that the next fit gathers into the buffers their graphs captured)."""
         self.bk, self.Xd, self.yd, self.wd = bk, Xd, yd, wd
-        self._kept: dict[int, tuple[Any, Any, Any]] = {}
+        self._kept: dict[tuple, tuple[Any, Any, Any]] = {} if kept is None else kept
 
     def take(self, rows_idx: Any) -> tuple[Any, Any, Any]:
         """The rows ``rows_idx`` of X, y and the weights, gathered into the buffers of their count."""
         bk, Xd, yd, wd = self.bk, self.Xd, self.yd, self.wd
         rows = rows_idx.shape[0]
-        kept = self._kept.get(rows)
+        key = (rows, Xd.shape[1:], Xd.dtype, yd.shape[1:], yd.dtype, None if wd is None else wd.dtype)
+        kept = self._kept.get(key)
         if kept is None:
-            kept = self._kept[rows] = (bk.empty((rows,) + Xd.shape[1:], Xd.dtype),
-                                       bk.empty((rows,) + yd.shape[1:], yd.dtype),
-                                       None if wd is None else bk.empty((rows,), wd.dtype))
+            kept = self._kept[key] = (bk.empty((rows,) + Xd.shape[1:], Xd.dtype),
+                                      bk.empty((rows,) + yd.shape[1:], yd.dtype),
+                                      None if wd is None else bk.empty((rows,), wd.dtype))
         xb, yb, wb = kept
         bk.take_rows(Xd, rows_idx, out=xb)
         bk.take_rows(yd, rows_idx, out=yb)

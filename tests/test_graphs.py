@@ -306,3 +306,27 @@ def test_a_graph_keeps_the_memory_it_uses_alive():
                    model.flat_grad()):
         assert needed.data.ptr in pointers
     assert len(kept) > 20
+
+
+@pytest.mark.emulator
+@emulated
+def test_a_trainer_that_replayed_graphs_pickles_and_captures_anew():
+    """Graphs, the stream, the cuBLAS handle and the device buffers are this process's: a pickled trainer
+    leaves them behind, and the unpickled one captures its own and trains as the original goes on."""
+    import pickle
+
+    X, y = data()
+    model, trainer, _ = fit(True, lambda: fb.optim.Adam(1e-2), epochs=1)
+    state = trainer._graphs.__getstate__()
+    assert state["_graphs"] == {} and state["_stream"] is None and state["_blas"] is None
+    again = pickle.loads(pickle.dumps(trainer))
+    assert again._graphs.replays == trainer._graphs.replays
+    trainer.fit(X, y, epochs=1, verbose=0)
+    again.fit(X, y, epochs=1, verbose=0)
+    # the original replays the graph its first fit captured (its batch buffers are kept: the 6 full batches
+    # replay) and captures the last batch's (seen once already); the copy, whose buffers stayed behind,
+    # steps its first full batch eagerly, captures it, and steps the last batch eagerly (seen first)
+    assert (trainer._graphs.captures, again._graphs.captures) == (2, 2)
+    assert trainer._graphs.replays - again._graphs.replays == 7 - 5
+    bk = model.backend
+    np.testing.assert_array_equal(bk.to_numpy(again.model.flat_parameters()), bk.to_numpy(model.flat_parameters()))
