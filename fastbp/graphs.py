@@ -17,7 +17,7 @@ CUDA graph (``cupy.cuda.Stream.begin_capture``) and replay it with one launch pe
   (schedules), Adam's bias corrections, SGD's first-step flag and the step number that the divergence guard
   records change every step. Captured, the update kernels and the guard read them from a small device
   array instead, which each replay fills first (one host-to-device copy), from the optimizer's own
-  ``advance`` and ``fastbp.backends.update_args``, as an eager step computes them.
+  ``advance`` and the backend's ``_update_record``, as an eager step computes them.
 
 A fit uses graphs only where a replay computes what an eager step would: the cupy backend; one process;
 ``on_nonfinite='raise'`` (the 'skip' mode reads every step's loss on the host); no sample or class weights;
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends.update_args import STRUCTS, update_args
+from .backends.update_args import STRUCTS
 
 #: the device array of per-step numbers: [step number (int64 bits), the update's structure (8-byte fields)]
 _ARGS_LEN = 1 + max(len(dtype.names or ()) for _, dtype in STRUCTS.values())
@@ -55,7 +55,6 @@ class StepGraphs:
         self._blas: Any = None
         self._args: Any = None  # the per-step numbers, on the device
         self._host = np.zeros(_ARGS_LEN, np.float64)  # ... and their host copy, refilled per replay
-        self._records = {name: np.zeros(1, dtype) for name, (_, dtype) in STRUCTS.items()}
         self._at: dict[str, Any] = {}
         self._stats: Any = None  # [loss, correct count] of a replayed step
         # fit's batch buffers, kept from fit to fit: the next fit gathers into the buffers these graphs read
@@ -203,8 +202,7 @@ class StepGraphs:
         tr.steps += 1
         host = self._host
         host[0:1].view(np.int64)[0] = tr.steps
-        record = update_args(opt.fused, lr, opt.state.step, opt.hp, out=self._records[opt.fused])
-        fields = record.view(np.float64)
+        fields = tr.model.backend._update_record(opt.fused, lr, opt.state.step, opt.hp).view(np.float64)
         host[1:1 + fields.size] = fields
         # on the fit's stream, after the previous replay read the last values: from pageable memory,
         # cudaMemcpyAsync stages the bytes before it returns, so ``host`` can be refilled at once

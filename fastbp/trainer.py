@@ -493,10 +493,12 @@ class Trainer:
         if not self.is_writer:
             verbose = 0  # rank 0 alone reports
         signals = _stop_on_signals(self) if self.distributed else _sigterm_as_interrupt()
-        with self._exclusive(), signals, abort_on_error(self.comm, self._where):
+        graphs = self._graphs.session(wd) if self.cuda_graphs else _NO_GRAPHS
+        with self._exclusive(), signals, abort_on_error(self.comm, self._where), graphs as use_graphs:
             if self.distributed:
                 self._start_distributed(Xd, yd, wd)
-            self._fit_epochs(Xd, yd, wd, val, epochs, callbacks, shuffle, history, verbose, interrupt_checkpoint)
+            self._fit_epochs(Xd, yd, wd, val, epochs, callbacks, shuffle, history, verbose, interrupt_checkpoint,
+                             use_graphs)
         for cb in callbacks:
             cb.on_train_end(self, history)
         return history
@@ -529,27 +531,17 @@ class Trainer:
         return None if w is None else model.backend.asarray(w, model.dtype)
 
     def _fit_epochs(self, Xd: Any, yd: Any, wd: Any, val: Any, epochs: int, callbacks: list[Callback],
-                    shuffle: bool, history: History, verbose: int, interrupt_checkpoint: Any) -> None:
+                    shuffle: bool, history: History, verbose: int, interrupt_checkpoint: Any, graphs: bool) -> None:
+        """The epochs of ``fit``; ``graphs``: its steps are ``StepGraphs.step``'s (inside their session)."""
         bk = self.model.backend
         n = Xd.shape[0]
         bs = min(self.batch_size, n)
         sizes = np.array([min(bs, n - s) for s in range(0, n, bs)], np.float64)
-        batches = _BatchBuffers(bk, Xd, yd, wd, self._graphs.batch_buffers if self.cuda_graphs else None)
+        batches = _BatchBuffers(bk, Xd, yd, wd, self._graphs.batch_buffers if graphs else None)
         dist = self.distributed
         # each step's [loss, correct count]: written by the loss kernel and read once at the epoch's end, or,
         # in data-parallel training, the reduced values that each step reads anyway
         stats = np.zeros((len(sizes), 2)) if dist else bk.zeros((len(sizes), 2), accumulator_dtype(self.model.dtype))
-        with self._graphs.session(wd) if self.cuda_graphs else _NO_GRAPHS as graphs:
-            self._fit_loop(Xd, yd, val, epochs, callbacks, shuffle, history, verbose, interrupt_checkpoint,
-                           sizes, batches, stats, graphs)
-
-    def _fit_loop(self, Xd: Any, yd: Any, val: Any, epochs: int, callbacks: list[Callback], shuffle: bool,
-                  history: History, verbose: int, interrupt_checkpoint: Any, sizes: np.ndarray,
-                  batches: _BatchBuffers, stats: Any, graphs: bool) -> None:
-        bk = self.model.backend
-        n = Xd.shape[0]
-        bs = min(self.batch_size, n)
-        dist = self.distributed
         classify = self.loss in CLASSIFICATION_LOSSES
         reporter = Reporter(verbose, epochs, len(sizes))
         self.stop_training = False

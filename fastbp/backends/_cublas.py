@@ -71,6 +71,24 @@ def colmajor_gemm(transa: int, transb: int, m: int, n: int, k: int, A: Any, lda:
         out[...] = a @ b
 
 
+def product_dtype(A: Any, B: Any, out: Any, library: str) -> np.dtype:
+    """The one dtype of a product's operands and result, which ``library`` multiplies here; TypeError
+    otherwise. (The emulated CuPy's stand-ins check alike.)"""
+    dtype = np.dtype(A.dtype)
+    if B.dtype != dtype or out.dtype != dtype or dtype.name not in _DATA_TYPES:
+        raise TypeError(f"{library} products here take one dtype of {sorted(_DATA_TYPES)}, got {A.dtype} @ "
+                        f"{B.dtype} -> {out.dtype}")
+    return dtype
+
+
+def _compute_type(dtype: np.dtype, tf32: bool) -> int:
+    """cublasComputeType_t of a product in ``dtype``: float64 in double, float32 on TF32 tensor cores when
+    allowed, the rest (16-bit operands too) accumulating in float32."""
+    if dtype == np.float64:
+        return _COMPUTE_64F
+    return _COMPUTE_32F_FAST_TF32 if tf32 and dtype == np.float32 else _COMPUTE_32F
+
+
 def element_strides(x: Any) -> tuple[int, int]:
     """The strides of the 2-d array ``x``, in elements."""
     if x.ndim != 2:
@@ -139,15 +157,11 @@ class CublasHandle(_Library):
     def matmul(self, A: Any, B: Any, out: Any, tf32: bool = False) -> Any:
         """out = A @ B for 2-d arrays of one dtype (each operand with one unit stride, ``out`` C-contiguous),
         on the handle's stream."""
-        dtype = np.dtype(A.dtype)
-        if B.dtype != dtype or out.dtype != dtype or dtype.name not in _DATA_TYPES:
-            raise TypeError(f"cuBLAS products here take one dtype of {sorted(_DATA_TYPES)}, got {A.dtype} @ "
-                            f"{B.dtype} -> {out.dtype}")
+        dtype = product_dtype(A, B, out, "cuBLAS")
         opb, opa, n, m, k, ldb, lda, ldc = gemm_args(A.shape, element_strides(A), B.shape, element_strides(B),
                                                      element_strides(out))
-        double = dtype == np.float64
-        compute = _COMPUTE_64F if double else _COMPUTE_32F_FAST_TF32 if tf32 and dtype == np.float32 else _COMPUTE_32F
-        one, zero = self._scalars[double]
+        compute = _compute_type(dtype, tf32)
+        one, zero = self._scalars[dtype == np.float64]
         kind = _DATA_TYPES[dtype.name]
         vp = ctypes.c_void_p
         self._check(self.lib.cublasGemmEx(self.handle, opb, opa, n, m, k, ctypes.byref(one), vp(B.data.ptr), kind,
@@ -272,13 +286,9 @@ class CublasLtHandle(_Library):
         'bgrada': the column sums of the result, or of B for 'bgrada'), one value per column of ``out``;
         ``aux`` with ``aux_ld``: the ReLU bit-mask or the GELU input, written by the forward epilogues and
         read by the backward ones. Unsupported (nothing computed) where cuBLASLt has no algorithm for it."""
-        dtype = np.dtype(A.dtype)
-        if B.dtype != dtype or out.dtype != dtype or dtype.name not in _DATA_TYPES:
-            raise TypeError(f"cuBLASLt products here take one dtype of {sorted(_DATA_TYPES)}, got {A.dtype} @ "
-                            f"{B.dtype} -> {out.dtype}")
+        dtype = product_dtype(A, B, out, "cuBLASLt")
         dims = lt_dims(A, B, out)
-        double = dtype == np.float64
-        compute = _COMPUTE_64F if double else _COMPUTE_32F_FAST_TF32 if tf32 and dtype == np.float32 else _COMPUTE_32F
+        compute = _compute_type(dtype, tf32)
         code = EPILOGUES[epilogue]
         bias_ptr = bias.data.ptr if bias is not None else 0
         aux_ptr = aux.data.ptr if aux is not None else 0
@@ -289,7 +299,7 @@ class CublasLtHandle(_Library):
         self._set(desc, _DESC_BIAS_POINTER, vp(bias_ptr))
         if aux_ld:
             self._set(desc, _DESC_AUX_POINTER, vp(aux_ptr))
-        one, zero = self._scalars[double]
+        one, zero = self._scalars[dtype == np.float64]
         self._check(self.lib.cublasLtMatmul(self.handle, desc, ctypes.byref(one), vp(B.data.ptr), a_layout,
                                             vp(A.data.ptr), b_layout, ctypes.byref(zero), vp(out.data.ptr), d_layout,
                                             vp(out.data.ptr), d_layout, ctypes.byref(result.algo),

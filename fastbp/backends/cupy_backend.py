@@ -18,6 +18,7 @@ import functools
 import importlib
 import importlib.util
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from .cuda_sources import COLSUM_BLOCK, DTYPES, kernel_dir, name_expressions
 
 _DLPACK_CUDA = 2  # DLPack's kDLCUDA device type
 _LT_DTYPES = ("float32", "bfloat16", "float16")  # the dtypes of cuBLASLt's epilogues here
+_GRAPH_COUNT = threading.Lock()  # CupyBackend._graph_threads is counted by every thread
 
 
 def _on_device(method):
@@ -312,20 +314,10 @@ class CupyBackend(Backend):
                 return emulated(stream)
             return CublasHandle(self.xp, stream)
 
-    @contextlib.contextmanager
     def gemms_through(self, handle: Any) -> Any:
         """This thread's GEMMs on this backend go through ``handle`` inside the block."""
-        local = self._thread_state()
-        before = getattr(local, "blas", None)
-        local.blas = handle
-        self._graph_threads += 1
-        try:
-            yield
-        finally:
-            local.blas = before
-            self._graph_threads -= 1
+        return self._graph_state(blas=handle)
 
-    @contextlib.contextmanager
     def capturing(self, at: dict[str, Any], used: set[str], kept: list[Any]) -> Any:
         """Inside the block (a graph capture): the update kernels read their structure from the device
         arrays ``at[name]`` ('sgd', 'adam', 'rmsprop') and nonfinite_guard its step number from
@@ -333,14 +325,25 @@ class CupyBackend(Backend):
         added to ``used``); every device array a kernel or a GEMM is given is appended to ``kept``, so that
         the graph's owner keeps its memory alive (a scratch buffer or workspace dropped from its cache
         later must not be handed to another array while the graph still writes it)."""
+        return self._graph_state(args_at=at, args_used=used, kept=kept)
+
+    @contextlib.contextmanager
+    def _graph_state(self, **values: Any) -> Any:
+        """This thread's graph settings ``values`` inside the block (the previous ones after it), with the
+        count of threads that have any, which the ops look at first, kept under a lock."""
         local = self._thread_state()
-        local.args_at, local.args_used, local.kept = at, used, kept
-        self._graph_threads += 1
+        before = {name: getattr(local, name, None) for name in values}
+        for name, value in values.items():
+            setattr(local, name, value)
+        with _GRAPH_COUNT:
+            self._graph_threads += 1
         try:
             yield
         finally:
-            local.args_at = local.args_used = local.kept = None
-            self._graph_threads -= 1
+            for name, value in before.items():
+                setattr(local, name, value)
+            with _GRAPH_COUNT:
+                self._graph_threads -= 1
 
     def _keep(self, arrays: Any) -> None:
         """Inside ``capturing``, keep the device arrays among ``arrays`` (see there)."""

@@ -709,12 +709,10 @@ class fastbp_blas_handle:  # noqa: N801 (named as the hook the cupy backend look
         self.calls = 0
 
     def matmul(self, a: ndarray, b: ndarray, out: ndarray, tf32: bool = False) -> ndarray:
-        from ..backends._cublas import _DATA_TYPES, element_strides, gemm_args
+        from ..backends._cublas import element_strides, gemm_args, product_dtype
 
         A, B, C = _host(a), _host(b), _host(out)
-        if B.dtype != A.dtype or C.dtype != A.dtype or A.dtype.name not in _DATA_TYPES:
-            raise TypeError(f"cuBLAS products here take one dtype of {sorted(_DATA_TYPES)}, got {A.dtype} @ "
-                            f"{B.dtype} -> {C.dtype}")
+        product_dtype(A, B, C, "cuBLAS")
         gemm_args(A.shape, element_strides(A), B.shape, element_strides(B), element_strides(C))
         use_tf32 = tf32 and A.dtype == np.float32
 
@@ -744,12 +742,10 @@ class fastbp_cublaslt:  # noqa: N801 (named as the hook the cupy backend looks f
     def matmul(self, a: ndarray, b: ndarray, out: ndarray, epilogue: str, bias: ndarray | None = None,
                aux: ndarray | None = None, aux_ld: int = 0, tf32: bool = False) -> ndarray:
         from ..activations import ACTIVATIONS
-        from ..backends._cublas import _DATA_TYPES, EPILOGUES, Unsupported, lt_dims
+        from ..backends._cublas import EPILOGUES, Unsupported, lt_dims, product_dtype
 
         A, B, C = _host(a), _host(b), _host(out)
-        if B.dtype != A.dtype or C.dtype != A.dtype or A.dtype.name not in _DATA_TYPES:
-            raise TypeError(f"cuBLASLt products here take one dtype of {sorted(_DATA_TYPES)}, got {A.dtype} @ "
-                            f"{B.dtype} -> {C.dtype}")
+        product_dtype(A, B, C, "cuBLASLt")
         if epilogue not in EPILOGUES:
             raise ValueError(f"unknown epilogue {epilogue!r}")
         lt_dims(A, B, C)
