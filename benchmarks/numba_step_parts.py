@@ -1,4 +1,5 @@
-"""Where the numba whole-step kernel's time goes beyond its GEMMs (SGD, float32, relu, cross-entropy):
+"""Where the numba whole-step kernel's time goes beyond its GEMMs (SGD, float32, relu, cross-entropy),
+with the batch whole (not split into parts run side by side; ``benchmarks/numba_blas_route.py`` compares):
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/numba_step_parts.py [--config small]
 
@@ -21,33 +22,36 @@ from numba import njit
 
 import fastbp as fb
 from fastbp.backends import _numba_kernels as k
+from fastbp.backends import numba_backend
 from fastbp.backends._numba_blas import gemm
 from fastbp.backends.update_args import STRUCTS
 from fastbp.bench import CONFIGS, floor_candidates
 
 
 @njit
-def _steps(n, X, labels, Y, flat, grad, layout, codes, ws, sgd_args, adam_args, rmsprop_args, empty, route):
+def _steps(n, X, labels, Y, flat, grad, layout, codes, ws, top, sgd_args, adam_args, rmsprop_args, empty, route):
     for _ in range(n):
-        k.train_step(X, labels, Y, 0, flat, grad, layout, codes, ws, 0, sgd_args, adam_args, rmsprop_args,
+        k.train_step(X, labels, Y, 0, flat, grad, layout, codes, ws, top, 0, sgd_args, adam_args, rmsprop_args,
                      empty, empty, 0.0, route)
 
 
 @njit
-def _gemms(n, X, flat, grad, layout, ws, route):
+def _gemms(n, X, flat, grad, layout, ws, top, route):
     """The kernel's GEMMs on its buffers and in its order (forward; then per layer, top down, eq. (3) and
     eq. (2)), and nothing else."""
     B, L = X.shape[0], layout.shape[0]
     a_at, d_at = np.empty(L, np.int64), np.empty(L, np.int64)
     pos = 0
     for l in range(L):
-        a_at[l], d_at[l] = pos, pos + B * layout[l, 3]
-        pos += 2 * B * layout[l, 3]
+        a_at[l] = pos
+        pos += B * layout[l, 3] if l < L - 1 else 0
+        d_at[l] = pos
+        pos += B * layout[l, 3]
     for _ in range(n):
         A_prev = X
         for l in range(L):
             w0, n_in, n_out = layout[l, 0], layout[l, 2], layout[l, 3]
-            A = ws[a_at[l]:a_at[l] + B * n_out].reshape((B, n_out))
+            A = ws[a_at[l]:a_at[l] + B * n_out].reshape((B, n_out)) if l < L - 1 else top
             gemm(A_prev, flat[w0:w0 + n_in * n_out].reshape((n_in, n_out)), A, route)
             A_prev = A
         n_top = layout[L - 1, 3]
@@ -77,7 +81,7 @@ def _backward_epilogue(n, D, A, db):
 @njit
 def _output_delta(n, Z, labels, Y, D):
     for _ in range(n):
-        k.output_delta(Z, labels, Y, 0, D)
+        k.output_delta(Z, labels, Y, 0, D, Z.shape[0])
 
 
 @njit
@@ -95,6 +99,7 @@ def _sgd(n, p, g, empty, args):
 
 
 def main() -> None:
+    numba_backend.SPLIT = "never"  # the batch whole (benchmarks/numba_blas_route.py compares it with the split)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="small", choices=[c for c in CONFIGS if not CONFIGS[c].get("gpu_only")])
     parser.add_argument("--rounds", type=int, default=30)
@@ -106,7 +111,8 @@ def main() -> None:
     X, y = model.prepare_batch(rng.standard_normal((batch, sizes[0])), rng.integers(0, sizes[-1], batch),
                                "cross_entropy")
     plan = backend._whole_step_plan(model, batch)
-    assert plan is not None
+    assert plan is not None and plan.parts == 1
+    ws = plan.ws_whole
     flat, grad = model.flat_parameters(), model.flat_grad()
     labels, Y = np.ascontiguousarray(y, np.int64), np.zeros((0, 0), np.float32)
     empty = np.zeros(0, np.float32)
@@ -128,8 +134,8 @@ def main() -> None:
 
     def kernel_from_python(n):  # one compiled call per step, as the backend makes it
         for _ in range(n):
-            k.train_step(X, labels, Y, 0, flat, grad, plan.layout, plan.codes, plan.ws, 0, *records, empty, empty,
-                         0.0, route)
+            k.train_step(X, labels, Y, 0, flat, grad, plan.layout, plan.codes, ws, plan.output, 0, *records, empty,
+                         empty, 0.0, route)
 
     # the Trainer's steps, on a model of their own (their SGD moves its weights)
     trainer = fb.Trainer(fb.MLP(sizes, seed=0, backend=backend), optimizer=fb.optim.SGD(lr=1e-6), batch_size=batch)
@@ -144,8 +150,8 @@ def main() -> None:
 
     parts = {
         "whole step (compiled loop)": lambda n: _steps(n, X, labels, Y, flat, grad, plan.layout, plan.codes,
-                                                       plan.ws, *records, empty, route),
-        "its GEMMs alone (compiled loop)": lambda n: _gemms(n, X, flat, grad, plan.layout, plan.ws, route),
+                                                       ws, plan.output, *records, empty, route),
+        "its GEMMs alone (compiled loop)": lambda n: _gemms(n, X, flat, grad, plan.layout, ws, plan.output, route),
         "GEMM floor (from Python)": floor_step,
         "whole step, called from Python": kernel_from_python,
         "Trainer._step (internal)": internal_step,

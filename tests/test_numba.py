@@ -211,3 +211,169 @@ def test_numba_reports_its_gemm_library():
     assert bk.blas_route == blas.ROUTE and bk.blas == blas.DESCRIPTION
     if blas._numpy_openblas() is not None and os.environ.get("FASTBP_NUMBA_BLAS") != "scipy":
         assert blas.ROUTE == blas.ROUTE_NUMPY, blas.DESCRIPTION  # NumPy >= 2's wheels bundle it
+
+
+# ------------------------------------------------------------------ the split step (batch in parts, side by side)
+needs_two_threads = pytest.mark.skipif(
+    "numba" in fb.available_backends() and __import__("numba").config.NUMBA_NUM_THREADS < 2,
+    reason="Numba has one thread here: the step never splits")
+
+
+def _numba_split(monkeypatch, mode):
+    from fastbp.backends import numba_backend
+
+    monkeypatch.setattr(numba_backend, "SPLIT", mode)
+    return numba_backend
+
+
+@needs_two_threads
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("loss", ["cross_entropy", "cross_entropy_onehot", "binary_cross_entropy", "mse"])
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_split_step_equals_the_whole_batch_step(monkeypatch, opt, loss, clip):
+    """The batch cut into parts, each part's forward and backward on its own thread and the gradients
+    summed, trains as the whole batch does (the sums in another order: float64 rounding apart), with the
+    same losses and accuracies; batch 13 splits unevenly, and the last batch of 5 rows too."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((31, 5))
+    y = _targets(rng, loss, 31, 3)
+    loss_name = "cross_entropy" if loss.startswith("cross") else loss
+    results = []
+    for mode in ("always", "never"):
+        numba_backend = _numba_split(monkeypatch, mode)
+        model = fb.MLP([5, 7, 6, 3], activation="leaky_relu", dtype="float64", seed=1, backend="numba")
+        trainer = fb.Trainer(model, loss=loss_name, optimizer=OPTIMIZERS[opt](), batch_size=13, seed=0,
+                             clip_norm=clip)
+        history = trainer.fit(X, y, epochs=3, verbose=0)
+        plan = model.backend._whole_step_plan(model, 13)
+        assert plan.parts == (2 if mode == "always" else 1) and plan.split() == (mode == "always")
+        assert numba_backend.split_parts(model.sizes, 5) == (2 if mode == "always" else 1)
+        results.append((model.get_weights(), history))
+    (w_split, h_split), (w_whole, h_whole) = results
+    assert_close(h_split["loss"], h_whole["loss"], "float64", rtol=1e-12)
+    if "accuracy" in h_whole.keys():
+        assert h_split["accuracy"] == h_whole["accuracy"]
+    for a, b in zip(w_split, w_whole):
+        assert_close(a, b, "float64", rtol=1e-11, atol=1e-13)
+
+
+@needs_two_threads
+def test_split_step_gradient_equals_the_reference(monkeypatch):
+    """One split step in float32 against the NumPy reference's step: the parameters agree to float32
+    rounding, and the gradient phase alone (data-parallel training's) gives the reference's gradient."""
+    _numba_split(monkeypatch, "always")
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((64, 64)), rng.integers(0, 10, 64)
+    models = {}
+    for name in ("numpy", "numba"):
+        model = fb.MLP([64, 128, 128, 10], dtype="float32", seed=0, backend=name)
+        fb.Trainer(model, optimizer=fb.optim.Adam(1e-2), batch_size=64).step(X, y)
+        models[name] = model
+    for a, b in zip(models["numba"].get_weights(), models["numpy"].get_weights()):
+        assert_close(a, b, "float32")
+    model, ref = models["numba"], models["numpy"]
+    Xd, yd = model.prepare_batch(X, y, "cross_entropy")
+    value, _ = model.backend.train_gradients(model, Xd, yd, "cross_entropy")
+    assert model.backend._whole_step_plan(model, 64).split()
+    want, grads = ref.loss_and_grads(X, y, "cross_entropy")
+    assert_close(value, want, "float32")
+    assert_close(model.flat_grad(), np.concatenate([g.reshape(-1) for g in grads]), "float32")
+
+
+@needs_two_threads
+def test_split_step_skips_a_nonfinite_update_and_raises_as_the_whole_step(monkeypatch):
+    _numba_split(monkeypatch, "always")
+    rng = np.random.default_rng(0)
+    model = fb.MLP([4, 8, 3], dtype="float32", seed=0, backend="numba")
+    before = model.flat_parameters().copy()
+    trainer = fb.Trainer(model, optimizer=fb.optim.SGD(0.1), batch_size=8)
+    X = rng.standard_normal((8, 4)) * 1e30  # the loss overflows
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        trainer.step(X, rng.integers(0, 3, 8))
+    np.testing.assert_array_equal(model.flat_parameters(), before)
+    assert trainer.steps == 0
+
+
+@needs_two_threads
+def test_split_step_follows_numbas_thread_count(monkeypatch):
+    """With Numba held to one thread (numba.set_num_threads, fastbp.threads), a split plan takes the batch
+    whole, and gives the same steps as a plan that never splits."""
+    import numba
+
+    _numba_split(monkeypatch, "always")
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((32, 6)), rng.integers(0, 3, 32)
+    model = fb.MLP([6, 9, 3], dtype="float64", seed=0, backend="numba")
+    trainer = fb.Trainer(model, optimizer=fb.optim.SGD(0.1), batch_size=32)
+    trainer.step(X, y)
+    plan = model.backend._whole_step_plan(model, 32)
+    assert plan.parts == 2
+    with fb.threads.num_threads(1):
+        assert numba.get_num_threads() == 1 and not plan.split()
+        trainer.step(X, y)
+    _numba_split(monkeypatch, "never")
+    whole = fb.MLP([6, 9, 3], dtype="float64", seed=0, backend="numba")
+    trainer = fb.Trainer(whole, optimizer=fb.optim.SGD(0.1), batch_size=32)
+    trainer.step(X, y)
+    trainer.step(X, y)
+    for a, b in zip(model.get_weights(), whole.get_weights()):
+        assert_close(a, b, "float64", rtol=1e-12, atol=1e-14)
+
+
+def test_split_rule(monkeypatch):
+    """'auto' splits mid-sized steps and keeps tiny and large ones whole; a wrong setting is refused."""
+    import numba
+
+    numba_backend = _numba_split(monkeypatch, "auto")
+    threads = numba.config.NUMBA_NUM_THREADS
+    assert numba_backend.split_parts([64, 128, 128, 10], 64) == min(threads, 4)
+    assert numba_backend.split_parts([16, 32, 32, 2], 32) == 1  # 38 kflop a GEMM: threads cost more
+    assert numba_backend.split_parts([784, 1024, 1024, 10], 256) == 1  # BLAS's threads do better
+    assert numba_backend.split_parts([64, 128, 128, 10], 16) == 1  # parts of fewer than 16 rows
+    monkeypatch.setattr(numba_backend, "SPLIT", "sometimes")
+    with pytest.raises(ValueError, match="'auto', 'always' or 'never'"):
+        numba_backend.split_parts([4, 3], 8)
+
+
+_PARTS_SCRIPT = r"""
+import os, sys
+import numpy as np
+import fastbp as fb
+from fastbp.backends import numba_backend
+rng = np.random.default_rng(0)
+X, y = rng.standard_normal((50, 6)), rng.integers(0, 4, 50)
+weights = []
+for mode in ("always", "never"):
+    numba_backend.SPLIT = mode
+    model = fb.MLP([6, 10, 8, 4], dtype="float64", seed=0, backend="numba")
+    trainer = fb.Trainer(model, optimizer=fb.optim.Adam(1e-2), batch_size=25, seed=0)
+    trainer.fit(X, y, epochs=2, verbose=0)
+    print(mode, model.backend._whole_step_plan(model, 25).parts)
+    weights.append(model.flat_parameters().copy())
+print("max difference", float(np.abs(weights[0] - weights[1]).max()))
+if sys.argv[1] == "fork":  # a child forked from a process that split: GNU OpenMP would abort it
+    numba_backend.SPLIT = "always"
+    pid = os.fork()
+    if pid == 0:
+        model = fb.MLP([6, 10, 8, 4], dtype="float64", seed=0, backend="numba")
+        trainer = fb.Trainer(model, optimizer=fb.optim.Adam(1e-2), batch_size=25, seed=0)
+        trainer.fit(X, y, epochs=1, verbose=0)
+        plan = model.backend._whole_step_plan(model, 25)
+        os._exit(0 if plan.parts == 3 and not plan.split() and np.isfinite(model.flat_parameters()).all() else 3)
+    print("child exit", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+@pytest.mark.slow
+def test_split_step_into_three_uneven_parts_and_in_a_forked_child(tmp_path):
+    """NUMBA_NUM_THREADS=3: batch 25 in parts of 8, 8 and 9 rows trains as the whole batch does. A child
+    forked after the parent split (GNU OpenMP, Numba's usual pool, aborts a child that uses it) trains
+    on, its batch whole."""
+    env = dict(os.environ, NUMBA_NUM_THREADS="3")
+    out = subprocess.run([sys.executable, "-c", _PARTS_SCRIPT, "fork"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert "always 3" in lines and "never 1" in lines, out.stdout
+    assert float(next(line for line in lines if line.startswith("max difference")).split()[-1]) < 1e-12
+    assert "child exit 0" in lines, out.stdout + out.stderr[-2000:]

@@ -39,7 +39,11 @@ _DGEMM = types.ExternalFunction("fastbp_numpy_dgemm", types.void(
     _i32, _i32, _i32, _i64, _i64, _i64, types.float64, _ip, _i64, _ip, _i64, types.float64, _ip, _i64))
 _SDOT = types.ExternalFunction("fastbp_numpy_sdot", types.float32(_i64, _ip, _i64, _ip, _i64))
 _DDOT = types.ExternalFunction("fastbp_numpy_ddot", types.float64(_i64, _ip, _i64, _ip, _i64))
-_ROUTINES = ("sgemm", "dgemm", "sdot", "ddot")
+_SET_THREADS = types.ExternalFunction("fastbp_numpy_set_num_threads", types.void(_i32))
+_GET_THREADS = types.ExternalFunction("fastbp_numpy_get_num_threads", _i32())
+#: NumPy's OpenBLAS symbols (prefixed ILP64: scipy_cblas_sgemm64_, scipy_openblas_set_num_threads64_, ...)
+_ROUTINES = ("cblas_sgemm", "cblas_dgemm", "cblas_sdot", "cblas_ddot", "openblas_set_num_threads",
+             "openblas_get_num_threads")
 
 #: Where the GEMMs go: ROUTE_NUMPY when NumPy's CBLAS was found (and not declined), else ROUTE_NUMBA.
 ROUTE = ROUTE_NUMBA
@@ -56,7 +60,7 @@ def _numpy_openblas() -> str | None:
 
 
 def install() -> None:
-    """Register the two GEMM symbols (once): NumPy's ILP64 cblas_[sd]gemm, or a stub."""
+    """Register NumPy's ILP64 CBLAS and thread-count symbols under fastbp's names (once), or stubs."""
     global ROUTE, DESCRIPTION
     if _keep:
         return
@@ -68,7 +72,7 @@ def install() -> None:
         try:
             lib = ctypes.CDLL(path)
             for routine in _ROUTINES:
-                functions[routine] = getattr(lib, f"scipy_cblas_{routine}64_")
+                functions[routine] = getattr(lib, f"scipy_{routine}64_")
         except (OSError, AttributeError) as exc:
             functions, DESCRIPTION = {}, f"NumPy's OpenBLAS has no ILP64 CBLAS ({exc}): Numba's np.dot"
     else:
@@ -83,7 +87,8 @@ def install() -> None:
         if fn is None:  # never called (ROUTE is ROUTE_NUMBA): the name must resolve all the same
             fn = ctypes.CFUNCTYPE(None)(lambda: None)
         _keep.append(fn)
-        ll.add_symbol(f"fastbp_numpy_{routine}", ctypes.cast(fn, ctypes.c_void_p).value)
+        ll.add_symbol(f"fastbp_numpy_{routine.replace('cblas_', '').replace('openblas_', '')}",
+                      ctypes.cast(fn, ctypes.c_void_p).value)
 
 
 @njit(cache=True)
@@ -128,3 +133,16 @@ def sumsq(x, route):
     if x.itemsize == 4:
         return np.float64(_SDOT(x.size, x.ctypes.data, 1, x.ctypes.data, 1))
     return np.float64(_DDOT(x.size, x.ctypes.data, 1, x.ctypes.data, 1))
+
+
+@njit(cache=True)
+def blas_threads(n, route):
+    """Set the thread count of the GEMMs' BLAS to ``n`` (NumPy's OpenBLAS, with ROUTE_NUMPY) and return the
+    count it had; 0 (and nothing set) on the other route or for n <= 0. A global setting, as threadpoolctl's:
+    the split step holds BLAS to one thread while its own threads run, and puts the count back."""
+    if route != ROUTE_NUMPY or n <= 0:
+        return 0
+    before = _GET_THREADS()
+    if before != n:
+        _SET_THREADS(n)
+    return before

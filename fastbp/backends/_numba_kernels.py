@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 from numba import njit as _njit
+from numba import prange
 
 from ..activations import CODES
 from ..losses import LOSS_CODES
@@ -28,7 +29,7 @@ from ._numba_cache import install
 install()  # the disk cache goes to fastbp's cache folder, never into site-packages
 
 from . import _numba_blas  # noqa: E402  (after install: its kernels are cached too)
-from ._numba_blas import gemm, sumsq  # noqa: E402
+from ._numba_blas import blas_threads, gemm, sumsq  # noqa: E402
 
 _numba_blas.install()  # the names the GEMMs call NumPy's BLAS by (see _numba_blas)
 
@@ -149,15 +150,17 @@ def backprop_dense(delta_next, W_next, A, A_prev, code, delta, dW, db, route):
 
 # ----------------------------------------------------------------------------------- losses, eq. (1)
 @njit
-def output_delta(Z, y_labels, Y, loss, delta):
-    """The mean loss, and delta = dC/dZ written into ``delta``, in one pass over the logits.
+def output_delta(Z, y_labels, Y, loss, delta, rows):
+    """The loss, and delta = dC/dZ written into ``delta``, in one pass over the logits, for a batch of
+    ``rows`` rows of which Z holds some (all of them, or one part of a split batch): the loss and delta are
+    means over the whole batch, so the returned loss is these rows' share of its mean.
 
     loss: CE_LABELS (y_labels int64 (B,)), CE_SOFT, BCE, MSE (Y shaped like Z).
     """
     B, C = Z.shape
     total = 0.0
     if loss == CE_LABELS or loss == CE_SOFT:
-        inv_b = 1.0 / B
+        inv_b = 1.0 / rows
         for i in range(B):
             m = Z[i, 0]
             for j in range(1, C):
@@ -184,8 +187,8 @@ def output_delta(Z, y_labels, Y, loss, delta):
                 r = ysum / s
                 for j in range(C):
                     delta[i, j] = (delta[i, j] * r - Y[i, j]) * inv_b
-        return total / B
-    inv_n = 1.0 / (B * C)
+        return total / rows
+    inv_n = 1.0 / (rows * C)
     if loss == BCE:
         for i in range(B):
             for j in range(C):
@@ -286,24 +289,45 @@ def rmsprop(p, g, sq, buf, args):
 
 
 # ----------------------------------------------------------------------------------- the whole step
+# A step runs in one of two ways (numba_backend._Plan chooses; both are bit-identical from run to run):
+# - whole: the batch in one pass, each GEMM on BLAS's own thread pool (``train_step``);
+# - split: the batch cut into parts of rows, each part's forward and backward on its own thread of Numba's
+#   pool with BLAS held to one thread, the parts' gradients summed, then the update, cut into chunks of
+#   the flat vector (``train_step_split``). Small products gain little from BLAS's threads (the forward
+#   product of 64-128-128-10 at batch 64 took 25 us on one thread, 19 us on two); parts of the batch run
+#   the whole step's work side by side, the passes between the GEMMs included.
+# One pool works at a time either way: BLAS's, or Numba's with BLAS on one thread.
 @njit
-def train_step(X, y_labels, Y, loss, flat, grad, layout, codes, ws, opt, sgd_args, adam_args, rmsprop_args, s1, s2,
-               clip, route):
+def train_step(X, y_labels, Y, loss, flat, grad, layout, codes, ws, top, opt, sgd_args, adam_args, rmsprop_args, s1,
+               s2, clip, route):
     """Forward, backward and the optimizer update of one step, in one call (codes in FUSED): ``gradients``
     then ``update``, the two phases that data-parallel training calls apart, with the allreduce between.
-    Returns (mean loss, sum of squared gradients, whether the update ran). The output is left in the top
-    layer's A."""
-    value = gradients(X, y_labels, Y, loss, flat, grad, layout, codes, ws, route)
-    sumsq, updated = update(flat, grad, value, opt, sgd_args, adam_args, rmsprop_args, s1, s2, clip, route)
+    Returns (mean loss, sum of squared gradients, whether the update ran). The output is left in ``top``."""
+    value = gradients(X, y_labels, Y, loss, flat, grad, layout, codes, ws, top, route, X.shape[0])
+    sumsq = sum_of_squares(grad, route)
+    updated = update(flat, grad, value, sumsq, opt, sgd_args, adam_args, rmsprop_args, s1, s2, clip)
     return value, sumsq, updated
 
 
 @njit
-def gradients(X, y_labels, Y, loss, flat, grad, layout, codes, ws, route):
-    """Forward and backward of one step, eqs. (1)-(4), the gradient written into ``grad``; returns the mean
-    loss. layout[l] = (offset of W_l in flat, offset of b_l, n_in, n_out). ws: one flat scratch vector
-    holding, per layer, A (written over Z) then delta, each (B, n_out). route: the GEMMs' BLAS
-    (``_numba_blas``). The output is left in the top layer's A."""
+def train_step_split(X, y_labels, Y, loss, flat, grad, extra, layout, codes, ws, top, opt, sgd_args, adam_args,
+                     rmsprop_args, s1, s2, clip, route):
+    """``train_step`` with the batch split into ``extra.shape[0] + 1`` parts run side by side
+    (``gradients_split``), and the update in as many chunks of the flat vector (``update_split``)."""
+    value, sumsq = gradients_split(X, y_labels, Y, loss, flat, grad, extra, layout, codes, ws, top, route)
+    updated = update_split(flat, grad, value, sumsq, opt, sgd_args, adam_args, rmsprop_args, s1, s2, clip,
+                           extra.shape[0] + 1)
+    return value, sumsq, updated
+
+
+@njit
+def gradients(X, y_labels, Y, loss, flat, grad, layout, codes, ws, top, route, rows):
+    """Forward and backward of one step, eqs. (1)-(4), for the rows of X, the gradient written into
+    ``grad``; returns the loss. ``rows``: the batch's row count, by which the loss and its gradient are
+    averaged (X.shape[0], or more when X is one part of the batch: the loss returned is then this part's
+    share of the mean). layout[l] = (offset of W_l in flat, offset of b_l, n_in, n_out). ws: scratch
+    holding, per layer, A (written over Z; the top layer's goes to ``top``, (B, n_top)) then delta, each
+    (B, n_out). route: the GEMMs' BLAS (``_numba_blas``)."""
     B = X.shape[0]
     L = layout.shape[0]
     a_at = np.empty(L, np.int64)
@@ -311,20 +335,21 @@ def gradients(X, y_labels, Y, loss, flat, grad, layout, codes, ws, route):
     pos = 0
     for l in range(L):
         a_at[l] = pos
-        d_at[l] = pos + B * layout[l, 3]
-        pos += 2 * B * layout[l, 3]
+        pos += B * layout[l, 3] if l < L - 1 else 0
+        d_at[l] = pos
+        pos += B * layout[l, 3]
     # ---- forward
     A_prev = X
     for l in range(L):
         w0, b0, n_in, n_out = layout[l, 0], layout[l, 1], layout[l, 2], layout[l, 3]
-        A = ws[a_at[l]:a_at[l] + B * n_out].reshape((B, n_out))
+        A = ws[a_at[l]:a_at[l] + B * n_out].reshape((B, n_out)) if l < L - 1 else top
         gemm(A_prev, flat[w0:w0 + n_in * n_out].reshape((n_in, n_out)), A, route)
         forward_epilogue(A, flat[b0:b0 + n_out], codes[l])
         A_prev = A
     # ---- eq. (1)
     n_top = layout[L - 1, 3]
     delta = ws[d_at[L - 1]:d_at[L - 1] + B * n_top].reshape((B, n_top))
-    value = output_delta(A_prev, y_labels, Y, loss, delta)
+    value = output_delta(A_prev, y_labels, Y, loss, delta, rows)
     # ---- eqs. (2)-(4), top down; each layer's delta gets g' and yields its bias gradient in one pass
     b_top = layout[L - 1, 1]
     backward_epilogue(delta, delta, IDENTITY, grad[b_top:b_top + n_top])  # eq. (4), top layer
@@ -342,17 +367,72 @@ def gradients(X, y_labels, Y, loss, flat, grad, layout, codes, ws, route):
 
 
 @njit
-def update(flat, grad, value, opt, sgd_args, adam_args, rmsprop_args, s1, s2, clip, route):
-    """The update phase of a step over the whole flat vector: the gradient's sum of squares, the non-finite
-    check (a non-finite loss ``value`` or gradient leaves the parameters and the optimizer state untouched),
-    clipping (clip > 0 rescales the gradient to that global norm when it is larger, as torch's
+def _part(n, p, parts, align):
+    """The bounds [lo, hi) of part p of ``parts`` of range(n), cut at multiples of ``align``."""
+    lo = 0 if p == 0 else (p * n // parts) // align * align
+    hi = n if p == parts - 1 else ((p + 1) * n // parts) // align * align
+    return lo, hi
+
+
+@_njit(cache=True, error_model="numpy", parallel=True)
+def gradients_split(X, y_labels, Y, loss, flat, grad, extra, layout, codes, ws, top, route):
+    """``gradients`` with the batch cut into P = extra.shape[0] + 1 parts of rows, each on its own thread
+    (Numba's pool) with BLAS held to one thread (``_numba_blas.blas_threads``): part p writes its
+    gradient into ``grad`` (p = 0) or ``extra[p - 1]``, its scratch is ws[p], its output rows go to
+    ``top``. The parts' gradients are then summed into ``grad`` in P chunks of the flat vector side by
+    side, each chunk's sum of squares with it. Returns (the loss, the gradient's sum of squares)."""
+    parts = extra.shape[0] + 1
+    B = X.shape[0]
+    values = np.zeros(parts)
+    threads = blas_threads(1, route)
+    for p in prange(parts):
+        lo, hi = _part(B, p, parts, 1)
+        g = grad if p == 0 else extra[p - 1]
+        values[p] = gradients(X[lo:hi], y_labels[lo:hi], Y[lo:hi], loss, flat, g, layout, codes, ws[p], top[lo:hi],
+                              route, B)
+    squares = np.zeros(parts)
+    for c in prange(parts):
+        lo, hi = _part(grad.size, c, parts, 16)
+        g = grad[lo:hi]
+        for q in range(parts - 1):
+            e = extra[q, lo:hi]
+            for i in range(g.size):
+                g[i] += e[i]
+        squares[c] = sumsq(g, route)
+    blas_threads(threads, route)
+    return values.sum(), squares.sum()
+
+
+@njit
+def update(flat, grad, value, sumsq, opt, sgd_args, adam_args, rmsprop_args, s1, s2, clip):
+    """The update phase of a step over the whole flat vector, given the gradient's sum of squares: the
+    non-finite check (a non-finite loss ``value`` or gradient leaves the parameters and the optimizer state
+    untouched), clipping (clip > 0 rescales the gradient to that global norm when it is larger, as torch's
     clip_grad_norm_), then the update: ``opt`` is 0 sgd, 1 adam, 2 rmsprop (numba_backend's
-    _WHOLE_STEP_UPDATES), which reads its
-    arguments (update_args.STRUCTS, one record each; the others are not read); s1, s2 are its state vectors
-    (slot_names order). Returns (sum of squares, whether the update ran)."""
-    sumsq = sum_of_squares(grad, route)
+    _WHOLE_STEP_UPDATES), which reads its arguments (update_args.STRUCTS, one record each; the others are
+    not read); s1, s2 are its state vectors (slot_names order). Returns whether the update ran."""
     if not (math.isfinite(value) and math.isfinite(sumsq)):
-        return sumsq, False
+        return False
+    _update_range(flat, grad, sumsq, opt, sgd_args, adam_args, rmsprop_args, s1, s2, clip)
+    return True
+
+
+@_njit(cache=True, error_model="numpy", parallel=True)
+def update_split(flat, grad, value, sumsq, opt, sgd_args, adam_args, rmsprop_args, s1, s2, clip, parts):
+    """``update`` in ``parts`` chunks of the flat vector side by side: every operation is elementwise, so
+    the result is the same bit for bit."""
+    if not (math.isfinite(value) and math.isfinite(sumsq)):
+        return False
+    for c in prange(parts):
+        lo, hi = _part(flat.size, c, parts, 16)
+        _update_range(flat[lo:hi], grad[lo:hi], sumsq, opt, sgd_args, adam_args, rmsprop_args, s1[lo:hi],
+                      s2[lo:hi], clip)
+    return True
+
+
+@njit
+def _update_range(flat, grad, sumsq, opt, sgd_args, adam_args, rmsprop_args, s1, s2, clip):
+    """Clipping and the update on a range of the flat vector (s1, s2: the same range, or empty)."""
     if clip > 0:
         clip_grad(grad, sumsq, clip)
     if opt == 0:
@@ -361,7 +441,6 @@ def update(flat, grad, value, opt, sgd_args, adam_args, rmsprop_args, s1, s2, cl
         adam(flat, grad, s1, s2, adam_args)
     else:
         rmsprop(flat, grad, s1, s2, rmsprop_args)
-    return sumsq, True
 
 
 @njit

@@ -17,6 +17,7 @@ NUMBA_CACHE_DIR, where set, wins), never in the installed package; ``warmup()`` 
 
 from __future__ import annotations
 
+import os
 import time
 import weakref
 from typing import Any
@@ -112,7 +113,7 @@ class NumbaBackend(Backend):
             return self._weighted_output_delta(Z_L, y, loss, delta_out, stats_out, weights)
         delta = delta_out if delta_out is not None else np.empty_like(Z_L)
         labels, Y, code = self._loss_args(Z_L, y, loss)
-        value = self.k.output_delta(Z_L, labels, Y, code, delta)
+        value = self.k.output_delta(Z_L, labels, Y, code, delta, Z_L.shape[0])
         return self._record(stats_out, value, Z_L, y, loss), delta
 
     # ------------------------------------------------------------------ fused optimizer updates (flat, one pass)
@@ -155,7 +156,8 @@ class NumbaBackend(Backend):
 
     # ------------------------------------------------------------------ the whole step
     def train_step(self, model, X, y, loss, optimizer, clip=0.0, stats_out=None):
-        """Forward, backward and update in one compiled call, for small relu-like networks."""
+        """Forward, backward and update in one compiled call, for relu-like networks: the batch whole, or
+        split into parts run side by side (``_Plan.parts``)."""
         update = optimizer.fused
         opt = _WHOLE_STEP_UPDATES.get(update) if WHOLE_STEP else None  # type: ignore[arg-type]
         plan = self._whole_step_plan(model, X.shape[0]) if opt is not None else None
@@ -172,8 +174,14 @@ class NumbaBackend(Backend):
         s1 = state.slots[names[0]][0] if names else empty
         s2 = state.slots[names[1]][0] if len(names) > 1 else empty
         labels, Y, code = self._loss_args(X, y, loss)
-        value, sumsq, updated = self.k.train_step(X, labels, Y, code, flat, grad, plan.layout, plan.codes, plan.ws,
-                                                  opt, *records, s1, s2, clip, self.blas_route)
+        if plan.split():
+            value, sumsq, updated = self.k.train_step_split(X, labels, Y, code, flat, grad, plan.extra, plan.layout,
+                                                            plan.codes, plan.ws, plan.output, opt, *records, s1, s2,
+                                                            clip, self.blas_route)
+        else:
+            value, sumsq, updated = self.k.train_step(X, labels, Y, code, flat, grad, plan.layout, plan.codes,
+                                                      plan.ws_whole, plan.output, opt, *records, s1, s2, clip,
+                                                      self.blas_route)
         if updated:
             state.step += 1
         return self._record(stats_out, value, plan.output, y, loss), plan.output, sumsq, updated
@@ -186,8 +194,13 @@ class NumbaBackend(Backend):
         if plan is None:
             return None
         labels, Y, code = self._loss_args(X, y, loss)
-        value = self.k.gradients(X, labels, Y, code, model.flat_parameters(), model.flat_grad(), plan.layout,
-                                 plan.codes, plan.ws, self.blas_route)
+        if plan.split():
+            value, _ = self.k.gradients_split(X, labels, Y, code, model.flat_parameters(), model.flat_grad(),
+                                              plan.extra, plan.layout, plan.codes, plan.ws, plan.output,
+                                              self.blas_route)
+        else:
+            value = self.k.gradients(X, labels, Y, code, model.flat_parameters(), model.flat_grad(), plan.layout,
+                                     plan.codes, plan.ws_whole, plan.output, self.blas_route, X.shape[0])
         return self._record(stats_out, value, plan.output, y, loss), plan.output
 
     def _whole_step_plan(self, model: Any, batch: int) -> _Plan | None:
@@ -204,10 +217,19 @@ class NumbaBackend(Backend):
             if len(cache) >= 4:
                 cache.pop(next(iter(cache)))
             fused = all(self.k.CODES.get(a) in self.k.FUSED for a in model.activations)
-            entry = cache[batch] = (model.dtype, _Plan(model, batch) if fused else None)
+            entry = cache[batch] = (model.dtype, _Plan(model, batch, self.blas_route) if fused else None)
         # weak references both: the backend keeps neither a model nor its buffers alive
         self._last_plan = (weakref.ref(model), batch, entry[0], None if entry[1] is None else weakref.ref(entry[1]))
         return entry[1]
+
+    def step_route(self, model: Any, batch: int) -> str:
+        """How a training step of this model at this batch size runs here, in words (``fastbp bench``)."""
+        plan = self._whole_step_plan(model, batch) if WHOLE_STEP else None
+        if plan is None:
+            return "ops one by one"
+        if plan.split():
+            return f"whole-step kernel, batch split in {plan.parts} parts on Numba's threads, BLAS on one thread"
+        return "whole-step kernel, batch whole, GEMMs on BLAS's threads"
 
     def sum_of_squares(self, x, out=None):
         if not x.flags.c_contiguous:
@@ -247,25 +269,88 @@ _WHOLE_STEP_UPDATES = {"sgd": 0, "adam": 1, "rmsprop": 2}
 
 
 class _Plan:
-    """The whole-step kernel's layout and scratch for one model and batch size."""
+    """The whole-step kernel's layout, scratch and way of running for one model and batch size."""
 
-    def __init__(self, model: Any, batch: int) -> None:
+    def __init__(self, model: Any, batch: int, route: int) -> None:
+        from . import _numba_blas
         from . import _numba_kernels as k
 
-        rows, offset, scratch = [], 0, 0
+        rows, offset = [], 0
         for layer in model.layers:
             n_in, n_out = layer.n_in, layer.n_out
             rows.append((offset, offset + n_in * n_out, n_in, n_out))
             offset += n_in * n_out + n_out
-            scratch += 2 * batch * n_out  # A (over Z), then delta
         self.layout = np.array(rows, dtype=np.int64)
         self.codes = np.array([k.CODES[a] for a in model.activations], dtype=np.int64)
-        self.ws = np.empty(scratch, model.dtype)
+        self.parts = split_parts(model.sizes, batch) if route == _numba_blas.ROUTE_NUMPY else 1
+        part_rows = -(-batch // self.parts)
         n_top = model.layers[-1].n_out
-        top = scratch - 2 * batch * n_top
-        self.output = self.ws[top:top + batch * n_top].reshape(batch, n_top)
+        # per part: A (written over Z) and delta of each layer, but the top layer's A, which is the output
+        scratch = sum(2 * part_rows * layer.n_out for layer in model.layers) - part_rows * n_top
+        self.ws = np.empty((self.parts, scratch), model.dtype)
+        self.ws_whole = self.ws.reshape(-1)  # the whole batch's scratch (parts x part rows >= batch rows)
+        self.output = np.empty((batch, n_top), model.dtype)
+        #: the gradients of parts 1, 2, ... (part 0 writes the model's own), summed into it
+        self.extra = np.empty((self.parts - 1, offset), model.dtype)
         # the updates' argument records, filled each step (a model trains in one thread at a time)
         self.records = [np.zeros(1, STRUCTS[name][1]) for name in _WHOLE_STEP_UPDATES]
+
+    def split(self) -> bool:
+        """Whether this step runs split: the plan says so, Numba's pool has a thread for each part (its
+        count, numba.set_num_threads or fastbp.threads, can change between steps) and this process may use
+        it (not a child forked from one that did, where GNU OpenMP would abort)."""
+        return self.parts > 1 and _SPLIT_ALLOWED[0] and _numba_threads() >= self.parts
+
+
+#: How the whole step takes its batch: "auto" (``split_parts``' rule), "always" (split wherever Numba's pool
+#: has two threads or more), "never" (the batch whole). The environment variable FASTBP_NUMBA_SPLIT sets it
+#: at import; plans made after a change follow it.
+SPLIT = os.environ.get("FASTBP_NUMBA_SPLIT", "auto").lower()
+#: The "auto" rule: split where the step's average GEMM does between SPLIT_MIN_FLOP and SPLIT_MAX_FLOP flops,
+#: into parts of at least SPLIT_MIN_ROWS rows. Measured on the development machine (2 cores, float32, SGD,
+#: public step, benchmarks/numba_blas_route.py, split time / whole time): a step too small to pay for the
+#: threads' start and join loses (16-32-32-2 batch 32, 38 kflop a GEMM: 1.61); small and medium layers gain
+#: (32-64-64-10/64, 0.33 Mflop: 0.96; 64-128-128-10/64, 1.2 Mflop: 0.74; 64-128-128-10/256: 0.46;
+#: 784-256-256-10/128, 26 Mflop: 0.77); from 512-wide layers on, BLAS's own threads do as well or better
+#: (128-512-512-10/64, 16 Mflop: 1.02; 784-1024-1024-10/64, 90 Mflop: 1.04; /256, 362 Mflop: 1.06).
+SPLIT_MIN_FLOP = 250e3
+SPLIT_MAX_FLOP = 40e6
+SPLIT_MIN_ROWS = 16
+_SPLIT_ALLOWED = [True]  # False in a child forked from a process that split (see _forked)
+
+
+def split_parts(sizes: Any, batch: int) -> int:
+    """How many parts of the batch the whole step runs side by side for these layer sizes and this batch,
+    by SPLIT and its rule; at most Numba's thread count (NUMBA_NUM_THREADS). 1: the batch whole, its
+    GEMMs on BLAS's threads."""
+    if SPLIT not in ("auto", "always", "never"):
+        raise ValueError(f"FASTBP_NUMBA_SPLIT / numba_backend.SPLIT must be 'auto', 'always' or 'never', "
+                         f"not {SPLIT!r}")
+    if SPLIT == "never":
+        return 1
+    import numba
+
+    threads = int(numba.config.NUMBA_NUM_THREADS)
+    if SPLIT == "always":
+        return max(1, min(threads, batch))
+    gemms = 3 * (len(sizes) - 1) - 1  # forward and dW per layer, and delta below the top
+    flop = 6.0 * batch * sum(a * b for a, b in zip(sizes[:-1], sizes[1:])) / gemms
+    if not SPLIT_MIN_FLOP <= flop <= SPLIT_MAX_FLOP:
+        return 1
+    return max(1, min(threads, batch // SPLIT_MIN_ROWS))
+
+
+def _numba_threads() -> int:
+    import numba
+
+    return int(numba.get_num_threads())
+
+
+def _forked() -> None:
+    _SPLIT_ALLOWED[0] = False
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def create() -> NumbaBackend:

@@ -48,6 +48,8 @@ def fastbp_candidates(backend: Any, sizes: list[int], batch: int, dtype: str,
         trainer._step(Xd, yd)
         info[f"peak_mem_bytes_{opt_name}"] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
+        if hasattr(backend, "step_route"):
+            info["step_route"] = backend.step_route(model, batch)
         if hasattr(backend, "memory_in_use"):
             backend.synchronize()
             info[f"device_mem_bytes_{opt_name}"] = backend.memory_in_use()

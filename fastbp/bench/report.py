@@ -186,8 +186,9 @@ def format_latency(rows: list[dict[str, Any]]) -> str:
         peak = f", peak host memory {r['peak_mem_bytes_sgd'] / 2**20:.1f} MiB" if "peak_mem_bytes_sgd" in r else ""
         if r.get("device_mem_bytes_sgd") is not None:
             peak += f", device pool {r['device_mem_bytes_sgd'] / 2**20:.1f} MiB"
+        route = f"; step: {r['step_route']}" if r.get("step_route") else ""
         lines.append(f"  {r['config']:7s} {r['dtype']:7s} {r['backend']:8s} {compile_s}first step "
-                     f"{r['first_call_s'] * 1e3:.1f} ms (steady {r['median_s'] * 1e3:.3f} ms){peak}")
+                     f"{r['first_call_s'] * 1e3:.1f} ms (steady {r['median_s'] * 1e3:.3f} ms){peak}{route}")
     return "\n".join(lines)
 
 
