@@ -38,8 +38,9 @@ def get_num_threads() -> dict[str, int]:
 def set_num_threads(n: int) -> None:
     """Use ``n`` threads in every BLAS library of the process and in Numba's pool, from now on.
 
-    fastbp's Numba kernels run their fused passes on the calling thread and leave the cores to BLAS, so
-    one pool works at a time; this sets how many cores that pool uses.
+    fastbp's Numba kernels run their fused passes on the calling thread and leave the cores to BLAS, or
+    (the split step, for small products) run parts of the batch on Numba's threads with BLAS on one; one
+    pool works at a time, and this sets how many cores it uses (with one, the step never splits).
     """
     n = check_positive_int(n, "n")
     tc = _threadpoolctl()

@@ -229,6 +229,13 @@ def test_the_table_warns_of_ratios_below_the_floor_and_says_why_torch_is_missing
     assert len(notes) == 2 and "1 rows ran below their GEMM floor" in notes[0] and "small numba step_sgd" in notes[0]
     assert "PyTorch is not installed" in notes[1]
     assert table_notes(rows[1:], torch_installed=True) == []
+    # a split step does its products side by side: below the floor by design, said so, not warned of
+    split = "whole-step kernel, batch split in 2 parts on Numba's threads, BLAS on one thread"
+    rows = [{"config": "small", "dtype": "float32", "backend": "numba", "name": name, "ratio_to_floor": 0.9,
+             "step_route": split} for name in ("step_sgd", "internal:step_sgd", "op:dense_forward")]
+    notes = table_notes(rows, torch_installed=True)
+    assert len(notes) == 2 and "1 rows ran below" in notes[0] and "op:dense_forward" in notes[0]
+    assert "below the floor by design: small float32 numba" in notes[1]
 
 
 @pytest.mark.emulator
@@ -261,7 +268,9 @@ def test_the_gpu_kernel_profile_runs_every_op_on_the_emulated_gpu(tmp_path, caps
     ("numba_step_parts.py", ["--rounds", "1"],
      ["whole step (compiled loop)", "its GEMMs alone", "GEMM floor (from Python)", "whole step, called from Python",
       "Trainer._step (internal)", "Trainer.step (public)", "sgd update", "step minus its GEMMs"]),
-    ("numba_blas_route.py", ["--config", "small", "--rounds", "1"], ["whole+numpy", "whole+scipy", "ops+numpy"]),
+    ("numba_blas_route.py", ["--config", "small", "--shape", "16-32-32-2:32", "--rounds", "1"],
+     ["whole+numpy", "whole+scipy", "split+numpy", "ops+numpy", "config small (float32)", "the backend's rule: split",
+      "config 16-32-32-2:32 (float32)", "the backend's rule: whole"]),
     ("numpy_reference_parts.py", ["--rounds", "1"],
      ["naive (textbook step)", "Trainer.step (public)", "Trainer._step (internal)", "backward", "SGD update",
       "lean", "lean, bias folded"]),

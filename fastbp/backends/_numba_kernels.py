@@ -3,7 +3,8 @@
 argument says which) and does everything else in one fused pass over the GEMM output.
 
 The passes run on the calling thread. BLAS's own threads are then the only pool that works, so the
-two never oversubscribe the cores, and every result is the same bit for bit from run to run.
+two never oversubscribe the cores, and every result is the same bit for bit from run to run. The split
+step (``train_step_split``) runs whole-step parts on Numba's threads instead, BLAS held to one thread.
 Sums (bias gradients, losses) accumulate in float64 whatever the dtype.
 
 Activation codes are ints (``CODES``). Fused loops exist for the piecewise-linear activations (identity,

@@ -9,8 +9,13 @@ it was slower than BLAS + the fused pass at every layer width from 4 up (batch 6
 4, 71 vs 12.5 us at width 32; batch 256: 15.5 vs 8.0 us at width 4), so there is no crossover to switch
 at, and only the BLAS path exists.
 
-Threads: the fused passes run on the calling thread and BLAS uses its own pool, so only one pool is
-ever busy; results are bit-identical from run to run. Kernels are compiled on first use and cached on
+Threads: a step takes its batch whole, the fused passes on the calling thread and the GEMMs on BLAS's own
+pool, or, where its products are too small for BLAS's threads to pay (``split_parts``), splits the batch
+into parts run side by side on Numba's pool (GNU OpenMP or TBB; one part a thread), with BLAS held to one
+thread, and sums the parts' gradients. Only one pool is ever busy, and results are bit-identical from run
+to run (a split sums its parts in a fixed order, so it rounds apart from the whole batch's step, within
+float rounding). A child process forked from one that split takes its batches whole (GNU OpenMP cannot
+run in it). Kernels are compiled on first use and cached on
 disk in fastbp's cache folder (``_numba_cache``: $FASTBP_CACHE_DIR/numba, else e.g. ~/.cache/fastbp/numba;
 NUMBA_CACHE_DIR, where set, wins), never in the installed package; ``warmup()`` compiles them ahead of time.
 """

@@ -156,14 +156,26 @@ def floor_notes(rows: list[dict[str, Any]]) -> list[str]:
 
 def table_notes(rows: list[dict[str, Any]], torch_installed: bool) -> list[str]:
     """What a reader of the table must know: a time below its GEMM floor (which only a busy or noisy
-    machine produces: the floor is part of the step), and why the torch column is empty."""
+    machine produces, the floor being part of the step; but a step split into parts run side by side,
+    ``step_route``, does its products side by side too), and why the torch column is empty."""
     notes = []
-    below = [r for r in rows if r.get("ratio_to_floor") is not None and r["ratio_to_floor"] < 1.0]
+    below, split = [], set()
+    for r in rows:
+        if r.get("ratio_to_floor") is None or r["ratio_to_floor"] >= 1.0:
+            continue
+        if "split" in r.get("step_route", "") and r["name"].split(":")[-1].startswith("step"):
+            split.add(f"{r['config']} {r['dtype']} {r['backend']}")
+        else:
+            below.append(r)
     if below:
         names = ", ".join(sorted({f"{r['config']} {r['backend']} {r['name']}" for r in below})[:4])
         notes.append(f"warning: {len(below)} rows ran below their GEMM floor (x floor < 1.0: {names}); the floor "
                      f"is part of each step, so the machine was busy or the timings noisy: rerun on a quiet "
                      f"machine, with more --reps")
+    if split:
+        notes.append(f"below the floor by design: {', '.join(sorted(split))}: the step splits the batch into parts "
+                     f"run side by side on Numba's threads, while the floor runs each product on BLAS's threads, "
+                     f"one after the other")
     if not torch_installed:
         notes.append("vs torch: '-' because PyTorch is not installed (pip install torch to compare)")
     return notes
