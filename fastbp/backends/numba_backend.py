@@ -335,7 +335,7 @@ def split_parts(sizes: Any, batch: int) -> int:
         return 1
     import numba
 
-    threads = int(numba.config.NUMBA_NUM_THREADS)
+    threads = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
     if SPLIT == "always":
         return max(1, min(threads, batch))
     gemms = 3 * (len(sizes) - 1) - 1  # forward and dW per layer, and delta below the top
