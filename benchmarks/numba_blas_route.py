@@ -14,7 +14,8 @@ threads with BLAS on one (``numba_backend.split_parts``). Variants timed:
   where the backend's rule would not split), on NumPy's BLAS;
 - ``ops+numpy``: the ops one by one (``numba_backend.WHOLE_STEP = False``), GEMMs on NumPy's BLAS.
 
-The backend's own choice between ``whole+numpy`` and ``split+numpy`` is printed with each config.
+What ``FASTBP_NUMBA_SPLIT=auto`` (its rule) would choose between ``whole+numpy`` and ``split+numpy`` is printed
+with each config.
 
 Each variant runs in its own process (thread pools of two BLAS libraries in one process slow each other),
 in turn, ``--rounds`` times; each process times the public ``Trainer.step`` (SGD, float32 unless
@@ -47,7 +48,8 @@ if ":" in config:  # a shape, "64-128-128-10:64"
     sizes, batch = [int(n) for n in config.split(":")[0].split("-")], int(config.split(":")[1])
 else:
     sizes, batch = CONFIGS[config]["sizes"], CONFIGS[config]["batch"]
-chosen = numba_backend.split_parts(sizes, batch)
+numba_backend.SPLIT = "auto"
+chosen = numba_backend.split_parts(sizes, batch)  # what FASTBP_NUMBA_SPLIT=auto would do
 numba_backend.SPLIT = "always" if split else "never"
 rng = np.random.default_rng(0)
 X = rng.standard_normal((batch, sizes[0])).astype(dtype)
@@ -98,7 +100,7 @@ def main() -> int:
         results[config] = times
         base = times[base_name]
         print(f"config {config} ({args.dtype}), {args.rounds} rounds, one process per variant and round; split into "
-              f"{parts} parts; the backend's rule: {'split' if chosen > 1 else 'whole'}")
+              f"{parts} parts; the auto rule: {'split' if chosen > 1 else 'whole'}")
         for name, ts in times.items():
             ratio = statistics.median(t / b for t, b in zip(ts, base))
             print(f"  {name:12s} median {statistics.median(ts) * 1e3:8.3f} ms  min {min(ts) * 1e3:8.3f} ms  "

@@ -73,10 +73,23 @@ def numba_blas() -> str | None:
     """Which BLAS the numba backend's kernels call (``fastbp.backends._numba_blas``), when it is available."""
     if backend_status().get("numba") != "available":
         return None
-    from .backends import _numba_kernels  # noqa: F401  (registers the route)
-    from .backends._numba_blas import DESCRIPTION
+    import numba
 
-    return DESCRIPTION
+    from .backends import _numba_kernels  # noqa: F401  (registers the route)
+    from .backends import numba_backend
+    from .backends._numba_blas import DESCRIPTION, ROUTE, ROUTE_NUMPY
+
+    mode = numba_backend.SPLIT
+    if ROUTE != ROUTE_NUMPY:
+        split = "the whole step takes every batch whole (no thread control of this BLAS)"
+    elif mode not in ("auto", "always", "never"):
+        split = f"FASTBP_NUMBA_SPLIT={mode} is not 'auto', 'always' or 'never': training refuses it"
+    elif mode == "never":
+        split = "the whole step takes every batch whole (FASTBP_NUMBA_SPLIT=never)"
+    else:
+        split = (f"the whole step splits {'small batches' if mode == 'auto' else 'every batch'} over Numba's "
+                 f"{numba.get_num_threads()} threads (FASTBP_NUMBA_SPLIT={mode})")
+    return f"{DESCRIPTION}; {split}"
 
 
 def gpu_info() -> dict[str, Any] | None:

@@ -378,3 +378,21 @@ def test_split_step_into_three_uneven_parts_and_in_a_forked_child(tmp_path):
     assert "always 3" in lines and "never 1" in lines, out.stdout
     assert float(next(line for line in lines if line.startswith("max difference")).split()[-1]) < 1e-12
     assert "child exit 0" in lines, out.stdout + out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("mode,says", [("", "takes every batch whole (FASTBP_NUMBA_SPLIT=never)"),
+                                       ("auto", "splits small batches over Numba's"),
+                                       ("bogus", "FASTBP_NUMBA_SPLIT=bogus is not 'auto', 'always' or 'never'")])
+def test_fastbp_info_says_how_the_numba_step_takes_its_batch(mode, says):
+    from fastbp.backends import _numba_blas, _numba_kernels  # noqa: F401  (the route is found on import)
+
+    if _numba_blas.ROUTE != _numba_blas.ROUTE_NUMPY:
+        pytest.skip(f"the numba kernels do not call NumPy's OpenBLAS here: {_numba_blas.DESCRIPTION}")
+    env = {k: v for k, v in os.environ.items() if k != "FASTBP_NUMBA_SPLIT"}
+    if mode:
+        env["FASTBP_NUMBA_SPLIT"] = mode
+    out = subprocess.run([sys.executable, "-m", "fastbp", "info"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(line for line in out.stdout.splitlines() if line.startswith("numba kernels' BLAS"))
+    assert says in line, line

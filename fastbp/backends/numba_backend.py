@@ -307,10 +307,16 @@ class _Plan:
         return self.parts > 1 and _SPLIT_ALLOWED[0] and _numba_threads() >= self.parts
 
 
-#: How the whole step takes its batch: "auto" (``split_parts``' rule), "always" (split wherever Numba's pool
-#: has two threads or more), "never" (the batch whole). The environment variable FASTBP_NUMBA_SPLIT sets it
-#: at import; plans made after a change follow it.
-SPLIT = os.environ.get("FASTBP_NUMBA_SPLIT", "auto").lower()
+#: How the whole step takes its batch: "never" (the batch whole; the default), "auto" (``split_parts``' rule),
+#: "always" (split wherever Numba's pool has two threads or more). The environment variable
+#: FASTBP_NUMBA_SPLIT sets it at import; plans made after a change follow it. Not "auto" by default: a
+#: split step shares the cores with OpenBLAS's threads, which spin for about 75 ms after any multi-threaded
+#: BLAS call in the process (a validation pass, the user's own NumPy products), and in that window a
+#: 0.08 ms split step took 0.09 ms in one trial and 40 ms in another (Numba's threads wait on each other
+#: while a spinning BLAS thread holds a core). fit with validation_data each epoch, 64-128-64-10 on the
+#: digits: 0.45 s split against 0.071 s whole; 0.064 s split with OPENBLAS_NUM_THREADS=1, where no such
+#: threads exist.
+SPLIT = os.environ.get("FASTBP_NUMBA_SPLIT", "never").lower()
 #: The "auto" rule: split where the step's average GEMM does between SPLIT_MIN_FLOP and SPLIT_MAX_FLOP flops,
 #: into parts of at least SPLIT_MIN_ROWS rows. Measured on the development machine (2 cores, float32, SGD,
 #: public step, benchmarks/numba_blas_route.py, split time / whole time): a step too small to pay for the
