@@ -75,8 +75,10 @@ def numba_blas() -> str | None:
         return None
     import numba
 
-    from .backends import _numba_kernels  # noqa: F401  (registers the route)
-    from .backends import numba_backend
+    from .backends import (
+        _numba_kernels,  # noqa: F401  (registers the route)
+        numba_backend,
+    )
     from .backends._numba_blas import DESCRIPTION, ROUTE, ROUTE_NUMPY
 
     mode = numba_backend.SPLIT
