@@ -396,3 +396,14 @@ def test_fastbp_info_says_how_the_numba_step_takes_its_batch(mode, says):
     assert out.returncode == 0, out.stderr[-2000:]
     line = next(line for line in out.stdout.splitlines() if line.startswith("numba kernels' BLAS"))
     assert says in line, line
+
+
+@needs_two_threads
+def test_warmup_compiles_the_split_step_when_it_is_opted_into(monkeypatch):
+    from fastbp.backends import _numba_kernels as k
+
+    _numba_split(monkeypatch, "auto")
+    backend = fb.backends.resolve_backend("numba")
+    backend.warmup(dtypes=["float64"], activations=["relu"])
+    for kernel in (k.train_step_split, k.gradients_split):  # update_split compiles inside train_step_split
+        assert any("float64" in str(sig) for sig in kernel.signatures), kernel

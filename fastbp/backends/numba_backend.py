@@ -10,14 +10,15 @@ it was slower than BLAS + the fused pass at every layer width from 4 up (batch 6
 at, and only the BLAS path exists.
 
 Threads: a step takes its batch whole, the fused passes on the calling thread and the GEMMs on BLAS's own
-pool, or, where its products are too small for BLAS's threads to pay (``split_parts``), splits the batch
-into parts run side by side on Numba's pool (GNU OpenMP or TBB; one part a thread), with BLAS held to one
-thread, and sums the parts' gradients. Only one pool is ever busy, and results are bit-identical from run
-to run (a split sums its parts in a fixed order, so it rounds apart from the whole batch's step, within
-float rounding). A child process forked from one that split takes its batches whole (GNU OpenMP cannot
-run in it). Kernels are compiled on first use and cached on
-disk in fastbp's cache folder (``_numba_cache``: $FASTBP_CACHE_DIR/numba, else e.g. ~/.cache/fastbp/numba;
-NUMBA_CACHE_DIR, where set, wins), never in the installed package; ``warmup()`` compiles them ahead of time.
+pool, or, opted into with FASTBP_NUMBA_SPLIT (``SPLIT``) and where its products are too small for BLAS's
+threads to pay (``split_parts``), splits the batch into parts run side by side on Numba's pool (TBB, GNU
+OpenMP or its workqueue; one part a thread), with BLAS held to one thread, and sums the parts' gradients.
+Only one pool is ever busy, and results are bit-identical from run to run (a split sums its parts in a
+fixed order, so it rounds apart from the whole batch's step, within float rounding). A child process
+forked from one that split takes its batches whole (GNU OpenMP cannot run in it). Kernels are compiled on
+first use and cached on disk in fastbp's cache folder (``_numba_cache``: $FASTBP_CACHE_DIR/numba, else
+e.g. ~/.cache/fastbp/numba; NUMBA_CACHE_DIR, where set, wins), never in the installed package;
+``warmup()`` compiles them ahead of time.
 """
 
 from __future__ import annotations
@@ -243,7 +244,8 @@ class NumbaBackend(Backend):
 
     def warmup(self, dtypes: Any = ("float32", "float64"), activations: Any = None) -> float:
         """Compile (or load from the disk cache) the kernels for these dtypes and activations (default:
-        all): the op-by-op path, the whole-step kernel with every optimizer, and every loss. Returns the
+        all): the op-by-op path, the whole-step kernel with every optimizer (and, unless FASTBP_NUMBA_SPLIT
+        is never, its split form), and every loss. Returns the
         seconds it took, which ``fastbp bench`` and ``fastbp train`` report apart from step times."""
         import fastbp as fb
 
@@ -265,6 +267,14 @@ class NumbaBackend(Backend):
                     trainer._step(Xd, yd)  # the whole-step kernel (relu-like) or the op-by-op path
                     trainer._step(Xd, onehot)
                     opt.step([model.flat_parameters()], [model.flat_grad()], self)  # the flat update op
+            if SPLIT != "never" and _numba_threads() >= 2:  # the split step's kernels, on a plan split in two
+                model = fb.MLP([3, 4, 2], dtype=dtype, seed=0, backend=self)
+                self._plans[model] = {5: (model.dtype, _Plan(model, 5, self.blas_route, parts=2))}
+                Xd, yd = model.prepare_batch(X, rng.integers(0, 2, 5), "cross_entropy")
+                trainer = fb.Trainer(model, optimizer=fb.optim.SGD(0.1))
+                trainer._step(Xd, yd)
+                trainer._step(Xd, np.eye(2, dtype=dtype)[rng.integers(0, 2, 5)])
+                self.train_gradients(model, Xd, yd, "cross_entropy")
             self.matmul(np.zeros((4, 3), dtype), np.zeros((3, 2), dtype))
         return time.perf_counter() - start
 
@@ -276,7 +286,7 @@ _WHOLE_STEP_UPDATES = {"sgd": 0, "adam": 1, "rmsprop": 2}
 class _Plan:
     """The whole-step kernel's layout, scratch and way of running for one model and batch size."""
 
-    def __init__(self, model: Any, batch: int, route: int) -> None:
+    def __init__(self, model: Any, batch: int, route: int, parts: int | None = None) -> None:
         from . import _numba_blas
         from . import _numba_kernels as k
 
@@ -287,7 +297,9 @@ class _Plan:
             offset += n_in * n_out + n_out
         self.layout = np.array(rows, dtype=np.int64)
         self.codes = np.array([k.CODES[a] for a in model.activations], dtype=np.int64)
-        self.parts = split_parts(model.sizes, batch) if route == _numba_blas.ROUTE_NUMPY else 1
+        if parts is None:  # the rule's (``parts``: forced, for warmup and tests)
+            parts = split_parts(model.sizes, batch) if route == _numba_blas.ROUTE_NUMPY else 1
+        self.parts = max(1, min(parts, batch))
         part_rows = -(-batch // self.parts)
         n_top = model.layers[-1].n_out
         # per part: A (written over Z) and delta of each layer, but the top layer's A, which is the output
