@@ -84,7 +84,7 @@ def numba_blas() -> str | None:
     mode = numba_backend.SPLIT
     if ROUTE != ROUTE_NUMPY:
         split = "the whole step takes every batch whole (no thread control of this BLAS)"
-    elif mode not in ("auto", "always", "never"):
+    elif mode not in numba_backend.SPLIT_MODES:
         split = f"FASTBP_NUMBA_SPLIT={mode} is not 'auto', 'always' or 'never': training refuses it"
     elif mode == "never":
         split = "the whole step takes every batch whole (FASTBP_NUMBA_SPLIT=never)"

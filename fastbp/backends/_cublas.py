@@ -193,11 +193,9 @@ def lt_dims(A: Any, B: Any, out: Any) -> tuple[int, ...]:
     """``gemm_args`` of out = A @ B, in cuBLASLt's order (its A is the row-major B): (opa, opb, m, n, k, lda,
     ldb, ldd); Unsupported where an operand has no unit stride."""
     try:
-        opb, opa, n, m, k, ldb, lda, ldc = gemm_args(A.shape, element_strides(A), B.shape, element_strides(B),
-                                                     element_strides(out))
+        return gemm_args(A.shape, element_strides(A), B.shape, element_strides(B), element_strides(out))
     except ValueError as exc:
         raise Unsupported(str(exc)) from exc
-    return opb, opa, n, m, k, ldb, lda, ldc
 
 
 class _HeuristicResult(ctypes.Structure):

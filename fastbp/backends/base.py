@@ -50,11 +50,6 @@ class Backend:
     def __repr__(self) -> str:
         return f"<fastbp backend {self.name!r}>"
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.pop("_local", None)  # per-thread scratch: rebuilt on use
-        return state
-
     def _thread_state(self) -> threading.local:
         """This backend's per-thread state (scratch buffers, update records): never shared between threads,
         never pickled."""

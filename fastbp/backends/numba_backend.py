@@ -329,6 +329,7 @@ class _Plan:
 #: digits: 0.45 s split against 0.071 s whole; 0.064 s split with OPENBLAS_NUM_THREADS=1, where no such
 #: threads exist.
 SPLIT = os.environ.get("FASTBP_NUMBA_SPLIT", "never").lower()
+SPLIT_MODES = ("auto", "always", "never")
 #: The "auto" rule: split where the step's average GEMM does between SPLIT_MIN_FLOP and SPLIT_MAX_FLOP flops,
 #: into parts of at least SPLIT_MIN_ROWS rows. Measured on the development machine (2 cores, float32, SGD,
 #: public step, benchmarks/numba_blas_route.py, split time / whole time): a step too small to pay for the
@@ -346,7 +347,7 @@ def split_parts(sizes: Any, batch: int) -> int:
     """How many parts of the batch the whole step runs side by side for these layer sizes and this batch,
     by SPLIT and its rule; at most Numba's thread count (NUMBA_NUM_THREADS). 1: the batch whole, its
     GEMMs on BLAS's threads."""
-    if SPLIT not in ("auto", "always", "never"):
+    if SPLIT not in SPLIT_MODES:
         raise ValueError(f"FASTBP_NUMBA_SPLIT / numba_backend.SPLIT must be 'auto', 'always' or 'never', "
                          f"not {SPLIT!r}")
     if SPLIT == "never":
