@@ -76,22 +76,26 @@ def numba_blas() -> str | None:
     import numba
 
     from .backends import (
+        _numba_blas,
         _numba_kernels,  # noqa: F401  (registers the route)
         numba_backend,
     )
-    from .backends._numba_blas import DESCRIPTION, ROUTE, ROUTE_NUMPY
 
     mode = numba_backend.SPLIT
-    if ROUTE != ROUTE_NUMPY:
+    if _numba_blas.ROUTE != _numba_blas.ROUTE_NUMPY:
         split = "the whole step takes every batch whole (no thread control of this BLAS)"
     elif mode not in numba_backend.SPLIT_MODES:
         split = f"FASTBP_NUMBA_SPLIT={mode} is not 'auto', 'always' or 'never': training refuses it"
     elif mode == "never":
         split = "the whole step takes every batch whole (FASTBP_NUMBA_SPLIT=never)"
     else:
+        user = os.environ.get("OPENBLAS_THREAD_TIMEOUT") or os.environ.get("GOTO_THREAD_TIMEOUT")
+        pool = _numba_blas.POOL or (f"OPENBLAS_THREAD_TIMEOUT={user} is kept" if user else
+                                    f"the first split makes NumPy's OpenBLAS threads sleep after "
+                                    f"2^{_numba_blas.SPIN_EXPONENT} cycles of waiting, not 2^28")
         split = (f"the whole step splits {'small batches' if mode == 'auto' else 'every batch'} over Numba's "
-                 f"{numba.get_num_threads()} threads (FASTBP_NUMBA_SPLIT={mode})")
-    return f"{DESCRIPTION}; {split}"
+                 f"{numba.get_num_threads()} threads (FASTBP_NUMBA_SPLIT={mode}); {pool}")
+    return f"{_numba_blas.DESCRIPTION}; {split}"
 
 
 def gpu_info() -> dict[str, Any] | None:

@@ -380,16 +380,23 @@ def test_split_step_into_three_uneven_parts_and_in_a_forked_child(tmp_path):
     assert "child exit 0" in lines, out.stdout + out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("mode,says", [("", "takes every batch whole (FASTBP_NUMBA_SPLIT=never)"),
-                                       ("auto", "splits small batches over Numba's"),
-                                       ("bogus", "FASTBP_NUMBA_SPLIT=bogus is not 'auto', 'always' or 'never'")])
+@pytest.mark.parametrize("mode,says", [
+    ("", "splits small batches over Numba's"),
+    ("", "(FASTBP_NUMBA_SPLIT=auto); the first split makes NumPy's OpenBLAS threads sleep after 2^20 cycles"),
+    ("OPENBLAS_THREAD_TIMEOUT=25", "(FASTBP_NUMBA_SPLIT=auto); OPENBLAS_THREAD_TIMEOUT=25 is kept"),
+    ("never", "takes every batch whole (FASTBP_NUMBA_SPLIT=never)"),
+    ("always", "splits every batch over Numba's"),
+    ("bogus", "FASTBP_NUMBA_SPLIT=bogus is not 'auto', 'always' or 'never'")])
 def test_fastbp_info_says_how_the_numba_step_takes_its_batch(mode, says):
     from fastbp.backends import _numba_blas, _numba_kernels  # noqa: F401  (the route is found on import)
 
     if _numba_blas.ROUTE != _numba_blas.ROUTE_NUMPY:
         pytest.skip(f"the numba kernels do not call NumPy's OpenBLAS here: {_numba_blas.DESCRIPTION}")
-    env = {k: v for k, v in os.environ.items() if k != "FASTBP_NUMBA_SPLIT"}
-    if mode:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("FASTBP_NUMBA_SPLIT", "OPENBLAS_THREAD_TIMEOUT", "GOTO_THREAD_TIMEOUT")}
+    if "=" in mode:
+        env.update([mode.split("=")])
+    elif mode:
         env["FASTBP_NUMBA_SPLIT"] = mode
     out = subprocess.run([sys.executable, "-m", "fastbp", "info"], env=env, capture_output=True, text=True,
                          timeout=300)
@@ -398,8 +405,80 @@ def test_fastbp_info_says_how_the_numba_step_takes_its_batch(mode, says):
     assert says in line, line
 
 
+_QUIET_SCRIPT = r"""
+import os, resource, sys, threading, time
+import numpy as np
+import fastbp as fb
+from fastbp.backends import _numba_blas, numba_backend
+
+def spinning_ms():  # CPU time the process burns in 0.3 s of sleep after a two-thread product
+    A @ A
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    before = r.ru_utime + r.ru_stime
+    time.sleep(0.3)
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return (r.ru_utime + r.ru_stime - before) * 1e3
+
+A = np.random.default_rng(0).standard_normal((512, 512)).astype(np.float32)
+numba_backend.SPLIT = sys.argv[1]
+model = fb.MLP([64, 128, 128, 10], seed=0, backend="numba")
+if sys.argv[2] == "thread":  # a second Python thread: NumPy's BLAS may be in use elsewhere
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait)
+    worker.start()
+spin = sorted(spinning_ms() for _ in range(3))[1]
+plan = model.backend._whole_step_plan(model, 64)
+print("parts", plan.parts)
+print("pool", _numba_blas.POOL)
+print("environment", os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
+print("spinning ms %.1f %.1f" % (spin, sorted(spinning_ms() for _ in range(3))[1]))
+X, y = np.random.default_rng(1).standard_normal((256, 64)), np.random.default_rng(2).integers(0, 10, 256)
+fb.Trainer(model, optimizer=fb.optim.SGD(1e-2), batch_size=64).fit(X, y, epochs=2, verbose=0,
+                                                                   validation_data=(X, y))
+print("trained", bool(np.isfinite(model.flat_parameters()).all()))
+if sys.argv[2] == "thread":
+    stop.set()
+"""
+
+
+def _blas_threads() -> int:
+    from threadpoolctl import threadpool_info
+
+    return max([p["num_threads"] for p in threadpool_info() if p.get("internal_api") == "openblas"] or [1])
+
+
 @needs_two_threads
-def test_warmup_compiles_the_split_step_when_it_is_opted_into(monkeypatch):
+@pytest.mark.parametrize("mode,threads", [("auto", "alone"), ("auto", "thread"), ("always", "thread")])
+def test_a_split_quiets_numpys_openblas_threads(mode, threads):
+    """The first plan that splits makes NumPy's OpenBLAS threads sleep soon after their last job (they
+    spin ~0.1 s by default, on the cores the split's threads need): the CPU time a process burns in 0.3 s
+    of sleep after a two-thread product drops from ~100 ms to a few. The environment variable it sets
+    for OpenBLAS is taken back out, and training runs on. While another Python thread runs, the pool
+    cannot be restarted safely: "auto" keeps the batch whole, "always" splits all the same."""
+    from fastbp.backends import _numba_blas, _numba_kernels  # noqa: F401  (the route is found on import)
+
+    if _numba_blas.ROUTE != _numba_blas.ROUTE_NUMPY:
+        pytest.skip(f"the numba kernels do not call NumPy's OpenBLAS here: {_numba_blas.DESCRIPTION}")
+    if _blas_threads() < 2:
+        pytest.skip("NumPy's OpenBLAS runs on one thread here: it has no threads to quiet")
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "GOTO_THREAD_TIMEOUT")}
+    out = subprocess.run([sys.executable, "-c", _QUIET_SCRIPT, mode, threads], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    said = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    parts, before, after = int(said["parts"]), *(float(v) for v in said["spinning"].split()[-2:])
+    assert said["environment"] == "None" and said["trained"] == "True", out.stdout
+    assert before > 30, out.stdout  # OpenBLAS's default: its threads spin on after the product
+    if threads == "alone":
+        assert parts >= 2 and "sleep after 2^20 cycles" in said["pool"], out.stdout
+        assert after < min(15.0, before / 4), out.stdout
+    else:
+        assert "other Python threads" in said["pool"] and after > 30, out.stdout
+        assert (parts == 1) == (mode == "auto"), out.stdout
+
+
+@needs_two_threads
+def test_warmup_compiles_the_split_step_unless_it_is_turned_off(monkeypatch):
     from fastbp.backends import _numba_kernels as k
 
     _numba_split(monkeypatch, "auto")

@@ -50,6 +50,15 @@ ROUTE = ROUTE_NUMBA
 #: What ``install`` found, for ``fastbp info``: the library file and symbol, or why not.
 DESCRIPTION = "not installed"
 _keep: list[Any] = []  # ctypes objects whose addresses LLVM holds
+_library: list[Any] = []  # NumPy's OpenBLAS (ctypes.CDLL), once ``install`` found its CBLAS
+
+#: How long NumPy's OpenBLAS threads wait for work, spinning, before they sleep, once ``quiet_pool`` has
+#: set it: 2^SPIN_EXPONENT timestamp-counter cycles (2^20, about 0.4 ms at 2.5 GHz). OpenBLAS's default,
+#: 2^28, keeps them spinning about 0.1 s after each multi-threaded call.
+SPIN_EXPONENT = 20
+#: What ``quiet_pool`` did, for ``fastbp info``: "" until it ran, then what it found or set.
+POOL = ""
+_quiet: list[bool] = []  # [True] once the pool is quiet
 
 
 def _numpy_openblas() -> str | None:
@@ -73,6 +82,7 @@ def install() -> None:
             lib = ctypes.CDLL(path)
             for routine in _ROUTINES:
                 functions[routine] = getattr(lib, f"scipy_{routine}64_")
+            _library.append(lib)
         except (OSError, AttributeError) as exc:
             functions, DESCRIPTION = {}, f"NumPy's OpenBLAS has no ILP64 CBLAS ({exc}): Numba's np.dot"
     else:
@@ -89,6 +99,55 @@ def install() -> None:
         _keep.append(fn)
         ll.add_symbol(f"fastbp_numpy_{routine.replace('cblas_', '').replace('openblas_', '')}",
                       ctypes.cast(fn, ctypes.c_void_p).value)
+
+
+def quiet_pool() -> bool:
+    """Make NumPy's OpenBLAS threads sleep within about a millisecond of their last job, not 0.1 s, so
+    that they leave the cores to Numba's threads when a step splits its batch. Once per process; returns
+    whether the pool is quiet (or the user chose its timeout with OPENBLAS_THREAD_TIMEOUT).
+
+    OpenBLAS's threads spin after every multi-threaded call (a validation pass, the user's own products):
+    with 2^28 cycles of spinning, a 0.08 ms split step that ran in that window took up to 40 ms, and fit
+    with validation each epoch took 6x longer split than whole. OpenBLAS reads its timeout only when it
+    starts its threads, from OPENBLAS_THREAD_TIMEOUT: this stops the threads (blas_thread_shutdown_, as
+    OpenBLAS does itself before a fork), rereads the environment with the variable set, restarts them and
+    takes the variable back out of the environment (the library keeps its value, across forks too).
+    Stopping the threads is only safe when no other thread can be inside NumPy's BLAS, so this declines
+    (returns False) while other Python threads run, and where NumPy's library is not OpenBLAS with these
+    symbols."""
+    global POOL
+    if _quiet:
+        return True
+    for name in ("OPENBLAS_THREAD_TIMEOUT", "GOTO_THREAD_TIMEOUT"):
+        if os.environ.get(name):
+            POOL = f"the user's: {name}={os.environ[name]}"
+            _quiet.append(True)
+            return True
+    install()
+    if not _library:
+        POOL = "not NumPy's OpenBLAS: left as it is"
+        return False
+    lib = _library[0]
+    try:
+        stop, read_env, start = lib.blas_thread_shutdown_, lib.openblas_read_env, lib.blas_thread_init
+    except AttributeError as exc:
+        POOL = f"NumPy's OpenBLAS cannot restart its threads ({exc}): left as it is"
+        return False
+    import threading
+
+    if threading.active_count() > 1:
+        POOL = "left spinning: other Python threads were running"
+        return False
+    os.environ["OPENBLAS_THREAD_TIMEOUT"] = str(SPIN_EXPONENT)
+    try:
+        stop()
+        read_env()
+        start()
+    finally:
+        del os.environ["OPENBLAS_THREAD_TIMEOUT"]
+    POOL = f"NumPy's OpenBLAS threads sleep after 2^{SPIN_EXPONENT} cycles of waiting (OpenBLAS: 2^28)"
+    _quiet.append(True)
+    return True
 
 
 @njit(cache=True)

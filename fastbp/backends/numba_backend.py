@@ -9,10 +9,10 @@ it was slower than BLAS + the fused pass at every layer width from 4 up (batch 6
 4, 71 vs 12.5 us at width 32; batch 256: 15.5 vs 8.0 us at width 4), so there is no crossover to switch
 at, and only the BLAS path exists.
 
-Threads: a step takes its batch whole, the fused passes on the calling thread and the GEMMs on BLAS's own
-pool, or, opted into with FASTBP_NUMBA_SPLIT (``SPLIT``) and where its products are too small for BLAS's
-threads to pay (``split_parts``), splits the batch into parts run side by side on Numba's pool (TBB, GNU
-OpenMP or its workqueue; one part a thread), with BLAS held to one thread, and sums the parts' gradients.
+Threads: where its products are too small for BLAS's threads to pay (``split_parts``; FASTBP_NUMBA_SPLIT,
+``SPLIT``, changes the rule), a step splits the batch into parts run side by side on Numba's pool (TBB, GNU
+OpenMP or its workqueue; one part a thread), with BLAS held to one thread, and sums the parts' gradients;
+else it takes its batch whole, the fused passes on the calling thread and the GEMMs on BLAS's own pool.
 Only one pool is ever busy, and results are bit-identical from run to run (a split sums its parts in a
 fixed order, so it rounds apart from the whole batch's step, within float rounding). A child process
 forked from one that split takes its batches whole (GNU OpenMP cannot run in it). Kernels are compiled on
@@ -299,6 +299,8 @@ class _Plan:
         self.codes = np.array([k.CODES[a] for a in model.activations], dtype=np.int64)
         if parts is None:  # the rule's (``parts``: forced, for warmup and tests)
             parts = split_parts(model.sizes, batch) if route == _numba_blas.ROUTE_NUMPY else 1
+            if parts > 1 and not _numba_blas.quiet_pool() and SPLIT == "auto":
+                parts = 1  # OpenBLAS's threads may spin on the cores the parts need
         self.parts = max(1, min(parts, batch))
         part_rows = -(-batch // self.parts)
         n_top = model.layers[-1].n_out
@@ -319,16 +321,16 @@ class _Plan:
         return self.parts > 1 and _SPLIT_ALLOWED[0] and _numba_threads() >= self.parts
 
 
-#: How the whole step takes its batch: "never" (the batch whole; the default), "auto" (``split_parts``' rule),
-#: "always" (split wherever Numba's pool has two threads or more). The environment variable
-#: FASTBP_NUMBA_SPLIT sets it at import; plans made after a change follow it. Not "auto" by default: a
-#: split step shares the cores with OpenBLAS's threads, which spin for about 75 ms after any multi-threaded
-#: BLAS call in the process (a validation pass, the user's own NumPy products), and in that window a
-#: 0.08 ms split step took 0.09 ms in one trial and 40 ms in another (Numba's threads wait on each other
-#: while a spinning BLAS thread holds a core). fit with validation_data each epoch, 64-128-64-10 on the
-#: digits: 0.45 s split against 0.071 s whole; 0.064 s split with OPENBLAS_NUM_THREADS=1, where no such
-#: threads exist.
-SPLIT = os.environ.get("FASTBP_NUMBA_SPLIT", "never").lower()
+#: How the whole step takes its batch: "auto" (``split_parts``' rule; the default), "always" (split wherever
+#: Numba's pool has two threads or more), "never" (the batch whole). The environment variable
+#: FASTBP_NUMBA_SPLIT sets it at import; plans made after a change follow it. A split step shares the cores
+#: with OpenBLAS's threads, which by OpenBLAS's default spin about 0.1 s after any multi-threaded BLAS call
+#: (a validation pass, the user's own NumPy products): in that window a 0.08 ms split step took up to 40 ms,
+#: and fit with validation_data each epoch (64-128-64-10, digits) took 0.45 s split against 0.071 s whole.
+#: So the first plan that splits makes NumPy's OpenBLAS threads sleep within about 0.4 ms instead
+#: (``_numba_blas.quiet_pool``), and "auto" keeps the batch whole where that cannot be done (other Python
+#: threads running, another BLAS).
+SPLIT = os.environ.get("FASTBP_NUMBA_SPLIT", "auto").lower()
 SPLIT_MODES = ("auto", "always", "never")
 #: The "auto" rule: split where the step's average GEMM does between SPLIT_MIN_FLOP and SPLIT_MAX_FLOP flops,
 #: into parts of at least SPLIT_MIN_ROWS rows. Measured on the development machine (2 cores, float32, SGD,

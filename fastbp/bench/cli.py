@@ -84,6 +84,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for bk in gpus:
             bk.set_epilogues(args.epilogues)
 
+    if any(bk.name == "numba" for bk in backends):
+        from ..backends import _numba_blas, numba_backend
+
+        if numba_backend.SPLIT != "never":  # as the numba step's first split would, before anything is timed,
+            _numba_blas.quiet_pool()  # so that every library's timings run with the same OpenBLAS threads
     env = environment()
     print(format_environment(env))
     warns = warnings_for(env)
