@@ -246,7 +246,7 @@ def test_fastbp_train_cuda_graphs_reports_what_the_graphs_did(capsys):
     assert main(["train", "--backend", EMULATED, "--epochs", "2", "--cuda-graphs", "--quiet"]) == 0
     out = capsys.readouterr().out
     # 1347 training rows at batch 64: 21 full batches and one of 3 rows an epoch, each size eager once
-    assert "cuda graphs: 42 steps replayed from 2 captured graph(s)" in out
+    assert "cuda graphs: 42 steps replayed from 2 captured graph(s)" in out, out  # all of it, if it fails
     assert main(["train", "--backend", "numpy", "--epochs", "1", "--cuda-graphs", "--quiet"]) == 0
     assert "cuda graphs: not used: the numpy backend runs no CUDA graphs" in capsys.readouterr().out
 

@@ -461,6 +461,7 @@ def test_a_split_quiets_numpys_openblas_threads(mode, threads):
         pytest.skip(f"the numba kernels do not call NumPy's OpenBLAS here: {_numba_blas.DESCRIPTION}")
     if _blas_threads() < 2:
         pytest.skip("NumPy's OpenBLAS runs on one thread here: it has no threads to quiet")
+    pytest.importorskip("resource", reason="the check reads the process's CPU time through resource (POSIX)")
     env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "GOTO_THREAD_TIMEOUT")}
     out = subprocess.run([sys.executable, "-c", _QUIET_SCRIPT, mode, threads], env=env, capture_output=True,
                          text=True, timeout=600)

@@ -376,7 +376,8 @@ def _forked() -> None:
     _SPLIT_ALLOWED[0] = False
 
 
-os.register_at_fork(after_in_child=_forked)
+if hasattr(os, "register_at_fork"):  # POSIX; Windows has no fork
+    os.register_at_fork(after_in_child=_forked)
 
 
 def create() -> NumbaBackend:
