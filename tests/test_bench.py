@@ -233,9 +233,13 @@ def test_the_table_warns_of_ratios_below_the_floor_and_says_why_torch_is_missing
     split = "whole-step kernel, batch split in 2 parts on Numba's threads, BLAS on one thread"
     rows = [{"config": "small", "dtype": "float32", "backend": "numba", "name": name, "ratio_to_floor": 0.9,
              "step_route": split} for name in ("step_sgd", "internal:step_sgd", "op:dense_forward")]
+    rows.append({"config": "small", "dtype": "float32", "backend": "numba", "name": "forward", "ratio_to_floor": 0.9,
+                 "step_route": split, "forward_route": "rows split in 2 parts on Numba's threads, BLAS on one thread"})
     notes = table_notes(rows, torch_installed=True)
     assert len(notes) == 2 and "1 rows ran below" in notes[0] and "op:dense_forward" in notes[0]
-    assert "below the floor by design: small float32 numba" in notes[1]
+    assert "below the floor by design: small float32 numba, small float32 numba forward" in notes[1]
+    rows[-1]["forward_route"] = "layer by layer, GEMMs on BLAS's threads"  # a forward not split: warned of
+    assert "2 rows ran below" in table_notes(rows, torch_installed=True)[0]
 
 
 @pytest.mark.emulator

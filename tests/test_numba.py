@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import assert_close
+from conftest import DTYPES, assert_close
 from test_optim import CASES
 
 import fastbp as fb
@@ -336,6 +336,51 @@ def test_split_rule(monkeypatch):
         numba_backend.split_parts([4, 3], 8)
 
 
+@needs_two_threads
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "identity"])
+def test_split_inference_equals_the_layer_by_layer_forward(monkeypatch, dtype, act):
+    """Where the rule splits a forward pass (``forward_parts``), forward, predict and evaluate run it in
+    parts on Numba's threads (``forward_split``) and give what the layers one by one give (the NumPy
+    reference's ops): 301 rows split unevenly."""
+    numba_backend = _numba_split(monkeypatch, "auto")
+    rng = np.random.default_rng(3)
+    X, y = rng.standard_normal((301, 64)).astype(dtype), rng.integers(0, 10, 301)
+    model = fb.MLP([64, 128, 64, 10], activation=act, dtype=dtype, seed=0, backend="numba")
+    model.loss_ = "cross_entropy"
+    assert numba_backend.forward_parts(model.sizes, 301) >= 2
+    split = model.backend.forward_rows(model, model.backend.asarray(X, dtype))
+    assert split is not None
+    reference = fb.MLP([64, 128, 64, 10], activation=act, dtype=dtype, seed=0, backend="numpy").forward(X)
+    assert_close(split, reference, dtype, rtol=1e-12 if dtype == "float64" else 1e-5)
+    np.testing.assert_array_equal(model.forward(X), split)
+    trainer = fb.Trainer(model)
+    got = (model.predict(X), trainer.evaluate(X, y))
+    monkeypatch.setattr(numba_backend, "SPLIT", "never")
+    assert model.backend.forward_rows(model, model.backend.asarray(X, dtype)) is None
+    np.testing.assert_array_equal(got[0], model.predict(X))
+    assert got[1]["accuracy"] == trainer.evaluate(X, y)["accuracy"]
+
+
+@needs_two_threads
+def test_split_inference_is_declined_where_it_does_not_apply(monkeypatch):
+    """Layer by layer (None) for activations the kernels do not fuse, for input of another dtype than the
+    model's, for passes the rule keeps whole (too few rows, too much work), and in one-thread Numba."""
+    import numba
+
+    numba_backend = _numba_split(monkeypatch, "auto")
+    bk = fb.backends.resolve_backend("numba")
+    X = np.random.default_rng(0).standard_normal((301, 64))
+    assert bk.forward_rows(fb.MLP([64, 128, 10], activation="tanh", dtype="float64", backend=bk), X) is None
+    assert bk.forward_rows(fb.MLP([64, 128, 10], dtype="float32", backend=bk), X) is None  # X is float64
+    model = fb.MLP([64, 128, 10], dtype="float64", backend=bk)
+    assert bk.forward_rows(model, X) is not None
+    assert bk.forward_rows(model, X[:20]) is None  # parts of fewer than 16 rows
+    assert numba_backend.forward_parts([784, 1024, 1024, 10], 4096) == 1  # BLAS's threads do better
+    with fb.threads.num_threads(1):
+        assert numba.get_num_threads() == 1 and bk.forward_rows(model, X) is None
+
+
 _PARTS_SCRIPT = r"""
 import os, sys
 import numpy as np
@@ -360,7 +405,8 @@ if sys.argv[1] == "fork":  # a child forked from a process that split: GNU OpenM
         trainer = fb.Trainer(model, optimizer=fb.optim.Adam(1e-2), batch_size=25, seed=0)
         trainer.fit(X, y, epochs=1, verbose=0)
         plan = model.backend._whole_step_plan(model, 25)
-        os._exit(0 if plan.parts == 3 and not plan.split() and np.isfinite(model.flat_parameters()).all() else 3)
+        ok = plan.parts == 3 and not plan.split() and np.isfinite(model.flat_parameters()).all()
+        os._exit(0 if ok and np.isfinite(model.forward(X)).all() else 3)  # inference: layer by layer
     print("child exit", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
 """
 
@@ -369,7 +415,7 @@ if sys.argv[1] == "fork":  # a child forked from a process that split: GNU OpenM
 def test_split_step_into_three_uneven_parts_and_in_a_forked_child(tmp_path):
     """NUMBA_NUM_THREADS=3: batch 25 in parts of 8, 8 and 9 rows trains as the whole batch does. A child
     forked after the parent split (GNU OpenMP, Numba's usual pool, aborts a child that uses it) trains
-    on, its batch whole."""
+    on, its batch whole, and infers layer by layer."""
     env = dict(os.environ, NUMBA_NUM_THREADS="3")
     out = subprocess.run([sys.executable, "-c", _PARTS_SCRIPT, "fork"], env=env, capture_output=True, text=True,
                          timeout=600)
@@ -485,5 +531,5 @@ def test_warmup_compiles_the_split_step_unless_it_is_turned_off(monkeypatch):
     _numba_split(monkeypatch, "auto")
     backend = fb.backends.resolve_backend("numba")
     backend.warmup(dtypes=["float64"], activations=["relu"])
-    for kernel in (k.train_step_split, k.gradients_split):  # update_split compiles inside train_step_split
+    for kernel in (k.train_step_split, k.gradients_split, k.forward_split):  # update_split: in train_step_split
         assert any("float64" in str(sig) for sig in kernel.signatures), kernel

@@ -404,6 +404,30 @@ def gradients_split(X, y_labels, Y, loss, flat, grad, extra, layout, codes, ws, 
     return values.sum(), squares.sum()
 
 
+@_njit(cache=True, error_model="numpy", parallel=True)
+def forward_split(X, flat, layout, codes, ws, out, route):
+    """The network's output for the rows of X (inference), its rows cut into P = ws.shape[0] parts, each
+    on its own thread (Numba's pool) with BLAS held to one thread, as the split step's forward: part p
+    computes layer by layer in the two halves of ws[p] in turn (each holds part rows x the widest hidden
+    layer) and writes its output rows into ``out``. Row for row the same operations as ``dense_forward``
+    layer after layer."""
+    parts = ws.shape[0]
+    B = X.shape[0]
+    L = layout.shape[0]
+    threads = blas_threads(1, route)
+    for p in prange(parts):
+        lo, hi = _part(B, p, parts, 1)
+        rows = hi - lo
+        A_prev = X[lo:hi]
+        for l in range(L):
+            w0, b0, n_in, n_out = layout[l, 0], layout[l, 1], layout[l, 2], layout[l, 3]
+            A = ws[p, l % 2, :rows * n_out].reshape((rows, n_out)) if l < L - 1 else out[lo:hi]
+            gemm(A_prev, flat[w0:w0 + n_in * n_out].reshape((n_in, n_out)), A, route)
+            forward_epilogue(A, flat[b0:b0 + n_out], codes[l])
+            A_prev = A
+    blas_threads(threads, route)
+
+
 @njit
 def update(flat, grad, value, sumsq, opt, sgd_args, adam_args, rmsprop_args, s1, s2, clip):
     """The update phase of a step over the whole flat vector, given the gradient's sum of squares: the

@@ -362,6 +362,12 @@ class Backend:
         """
         return None
 
+    def forward_rows(self, model: Any, X: Any) -> Any | None:
+        """The network's output for the rows of X (inference: no buffers kept for a backward pass) in one
+        op, or None where this backend has no such op for the model and these rows (``MLP`` then runs
+        ``dense_forward`` layer by layer)."""
+        return None
+
     def train_gradients(self, model: Any, X: Any, y: Any, loss: str,
                         stats_out: Any = None) -> tuple[Any, Any] | None:
         """The gradient phase of ``train_step`` alone, into ``model.flat_grad()`` (data-parallel training

@@ -192,6 +192,46 @@ class NumbaBackend(Backend):
             state.step += 1
         return self._record(stats_out, value, plan.output, y, loss), plan.output, sumsq, updated
 
+    def forward_rows(self, model, X):
+        """Inference with the rows split into parts side by side on Numba's threads, BLAS on one
+        (``forward_split``), where the split rule takes a forward pass of this many rows (``forward_parts``);
+        None elsewhere (layer by layer, the GEMMs on BLAS's threads). So a validation pass in ``fit``
+        leaves OpenBLAS's threads asleep between split steps."""
+        rows = X.shape[0]
+        parts = self._inference_parts(model, rows) if X.dtype == model.dtype and X.ndim == 2 else 1
+        if parts < 2:
+            return None
+        layout, codes = _layout(model)
+        widest = max(model.sizes[1:-1], default=1)
+        ws = np.empty((parts, 2, -(-rows // parts) * widest), model.dtype)
+        out = np.empty((rows, model.sizes[-1]), model.dtype)
+        self.k.forward_split(X, model.flat_parameters(), layout, codes, ws, out, self.blas_route)
+        return out
+
+    def forward_route(self, model: Any, rows: int) -> str:
+        """How a forward pass (inference) of this many rows runs here, in words (``fastbp bench``)."""
+        parts = self._inference_parts(model, rows)
+        if parts > 1:
+            return f"rows split in {parts} parts on Numba's threads, BLAS on one thread"
+        return "layer by layer, GEMMs on BLAS's threads"
+
+    def _inference_parts(self, model: Any, rows: int) -> int:
+        """How many parts ``forward_rows`` cuts these rows into: 1 where it declines (activations the
+        kernels do not fuse, another BLAS, the rule, Numba's threads, a forked child, OpenBLAS's threads
+        left spinning under "auto")."""
+        from ._numba_blas import ROUTE_NUMPY, quiet_pool
+
+        if not WHOLE_STEP or self.blas_route != ROUTE_NUMPY:
+            return 1
+        parts = forward_parts(model.sizes, rows)
+        if parts < 2 or not _SPLIT_ALLOWED[0] or _numba_threads() < parts:
+            return 1
+        if not all(self.k.CODES.get(a) in self.k.FUSED for a in model.activations):
+            return 1
+        if not quiet_pool() and SPLIT == "auto":
+            return 1
+        return parts
+
     def train_gradients(self, model, X, y, loss, stats_out=None):
         """The gradient phase of the whole step alone (forward and backward in one compiled call, into
         ``model.flat_grad()``), for data-parallel training's allreduce to follow; None where the whole step
@@ -245,7 +285,7 @@ class NumbaBackend(Backend):
     def warmup(self, dtypes: Any = ("float32", "float64"), activations: Any = None) -> float:
         """Compile (or load from the disk cache) the kernels for these dtypes and activations (default:
         all): the op-by-op path, the whole-step kernel with every optimizer (and, unless FASTBP_NUMBA_SPLIT
-        is never, its split form), and every loss. Returns the
+        is never, its split form and the split inference pass), and every loss. Returns the
         seconds it took, which ``fastbp bench`` and ``fastbp train`` report apart from step times."""
         import fastbp as fb
 
@@ -275,6 +315,9 @@ class NumbaBackend(Backend):
                 trainer._step(Xd, yd)
                 trainer._step(Xd, np.eye(2, dtype=dtype)[rng.integers(0, 2, 5)])
                 self.train_gradients(model, Xd, yd, "cross_entropy")
+                layout, codes = _layout(model)  # the split inference pass, in two parts
+                self.k.forward_split(Xd, model.flat_parameters(), layout, codes, np.empty((2, 2, 12), dtype),
+                                     np.empty((5, 2), dtype), self.blas_route)
             self.matmul(np.zeros((4, 3), dtype), np.zeros((3, 2), dtype))
         return time.perf_counter() - start
 
@@ -288,15 +331,8 @@ class _Plan:
 
     def __init__(self, model: Any, batch: int, route: int, parts: int | None = None) -> None:
         from . import _numba_blas
-        from . import _numba_kernels as k
 
-        rows, offset = [], 0
-        for layer in model.layers:
-            n_in, n_out = layer.n_in, layer.n_out
-            rows.append((offset, offset + n_in * n_out, n_in, n_out))
-            offset += n_in * n_out + n_out
-        self.layout = np.array(rows, dtype=np.int64)
-        self.codes = np.array([k.CODES[a] for a in model.activations], dtype=np.int64)
+        self.layout, self.codes = _layout(model)
         if parts is None:  # the rule's (``parts``: forced, for warmup and tests)
             parts = split_parts(model.sizes, batch) if route == _numba_blas.ROUTE_NUMPY else 1
             if parts > 1 and not _numba_blas.quiet_pool() and SPLIT == "auto":
@@ -310,7 +346,7 @@ class _Plan:
         self.ws_whole = self.ws.reshape(-1)  # the whole batch's scratch (parts x part rows >= batch rows)
         self.output = np.empty((batch, n_top), model.dtype)
         #: the gradients of parts 1, 2, ... (part 0 writes the model's own), summed into it
-        self.extra = np.empty((self.parts - 1, offset), model.dtype)
+        self.extra = np.empty((self.parts - 1, model.n_params), model.dtype)
         # the updates' argument records, filled each step (a model trains in one thread at a time)
         self.records = [np.zeros(1, STRUCTS[name][1]) for name in _WHOLE_STEP_UPDATES]
 
@@ -349,6 +385,17 @@ def split_parts(sizes: Any, batch: int) -> int:
     """How many parts of the batch the whole step runs side by side for these layer sizes and this batch,
     by SPLIT and its rule; at most Numba's thread count (NUMBA_NUM_THREADS). 1: the batch whole, its
     GEMMs on BLAS's threads."""
+    gemms = 3 * (len(sizes) - 1) - 1  # forward and dW per layer, and delta below the top
+    return _parts(6.0 * batch * sum(a * b for a, b in zip(sizes[:-1], sizes[1:])) / gemms, batch)
+
+
+def forward_parts(sizes: Any, rows: int) -> int:
+    """``split_parts`` for a forward pass alone (inference) of ``rows`` rows: by its average GEMM."""
+    return _parts(2.0 * rows * sum(a * b for a, b in zip(sizes[:-1], sizes[1:])) / (len(sizes) - 1), rows)
+
+
+def _parts(flop: float, rows: int) -> int:
+    """The rule of SPLIT for work whose GEMMs do ``flop`` flops on average, over ``rows`` rows."""
     if SPLIT not in SPLIT_MODES:
         raise ValueError(f"FASTBP_NUMBA_SPLIT / numba_backend.SPLIT must be 'auto', 'always' or 'never', "
                          f"not {SPLIT!r}")
@@ -358,12 +405,23 @@ def split_parts(sizes: Any, batch: int) -> int:
 
     threads = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
     if SPLIT == "always":
-        return max(1, min(threads, batch))
-    gemms = 3 * (len(sizes) - 1) - 1  # forward and dW per layer, and delta below the top
-    flop = 6.0 * batch * sum(a * b for a, b in zip(sizes[:-1], sizes[1:])) / gemms
+        return max(1, min(threads, rows))
     if not SPLIT_MIN_FLOP <= flop <= SPLIT_MAX_FLOP:
         return 1
-    return max(1, min(threads, batch // SPLIT_MIN_ROWS))
+    return max(1, min(threads, rows // SPLIT_MIN_ROWS))
+
+
+def _layout(model: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The kernels' view of a model: per layer (offset of W in the flat parameters, offset of b, n_in,
+    n_out), and the activation codes (the output layer's last)."""
+    from . import _numba_kernels as k
+
+    rows, offset = [], 0
+    for layer in model.layers:
+        n_in, n_out = layer.n_in, layer.n_out
+        rows.append((offset, offset + n_in * n_out, n_in, n_out))
+        offset += n_in * n_out + n_out
+    return np.array(rows, dtype=np.int64), np.array([k.CODES[a] for a in model.activations], dtype=np.int64)
 
 
 def _numba_threads() -> int:

@@ -71,6 +71,9 @@ def fastbp_candidates(backend: Any, sizes: list[int], batch: int, dtype: str,
     model = fb.MLP(sizes, activation="relu", dtype=dtype, seed=0, backend=backend, compute_dtype=compute)
     Xd, yd = model.prepare_batch(X, y, "cross_entropy")
 
+    if hasattr(backend, "forward_route"):
+        info["forward_route"] = backend.forward_route(model, batch)
+
     def forward():
         model.forward(Xd)
         sync()

@@ -156,8 +156,9 @@ def floor_notes(rows: list[dict[str, Any]]) -> list[str]:
 
 def table_notes(rows: list[dict[str, Any]], torch_installed: bool) -> list[str]:
     """What a reader of the table must know: a time below its GEMM floor (which only a busy or noisy
-    machine produces, the floor being part of the step; but a step split into parts run side by side,
-    ``step_route``, does its products side by side too), and why the torch column is empty."""
+    machine produces, the floor being part of the step; but a step or forward pass split into parts run
+    side by side, ``step_route`` and ``forward_route``, does its products side by side too), and why the
+    torch column is empty."""
     notes = []
     below, split = [], set()
     for r in rows:
@@ -165,6 +166,8 @@ def table_notes(rows: list[dict[str, Any]], torch_installed: bool) -> list[str]:
             continue
         if "split" in r.get("step_route", "") and r["name"].split(":")[-1].startswith("step"):
             split.add(f"{r['config']} {r['dtype']} {r['backend']}")
+        elif "split" in r.get("forward_route", "") and r["name"] == "forward":
+            split.add(f"{r['config']} {r['dtype']} {r['backend']} forward")
         else:
             below.append(r)
     if below:
@@ -173,9 +176,9 @@ def table_notes(rows: list[dict[str, Any]], torch_installed: bool) -> list[str]:
                      f"is part of each step, so the machine was busy or the timings noisy: rerun on a quiet "
                      f"machine, with more --reps")
     if split:
-        notes.append(f"below the floor by design: {', '.join(sorted(split))}: the step splits the batch into parts "
-                     f"run side by side on Numba's threads, while the floor runs each product on BLAS's threads, "
-                     f"one after the other")
+        notes.append(f"below the floor by design: {', '.join(sorted(split))}: the step (or forward pass) splits "
+                     f"the batch into parts run side by side on Numba's threads, while the floor runs each product "
+                     f"on BLAS's threads, one after the other")
     if not torch_installed:
         notes.append("vs torch: '-' because PyTorch is not installed (pip install torch to compare)")
     return notes
@@ -199,6 +202,7 @@ def format_latency(rows: list[dict[str, Any]]) -> str:
         if r.get("device_mem_bytes_sgd") is not None:
             peak += f", device pool {r['device_mem_bytes_sgd'] / 2**20:.1f} MiB"
         route = f"; step: {r['step_route']}" if r.get("step_route") else ""
+        route += f"; forward: {r['forward_route']}" if r.get("forward_route") else ""
         lines.append(f"  {r['config']:7s} {r['dtype']:7s} {r['backend']:8s} {compile_s}first step "
                      f"{r['first_call_s'] * 1e3:.1f} ms (steady {r['median_s'] * 1e3:.3f} ms){peak}{route}")
     return "\n".join(lines)
