@@ -13,6 +13,7 @@ Threads: where its products are too small for BLAS's threads to pay (``split_par
 ``SPLIT``, changes the rule), a step splits the batch into parts run side by side on Numba's pool (TBB, GNU
 OpenMP or its workqueue; one part a thread), with BLAS held to one thread, and sums the parts' gradients;
 else it takes its batch whole, the fused passes on the calling thread and the GEMMs on BLAS's own pool.
+Inference splits its rows by the same rule (``forward_rows``).
 Only one pool is ever busy, and results are bit-identical from run to run (a split sums its parts in a
 fixed order, so it rounds apart from the whole batch's step, within float rounding). A child process
 forked from one that split takes its batches whole (GNU OpenMP cannot run in it). Kernels are compiled on
