@@ -113,8 +113,8 @@ def quiet_pool() -> bool:
     OpenBLAS does itself before a fork), rereads the environment with the variable set, restarts them and
     takes the variable back out of the environment (the library keeps its value, across forks too).
     Stopping the threads is only safe when no other thread can be inside NumPy's BLAS, so this declines
-    (returns False) while other Python threads run, and where NumPy's library is not OpenBLAS with these
-    symbols."""
+    (returns False) while other Python threads run (but those of ``QUIET_THREADS``, such as a Jupyter
+    kernel's), and where NumPy's library is not OpenBLAS with these symbols."""
     global POOL
     if _quiet:
         return True
@@ -133,10 +133,9 @@ def quiet_pool() -> bool:
     except AttributeError as exc:
         POOL = f"NumPy's OpenBLAS cannot restart its threads ({exc}): left as it is"
         return False
-    import threading
-
-    if threading.active_count() > 1:
-        POOL = "left spinning: other Python threads were running"
+    busy = _threads_that_may_use_blas()
+    if busy:
+        POOL = f"left spinning: other Python threads were running ({', '.join(busy[:3])})"
         return False
     os.environ["OPENBLAS_THREAD_TIMEOUT"] = str(SPIN_EXPONENT)
     try:
@@ -148,6 +147,28 @@ def quiet_pool() -> bool:
     POOL = f"NumPy's OpenBLAS threads sleep after 2^{SPIN_EXPONENT} cycles of waiting (OpenBLAS: 2^28)"
     _quiet.append(True)
     return True
+
+
+#: Where the code of threads that never call NumPy's BLAS lives (the class, or the target function, of a
+#: ``threading.Thread``): a Jupyter kernel's own threads (heartbeat, control, output, shell channel, parent
+#: poller, history; checked in an ipykernel 7 kernel) and tqdm's monitor. ``quiet_pool`` restarts
+#: OpenBLAS's threads while they run, and only then.
+QUIET_THREADS = ("ipykernel.heartbeat", "ipykernel.control", "ipykernel.iostream", "ipykernel.shellchannel",
+                 "ipykernel.parentpoller", "IPython.core.history", "tqdm.")
+
+
+def _threads_that_may_use_blas() -> list[str]:
+    """The names of the other Python threads that might be inside NumPy's BLAS: all but this one and those
+    of ``QUIET_THREADS``."""
+    import threading
+
+    me, names = threading.current_thread(), []
+    for thread in threading.enumerate():
+        target = getattr(thread, "_target", None)  # threading.Thread(target=...) keeps it while it runs
+        where = getattr(target, "__module__", None) or type(thread).__module__ or ""
+        if thread is not me and not where.startswith(QUIET_THREADS):
+            names.append(thread.name)
+    return names
 
 
 @njit(cache=True)
