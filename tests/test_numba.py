@@ -381,6 +381,47 @@ def test_split_inference_is_declined_where_it_does_not_apply(monkeypatch):
         assert numba.get_num_threads() == 1 and bk.forward_rows(model, X) is None
 
 
+_LAYER_SCRIPT = r"""
+import sys, threading
+import numpy as np
+import fastbp as fb
+from fastbp.backends import numba_backend
+numba_backend.SPLIT = sys.argv[1]
+rng = np.random.default_rng(0)
+X, y = rng.standard_normal((64, 64)).astype(np.float32), rng.integers(0, 10, 64)
+models = [fb.MLP([64, 128, 128, 10], seed=i, backend="numba") for i in range(2)]
+trainers = [fb.Trainer(m, optimizer=fb.optim.SGD(1e-2)) for m in models]
+for t in trainers:
+    t.step(X, y)
+print("parts", [m.backend._whole_step_plan(m, 64).parts for m in models])
+def train(t):
+    for _ in range(300):
+        t.step(X, y)
+        t.model.forward(np.concatenate([X] * 4))  # the split inference pass too
+threads = [threading.Thread(target=train, args=(t,)) for t in trainers]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print("trained", all(np.isfinite(m.flat_parameters()).all() for m in models))
+"""
+
+
+@needs_two_threads
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["auto", "always"])
+def test_split_on_numbas_workqueue_layer(mode):
+    """Numba's workqueue layer (its fallback where neither GNU OpenMP nor TBB loads) runs a split step
+    several times slower than the whole batch, and aborts the process when two Python threads launch on
+    it at once: "auto" keeps batches whole there; "always" splits, its launches taking turns, while two
+    threads train a model each."""
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
+    out = subprocess.run([sys.executable, "-c", _LAYER_SCRIPT, mode], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == ("parts [1, 1]" if mode == "auto" else "parts [2, 2]"), out.stdout
+    assert lines[1] == "trained True", out.stdout
+
+
 _PARTS_SCRIPT = r"""
 import os, sys
 import numpy as np
@@ -428,8 +469,9 @@ def test_split_step_into_three_uneven_parts_and_in_a_forked_child(tmp_path):
 
 @pytest.mark.parametrize("mode,says", [
     ("", "splits small batches over Numba's"),
-    ("", "(FASTBP_NUMBA_SPLIT=auto); the first split makes NumPy's OpenBLAS threads sleep after 2^20 cycles"),
-    ("OPENBLAS_THREAD_TIMEOUT=25", "(FASTBP_NUMBA_SPLIT=auto); OPENBLAS_THREAD_TIMEOUT=25 is kept"),
+    ("", "FASTBP_NUMBA_SPLIT=auto); the first split makes NumPy's OpenBLAS threads sleep after 2^20 cycles"),
+    ("OPENBLAS_THREAD_TIMEOUT=25", "FASTBP_NUMBA_SPLIT=auto); OPENBLAS_THREAD_TIMEOUT=25 is kept"),
+    ("NUMBA_THREADING_LAYER=workqueue", "every batch whole on Numba's workqueue threading layer"),
     ("never", "takes every batch whole (FASTBP_NUMBA_SPLIT=never)"),
     ("always", "splits every batch over Numba's"),
     ("bogus", "FASTBP_NUMBA_SPLIT=bogus is not 'auto', 'always' or 'never'")])

@@ -25,6 +25,7 @@ e.g. ~/.cache/fastbp/numba; NUMBA_CACHE_DIR, where set, wins), never in the inst
 from __future__ import annotations
 
 import os
+import threading
 import time
 import weakref
 from typing import Any
@@ -182,9 +183,10 @@ class NumbaBackend(Backend):
         s2 = state.slots[names[1]][0] if len(names) > 1 else empty
         labels, Y, code = self._loss_args(X, y, loss)
         if plan.split():
-            value, sumsq, updated = self.k.train_step_split(X, labels, Y, code, flat, grad, plan.extra, plan.layout,
-                                                            plan.codes, plan.ws, plan.output, opt, *records, s1, s2,
-                                                            clip, self.blas_route)
+            with _launch_guard():
+                value, sumsq, updated = self.k.train_step_split(X, labels, Y, code, flat, grad, plan.extra,
+                                                                plan.layout, plan.codes, plan.ws, plan.output, opt,
+                                                                *records, s1, s2, clip, self.blas_route)
         else:
             value, sumsq, updated = self.k.train_step(X, labels, Y, code, flat, grad, plan.layout, plan.codes,
                                                       plan.ws_whole, plan.output, opt, *records, s1, s2, clip,
@@ -206,7 +208,8 @@ class NumbaBackend(Backend):
         widest = max(model.sizes[1:-1], default=1)
         ws = np.empty((parts, 2, -(-rows // parts) * widest), model.dtype)
         out = np.empty((rows, model.sizes[-1]), model.dtype)
-        self.k.forward_split(X, model.flat_parameters(), layout, codes, ws, out, self.blas_route)
+        with _launch_guard():
+            self.k.forward_split(X, model.flat_parameters(), layout, codes, ws, out, self.blas_route)
         return out
 
     def forward_route(self, model: Any, rows: int) -> str:
@@ -218,9 +221,9 @@ class NumbaBackend(Backend):
 
     def _inference_parts(self, model: Any, rows: int) -> int:
         """How many parts ``forward_rows`` cuts these rows into: 1 where it declines (activations the
-        kernels do not fuse, another BLAS, the rule, Numba's threads, a forked child, OpenBLAS's threads
-        left spinning under "auto")."""
-        from ._numba_blas import ROUTE_NUMPY, quiet_pool
+        kernels do not fuse, another BLAS, the rule, Numba's threads, a forked child, and under "auto"
+        ``_auto_may_split``)."""
+        from ._numba_blas import ROUTE_NUMPY
 
         if not WHOLE_STEP or self.blas_route != ROUTE_NUMPY:
             return 1
@@ -229,7 +232,7 @@ class NumbaBackend(Backend):
             return 1
         if not all(self.k.CODES.get(a) in self.k.FUSED for a in model.activations):
             return 1
-        if not quiet_pool() and SPLIT == "auto":
+        if SPLIT == "auto" and not _auto_may_split():
             return 1
         return parts
 
@@ -242,9 +245,10 @@ class NumbaBackend(Backend):
             return None
         labels, Y, code = self._loss_args(X, y, loss)
         if plan.split():
-            value, _ = self.k.gradients_split(X, labels, Y, code, model.flat_parameters(), model.flat_grad(),
-                                              plan.extra, plan.layout, plan.codes, plan.ws, plan.output,
-                                              self.blas_route)
+            with _launch_guard():
+                value, _ = self.k.gradients_split(X, labels, Y, code, model.flat_parameters(), model.flat_grad(),
+                                                  plan.extra, plan.layout, plan.codes, plan.ws, plan.output,
+                                                  self.blas_route)
         else:
             value = self.k.gradients(X, labels, Y, code, model.flat_parameters(), model.flat_grad(), plan.layout,
                                      plan.codes, plan.ws_whole, plan.output, self.blas_route, X.shape[0])
@@ -336,8 +340,8 @@ class _Plan:
         self.layout, self.codes = _layout(model)
         if parts is None:  # the rule's (``parts``: forced, for warmup and tests)
             parts = split_parts(model.sizes, batch) if route == _numba_blas.ROUTE_NUMPY else 1
-            if parts > 1 and not _numba_blas.quiet_pool() and SPLIT == "auto":
-                parts = 1  # OpenBLAS's threads may spin on the cores the parts need
+            if parts > 1 and SPLIT == "auto" and not _auto_may_split():
+                parts = 1
         self.parts = max(1, min(parts, batch))
         part_rows = -(-batch // self.parts)
         n_top = model.layers[-1].n_out
@@ -366,7 +370,7 @@ class _Plan:
 #: and fit with validation_data each epoch (64-128-64-10, digits) took 0.45 s split against 0.071 s whole.
 #: So the first plan that splits makes NumPy's OpenBLAS threads sleep within about 0.4 ms instead
 #: (``_numba_blas.quiet_pool``), and "auto" keeps the batch whole where that cannot be done (other Python
-#: threads running, another BLAS).
+#: threads running, another BLAS), and where Numba's pool is not GNU OpenMP (``_auto_may_split``).
 SPLIT = os.environ.get("FASTBP_NUMBA_SPLIT", "auto").lower()
 SPLIT_MODES = ("auto", "always", "never")
 #: The "auto" rule: split where the step's average GEMM does between SPLIT_MIN_FLOP and SPLIT_MAX_FLOP flops,
@@ -380,6 +384,7 @@ SPLIT_MIN_FLOP = 250e3
 SPLIT_MAX_FLOP = 40e6
 SPLIT_MIN_ROWS = 16
 _SPLIT_ALLOWED = [True]  # False in a child forked from a process that split (see _forked)
+_GUARD: list[Any] = []  # what a launch on Numba's pool holds (see _launch_guard), once known
 
 
 def split_parts(sizes: Any, batch: int) -> int:
@@ -423,6 +428,37 @@ def _layout(model: Any) -> tuple[np.ndarray, np.ndarray]:
         rows.append((offset, offset + n_in * n_out, n_in, n_out))
         offset += n_in * n_out + n_out
     return np.array(rows, dtype=np.int64), np.array([k.CODES[a] for a in model.activations], dtype=np.int64)
+
+
+def _launch_guard() -> Any:
+    """What a kernel on Numba's pool (the split step, its gradient phase, the split inference) runs inside:
+    on Numba's workqueue layer, which aborts the process when two Python threads launch at once (two
+    threads training a model each), one lock, so that launches take turns; on GNU OpenMP and TBB, which
+    take concurrent launches, nothing (with a lock there, each launching thread kept its own OpenMP team
+    spinning while the other ran: two threads of 2000 split steps each took 2.4 s, against 0.69 s without
+    and 0.57 s one after the other)."""
+    if not _GUARD:
+        import contextlib
+
+        _GUARD.append(threading.Lock() if _threading_layer() == "workqueue" else contextlib.nullcontext())
+    return _GUARD[0]
+
+
+def _threading_layer() -> str:
+    """Numba's threading layer: 'omp', 'tbb' or 'workqueue' (starting its pool, which picks it)."""
+    import numba
+
+    _numba_threads()
+    return str(numba.threading_layer())  # type: ignore[attr-defined]
+
+
+def _auto_may_split() -> bool:
+    """Whether the "auto" rule may split here at all: on GNU OpenMP, where the split was measured to pay,
+    once NumPy's OpenBLAS threads are quiet (``_numba_blas.quiet_pool``). The 64-128-128-10 step at batch
+    64 took 0.68 ms split on Numba's workqueue layer against 0.12 ms whole, and on TBB no less than whole."""
+    from ._numba_blas import quiet_pool
+
+    return _threading_layer() == "omp" and quiet_pool()
 
 
 def _numba_threads() -> int:
