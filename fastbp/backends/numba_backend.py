@@ -232,7 +232,7 @@ class NumbaBackend(Backend):
             return 1
         if not all(self.k.CODES.get(a) in self.k.FUSED for a in model.activations):
             return 1
-        if SPLIT == "auto" and not _auto_may_split():
+        if not _auto_may_split() and SPLIT == "auto":  # "always" quiets the pool too
             return 1
         return parts
 
@@ -340,7 +340,7 @@ class _Plan:
         self.layout, self.codes = _layout(model)
         if parts is None:  # the rule's (``parts``: forced, for warmup and tests)
             parts = split_parts(model.sizes, batch) if route == _numba_blas.ROUTE_NUMPY else 1
-            if parts > 1 and SPLIT == "auto" and not _auto_may_split():
+            if parts > 1 and not _auto_may_split() and SPLIT == "auto":  # "always" quiets the pool too
                 parts = 1
         self.parts = max(1, min(parts, batch))
         part_rows = -(-batch // self.parts)
@@ -458,7 +458,7 @@ def _auto_may_split() -> bool:
     64 took 0.68 ms split on Numba's workqueue layer against 0.12 ms whole, and on TBB no less than whole."""
     from ._numba_blas import quiet_pool
 
-    return _threading_layer() == "omp" and quiet_pool()
+    return quiet_pool() and _threading_layer() == "omp"  # quiet_pool first: "always" wants it all the same
 
 
 def _numba_threads() -> int:
