@@ -81,23 +81,23 @@ def numba_blas() -> str | None:
         numba_backend,
     )
 
-    mode = numba_backend.SPLIT
+    mode, layer = numba_backend.SPLIT, numba_backend._threading_layer()
     if _numba_blas.ROUTE != _numba_blas.ROUTE_NUMPY:
         split = "the whole step takes every batch whole (no thread control of this BLAS)"
     elif mode not in numba_backend.SPLIT_MODES:
         split = f"FASTBP_NUMBA_SPLIT={mode} is not 'auto', 'always' or 'never': training refuses it"
     elif mode == "never":
         split = "the whole step takes every batch whole (FASTBP_NUMBA_SPLIT=never)"
-    elif mode == "auto" and numba_backend._threading_layer() != "omp":
-        split = (f"the whole step takes every batch whole on Numba's {numba_backend._threading_layer()} threading "
-                 f"layer (FASTBP_NUMBA_SPLIT=auto splits on GNU OpenMP's)")
+    elif mode == "auto" and layer != "omp":
+        split = (f"the whole step takes every batch whole on Numba's {layer} threading layer "
+                 f"(FASTBP_NUMBA_SPLIT=auto splits on GNU OpenMP's)")
     else:
         user = os.environ.get("OPENBLAS_THREAD_TIMEOUT") or os.environ.get("GOTO_THREAD_TIMEOUT")
         pool = _numba_blas.POOL or (f"OPENBLAS_THREAD_TIMEOUT={user} is kept" if user else
                                     f"the first split makes NumPy's OpenBLAS threads sleep after "
                                     f"2^{_numba_blas.SPIN_EXPONENT} cycles of waiting, not 2^28")
         split = (f"the whole step splits {'small batches' if mode == 'auto' else 'every batch'} over Numba's "
-                 f"{numba.get_num_threads()} threads ({numba_backend._threading_layer()}, "
+                 f"{numba.get_num_threads()} threads ({layer}, "
                  f"FASTBP_NUMBA_SPLIT={mode}); {pool}")
     return f"{_numba_blas.DESCRIPTION}; {split}"
 

@@ -718,12 +718,14 @@ class _BatchBuffers:
         graphs hand theirs, so that the next fit gathers into the buffers their graphs captured)."""
         self.bk, self.Xd, self.yd, self.wd = bk, Xd, yd, wd
         self._kept: dict[tuple, tuple[Any, Any, Any]] = {} if kept is None else kept
+        # the buffers' key but for the row count: what the data's rows look like
+        self._rows_like = (Xd.shape[1:], Xd.dtype, yd.shape[1:], yd.dtype, None if wd is None else wd.dtype)
 
     def take(self, rows_idx: Any) -> tuple[Any, Any, Any]:
         """The rows ``rows_idx`` of X, y and the weights, gathered into the buffers of their count."""
         bk, Xd, yd, wd = self.bk, self.Xd, self.yd, self.wd
         rows = rows_idx.shape[0]
-        key = (rows, Xd.shape[1:], Xd.dtype, yd.shape[1:], yd.dtype, None if wd is None else wd.dtype)
+        key = (rows, self._rows_like)
         kept = self._kept.get(key)
         if kept is None:
             kept = self._kept[key] = (bk.empty((rows,) + Xd.shape[1:], Xd.dtype),

@@ -344,8 +344,8 @@ def gradients(X, y_labels, Y, loss, flat, grad, layout, codes, ws, top, route, r
     for l in range(L):
         w0, b0, n_in, n_out = layout[l, 0], layout[l, 1], layout[l, 2], layout[l, 3]
         A = ws[a_at[l]:a_at[l] + B * n_out].reshape((B, n_out)) if l < L - 1 else top
-        gemm(A_prev, flat[w0:w0 + n_in * n_out].reshape((n_in, n_out)), A, route)
-        forward_epilogue(A, flat[b0:b0 + n_out], codes[l])
+        dense_forward(A_prev, flat[w0:w0 + n_in * n_out].reshape((n_in, n_out)), flat[b0:b0 + n_out], codes[l], A,
+                      route)
         A_prev = A
     # ---- eq. (1)
     n_top = layout[L - 1, 3]
@@ -409,8 +409,8 @@ def forward_split(X, flat, layout, codes, ws, out, route):
     """The network's output for the rows of X (inference), its rows cut into P = ws.shape[0] parts, each
     on its own thread (Numba's pool) with BLAS held to one thread, as the split step's forward: part p
     computes layer by layer in the two halves of ws[p] in turn (each holds part rows x the widest hidden
-    layer) and writes its output rows into ``out``. Row for row the same operations as ``dense_forward``
-    layer after layer."""
+    layer) and writes its output rows into ``out``, through ``dense_forward`` layer after layer, as the
+    ops one by one."""
     parts = ws.shape[0]
     B = X.shape[0]
     L = layout.shape[0]
@@ -422,8 +422,8 @@ def forward_split(X, flat, layout, codes, ws, out, route):
         for l in range(L):
             w0, b0, n_in, n_out = layout[l, 0], layout[l, 1], layout[l, 2], layout[l, 3]
             A = ws[p, l % 2, :rows * n_out].reshape((rows, n_out)) if l < L - 1 else out[lo:hi]
-            gemm(A_prev, flat[w0:w0 + n_in * n_out].reshape((n_in, n_out)), A, route)
-            forward_epilogue(A, flat[b0:b0 + n_out], codes[l])
+            dense_forward(A_prev, flat[w0:w0 + n_in * n_out].reshape((n_in, n_out)), flat[b0:b0 + n_out], codes[l],
+                          A, route)
             A_prev = A
     blas_threads(threads, route)
 

@@ -24,6 +24,8 @@ e.g. ~/.cache/fastbp/numba; NUMBA_CACHE_DIR, where set, wins), never in the inst
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import threading
 import time
@@ -384,7 +386,6 @@ SPLIT_MIN_FLOP = 250e3
 SPLIT_MAX_FLOP = 40e6
 SPLIT_MIN_ROWS = 16
 _SPLIT_ALLOWED = [True]  # False in a child forked from a process that split (see _forked)
-_GUARD: list[Any] = []  # what a launch on Numba's pool holds (see _launch_guard), once known
 
 
 def split_parts(sizes: Any, batch: int) -> int:
@@ -430,6 +431,7 @@ def _layout(model: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.array(rows, dtype=np.int64), np.array([k.CODES[a] for a in model.activations], dtype=np.int64)
 
 
+@functools.cache
 def _launch_guard() -> Any:
     """What a kernel on Numba's pool (the split step, its gradient phase, the split inference) runs inside:
     on Numba's workqueue layer, which aborts the process when two Python threads launch at once (two
@@ -437,15 +439,12 @@ def _launch_guard() -> Any:
     take concurrent launches, nothing (with a lock there, each launching thread kept its own OpenMP team
     spinning while the other ran: two threads of 2000 split steps each took 2.4 s, against 0.69 s without
     and 0.57 s one after the other)."""
-    if not _GUARD:
-        import contextlib
-
-        _GUARD.append(threading.Lock() if _threading_layer() == "workqueue" else contextlib.nullcontext())
-    return _GUARD[0]
+    return threading.Lock() if _threading_layer() == "workqueue" else contextlib.nullcontext()
 
 
+@functools.cache
 def _threading_layer() -> str:
-    """Numba's threading layer: 'omp', 'tbb' or 'workqueue' (starting its pool, which picks it)."""
+    """Numba's threading layer: 'omp', 'tbb' or 'workqueue' (starting its pool, which picks it once)."""
     import numba
 
     _numba_threads()
