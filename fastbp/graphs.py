@@ -7,9 +7,10 @@ CUDA graph (``cupy.cuda.Stream.begin_capture``) and replay it with one launch pe
 - **Fixed buffers.** A graph replays the pointers it captured. ``fit`` gathers every batch into the same
   buffers of its row count (kept from one fit to the next, so a later fit replays the graphs an earlier
   one captured), and a model's workspaces, the optimizer's state, the guard and the scratch are
-  made by the first (eager) step and stay put; each step's loss and correct count land in a buffer of the
-  graph's, copied to the epoch's statistics after the replay. One graph per batch buffer (the last, partial
-  batch of an epoch gets its own).
+  made by the first (eager) step and stay put (the backend's buffer caches drop nothing during such a fit,
+  ``Backend.caches_held``, so the capture that follows finds them all); each step's loss and correct count
+  land in a buffer of the graph's, copied to the epoch's statistics after the replay. One graph per batch
+  buffer (the last, partial batch of an epoch gets its own).
 - **GEMMs on a handle of fastbp's own.** CuPy refuses cuBLAS calls during a capture, so the steps of a
   graph-using fit (eager or replayed alike, so that they compute the same) call cuBLAS through
   ``fastbp.backends._cublas``, on the fit's stream.
@@ -114,7 +115,7 @@ class StepGraphs:
             yield False
             return
         bk.synchronize()  # what the default stream queued (the data, the parameters) comes first
-        with self._stream, bk.gemms_through(self._blas):
+        with self._stream, bk.gemms_through(self._blas), bk.caches_held():
             try:
                 yield True
             finally:

@@ -105,6 +105,27 @@ def test_training_with_epilogues_and_graphs_together(epilogues):
     np.testing.assert_allclose(runs["lt"][0], runs["kernels"][0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("epilogues", GPU_PARAMS, indirect=True)
+def test_relu_masks_drop_the_oldest_past_256_except_while_held(epilogues):
+    """The ReLU bit-masks, one per layer output buffer, drop the oldest past 256 (buffers long gone), but not
+    inside ``caches_held`` (a graph capture cannot make a mask again); after it, the next new mask drops
+    the excess."""
+    bk = epilogues
+    bk._relu_masks.clear()
+    outputs = [bk.empty((4, 8), np.float32) for _ in range(300)]  # kept alive: distinct pointers
+    for A in outputs[:256]:
+        bk._relu_mask(A, create=True)
+    bk._relu_mask(outputs[256], create=True)
+    assert len(bk._relu_masks) == 256 and bk._relu_mask(outputs[0], create=False) is None
+    with bk.caches_held():
+        for A in outputs[257:299]:
+            bk._relu_mask(A, create=True)
+        assert len(bk._relu_masks) == 256 + 42 and bk._relu_mask(outputs[1], create=False) is not None
+    bk._relu_mask(outputs[299], create=True)
+    assert len(bk._relu_masks) == 256 and bk._relu_mask(outputs[299], create=False) is not None
+    bk._relu_masks.clear()
+
+
 @pytest.mark.parametrize("backend", GPU_PARAMS)
 def test_set_epilogues_checks_its_argument(backend):
     bk = resolve_backend(backend)

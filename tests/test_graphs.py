@@ -310,6 +310,44 @@ def test_a_graph_keeps_the_memory_it_uses_alive():
 
 @pytest.mark.emulator
 @emulated
+def test_a_full_scratch_cache_does_not_stop_the_capture():
+    """A process that has run many fits has a full scratch cache (``Backend._scratch``), oldest entries first.
+    An eager step can read an old entry and then drop it to make room for a new one, and the capture that
+    follows cannot allocate it again: during a fit with graphs the caches drop nothing
+    (``Backend.caches_held``). A full test run showed it: ``fastbp train --cuda-graphs`` now and then fell
+    back to eager steps, "an allocation of 320 bytes during stream capture"."""
+    X, y = data()
+    model = fb.MLP([8, 16, 16, 3], seed=0, backend=EMULATED)
+    bk = model.backend
+    local = bk._thread_state()
+    saved = local.__dict__.pop("scratch", None)
+    try:
+        prepared = model.prepare_batch(X[:32], y[:32], "cross_entropy")
+        fb.Trainer(model, optimizer=fb.optim.Adam(1e-2), batch_size=32)._step(*prepared)
+        keys = list(local.scratch)  # what a step of 32 rows asks for, in order
+        assert len(keys) >= 3
+        # the step's first miss drops "old 0"; it then reads keys[1], which its next miss (keys[2]) drops
+        local.scratch = {}
+        bk._scratch("old", (0,), np.float64)
+        bk._scratch(*keys[1])
+        while len(local.scratch) < 64:
+            bk._scratch("old", (len(local.scratch),), np.float64)
+        model = fb.MLP([8, 16, 16, 3], seed=0, backend=EMULATED)
+        trainer = fb.Trainer(model, optimizer=fb.optim.Adam(1e-2), batch_size=32, cuda_graphs=True)
+        trainer.fit(X, y, epochs=2, verbose=0)
+        # 200 rows: 6 batches of 32 and one of 8 an epoch; each size eager once, then captured and replayed
+        assert trainer.graph_status == "12 steps replayed from 2 captured graph(s)"
+        assert len(local.scratch) > 64  # held during the fit; shrinks back at the next miss
+        bk._scratch("new", (1,), np.float64)
+        assert len(local.scratch) == 64
+    finally:
+        local.__dict__.pop("scratch", None)
+        if saved is not None:
+            local.scratch = saved
+
+
+@pytest.mark.emulator
+@emulated
 def test_a_trainer_that_replayed_graphs_pickles_and_captures_anew():
     """Graphs, the stream, the cuBLAS handle and the device buffers are this process's: a pickled trainer
     leaves them behind, and the unpickled one captures its own and trains as the original goes on."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -83,10 +83,30 @@ class Backend:
             key = (tag, tuple(shape), np.dtype(dtype))  # the same buffer for a list shape or a dtype's type
             buf = cache.get(key)
             if buf is None:
-                if len(cache) >= 64:  # a few shapes per batch size and layer: drop the oldest past that
+                # a few shapes per batch size and layer: past 64, drop the oldest (none while held)
+                while len(cache) >= 64 and not getattr(local, "held", False):
                     del cache[next(iter(cache))]
                 buf = cache[key] = self.empty(key[1], key[2])
         return buf
+
+    @contextlib.contextmanager
+    def caches_held(self) -> Iterator[None]:
+        """Inside the block, this thread's scratch buffers (and the backend's other buffer caches) drop
+        nothing to make room. A CUDA graph capture cannot allocate, so it must find every buffer the eager
+        step before it made; dropping the oldest entry is no guarantee, as that step may have read an old
+        entry and then dropped it for a new one (``fastbp.graphs`` holds them for a fit's steps). The caches
+        grow past their size meanwhile (a fit has few shapes) and shrink back at their next miss after it."""
+        local = self._thread_state()
+        before = getattr(local, "held", False)
+        local.held = True
+        try:
+            yield
+        finally:
+            local.held = before
+
+    def _caches_held(self) -> bool:
+        """Whether this thread is inside ``caches_held``."""
+        return bool(getattr(self._thread_state(), "held", False))
 
     # ------------------------------------------------------------------ memory
     def asarray(self, x: Any, dtype: Any = None) -> Any:

@@ -284,7 +284,8 @@ class CupyBackend(Backend):
             return mask[0], ld
         if not create:
             return None
-        if len(self._relu_masks) >= 256:  # masks of buffers long gone (inference at many batch sizes, say)
+        # past 256, drop masks of buffers long gone (inference at many batch sizes, say); none while held
+        while len(self._relu_masks) >= 256 and not self._caches_held():
             self._relu_masks.pop(next(iter(self._relu_masks)))
         buf = self.xp.empty(rows * ld // 8, np.uint8)
         self._relu_masks[A.data.ptr] = (buf, (rows, ld))
