@@ -4,17 +4,18 @@
 # (a GPU CuPy cannot use fails them instead of skipping them), compute-sanitizer's memcheck, racecheck and
 # synccheck over a short training run where the tool exists, then the GPU configs of `fastbp bench`
 # (large 4096 x 4 at batch 8192 in fp32, TF32, bfloat16 and float16; narrow 64 wide at batch 65536 in fp32,
-# bfloat16 and float16; large bfloat16 and narrow fp32 again with cuBLASLt's epilogues) against the cuBLAS
-# GEMM floor and PyTorch CUDA eager (under autocast for 16 bits), after a probe of CUDA graphs of the
-# training step (benchmarks/gpu_graph_probe.py: a fit with graphs against one without).
+# bfloat16 and float16; large bfloat16 and narrow fp32 again with cuBLASLt's epilogues; narrow fp32 with the
+# fused training pass) against the cuBLAS GEMM floor and PyTorch CUDA eager (under autocast for 16 bits),
+# after a probe of CUDA graphs of the training step (benchmarks/gpu_graph_probe.py: a fit with graphs
+# against one without).
 # A log and JSON results go to $OUT when it is set, else ./gpu_results/.
-# Each step has its own time limit (about 14.5 minutes in all at worst); a failing step is logged and the
+# Each step has its own time limit (about 17 minutes in all at worst); a failing step is logged and the
 # script goes on, then exits non-zero.
 #
 #   bash benchmarks/gpu_check.sh [all|checks|bench]
 #
-# checks: the facts, the tests, the sanitizers and the graph probe (about 8 minutes at worst); bench: the
-# facts and the benchmarks (about 9.5); all (the default): both. The device tool allows 10 minutes a call, so
+# checks: the facts, the tests, the sanitizers and the graph probe (about 8.5 minutes at worst); bench: the
+# facts and the benchmarks (about 10); all (the default): both. The device tool allows 10 minutes a call, so
 # a lent machine can run `checks`, then `bench`, each in its own call.
 set -uo pipefail
 part="${1:-all}"
@@ -51,6 +52,9 @@ fb.Trainer(model, optimizer=fb.optim.AdamW(1e-3, weight_decay=1e-2), batch_size=
     for tool in memcheck racecheck synccheck; do
       run 40 compute-sanitizer --tool "$tool" --error-exitcode 1 "$py" -c "$train"
     done
+    # the fused training pass (kernels/mlp.cu): its shared memory is written and read across barriers
+    fused="${train/backend=\"cupy\")/backend=\"cupy\"); model.backend.set_fused_mlp(True)}"
+    run 40 compute-sanitizer --tool racecheck --error-exitcode 1 "$py" -c "$fused"
   else
     echo "=== compute-sanitizer is not on the PATH: memcheck, racecheck and synccheck not run"
   fi
@@ -83,9 +87,12 @@ if [ "$part" != checks ]; then
       --epilogues cublaslt --json "$out/bench_large_bf16_cublaslt.json"
   run 30 "$py" -m fastbp bench --backend cupy --config narrow --reps 10 --no-ops --epilogues cublaslt \
       --json "$out/bench_narrow_cublaslt.json"
+  # the fused training pass (forward, loss and backward in one kernel: set_fused_mlp) at narrow
+  run 25 "$py" -m fastbp bench --backend cupy --config narrow --reps 10 --no-ops --fused-mlp \
+      --json "$out/bench_narrow_fused.json"
   # where the time around the GEMMs goes: each op's kernels alone, their bytes and bandwidth
   run 45 "$py" benchmarks/gpu_kernels.py --config large --compute-dtype bfloat16 --json "$out/kernels_large_bf16.json"
-  run 40 "$py" benchmarks/gpu_kernels.py --config narrow --json "$out/kernels_narrow_fp32.json"
+  run 35 "$py" benchmarks/gpu_kernels.py --config narrow --json "$out/kernels_narrow_fp32.json"
 fi
 echo "=== gpu_check ($part) finished with status $status"
 exit $status

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epilogues", choices=("kernels", "cublaslt"), default="kernels",
                        help="on the cupy backend: the work around the GEMMs in fastbp's kernels, or fused into "
                             "them by cuBLASLt (relu, gelu, the bias and its gradient)")
+    train.add_argument("--fused-mlp", action="store_true",
+                       help="on the cupy backend, each step's forward and backward in one kernel where the network "
+                            "allows (float32/float64, one hidden activation, cross-entropy, narrow layers)")
     train.add_argument("--cuda-graphs", action="store_true",
                        help="on the cupy backend, replay each step as a captured CUDA graph (one launch a step)")
     train.add_argument("--seed", type=_seed, default=0, help="seed of the split, the weights and the shuffling")
@@ -307,6 +310,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         except Exception as exc:
             raise UsageError(f"--epilogues {args.epilogues}: {exc}") from exc
         print(f"epilogues: {args.epilogues}")
+    fused_route = None  # why a step of the model does not run fused (set_fused_mlp), with --fused-mlp
+    if args.fused_mlp:
+        if not hasattr(backend, "set_fused_mlp"):
+            raise UsageError(f"--fused-mlp needs the cupy backend, not {backend.name}")
+        backend.set_fused_mlp(True)
+        fused_route = backend.fused_mlp_route  # type: ignore[attr-defined]  # the cupy backend's, as set_fused_mlp
     if comm is not None:
         comm = fb.distributed.init("auto", backend, mpi=comm)
         print(f"data-parallel: {comm.size} ranks over {comm.name}; global batch {args.batch_size}")
@@ -342,6 +351,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                           verbose=verbose, interrupt_checkpoint=args.checkpoint, callbacks=periodic,
                           class_weight=None if args.class_weight == "none" else args.class_weight)
     train_time = time.perf_counter() - start
+    if fused_route is not None:
+        why = fused_route(model) or (None if args.loss == "cross_entropy" else f"the loss is {args.loss}")
+        print(f"fused mlp: {'on' if why is None else 'not used: ' + why}")
     if args.cuda_graphs:
         print(f"cuda graphs: {trainer.graph_status}")
     if history.interrupted:

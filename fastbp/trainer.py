@@ -202,7 +202,8 @@ class Trainer:
 
     def _step(self, Xd: Any, yd: Any, stats_out: Any = None, weights: Any = None) -> tuple[Any, Any]:
         """One step on prepared arrays: the backend's whole-step op where it has one (and no sample weights
-        are given), else the ops one by one; a non-finite loss or gradient never reaches the parameters.
+        are given), else its gradient op (``Backend.train_gradients``, without sample weights or loss scaling)
+        or the ops one by one, then the update; a non-finite loss or gradient never reaches the parameters.
         Returns (the loss, the output), or (None, None) for a step skipped as non-finite. ``stats_out``:
         receives [loss, correct count]; ``weights``: per-row weights (see ``Backend.output_delta``).
 
@@ -222,7 +223,13 @@ class Trainer:
             self.steps += 1
             return value, output
         scaling = self._loss_scaling()
-        value, _, output = model._loss_and_grads(Xd, yd, self.loss, stats_out, weights, scaling)
+        # the backend's gradient phase in one op where it has one, else the ops one by one
+        gradients = None if weights is not None or scaling is not None else bk.train_gradients(
+            model, Xd, yd, self.loss, stats_out)
+        if gradients is not None:
+            value, output = gradients
+        else:
+            value, _, output = model._loss_and_grads(Xd, yd, self.loss, stats_out, weights, scaling)
         grad = model.flat_grad()
         sumsq = self._sumsq = bk.sum_of_squares(grad, out=self._sumsq)
         guard = self._deferred_guard()

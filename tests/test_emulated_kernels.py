@@ -51,7 +51,7 @@ def modules():
             for f in cuda_sources.FILES}
 
 
-def launch(kernel, grid, block, args, outputs):
+def launch(kernel, grid, block, args, outputs, shared_mem=0):
     """Run ``kernel`` in every thread order, each time on fresh copies of the arrays in ``args``; check that
     the arrays at positions ``outputs`` come out bit-identical, and return them (from the forward run)."""
     results = []
@@ -60,7 +60,7 @@ def launch(kernel, grid, block, args, outputs):
         copies = {}
         run = [copies.setdefault(id(a), cuda_emulator.guarded_copy(a)) if isinstance(a, np.ndarray) else a
                for a in args]  # an array passed twice (A written over Z) stays one array
-        kernel.launch(grid, block, run, order=order, seed=seed)
+        kernel.launch(grid, block, run, shared_mem=shared_mem, order=order, seed=seed)
         results.append([run[i].copy() for i in outputs])
     for order, other in zip(ORDERS[1:], results[1:]):
         for i, (a, b) in zip(outputs, zip(results[0], other)):
@@ -508,7 +508,78 @@ def check_loss_scale_update(kernel, acc):
     assert gate[0] == 1
 
 
+# ------------------------------------------------------------------------------------------------ mlp.cu
+def mlp_reference(X, y, flat, sizes, name):
+    """The fused pass's results in float64: the output, each row's loss and whether its first maximum is
+    its label, and the mean loss's gradient laid out as the flat parameters (W then b per layer)."""
+    layers, rows, at = len(sizes) - 1, X.shape[0], np.arange(X.shape[0])
+    params, o = [], 0
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        params.append((flat[o:o + a * b].reshape(a, b), flat[o + a * b:o + (a + 1) * b]))
+        o += (a + 1) * b
+    acts, zs = [X], []
+    for l, (W, b) in enumerate(params):
+        zs.append(acts[-1] @ W + b)
+        acts.append(ACT[name](zs[-1]) if l < layers - 1 else zs[-1])
+    z = acts[-1]
+    m = z.max(axis=1, keepdims=True)
+    e = np.exp(z - m)
+    s = e.sum(axis=1, keepdims=True)
+    delta = e / s
+    delta[at, y] -= 1
+    delta /= rows
+    grads = []
+    for l in range(layers - 1, -1, -1):
+        grads = [acts[l].T @ delta, delta.sum(axis=0)] + grads
+        if l:
+            delta = (delta @ params[l][0].T) * DACT[name](zs[l - 1])
+    loss = (np.log(s) + m)[:, 0] - z[at, y]
+    return z, loss, (z.argmax(axis=1) == y).astype(np.float64), np.concatenate([g.ravel() for g in grads])
+
+
+def check_mlp_fused_pass(kernel, dtype, act):
+    from fastbp.backends.cupy_backend import mlp_shared_bytes
+
+    name = NAMES[act]
+    acc = np.float64 if dtype == np.float64 else np.float32
+    keeps = ACTIVATIONS[name].keeps == "preactivation"
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == np.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    rng = np.random.default_rng(20 + act)
+    for sizes, rows in [([5, 7, 3], 37), ([4, 3], 10), ([6, 33, 17, 9, 12], 50), ([3, 8, 8, 8, 2], 1)]:
+        n_params = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+        flat = (0.5 * rng.standard_normal(n_params)).astype(dtype)
+        X = rng.standard_normal((rows, sizes[0])).astype(dtype)
+        y = rng.integers(0, sizes[-1], rows).astype(np.int64)
+        want = mlp_reference(X.astype(np.float64), y, flat.astype(np.float64), sizes, name)
+        # one block running every tile, or several; tiles of 8 and 32 rows; 128 threads (the backend's) or 96
+        for tile, grid, block in [(8, 1, 128), (32, 1, 96), (8, 3, 128)]:
+            grid = min(grid, -(-rows // tile))
+            args = (X, y, flat, np.array(sizes, np.int64), np.int32(len(sizes) - 1), np.int32(rows), np.int32(tile),
+                    poisoned((rows, sizes[-1]), dtype), poisoned(2 * rows, acc), poisoned((grid, n_params), acc),
+                    np.int64(n_params))
+            out, stats, partial = launch(kernel, grid, block, args, [7, 8, 9],
+                                         shared_mem=mlp_shared_bytes(sizes, dtype, tile, keeps))
+            where = f"{kernel.name} {sizes} x {rows} rows, tiles of {tile}, {grid} x {block}"
+            assert_close(out, want[0], dtype, **tol, err_msg=where)
+            assert_close(stats[:rows], want[1], dtype, **tol, err_msg=where)
+            np.testing.assert_array_equal(stats[rows:], want[2], err_msg=where)
+            grad = partial.astype(np.float64).sum(axis=0)
+            scale = np.abs(want[3]).max()
+            assert_close(grad, want[3], dtype, rtol=tol["rtol"], atol=tol["atol"] * scale, err_msg=where)
+    # a label outside [0, C): its row's loss is NaN (and so is every gradient), the others are computed
+    sizes, rows = [4, 6, 3], 5
+    n_params = 5 * 6 + 7 * 3
+    y = np.array([0, 1, 3, 2, 1], np.int64)
+    args = (rng.standard_normal((rows, 4)).astype(dtype), y, rng.standard_normal(n_params).astype(dtype),
+            np.array(sizes, np.int64), np.int32(2), np.int32(rows), np.int32(8), poisoned((rows, 3), dtype),
+            poisoned(2 * rows, acc), poisoned((1, n_params), acc), np.int64(n_params))
+    stats, partial = launch(kernel, 1, 128, args, [8, 9], shared_mem=mlp_shared_bytes(sizes, dtype, 8, keeps))
+    assert np.isnan(stats[2]) and stats[7] == 0 and np.isfinite(stats[[0, 1, 3, 4]]).all()
+    assert np.isnan(partial).any()
+
+
 CHECKS = {
+    "mlp_fused_pass": check_mlp_fused_pass,
     "forward_epilogue": check_forward_epilogue, "backward_epilogue": check_backward_epilogue,
     "sum_partials": check_sum_partials,
     "softmax_ce": check_softmax_ce, "pointwise_loss": check_pointwise_loss, "ordered_sum": check_ordered_sum,

@@ -32,6 +32,8 @@ REDUCE_THREADS = 1024
 
 #: backward_epilogue's block: 32 columns by 8 row lanes (its shared tile is [8][33]).
 COLSUM_BLOCK = (32, 8)
+#: Threads per block of mlp.cu's fused training pass (``mlp_fused_pass``).
+MLP_THREADS = 128
 
 
 def _check_block_sizes() -> None:
@@ -102,6 +104,8 @@ def launch_threads(name_expression: str) -> int:
         return 1
     if base == "backward_epilogue":
         return COLSUM_BLOCK[0] * COLSUM_BLOCK[1]
+    if base == "mlp_fused_pass":
+        return MLP_THREADS
     return THREADS
 
 
@@ -141,12 +145,14 @@ def name_expressions(file: str) -> list[str]:
             names += [f"sumsq_partial<{ctype}>", f"clip_by_norm<{ctype}>"]
             names += [f"nonfinite_guard<{ctype}>"] if full else [f"scale_by<{ctype}>"]
             names += ["loss_scale_update<float>"] if dtype == "float32" else []
+        elif file == "mlp.cu":  # float32 and float64 networks only
+            names += [f"mlp_fused_pass<{ctype}, {a}>" for a in _ACTS] if full else []
         else:
             raise ValueError(f"unknown kernel file {file!r}")
     return names
 
 
-FILES = ("dense.cu", "loss.cu", "optim.cu")
+FILES = ("dense.cu", "loss.cu", "optim.cu", "mlp.cu")
 
 
 def instantiation_unit(file: str) -> str:

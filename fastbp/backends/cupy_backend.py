@@ -75,6 +75,10 @@ class CupyBackend(Backend):
         self.epilogues = "kernels"  # set_epilogues
         self._lt: Any = None  # the cuBLASLt handle, made on first use
         self._relu_masks: dict[int, Any] = {}  # cuBLASLt's ReLU bit-masks, by the address of the layer's output
+        self.fused_mlp = False  # set_fused_mlp
+        self._mlp_sizes: dict[tuple[int, ...], Any] = {}  # a network's widths on the device, for mlp_fused_pass
+        self._mlp_shared_set: dict[str, int] = {}  # the dynamic shared memory each fused kernel may use, as set
+        self._mlp_plans: dict[tuple, tuple[str | None, int, int]] = {}  # by network shape: see _mlp_plan
         # threads inside gemms_through or capturing: while 0, the ops skip looking at their thread's state
         # (a lookup per launch would cost a small step a few percent)
         self._graph_threads = 0
@@ -110,7 +114,7 @@ class CupyBackend(Backend):
         return kernel
 
     def _launch(self, file: str, template: str, dtype: Any, grid: tuple, block: tuple, args: tuple,
-                act: int = 0, gdtype: Any = None) -> None:
+                act: int = 0, gdtype: Any = None, shared_mem: int = 0) -> None:
         """Launch kernel ``template`` of ``file`` (see ``_kernel``). This is where arrays become raw pointers,
         so it checks them: each must be a CuPy array on this backend's device and C-contiguous (the kernels
         index flat memory), and an integer array int64 (the only integer pointer the kernels take).
@@ -134,7 +138,7 @@ class CupyBackend(Backend):
             raise ValueError(f"{template} argument {i} {problem}")
         if self._graph_threads:
             self._keep(args)
-        kernel(grid, block, args)
+        kernel(grid, block, args, shared_mem=shared_mem)
 
     def _out_scalar(self, out: Any, dtype: Any) -> Any:
         """``out`` when it is a 0-d ``dtype`` array on this device (the caller's buffer), else a new one."""
@@ -290,6 +294,99 @@ class CupyBackend(Backend):
         buf = self.xp.empty(rows * ld // 8, np.uint8)
         self._relu_masks[A.data.ptr] = (buf, (rows, ld))
         return buf, ld
+
+    # ------------------------------------------------------------------ the fused narrow MLP (mlp.cu)
+    def set_fused_mlp(self, enabled: bool) -> None:
+        """Run the forward and backward passes of a training step as one kernel where the network allows
+        (``mlp_fused_pass`` in kernels/mlp.cu, after tiny-cuda-nn's fully fused MLPs: a tile of rows through
+        every layer, its activations and one layer's weights at a time in shared memory, then the weight
+        gradients' per-block sums added in a fixed order): float32 or float64 (no mixed precision), one
+        hidden activation, cross-entropy on class labels without sample weights, and shared arrays that fit
+        one block (``mlp_shared_bytes``: in float32, every width up to 64 within the 48 KiB any GPU gives,
+        up to 128 with the opt-in shared memory of an A100 or H100). Elsewhere the layer-by-layer path runs,
+        and ``fused_mlp_route`` says why. Off by default: how it compares with cuBLAS waits for a GPU."""
+        self.fused_mlp = bool(enabled)
+
+    def fused_mlp_route(self, model: Any) -> str | None:
+        """Why a training step of ``model`` does not run fused, or None where it does (``set_fused_mlp``;
+        the loss must be cross-entropy on labels, without sample weights, besides)."""
+        if not self.fused_mlp:
+            return "off (set_fused_mlp(True) turns it on)"
+        return self._mlp_plan(model)[0]
+
+    def _mlp_plan(self, model: Any) -> tuple[str | None, int, int]:
+        """(why ``model`` cannot run fused, or None; rows per tile; shared bytes), kept per network shape.
+        The tile: the most rows, of 32, 16 and 8, whose arrays fit the 48 KiB any block may have, else the
+        most that fit this device's opt-in."""
+        key = (tuple(model.sizes), np.dtype(model.compute_dtype), tuple(model.activations))
+        plan = self._mlp_plans.get(key)
+        if plan is not None:
+            return plan
+        dtype, hidden = key[1], set(model.activations[:-1])
+        why: str | None = None
+        tile = nbytes = 0
+        if dtype.name not in ("float32", "float64"):
+            why = f"{dtype.name} compute (the fused pass runs float32 and float64)"
+        elif len(hidden) > 1:
+            why = "more than one hidden activation"
+        elif not hidden <= set(CODES):
+            why = f"the activation {hidden.pop()!r} has no CUDA code"
+        else:
+            keeps = _keeps_z(model)
+            optin = self._shared_optin()
+            fits = [(t, size) for limit in (SHARED_DEFAULT, optin) for t in (32, 16, 8)
+                    if (size := mlp_shared_bytes(model.sizes, dtype, t, keeps)) <= limit]
+            if fits:
+                tile, nbytes = fits[0]
+            else:
+                why = (f"its shared arrays fit no block: {mlp_shared_bytes(model.sizes, dtype, 8, keeps)} bytes for "
+                       f"tiles of 8 rows, where this device allows {optin}")
+        plan = self._mlp_plans[key] = (why, tile, nbytes)
+        return plan
+
+    def _shared_optin(self) -> int:
+        """The most dynamic shared memory a block may have on this device, opted in."""
+        attributes = self.device.attributes
+        return int(attributes.get("MaxSharedMemoryPerBlockOptin", attributes["MaxSharedMemoryPerBlock"]))
+
+    @_on_device
+    def train_gradients(self, model, X, y, loss, stats_out=None):
+        """Forward and backward in one kernel (``set_fused_mlp``), into ``model.flat_grad()``: returns (the
+        loss, the output), or None where the fused pass does not apply (``fused_mlp_route``)."""
+        if not self.fused_mlp or loss != "cross_entropy" or y.ndim != 1 or X.dtype != model.compute_dtype:
+            return None
+        why, tile, nbytes = self._mlp_plan(model)
+        if why is not None:
+            return None
+        xp = self.xp
+        rows, dtype, acc = X.shape[0], X.dtype, self._acc_dtype(X.dtype)
+        grid = min(-(-rows // tile), 2 * self._sm_count)  # at most the tiles: every block has one
+        if stats_out is None:
+            stats_out = self._scratch("stats", (2,), acc)  # as output_delta: the loss returned is a view of it
+        elif stats_out.shape != (2,) or stats_out.dtype != acc:
+            raise ValueError(f"stats_out must be a (2,) {np.dtype(acc)} array, got {stats_out.shape} {stats_out.dtype}")
+        row_stats = self._scratch("row_stats", (2 * rows,), acc)
+        partial = self._scratch("mlp_partial", (grid, model.n_params), acc)
+        out = model._workspace(rows).Z[-1]  # the output layer's Z, as the layer-by-layer path leaves it
+        sizes = self._mlp_sizes.get(tuple(model.sizes))
+        if sizes is None:
+            sizes = self._mlp_sizes[tuple(model.sizes)] = xp.asarray(np.array(model.sizes, np.int64))
+        act = CODES[model.activations[0] if len(model.layers) > 1 else "identity"]
+        if nbytes > SHARED_DEFAULT:  # opt in once per kernel, as CUDA requires past 48 KiB
+            kernel = self._kernel("mlp.cu", "mlp_fused_pass<{T}, {ACT}>", dtype, act=act)
+            key = f"{dtype.name}, {act}"
+            if self._mlp_shared_set.get(key, SHARED_DEFAULT) < nbytes:
+                kernel.max_dynamic_shared_size_bytes = nbytes
+                self._mlp_shared_set[key] = nbytes
+        labels = xp.ascontiguousarray(y, dtype=np.int64)
+        self._launch("mlp.cu", "mlp_fused_pass<{T}, {ACT}>", dtype, (grid,), (cuda_sources.MLP_THREADS,),
+                     (X, labels, model.flat_parameters(), sizes, np.int32(len(model.layers)), np.int32(rows),
+                      np.int32(tile), out, row_stats, partial, np.int64(model.n_params)), act=act, shared_mem=nbytes)
+        self._launch("dense.cu", "sum_partials<{T}>", dtype, (self._grid(model.n_params),), (cuda_sources.THREADS,),
+                     (partial, model.flat_grad(), np.int32(grid), np.int32(model.n_params)))
+        self._launch("loss.cu", "reduce_loss<{T}>", acc, (1,), (cuda_sources.REDUCE_THREADS,),
+                     (row_stats, np.int32(rows), acc(1.0 / rows), stats_out))
+        return stats_out[0], out
 
     def memory_in_use(self) -> int:
         """Bytes of device memory held by CuPy's pool (in use and cached)."""
@@ -657,9 +754,27 @@ class CupyBackend(Backend):
 
         start = time.perf_counter()
         with self.device:
-            for file in ("dense.cu", "loss.cu", "optim.cu"):
+            for file in cuda_sources.FILES:
                 self._kernel(file, name_expressions(file)[0].replace("float", "{T}", 1), "float32")
         return time.perf_counter() - start
+
+
+#: The dynamic shared memory any CUDA block may have without opting in.
+SHARED_DEFAULT = 48 * 1024
+
+
+def mlp_shared_bytes(sizes: list[int], dtype: Any, tile_rows: int, keeps_z: bool) -> int:
+    """The dynamic shared memory of mlp.cu's fused pass over a network of widths ``sizes``, for tiles of
+    ``tile_rows`` rows (the kernel's layout): every layer's output for the tile, the hidden layers' Z too
+    where g' reads Z (``keeps_z``), one layer's [W; b], and two deltas."""
+    widths, hidden = sum(sizes), sum(sizes[1:-1]) if keeps_z else 0
+    weights = max((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+    return np.dtype(dtype).itemsize * (tile_rows * (widths + hidden + 2 * max(sizes[1:])) + weights)
+
+
+def _keeps_z(model: Any) -> bool:
+    """Whether the hidden activation's g' reads Z (the fused pass then keeps every hidden layer's Z)."""
+    return any(ACTIVATIONS[a].keeps == "preactivation" for a in model.activations[:-1])
 
 
 def create(device_id: int = 0, cupy_module: Any = None) -> CupyBackend:

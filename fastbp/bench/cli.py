@@ -35,6 +35,8 @@ def add_bench_parser(sub: Any, sizes_type: Callable[[str], list[int]]) -> None:
                    help="float32 GEMMs on TF32 tensor cores (cupy and torch-cuda; the floor too)")
     p.add_argument("--epilogues", choices=("kernels", "cublaslt"), default="kernels",
                    help="the cupy backend's work around its GEMMs: fastbp's kernels, or fused by cuBLASLt")
+    p.add_argument("--fused-mlp", action="store_true",
+                   help="the cupy backend's steps with forward and backward in one kernel where the network allows")
     p.add_argument("--json", metavar="FILE", help="write every figure and the environment as JSON")
     p.add_argument("--plot", metavar="FILE", help="write a PNG chart of the ratios to the floor")
 
@@ -84,6 +86,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for bk in gpus:
             bk.set_epilogues(args.epilogues)
 
+    if args.fused_mlp:
+        fused = [bk for bk in backends if hasattr(bk, "set_fused_mlp")]
+        if not fused:
+            raise ValueError("--fused-mlp needs the cupy backend")
+        for bk in fused:
+            bk.set_fused_mlp(True)
+
     if any(bk.name == "numba" for bk in backends):
         from ..backends import _numba_blas, numba_backend
 
@@ -99,7 +108,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"\nconfig {name}: sizes {sizes}, batch {batch}, dtypes {dtypes}, backends {names} ...", flush=True)
         rows += run_config(name, sizes, batch, backends, dtypes, args.reps, args.min_time,
                            peers=not args.no_peers, torch_compile=args.torch_compile, ops=not args.no_ops,
-                           settle=args.settle, tf32=args.tf32, epilogues=args.epilogues)
+                           settle=args.settle, tf32=args.tf32, epilogues=args.epilogues, fused_mlp=args.fused_mlp)
     print()
     print(format_table(rows))
     print()

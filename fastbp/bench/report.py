@@ -21,9 +21,10 @@ from .timing import Candidate, run_interleaved, summarize
 def run_config(config: str, sizes: list[int], batch: int, backends: list[Any], dtypes: list[str],
                reps: int, min_time: float, peers: bool = True, torch_compile: bool = False,
                ops: bool = True, settle: float = 0.25, tf32: bool = False,
-               epilogues: str = "kernels") -> list[dict[str, Any]]:
-    """Time every candidate of one config; returns the result rows with their ratios. ``tf32`` and
-    ``epilogues`` (the GPU backends' settings, made by the caller) go into the rows' dtype label."""
+               epilogues: str = "kernels", fused_mlp: bool = False) -> list[dict[str, Any]]:
+    """Time every candidate of one config; returns the result rows with their ratios. ``tf32``,
+    ``epilogues`` and ``fused_mlp`` (the GPU backends' settings, made by the caller) go into the rows' dtype
+    label."""
     rows: list[dict[str, Any]] = []
     for dtype in dtypes:
         groups: list[tuple[str, list[Candidate]]] = []
@@ -48,7 +49,7 @@ def run_config(config: str, sizes: list[int], batch: int, backends: list[Any], d
         everything = [c for _, cs in groups for c in cs] + peer_cands
         run_interleaved(everything, reps, min_time, settle)
         label = (f"{dtype}+tf32" if tf32 and dtype == "float32" else dtype) + (
-            f"+{epilogues}" if epilogues != "kernels" else "")
+            f"+{epilogues}" if epilogues != "kernels" else "") + ("+fused" if fused_mlp else "")
         summaries = [dict(summarize(c, batch), config=config, dtype=label, sizes=sizes, batch=batch,
                           **extra.get(c.backend, {})) for c in everything]
         rows += add_ratios(summaries)

@@ -188,7 +188,7 @@ class Device:
     @property
     def attributes(self) -> dict[str, int]:
         return {"MultiProcessorCount": settings.sm_count, "MaxThreadsPerBlock": 1024, "WarpSize": 32,
-                "MaxSharedMemoryPerBlock": 48 * 1024}
+                "MaxSharedMemoryPerBlock": 48 * 1024, "MaxSharedMemoryPerBlockOptin": 227 * 1024}
 
     @property
     def compute_capability(self) -> str:
@@ -804,11 +804,18 @@ class _Kernel:
     def __init__(self, kernel: cuda_emulator.EmulatedKernel) -> None:
         self._kernel = kernel
         self.name = kernel.name
+        #: CUDA's CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: a launch may ask for more dynamic shared
+        #: memory than 48 KiB only after this is raised to it (up to the device's opt-in limit)
+        self.max_dynamic_shared_size_bytes = 48 * 1024
 
     def __call__(self, grid: Any, block: Any, args: tuple, *, shared_mem: int = 0, stream: Any = None,
                  enable_cooperative_groups: bool = False) -> None:
         if not isinstance(args, tuple):
             raise TypeError(f"kernel arguments must be a tuple, got {type(args).__name__}")
+        if shared_mem > self.max_dynamic_shared_size_bytes:
+            raise CUDARuntimeError(f"cudaErrorInvalidValue: {self.name} launched with {shared_mem} bytes of dynamic "
+                                   f"shared memory, over its max_dynamic_shared_size_bytes "
+                                   f"({self.max_dynamic_shared_size_bytes})")
         values: list[Any] = []
         for i, arg in enumerate(args):
             if isinstance(arg, ndarray):
