@@ -159,9 +159,13 @@ __global__ void mlp_fused_pass(const T* __restrict__ X, const long long* __restr
             if (l == 1) {
                 break;  // the input needs no delta
             }
-            // eq. (2): the delta below = (delta W^T) * g'(S), S the layer below's A, or its Z
+            // eq. (2): the delta below = (delta W^T) * g'(S), S the layer below's A, or its Z. W goes in
+            // transposed, rows padded to an odd length, so that the threads of a warp, each on its own i, read
+            // consecutive words (W's own rows would put them all in one bank) and write distinct banks
+            const int stride = n_in | 1;
             for (int k = t; k < n_in * n_out; k += nt) {
-                w[k] = params[p_off + k];
+                const int i = k / n_out;
+                w[(k - i * n_out) * stride + i] = params[p_off + k];
             }
             __syncthreads();
             T* below = delta == d0 ? d1 : d0;
@@ -171,7 +175,7 @@ __global__ void mlp_fused_pass(const T* __restrict__ X, const long long* __restr
                 const int i = k - r * n_in;
                 A s = A(0);
                 for (int j = 0; j < n_out; ++j) {
-                    s += static_cast<A>(load(delta[r * n_out + j])) * static_cast<A>(load(w[i * n_out + j]));
+                    s += static_cast<A>(load(delta[r * n_out + j])) * static_cast<A>(load(w[j * stride + i]));
                 }
                 C d = load(store<T>(s));
                 const T kept = keeps_preactivation<ACT> ? pre[z_off + k] : a_in[k];
