@@ -140,6 +140,15 @@ class CupyBackend(Backend):
             self._keep(args)
         kernel(grid, block, args, shared_mem=shared_mem)
 
+    def _stats_out(self, stats_out: Any, acc: Any) -> Any:
+        """The [loss, correct count] buffer a loss kernel writes: ``stats_out``, checked, or when None a
+        per-thread one (the loss returned is then a view of it, valid until this thread's next step)."""
+        if stats_out is None:
+            return self._scratch("stats", (2,), acc)
+        if stats_out.shape != (2,) or stats_out.dtype != acc:
+            raise ValueError(f"stats_out must be a (2,) {np.dtype(acc)} array, got {stats_out.shape} {stats_out.dtype}")
+        return stats_out
+
     def _out_scalar(self, out: Any, dtype: Any) -> Any:
         """``out`` when it is a 0-d ``dtype`` array on this device (the caller's buffer), else a new one."""
         if isinstance(out, self.xp.ndarray) and out.shape == () and out.dtype == dtype \
@@ -361,10 +370,7 @@ class CupyBackend(Backend):
         xp = self.xp
         rows, dtype, acc = X.shape[0], X.dtype, self._acc_dtype(X.dtype)
         grid = min(-(-rows // tile), 2 * self._sm_count)  # at most the tiles: every block has one
-        if stats_out is None:
-            stats_out = self._scratch("stats", (2,), acc)  # as output_delta: the loss returned is a view of it
-        elif stats_out.shape != (2,) or stats_out.dtype != acc:
-            raise ValueError(f"stats_out must be a (2,) {np.dtype(acc)} array, got {stats_out.shape} {stats_out.dtype}")
+        stats_out = self._stats_out(stats_out, acc)
         row_stats = self._scratch("row_stats", (2 * rows,), acc)
         partial = self._scratch("mlp_partial", (grid, model.n_params), acc)
         out = model._workspace(rows).Z[-1]  # the output layer's Z, as the layer-by-layer path leaves it
@@ -565,12 +571,7 @@ class CupyBackend(Backend):
         rows, C = Z_L.shape
         delta = delta_out if delta_out is not None else xp.empty_like(Z_L)
         acc = self._acc_dtype(Z_L.dtype)
-        if stats_out is None:
-            # the loss kernel writes [loss, correct] all the same, into a per-thread buffer: the loss returned
-            # is a view of it, valid until this thread's next output_delta
-            stats_out = self._scratch("stats", (2,), acc)
-        elif stats_out.shape != (2,) or stats_out.dtype != acc:
-            raise ValueError(f"stats_out must be a (2,) {np.dtype(acc)} array, got {stats_out.shape} {stats_out.dtype}")
+        stats_out = self._stats_out(stats_out, acc)
         row_stats = self._scratch("row_stats", (2 * rows,), acc)  # the row losses, then the correct counts
         blocks = (rows * 32 + cuda_sources.THREADS - 1) // cuda_sources.THREADS
         if loss == "cross_entropy":
