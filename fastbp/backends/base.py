@@ -390,9 +390,10 @@ class Backend:
 
     def train_gradients(self, model: Any, X: Any, y: Any, loss: str,
                         stats_out: Any = None) -> tuple[Any, Any] | None:
-        """The gradient phase of ``train_step`` alone, into ``model.flat_grad()`` (data-parallel training
-        reduces the gradient before the update): (the loss, the output), or None where this backend has no
-        such op for the model (the Trainer then runs the ops one by one)."""
+        """The gradient phase of a step in one op, into ``model.flat_grad()``: (the loss, the output), or None
+        where this backend has no such op for the model (the Trainer then runs the ops one by one). The
+        Trainer calls it where ``train_step`` declines (the update then runs on its own), and in
+        data-parallel training, which reduces the gradient before the update."""
         return None
 
     def to_floats(self, *xs: Any) -> tuple[float, ...]:
