@@ -509,9 +509,10 @@ def check_loss_scale_update(kernel, acc):
 
 
 # ------------------------------------------------------------------------------------------------ mlp.cu
-def mlp_reference(X, y, flat, sizes, name):
+def mlp_reference(X, y, flat, sizes, name, rnd=lambda v: v):
     """The fused pass's results in float64: the output, each row's loss and whether its first maximum is
-    its label, and the mean loss's gradient laid out as the flat parameters (W then b per layer)."""
+    its label, and the mean loss's gradient laid out as the flat parameters (W then b per layer). ``rnd``
+    rounds where the kernel stores (for 16-bit data): each product, each Z, A and delta."""
     layers, rows, at = len(sizes) - 1, X.shape[0], np.arange(X.shape[0])
     params, o = [], 0
     for a, b in zip(sizes[:-1], sizes[1:]):
@@ -519,20 +520,20 @@ def mlp_reference(X, y, flat, sizes, name):
         o += (a + 1) * b
     acts, zs = [X], []
     for l, (W, b) in enumerate(params):
-        zs.append(acts[-1] @ W + b)
-        acts.append(ACT[name](zs[-1]) if l < layers - 1 else zs[-1])
+        zs.append(rnd(rnd(acts[-1] @ W) + b))
+        acts.append(rnd(ACT[name](zs[-1])) if l < layers - 1 else zs[-1])
     z = acts[-1]
     m = z.max(axis=1, keepdims=True)
     e = np.exp(z - m)
     s = e.sum(axis=1, keepdims=True)
     delta = e / s
     delta[at, y] -= 1
-    delta /= rows
+    delta = rnd(delta / rows)
     grads = []
     for l in range(layers - 1, -1, -1):
         grads = [acts[l].T @ delta, delta.sum(axis=0)] + grads
         if l:
-            delta = (delta @ params[l][0].T) * DACT[name](zs[l - 1])
+            delta = rnd(rnd(delta @ params[l][0].T) * DACT[name](zs[l - 1]))
     loss = (np.log(s) + m)[:, 0] - z[at, y]
     return z, loss, (z.argmax(axis=1) == y).astype(np.float64), np.concatenate([g.ravel() for g in grads])
 
@@ -543,14 +544,19 @@ def check_mlp_fused_pass(kernel, dtype, act):
     name = NAMES[act]
     acc = np.float64 if dtype == np.float64 else np.float32
     keeps = ACTIVATIONS[name].keeps == "preactivation"
-    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == np.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    half = dtype in HALF
+    # 16 bits: the reference rounds where the kernel stores; a rounding that falls the other way (sums in
+    # another order) carries a unit of the last place (2**-8 in bfloat16) into the next layers
+    tol = {"rtol": 2e-2, "atol": 2e-2} if half else (
+        {"rtol": 1e-4, "atol": 1e-5} if dtype == np.float32 else {"rtol": 1e-10, "atol": 1e-12})
+    rnd = (lambda v: v.astype(dtype).astype(np.float64)) if half else (lambda v: v)
     rng = np.random.default_rng(20 + act)
     for sizes, rows in [([5, 7, 3], 37), ([4, 3], 10), ([6, 33, 17, 9, 12], 50), ([3, 8, 8, 8, 2], 1)]:
         n_params = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
         flat = (0.5 * rng.standard_normal(n_params)).astype(dtype)
         X = rng.standard_normal((rows, sizes[0])).astype(dtype)
         y = rng.integers(0, sizes[-1], rows).astype(np.int64)
-        want = mlp_reference(X.astype(np.float64), y, flat.astype(np.float64), sizes, name)
+        want = mlp_reference(X.astype(np.float64), y, flat.astype(np.float64), sizes, name, rnd)
         # one block running every tile, or several; tiles of 8 and 32 rows; 128 threads (the backend's) or 96
         for tile, grid, block in [(8, 1, 128), (32, 1, 96), (8, 3, 128)]:
             grid = min(grid, -(-rows // tile))
@@ -560,9 +566,11 @@ def check_mlp_fused_pass(kernel, dtype, act):
             out, stats, partial = launch(kernel, grid, block, args, [7, 8, 9],
                                          shared_mem=mlp_shared_bytes(sizes, dtype, tile, keeps))
             where = f"{kernel.name} {sizes} x {rows} rows, tiles of {tile}, {grid} x {block}"
-            assert_close(out, want[0], dtype, **tol, err_msg=where)
-            assert_close(stats[:rows], want[1], dtype, **tol, err_msg=where)
-            np.testing.assert_array_equal(stats[rows:], want[2], err_msg=where)
+            for got, ref in ((out, want[0]), (stats[:rows], want[1])):
+                assert_close(got, ref, dtype, rtol=tol["rtol"], atol=tol["atol"] * np.abs(ref).max(), err_msg=where)
+            top2 = np.sort(want[0], axis=1)[:, -2:]
+            clear = top2[:, 1] - top2[:, 0] > 0.1 if half else np.ones(rows, bool)  # no near-ties in 16 bits
+            np.testing.assert_array_equal(stats[rows:][clear], want[2][clear], err_msg=where)
             grad = partial.astype(np.float64).sum(axis=0)
             scale = np.abs(want[3]).max()
             assert_close(grad, want[3], dtype, rtol=tol["rtol"], atol=tol["atol"] * scale, err_msg=where)

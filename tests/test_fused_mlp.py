@@ -83,6 +83,34 @@ def test_the_fused_pass_computes_what_the_layers_compute(fused, dtype, case):
 
 
 @pytest.mark.parametrize("fused", GPU_PARAMS, indirect=True)
+def test_bfloat16_compute_runs_fused(fused):
+    """Mixed precision in bfloat16 runs fused too: the 16-bit compute copy of the weights in, the 16-bit
+    gradient out (float32 sums inside), the float32 master weights updated from it; within bfloat16's
+    rounding of the layer-by-layer step."""
+    bk = fused
+    if "bfloat16" not in bk.compute_dtypes:
+        pytest.skip("bfloat16 needs ml_dtypes")
+    sizes, rows = [8, 32, 32, 5], 70
+    rng = np.random.default_rng(7)
+    X, y = rng.standard_normal((rows, sizes[0])), rng.integers(0, sizes[-1], rows)
+    results = {}
+    for on in (True, False):
+        bk.set_fused_mlp(on)
+        model = fb.MLP(sizes, seed=0, backend=bk, compute_dtype="bfloat16")
+        assert (bk.fused_mlp_route(model) is None) == on
+        Xd, yd = model.prepare_batch(X, y, "cross_entropy")
+        stats = bk.zeros((2,), np.float32)
+        fake_cupy.stats.reset()
+        _, out = fb.Trainer(model, optimizer=fb.optim.SGD(0.1), batch_size=rows)._step(Xd, yd, stats)
+        if bk.xp is fake_cupy:
+            assert sum(n for k, n in fake_cupy.stats.kernels.items() if k.startswith("mlp_fused_pass<bf16")) == on
+        results[on] = [bk.to_numpy(a).astype(np.float64)
+                       for a in (stats, model.flat_grad(), out, model.flat_parameters())]
+    for name, a, b in zip(("stats", "gradient", "output", "parameters"), results[True], results[False]):
+        np.testing.assert_allclose(a, b, rtol=3e-2, atol=3e-2 * np.abs(b).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("fused", GPU_PARAMS, indirect=True)
 def test_where_the_fused_pass_does_not_apply_the_layers_run_and_it_says_why(fused):
     bk = fused
     assert bk.fused_mlp_route(fb.MLP([4, 8, 3], backend=bk)) is None

@@ -74,7 +74,7 @@ def test_the_cupy_backend_only_launches_listed_kernels():
         else:  # the reductions of accumulators run in float32 and float64 alone, loss scaling in 16 bits
             only = {"reduce_loss": ("float", "double"), "ordered_sum": ("float", "double"),
                     "nonfinite_guard": ("float", "double"), "scale_by": ("bf16", "f16"),
-                    "loss_scale_update": ("float",), "mlp_fused_pass": ("float", "double")}
+                    "loss_scale_update": ("float",), "mlp_fused_pass": ("float", "double", "bf16")}
             pairs = [(c, c) for c in cuda_sources.DTYPES.values() if c in only.get(base, (c,))]
         for ctype, gtype in pairs:
             codes = variants.get(base, sorted(CODES.values())) if "{ACT}" in template else [0]

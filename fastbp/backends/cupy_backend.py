@@ -309,8 +309,9 @@ class CupyBackend(Backend):
         """Run the forward and backward passes of a training step as one kernel where the network allows
         (``mlp_fused_pass`` in kernels/mlp.cu, after tiny-cuda-nn's fully fused MLPs: a tile of rows through
         every layer, its activations and one layer's weights at a time in shared memory, then the weight
-        gradients' per-block sums added in a fixed order): float32 or float64 (no mixed precision), one
-        hidden activation, cross-entropy on class labels without sample weights, and shared arrays that fit
+        gradients' per-block sums added in a fixed order): float32, float64 or bfloat16 compute (float16,
+        whose loss is scaled, runs layer by layer), one hidden activation, cross-entropy on class labels
+        without sample weights, and shared arrays that fit
         one block (``mlp_shared_bytes``: in float32, every width up to 64 within the 48 KiB any GPU gives,
         up to 128 with the opt-in shared memory of an A100 or H100). Elsewhere the layer-by-layer path runs,
         and ``fused_mlp_route`` says why. Off by default: how it compares with cuBLAS waits for a GPU."""
@@ -334,8 +335,8 @@ class CupyBackend(Backend):
         dtype, hidden = key[1], set(model.activations[:-1])
         why: str | None = None
         tile = nbytes = 0
-        if dtype.name not in ("float32", "float64"):
-            why = f"{dtype.name} compute (the fused pass runs float32 and float64)"
+        if dtype.name not in ("float32", "float64", "bfloat16"):
+            why = f"{dtype.name} compute (its loss scaling runs layer by layer)"
         elif len(hidden) > 1:
             why = "more than one hidden activation"
         elif not hidden <= set(CODES):
@@ -386,7 +387,7 @@ class CupyBackend(Backend):
                 self._mlp_shared_set[key] = nbytes
         labels = xp.ascontiguousarray(y, dtype=np.int64)
         self._launch("mlp.cu", "mlp_fused_pass<{T}, {ACT}>", dtype, (grid,), (cuda_sources.MLP_THREADS,),
-                     (X, labels, model.flat_parameters(), sizes, np.int32(len(model.layers)), np.int32(rows),
+                     (X, labels, model._flat_compute, sizes, np.int32(len(model.layers)), np.int32(rows),
                       np.int32(tile), out, row_stats, partial, np.int64(model.n_params)), act=act, shared_mem=nbytes)
         self._launch("dense.cu", "sum_partials<{T}>", dtype, (self._grid(model.n_params),), (cuda_sources.THREADS,),
                      (partial, model.flat_grad(), np.int32(grid), np.int32(model.n_params)))
