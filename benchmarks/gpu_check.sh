@@ -4,10 +4,10 @@
 # (a GPU CuPy cannot use fails them instead of skipping them), compute-sanitizer's memcheck, racecheck and
 # synccheck over a short training run where the tool exists, then the GPU configs of `fastbp bench`
 # (large 4096 x 4 at batch 8192 in fp32, TF32, bfloat16 and float16; narrow 64 wide at batch 65536 in fp32,
-# bfloat16 and float16; large bfloat16 and narrow fp32 again with cuBLASLt's epilogues; narrow fp32 with the
-# fused training pass) against the cuBLAS GEMM floor and PyTorch CUDA eager (under autocast for 16 bits),
-# after a probe of CUDA graphs of the training step (benchmarks/gpu_graph_probe.py: a fit with graphs
-# against one without).
+# bfloat16 and float16; large bfloat16 and narrow fp32 again with cuBLASLt's epilogues; narrow fp32 and
+# bfloat16 with the fused training pass) against the cuBLAS GEMM floor and PyTorch CUDA eager (under
+# autocast for 16 bits), after a probe of CUDA graphs of the training step (benchmarks/gpu_graph_probe.py:
+# a fit with graphs against one without).
 # A log and JSON results go to $OUT when it is set, else ./gpu_results/.
 # Each step has its own time limit (about 17 minutes in all at worst); a failing step is logged and the
 # script goes on, then exits non-zero.
@@ -88,11 +88,11 @@ if [ "$part" != checks ]; then
   run 30 "$py" -m fastbp bench --backend cupy --config narrow --reps 10 --no-ops --epilogues cublaslt \
       --json "$out/bench_narrow_cublaslt.json"
   # the fused training pass (forward, loss and backward in one kernel: set_fused_mlp) at narrow
-  run 25 "$py" -m fastbp bench --backend cupy --config narrow --reps 10 --no-ops --fused-mlp \
-      --json "$out/bench_narrow_fused.json"
+  run 35 "$py" -m fastbp bench --backend cupy --config narrow --dtype float32 --dtype bfloat16 --reps 10 --no-ops \
+      --fused-mlp --json "$out/bench_narrow_fused.json"
   # where the time around the GEMMs goes: each op's kernels alone, their bytes and bandwidth
   run 45 "$py" benchmarks/gpu_kernels.py --config large --compute-dtype bfloat16 --json "$out/kernels_large_bf16.json"
-  run 35 "$py" benchmarks/gpu_kernels.py --config narrow --json "$out/kernels_narrow_fp32.json"
+  run 30 "$py" benchmarks/gpu_kernels.py --config narrow --json "$out/kernels_narrow_fp32.json"
 fi
 echo "=== gpu_check ($part) finished with status $status"
 exit $status
