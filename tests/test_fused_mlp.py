@@ -21,10 +21,10 @@ TOL = {"float32": (2e-5, 2e-6), "float64": (1e-12, 1e-13)}  # rtol, atol as a fr
 
 @pytest.fixture
 def fused(request, monkeypatch):
-    """The backend with the fused pass on for the test, and off after it; a grid of at most 4 blocks (so that
-    a block runs several tiles of a test's batch, as on a GPU at 65536 rows)."""
+    """The backend with the fused pass on for the test, and off after it; one SM, so a grid of at most 4
+    blocks (a block then runs several tiles of a test's batch, as on a GPU at 65536 rows)."""
     bk = resolve_backend(request.param)
-    monkeypatch.setattr(bk, "_sm_count", 2)
+    monkeypatch.setattr(bk, "_sm_count", 1)
     bk.set_fused_mlp(True)
     yield bk
     bk.set_fused_mlp(False)

@@ -78,7 +78,7 @@ class CupyBackend(Backend):
         self.fused_mlp = False  # set_fused_mlp
         self._mlp_sizes: dict[tuple[int, ...], Any] = {}  # a network's widths on the device, for mlp_fused_pass
         self._mlp_shared_set: dict[str, int] = {}  # the dynamic shared memory each fused kernel may use, as set
-        self._mlp_plans: dict[tuple, tuple[str | None, int, int]] = {}  # by network shape: see _mlp_plan
+        self._mlp_plans: dict[tuple, tuple[str | None, int, int, int]] = {}  # by network shape: see _mlp_plan
         # threads inside gemms_through or capturing: while 0, the ops skip looking at their thread's state
         # (a lookup per launch would cost a small step a few percent)
         self._graph_threads = 0
@@ -324,17 +324,18 @@ class CupyBackend(Backend):
             return "off (set_fused_mlp(True) turns it on)"
         return self._mlp_plan(model)[0]
 
-    def _mlp_plan(self, model: Any) -> tuple[str | None, int, int]:
-        """(why ``model`` cannot run fused, or None; rows per tile; shared bytes), kept per network shape.
-        The tile: the most rows, of 32, 16 and 8, whose arrays fit the 48 KiB any block may have, else the
-        most that fit this device's opt-in."""
+    def _mlp_plan(self, model: Any) -> tuple[str | None, int, int, int]:
+        """(why ``model`` cannot run fused, or None; rows per tile; shared bytes; blocks per SM), kept per
+        network shape. The tile: the most rows, of 32, 16 and 8, whose arrays fit the 48 KiB any block may
+        have, else the most that fit this device's opt-in. Blocks per SM: as many as the SM's shared memory
+        holds, up to 4 (each adds a row of partial gradients to sum)."""
         key = (tuple(model.sizes), np.dtype(model.compute_dtype), tuple(model.activations))
         plan = self._mlp_plans.get(key)
         if plan is not None:
             return plan
         dtype, hidden = key[1], set(model.activations[:-1])
         why: str | None = None
-        tile = nbytes = 0
+        tile = nbytes = per_sm = 0
         if dtype.name not in ("float32", "float64", "bfloat16"):
             why = f"{dtype.name} compute (its loss scaling runs layer by layer)"
         elif len(hidden) > 1:
@@ -348,10 +349,12 @@ class CupyBackend(Backend):
                     if (size := mlp_shared_bytes(model.sizes, dtype, t, keeps)) <= limit]
             if fits:
                 tile, nbytes = fits[0]
+                shared_per_sm = int(self.device.attributes.get("MaxSharedMemoryPerMultiprocessor", optin))
+                per_sm = max(1, min(4, shared_per_sm // nbytes))
             else:
                 why = (f"its shared arrays fit no block: {mlp_shared_bytes(model.sizes, dtype, 8, keeps)} bytes for "
                        f"tiles of 8 rows, where this device allows {optin}")
-        plan = self._mlp_plans[key] = (why, tile, nbytes)
+        plan = self._mlp_plans[key] = (why, tile, nbytes, per_sm)
         return plan
 
     def _shared_optin(self) -> int:
@@ -365,12 +368,12 @@ class CupyBackend(Backend):
         loss, the output), or None where the fused pass does not apply (``fused_mlp_route``)."""
         if not self.fused_mlp or loss != "cross_entropy" or y.ndim != 1 or X.dtype != model.compute_dtype:
             return None
-        why, tile, nbytes = self._mlp_plan(model)
+        why, tile, nbytes, per_sm = self._mlp_plan(model)
         if why is not None:
             return None
         xp = self.xp
         rows, dtype, acc = X.shape[0], X.dtype, self._acc_dtype(X.dtype)
-        grid = min(-(-rows // tile), 2 * self._sm_count)  # at most the tiles: every block has one
+        grid = min(-(-rows // tile), per_sm * self._sm_count)  # at most the tiles: every block has one
         stats_out = self._stats_out(stats_out, acc)
         row_stats = self._scratch("row_stats", (2 * rows,), acc)
         partial = self._scratch("mlp_partial", (grid, model.n_params), acc)

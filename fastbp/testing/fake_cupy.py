@@ -188,7 +188,8 @@ class Device:
     @property
     def attributes(self) -> dict[str, int]:
         return {"MultiProcessorCount": settings.sm_count, "MaxThreadsPerBlock": 1024, "WarpSize": 32,
-                "MaxSharedMemoryPerBlock": 48 * 1024, "MaxSharedMemoryPerBlockOptin": 227 * 1024}
+                "MaxSharedMemoryPerBlock": 48 * 1024, "MaxSharedMemoryPerBlockOptin": 227 * 1024,
+                "MaxSharedMemoryPerMultiprocessor": 228 * 1024}
 
     @property
     def compute_capability(self) -> str:
