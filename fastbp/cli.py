@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "them by cuBLASLt (relu, gelu, the bias and its gradient)")
     train.add_argument("--fused-mlp", action="store_true",
                        help="on the cupy backend, each step's forward and backward in one kernel where the network "
-                            "allows (float32/float64, one hidden activation, cross-entropy, narrow layers)")
+                            "allows (float32, float64, bfloat16; one hidden activation, cross-entropy, narrow layers)")
     train.add_argument("--cuda-graphs", action="store_true",
                        help="on the cupy backend, replay each step as a captured CUDA graph (one launch a step)")
     train.add_argument("--seed", type=_seed, default=0, help="seed of the split, the weights and the shuffling")

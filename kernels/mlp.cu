@@ -2,8 +2,8 @@
 // (no tensor-core paths yet): one kernel runs the forward pass, the softmax cross-entropy and the backward
 // pass of a tile of rows through every layer. The tile's activations and one layer's weights at a time live
 // in shared memory; global memory sees the batch, the network's output, the per-row losses and the weight
-// gradients. The cupy backend runs it for float32 and float64 networks whose shared arrays fit a block
-// (CupyBackend.set_fused_mlp).
+// gradients. The cupy backend runs it for float32, float64 and bfloat16 compute where the shared arrays
+// fit a block (CupyBackend.set_fused_mlp).
 #include "common.cuh"
 
 // Shared memory, in T, for tiles of R rows (cupy_backend.mlp_shared_bytes computes the same sizes):

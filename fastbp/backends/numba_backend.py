@@ -208,8 +208,8 @@ class NumbaBackend(Backend):
             return None
         layout, codes = _layout(model)
         widest = max(model.sizes[1:-1], default=1)
-        ws = np.empty((parts, 2, -(-rows // parts) * widest), model.dtype)
-        out = np.empty((rows, model.sizes[-1]), model.dtype)
+        ws = self._scratch("forward_split", (parts, 2, -(-rows // parts) * widest), model.dtype)
+        out = np.empty((rows, model.sizes[-1]), model.dtype)  # returned: the caller's
         with _launch_guard():
             self.k.forward_split(X, model.flat_parameters(), layout, codes, ws, out, self.blas_route)
         return out
