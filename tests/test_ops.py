@@ -90,6 +90,56 @@ def test_output_delta(backend, dtype, rng, loss):
                  ref.loss(Z, yp, loss), dtype)
 
 
+@pytest.mark.parametrize("shape", [(64, 10), (33, 32), (40, 33), (256, 2)])
+def test_cross_entropy_at_batch_shapes(backend, dtype, rng, shape):
+    # batches of 32 rows or more with up to 32 classes take the reference's row maxima through a
+    # transposed copy (``Backend._row_max``); every shape the sums over rows as products with ones
+    B, n_out = shape
+    Z = (3 * rng.standard_normal(shape)).astype(dtype)
+    Z[0, :] = 50.0  # a tie across a whole row
+    Z[1, -1] = 1e4  # a logit only a shift by the row's maximum keeps finite, in the last column
+    Z[2, :] = -1e4
+    y = rng.integers(0, n_out, B)
+    soft = rng.random(shape)
+    soft /= soft.sum(1, keepdims=True)
+    tol = {"rtol": 1e-5 if dtype == "float32" else 1e-12, "atol": 1e-7 if dtype == "float32" else 1e-15}
+    for targets in (y, soft):
+        yp = prepare_targets(targets, "cross_entropy", n_out, B, np.dtype(dtype))
+        value, delta = backend.output_delta(backend.asarray(Z), backend.asarray(yp), "cross_entropy")
+        assert_close(backend.to_float(value), ref.loss(Z, yp, "cross_entropy"), dtype, rtol=tol["rtol"])
+        assert_close(delta, ref.loss_grad(Z, yp, "cross_entropy"), dtype, **tol)
+        rows = backend.to_numpy(backend.row_losses(backend.asarray(Z), backend.asarray(yp), "cross_entropy"))
+        assert_close(rows.mean(), ref.loss(Z, yp, "cross_entropy"), dtype, rtol=tol["rtol"])
+
+
+@pytest.mark.parametrize("shape", [(7, 6), (64, 10), (32, 32), (31, 10), (64, 33), (1024, 3)])
+def test_row_max_takes_either_route_to_the_same_values(shape, rng):
+    from fastbp.backends import resolve_backend
+
+    bk = resolve_backend("numpy")
+    Z = rng.standard_normal(shape).astype(np.float32)
+    Z[0] = -np.inf
+    Z[1, 0], Z[2, -1] = np.nan, np.inf
+    for _ in range(2):  # the second call reuses the transposed copy
+        m = bk._row_max(Z)
+        assert m.shape == (shape[0], 1)
+        np.testing.assert_array_equal(m, Z.max(axis=1, keepdims=True))
+
+
+def test_constants_are_read_only_and_kept(dtype):
+    from fastbp.backends import resolve_backend
+
+    bk = resolve_backend("numpy")
+    ones, zeros = bk._constant(1, (5, 3), dtype), bk._constant(0, (5, 3), dtype)
+    np.testing.assert_array_equal(ones, np.ones((5, 3)))
+    np.testing.assert_array_equal(zeros, np.zeros((5, 3)))
+    assert ones.dtype == zeros.dtype == np.dtype(dtype)
+    assert bk._constant(1, (5, 3), dtype) is ones  # kept, not refilled
+    assert bk._scratch("activation", (5, 3), dtype) is not zeros  # a scratch buffer of the shape is another
+    with pytest.raises(ValueError, match="read-only"):
+        zeros[0, 0] = 1.0
+
+
 def test_cross_entropy_with_probability_targets(backend, dtype, rng):
     B, n_out = 6, 5
     Z = rng.standard_normal((B, n_out)).astype(dtype)
