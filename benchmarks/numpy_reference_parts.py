@@ -15,7 +15,10 @@ the textbook step; SGD, cross-entropy, relu):
   with the reference's operations, and ``lean, bias folded``, where each layer's input carries a column
   of ones, so the forward GEMM adds the bias (W and b lie together as one (n_in + 1, n_out) block) and the
   weight-gradient GEMM yields the bias gradient. They bound what a NumPy step doing the reference's work
-  can reach; both are checked against the reference's loss and gradient before timing.
+  can reach; both are checked against the reference's loss and gradient before timing;
+- ``Trainer.step, folded gradients``: the public step of a numpy backend whose gradient phase is that
+  bias-folded pass in one op (``Backend.train_gradients``, plans kept per model and batch size, the loss
+  and g' through the reference's own ops): the public step's cost once the per-op dispatch is gone.
 """
 
 from __future__ import annotations
@@ -28,9 +31,20 @@ from collections.abc import Callable
 import numpy as np
 
 import fastbp as fb
+from fastbp.activations import ACTIVATIONS
+from fastbp.backends.numpy_backend import NumpyBackend
 from fastbp.bench import CONFIGS, naive_candidate
 from fastbp.bench.flops import LR
 from fastbp.envinfo import blas_info
+
+
+def blocks(flat: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    """Per layer the (n_in + 1, n_out) block [W; b] of a flat parameter (or gradient) vector, as views."""
+    out, o = [], 0
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        out.append(flat[o:o + (a + 1) * b].reshape(a + 1, b))
+        o += (a + 1) * b
+    return out
 
 
 def lean_steps(model: fb.MLP, X: np.ndarray, y: np.ndarray, lr: float) -> dict[str, Callable[[], float]]:
@@ -40,21 +54,24 @@ def lean_steps(model: fb.MLP, X: np.ndarray, y: np.ndarray, lr: float) -> dict[s
     starts = np.arange(B) * n_out
     D = [np.empty((B, s), dt) for s in sizes[1:]]
     masks = [np.empty((B, s), dt) for s in sizes[1:]]
-
-    def blocks(flat: np.ndarray) -> list[np.ndarray]:  # per layer the (n_in + 1, n_out) block [W; b]
-        out, o = [], 0
-        for a, b in zip(sizes[:-1], sizes[1:]):
-            out.append(flat[o:o + (a + 1) * b].reshape(a + 1, b))
-            o += (a + 1) * b
-        return out
+    zeros = [np.zeros((B, s), dt) for s in sizes[1:]]
+    ones_b, ones_c = np.ones(B, dt), np.ones((n_out, 1), dt)
+    T = np.empty((n_out, B), dt)
 
     def top_delta(z: np.ndarray) -> tuple[float, np.ndarray]:
-        m = z.max(axis=1, keepdims=True)
+        if n_out > 32 or B < 32:
+            m = z.max(axis=1, keepdims=True)
+        else:
+            np.copyto(T, z.T)
+            m = T.max(axis=0)[:, None]
         E = np.subtract(z, m, out=D[-1])
         np.exp(E, out=E)
-        s = E.sum(axis=1, keepdims=True)
+        s = np.matmul(E, ones_c)
         at = y + starts
-        value = (np.log(s).sum() + (m.sum() - z.take(at).sum())) / B
+        rows = np.log(s).reshape(-1)
+        rows += m.reshape(-1)
+        rows -= z.take(at)
+        value = rows.sum() / B
         E *= np.divide(1.0 / B, s, out=s)
         E.reshape(-1)[at] -= 1.0 / B
         return value, E
@@ -69,7 +86,7 @@ def lean_steps(model: fb.MLP, X: np.ndarray, y: np.ndarray, lr: float) -> dict[s
     # ---- lean: the reference's layout and operations
     P1, G1 = model.flat_parameters().copy(), np.empty(model.n_params, dt)
     work1 = np.empty_like(P1)
-    PB, GB = blocks(P1), blocks(G1)
+    PB, GB = blocks(P1, sizes), blocks(G1, sizes)
     A = [X] + [np.empty((B, s), dt) for s in sizes[1:]]
 
     def lean() -> float:
@@ -77,11 +94,11 @@ def lean_steps(model: fb.MLP, X: np.ndarray, y: np.ndarray, lr: float) -> dict[s
             Z = np.matmul(A[i], PB[i][:-1], out=A[i + 1])
             Z += PB[i][-1]
             if i < L - 1:
-                np.maximum(Z, 0, out=Z)
+                np.maximum(Z, zeros[i], out=Z)
         value, delta = top_delta(A[-1])
         for i in range(L - 1, -1, -1):
             np.matmul(A[i].T, delta, out=GB[i][:-1])
-            delta.sum(axis=0, out=GB[i][-1])
+            np.matmul(ones_b, delta, out=GB[i][-1])
             if i > 0:
                 below = np.matmul(delta, PB[i][:-1].T, out=D[i - 1])
                 np.greater(A[i], 0, out=masks[i - 1])
@@ -92,7 +109,7 @@ def lean_steps(model: fb.MLP, X: np.ndarray, y: np.ndarray, lr: float) -> dict[s
     # ---- lean, bias folded: inputs [A | 1] times [W; b]
     P2, G2 = model.flat_parameters().copy(), np.empty(model.n_params, dt)
     work2 = np.empty_like(P2)
-    WB, GW = blocks(P2), blocks(G2)
+    WB, GW = blocks(P2, sizes), blocks(G2, sizes)
     Aa = [np.ones((B, s + 1), dt) for s in sizes[:-1]]
     Z = [np.empty((B, s), dt) for s in sizes[1:]]
 
@@ -101,7 +118,7 @@ def lean_steps(model: fb.MLP, X: np.ndarray, y: np.ndarray, lr: float) -> dict[s
         for i in range(L):
             np.matmul(Aa[i], WB[i], out=Z[i])
             if i < L - 1:
-                np.maximum(Z[i], 0, out=Aa[i + 1][:, :-1])
+                np.maximum(Z[i], zeros[i], out=Aa[i + 1][:, :-1])
         value, delta = top_delta(Z[-1])
         for i in range(L - 1, -1, -1):
             np.matmul(Aa[i].T, delta, out=GW[i])
@@ -125,6 +142,51 @@ def lean_steps(model: fb.MLP, X: np.ndarray, y: np.ndarray, lr: float) -> dict[s
     return {"lean": lean, "lean, bias folded": folded}
 
 
+class FoldedGradients(NumpyBackend):
+    """The numpy backend with the gradient phase as one bias-folded pass: each layer's input carries a
+    column of ones, times the (n_in + 1, n_out) block [W; b] of the flat parameters (the weight-gradient
+    GEMM gives [dW; db] into the flat gradient's block); the output delta and each g' are the reference's."""
+
+    name = "numpy-folded"
+
+    def __init__(self) -> None:
+        self._plans: dict[tuple[int, int], dict[str, list[np.ndarray]]] = {}
+
+    def _plan(self, model: fb.MLP, B: int) -> dict[str, list[np.ndarray]]:
+        plan = self._plans.get((id(model), B))
+        if plan is None:
+            sizes, dt = model.sizes, model.dtype
+            Aa = [np.ones((B, s + 1), dt) for s in sizes[:-1]]
+            plan = self._plans[(id(model), B)] = {
+                "WB": blocks(model.flat_parameters(), sizes), "GB": blocks(model.flat_grad(), sizes), "Aa": Aa,
+                "A": [a[:, :-1] for a in Aa], "Z": [np.empty((B, s), dt) for s in sizes[1:]],
+                "D": [np.empty((B, s), dt) for s in sizes[1:]]}
+        return plan
+
+    def train_gradients(self, model, X, y, loss, stats_out=None):  # type: ignore[no-untyped-def]
+        p = self._plan(model, X.shape[0])
+        WB, Aa, A, Z, D = p["WB"], p["Aa"], p["A"], p["Z"], p["D"]
+        L = len(WB)
+        A[0][...] = X
+        for i, layer in enumerate(model.layers):
+            z = np.matmul(Aa[i], WB[i], out=Z[i])
+            if i < L - 1:
+                act = ACTIVATIONS[layer.activation]
+                work = None if act.forward_work is None else self._constant(0, z.shape, z.dtype) \
+                    if act.forward_work == "zeros" else self._scratch("activation", z.shape, z.dtype)
+                act.forward(np, z, A[i + 1], work)
+        value, delta = self.output_delta(Z[-1], y, loss, delta_out=D[-1], stats_out=stats_out)
+        for i in range(L - 1, -1, -1):
+            np.matmul(Aa[i].T, delta, out=p["GB"][i])
+            if i > 0:
+                below = np.matmul(delta, WB[i][:-1].T, out=D[i - 1])
+                act = ACTIVATIONS[model.layers[i - 1].activation]
+                act.backward(np, below, Z[i - 1], A[i], self._scratch("activation", below.shape, below.dtype),
+                             self._scratch("activation2", below.shape, below.dtype))
+                delta = below
+        return value, Z[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="small", choices=[c for c in CONFIGS if not CONFIGS[c].get("gpu_only")])
@@ -145,6 +207,14 @@ def main() -> None:
     value, delta = model._output_delta(trace, yd, "cross_entropy")
     model._backward(trace, delta)
     grad, params, opt = model.flat_grad(), [model.flat_parameters().copy()], fb.optim.SGD(lr=LR)
+    folded = fb.MLP(sizes, dtype=args.dtype, seed=0, backend=FoldedGradients())
+    folded_trainer = fb.Trainer(folded, optimizer=fb.optim.SGD(lr=LR), batch_size=batch)
+    want_loss, want_grads = fb.MLP(sizes, dtype=args.dtype, seed=0).loss_and_grads(Xd, yd, "cross_entropy")
+    got_loss, _ = folded.backend.train_gradients(folded, Xd, yd, "cross_entropy")
+    tol = 1e-4 if args.dtype == "float32" else 1e-10
+    want = np.concatenate([g.ravel() for g in want_grads])
+    np.testing.assert_allclose(float(got_loss), want_loss, rtol=tol)
+    np.testing.assert_allclose(folded.flat_grad(), want, rtol=tol, atol=tol * np.abs(want).max())
     parts: dict[str, Callable[[], object]] = {
         "naive (textbook step)": naive_candidate(sizes, batch, args.dtype).fn,
         "Trainer.step (public)": lambda: trainer.step(Xd, yd),
@@ -155,6 +225,7 @@ def main() -> None:
         "  sum of squares + host read": lambda: bk.to_floats(value, bk.sum_of_squares(grad)),
         "  SGD update": lambda: opt.step(params, [grad], bk),
         **{name: fn for name, fn in lean.items()},
+        "Trainer.step, folded gradients": lambda: folded_trainer.step(Xd, yd),
     }
     first = parts["Trainer._step (internal)"]
     start = time.perf_counter()
