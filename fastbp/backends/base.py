@@ -100,8 +100,7 @@ class Backend:
         """An array of ``value`` that ops only read, kept with the scratch buffers: the zeros relu's forward
         takes its maximum against, the ones vectors that write a sum over an axis as a product (see
         ``dense_grads``)."""
-        return self._scratch("ones" if value == 1 else "zeros" if value == 0 else f"constant {value}", shape,
-                             dtype, fill=value)
+        return self._scratch(f"constant {value}", shape, dtype, fill=value)
 
     @contextlib.contextmanager
     def caches_held(self) -> Iterator[None]:
