@@ -172,9 +172,7 @@ class FoldedGradients(NumpyBackend):
             z = np.matmul(Aa[i], WB[i], out=Z[i])
             if i < L - 1:
                 act = ACTIVATIONS[layer.activation]
-                work = None if act.forward_work is None else self._constant(0, z.shape, z.dtype) \
-                    if act.forward_work == "zeros" else self._scratch("activation", z.shape, z.dtype)
-                act.forward(np, z, A[i + 1], work)
+                act.forward(np, z, A[i + 1], self._forward_work(act, z))
         value, delta = self.output_delta(Z[-1], y, loss, delta_out=D[-1], stats_out=stats_out)
         for i in range(L - 1, -1, -1):
             np.matmul(Aa[i].T, delta, out=p["GB"][i])

@@ -199,8 +199,7 @@ class Backend:
         xp = self.xp
         Z = xp.matmul(X, W, out=Z_out)
         Z += b
-        work = None if act.forward_work is None else self._constant(0, Z.shape, Z.dtype) \
-            if act.forward_work == "zeros" else self._scratch("activation", Z.shape, Z.dtype)
+        work = self._forward_work(act, Z)
         if act.keeps == "output":
             A = act.forward(xp, Z, Z, work)
             return A, A
@@ -208,6 +207,14 @@ class Backend:
             A_out = xp.empty_like(Z)
         A = act.forward(xp, Z, A_out, work)
         return A, Z
+
+    def _forward_work(self, act: Activation, Z: Any) -> Any:
+        """The ``work`` argument of ``act.forward`` for pre-activations ``Z``, as its ``forward_work`` asks."""
+        if act.forward_work == "zeros":
+            return self._constant(0, Z.shape, Z.dtype)
+        if act.forward_work == "scratch":
+            return self._scratch("activation", Z.shape, Z.dtype)
+        return None
 
     def dense_grads(self, delta: Any, A_prev: Any, dW_out: Any = None, db_out: Any = None) -> tuple[Any, Any]:
         """Parameter gradients of a layer from its delta."""

@@ -77,7 +77,7 @@ class CupyBackend(Backend):
         self._relu_masks: dict[int, Any] = {}  # cuBLASLt's ReLU bit-masks, by the address of the layer's output
         self.fused_mlp = False  # set_fused_mlp
         self._mlp_sizes: dict[tuple[int, ...], Any] = {}  # a network's widths on the device, for mlp_fused_pass
-        self._mlp_shared_set: dict[str, int] = {}  # the dynamic shared memory each fused kernel may use, as set
+        self._mlp_shared_set: dict[tuple, int] = {}  # the dynamic shared memory each fused kernel may use, as set
         self._mlp_plans: dict[tuple, tuple[str | None, int, int, int]] = {}  # by network shape: see _mlp_plan
         # threads inside gemms_through or capturing: while 0, the ops skip looking at their thread's state
         # (a lookup per launch would cost a small step a few percent)
@@ -384,10 +384,9 @@ class CupyBackend(Backend):
         act = CODES[model.activations[0] if len(model.layers) > 1 else "identity"]
         if nbytes > SHARED_DEFAULT:  # opt in once per kernel, as CUDA requires past 48 KiB
             kernel = self._kernel("mlp.cu", "mlp_fused_pass<{T}, {ACT}>", dtype, act=act)
-            key = f"{dtype.name}, {act}"
-            if self._mlp_shared_set.get(key, SHARED_DEFAULT) < nbytes:
+            if self._mlp_shared_set.get((dtype, act), SHARED_DEFAULT) < nbytes:
                 kernel.max_dynamic_shared_size_bytes = nbytes
-                self._mlp_shared_set[key] = nbytes
+                self._mlp_shared_set[(dtype, act)] = nbytes
         labels = xp.ascontiguousarray(y, dtype=np.int64)
         self._launch("mlp.cu", "mlp_fused_pass<{T}, {ACT}>", dtype, (grid,), (cuda_sources.MLP_THREADS,),
                      (X, labels, model._flat_compute, sizes, np.int32(len(model.layers)), np.int32(rows),
