@@ -18,7 +18,10 @@ the textbook step; SGD, cross-entropy, relu):
   can reach; both are checked against the reference's loss and gradient before timing;
 - ``Trainer.step, folded gradients``: the public step of a numpy backend whose gradient phase is that
   bias-folded pass in one op (``Backend.train_gradients``, plans kept per model and batch size, the loss
-  and g' through the reference's own ops): the public step's cost once the per-op dispatch is gone.
+  and g' through the reference's own ops): the public step's cost once the per-op dispatch is gone;
+- ``Trainer.step, batch not checked``: the public step of a model whose ``prepare_batch`` returns the
+  batch as given, unchecked: beside ``Trainer.step (public)``, what the batch check costs inside the step
+  (more than the check alone: it runs between two steps' BLAS calls).
 """
 
 from __future__ import annotations
@@ -207,6 +210,9 @@ def main() -> None:
     grad, params, opt = model.flat_grad(), [model.flat_parameters().copy()], fb.optim.SGD(lr=LR)
     folded = fb.MLP(sizes, dtype=args.dtype, seed=0, backend=FoldedGradients())
     folded_trainer = fb.Trainer(folded, optimizer=fb.optim.SGD(lr=LR), batch_size=batch)
+    unchecked = fb.MLP(sizes, dtype=args.dtype, seed=0, backend="numpy")
+    unchecked.prepare_batch = lambda X, y, loss, guard=None, step=0: (X, y)  # type: ignore[method-assign]
+    unchecked_trainer = fb.Trainer(unchecked, optimizer=fb.optim.SGD(lr=LR), batch_size=batch)
     want_loss, want_grads = fb.MLP(sizes, dtype=args.dtype, seed=0).loss_and_grads(Xd, yd, "cross_entropy")
     got_loss, _ = folded.backend.train_gradients(folded, Xd, yd, "cross_entropy")
     tol = 1e-4 if args.dtype == "float32" else 1e-10
@@ -224,6 +230,7 @@ def main() -> None:
         "  SGD update": lambda: opt.step(params, [grad], bk),
         **{name: fn for name, fn in lean.items()},
         "Trainer.step, folded gradients": lambda: folded_trainer.step(Xd, yd),
+        "Trainer.step, batch not checked": lambda: unchecked_trainer.step(Xd, yd),
     }
     first = parts["Trainer._step (internal)"]
     start = time.perf_counter()

@@ -277,7 +277,9 @@ def test_the_gpu_kernel_profile_runs_every_op_on_the_emulated_gpu(tmp_path, caps
       "config 16-32-32-2:32 (float32)", "the auto rule: whole"]),
     ("numpy_reference_parts.py", ["--rounds", "1"],
      ["naive (textbook step)", "Trainer.step (public)", "Trainer._step (internal)", "backward", "SGD update",
-      "lean", "lean, bias folded", "Trainer.step, folded gradients"]),
+      "lean", "lean, bias folded", "Trainer.step, folded gradients", "Trainer.step, batch not checked"]),
+    ("numba_backward_layout.py", ["--config", "small", "--rounds", "1"],
+     ["small    float32", "the numba kernels' BLAS"]),
 ])
 def test_step_benchmark_scripts_run_and_report_every_part(script, args, expect):
     """The step benchmarks call private signatures (the numba kernels', the model's ops): run them, so a
