@@ -51,23 +51,11 @@ def gradients_transposed(X, y_labels, Y, loss, flat, grad, layout, codes, ws, to
     """``_numba_kernels.gradients`` (relu or identity hidden layers, two layers or more) with the hidden
     deltas kept as (n, B)."""
     B, L = X.shape[0], layout.shape[0]
-    a_at, d_at = np.empty(L, np.int64), np.empty(L, np.int64)
-    pos = 0
-    for l in range(L):
-        a_at[l] = pos
-        pos += B * layout[l, 3] if l < L - 1 else 0
-        d_at[l] = pos
-        pos += B * layout[l, 3]
-    A_prev = X
-    for l in range(L):
-        w0, b0, n_in, n_out = layout[l, 0], layout[l, 1], layout[l, 2], layout[l, 3]
-        A = ws[a_at[l]:a_at[l] + B * n_out].reshape((B, n_out)) if l < L - 1 else top
-        k.dense_forward(A_prev, flat[w0:w0 + n_in * n_out].reshape((n_in, n_out)), flat[b0:b0 + n_out], codes[l], A,
-                        route)
-        A_prev = A
+    a_at, d_at = k.workspace_offsets(B, layout)
+    k.forward_layers(X, flat, layout, codes, ws, a_at, top, route)
     n_top = layout[L - 1, 3]
     top_delta = ws[d_at[L - 1]:d_at[L - 1] + B * n_top].reshape((B, n_top))
-    value = k.output_delta(A_prev, y_labels, Y, loss, top_delta, rows)
+    value = k.output_delta(top, y_labels, Y, loss, top_delta, rows)
     b_top = layout[L - 1, 1]
     k.backward_epilogue(top_delta, top_delta, k.IDENTITY, grad[b_top:b_top + n_top])
     # the top layer: its delta stays in rows (the loss pass writes it so); the product below it reads it

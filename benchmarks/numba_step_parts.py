@@ -40,13 +40,7 @@ def _gemms(n, X, flat, grad, layout, ws, top, route):
     """The kernel's GEMMs on its buffers and in its order (forward; then per layer, top down, eq. (3) and
     eq. (2)), and nothing else."""
     B, L = X.shape[0], layout.shape[0]
-    a_at, d_at = np.empty(L, np.int64), np.empty(L, np.int64)
-    pos = 0
-    for l in range(L):
-        a_at[l] = pos
-        pos += B * layout[l, 3] if l < L - 1 else 0
-        d_at[l] = pos
-        pos += B * layout[l, 3]
+    a_at, d_at = k.workspace_offsets(B, layout)
     for _ in range(n):
         A_prev = X
         for l in range(L):

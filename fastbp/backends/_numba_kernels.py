@@ -322,14 +322,9 @@ def train_step_split(X, y_labels, Y, loss, flat, grad, extra, layout, codes, ws,
 
 
 @njit
-def gradients(X, y_labels, Y, loss, flat, grad, layout, codes, ws, top, route, rows):
-    """Forward and backward of one step, eqs. (1)-(4), for the rows of X, the gradient written into
-    ``grad``; returns the loss. ``rows``: the batch's row count, by which the loss and its gradient are
-    averaged (X.shape[0], or more when X is one part of the batch: the loss returned is then this part's
-    share of the mean). layout[l] = (offset of W_l in flat, offset of b_l, n_in, n_out). ws: scratch
-    holding, per layer, A (written over Z; the top layer's goes to ``top``, (B, n_top)) then delta, each
-    (B, n_out). route: the GEMMs' BLAS (``_numba_blas``)."""
-    B = X.shape[0]
+def workspace_offsets(B, layout):
+    """Where each layer's A and delta start in the scratch of ``gradients`` for B rows: (a_at, d_at). Per
+    layer A (B, n_out), but for the top layer's, which goes to ``top``, then delta (B, n_out)."""
     L = layout.shape[0]
     a_at = np.empty(L, np.int64)
     d_at = np.empty(L, np.int64)
@@ -339,7 +334,14 @@ def gradients(X, y_labels, Y, loss, flat, grad, layout, codes, ws, top, route, r
         pos += B * layout[l, 3] if l < L - 1 else 0
         d_at[l] = pos
         pos += B * layout[l, 3]
-    # ---- forward
+    return a_at, d_at
+
+
+@njit
+def forward_layers(X, flat, layout, codes, ws, a_at, top, route):
+    """The forward pass of ``gradients``: each layer's A into the scratch at ``a_at``, the top layer's into
+    ``top``."""
+    B, L = X.shape[0], layout.shape[0]
     A_prev = X
     for l in range(L):
         w0, b0, n_in, n_out = layout[l, 0], layout[l, 1], layout[l, 2], layout[l, 3]
@@ -347,10 +349,24 @@ def gradients(X, y_labels, Y, loss, flat, grad, layout, codes, ws, top, route, r
         dense_forward(A_prev, flat[w0:w0 + n_in * n_out].reshape((n_in, n_out)), flat[b0:b0 + n_out], codes[l], A,
                       route)
         A_prev = A
+
+
+@njit
+def gradients(X, y_labels, Y, loss, flat, grad, layout, codes, ws, top, route, rows):
+    """Forward and backward of one step, eqs. (1)-(4), for the rows of X, the gradient written into
+    ``grad``; returns the loss. ``rows``: the batch's row count, by which the loss and its gradient are
+    averaged (X.shape[0], or more when X is one part of the batch: the loss returned is then this part's
+    share of the mean). layout[l] = (offset of W_l in flat, offset of b_l, n_in, n_out). ws: scratch
+    holding, per layer, A (written over Z; the top layer's goes to ``top``, (B, n_top)) then delta, each
+    (B, n_out). route: the GEMMs' BLAS (``_numba_blas``)."""
+    B = X.shape[0]
+    L = layout.shape[0]
+    a_at, d_at = workspace_offsets(B, layout)
+    forward_layers(X, flat, layout, codes, ws, a_at, top, route)
     # ---- eq. (1)
     n_top = layout[L - 1, 3]
     delta = ws[d_at[L - 1]:d_at[L - 1] + B * n_top].reshape((B, n_top))
-    value = output_delta(A_prev, y_labels, Y, loss, delta, rows)
+    value = output_delta(top, y_labels, Y, loss, delta, rows)
     # ---- eqs. (2)-(4), top down; each layer's delta gets g' and yields its bias gradient in one pass
     b_top = layout[L - 1, 1]
     backward_epilogue(delta, delta, IDENTITY, grad[b_top:b_top + n_top])  # eq. (4), top layer
