@@ -88,11 +88,6 @@ def _loop(n, transposed, X, y_labels, Y, flat, grad, layout, codes, ws, top, rou
             k.gradients(X, y_labels, Y, 0, flat, grad, layout, codes, ws, top, route, X.shape[0])
 
 
-@njit
-def _blas_threads(n, route):
-    return blas_threads(n, route)
-
-
 def compare(sizes: list[int], batch: int, dtype: str, threads: int, rounds: int) -> tuple[float, float, float, bool]:
     """(rows-layout us, transposed us, median per-round ratio transposed / rows, bit-identical gradients)."""
     model = fb.MLP(sizes, dtype=dtype, seed=0, backend="numba")
@@ -106,7 +101,7 @@ def compare(sizes: list[int], batch: int, dtype: str, threads: int, rounds: int)
     labels = rng.integers(0, sizes[-1], batch)
     Y = np.empty((0, 0), dtype)
     flat, grad, top = model.flat_parameters(), model.flat_grad(), np.empty((batch, sizes[-1]), dtype)
-    before = _blas_threads(threads, route)
+    before = blas_threads(threads, route)  # a compiled function, callable from Python
     try:
         want = k.gradients(X, labels, Y, 0, flat, grad, layout, codes, ws, top, route, batch)
         want_grad = grad.copy()
@@ -127,7 +122,7 @@ def compare(sizes: list[int], batch: int, dtype: str, threads: int, rounds: int)
                 _loop(inner, transposed, X, labels, Y, flat, grad, layout, codes, ws, top, route)
                 samples[transposed].append((time.perf_counter() - start) / inner * 1e6)
     finally:
-        _blas_threads(before, route)
+        blas_threads(before, route)
     ratio = statistics.median(t / r for r, t in zip(samples[False], samples[True]))
     return statistics.median(samples[False]), statistics.median(samples[True]), ratio, same
 
